@@ -1,0 +1,3 @@
+from leader_edge.cli import main
+
+main()

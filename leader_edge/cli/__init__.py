@@ -1,0 +1,77 @@
+"""`leader-edge` command line. Thin: each subcommand lives in its own module, imported only
+when that subcommand runs, so `leader-edge predict` never pays for torch."""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+import os
+import sys
+from typing import Callable
+
+import click
+
+from leader_edge import __version__
+
+# subcommand -> module under leader_edge.cli defining a click command of the same name.
+COMMANDS = {
+    "synth": "Generate a realistic synthetic dataset (or raw MIMIC-III-shaped tables).",
+    "prepare": "Build a dataset directory from MIMIC-III or MIMIC-IV tables.",
+    "train": "Train the teacher LLM and distil the student.",
+    "evaluate": "Score recommendations (a file, a baseline, or a trained run).",
+    "export": "Export a trained student to a validated (int8) ONNX bundle.",
+    "predict": "Recommend medications from a bundle and a visits CSV (torch-free).",
+}
+
+
+class InputError(click.ClickException):
+    """Bad user input: message without traceback, exit status 2."""
+
+    exit_code = 2
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Turn the library's ValueError/RuntimeError/OSError into a clean CLI error (exit 2)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, RuntimeError, OSError) as e:
+            raise InputError(str(e)) from None
+
+    return wrapper
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        module = importlib.import_module(f"leader_edge.cli.{name}")
+        return getattr(module, name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        with formatter.section("Commands"):
+            formatter.write_dl(list(COMMANDS.items()))
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="leader-edge")
+@click.option("-v", "--verbose", count=True, help="More log output on stderr (-vv for debug).")
+def main(verbose: int) -> None:
+    """Medication recommendation distilled from an LLM, runnable at the bedside.
+
+    \b
+    Pipeline:
+      leader-edge synth --out data/synth
+      leader-edge evaluate --baseline frequency --data data/synth
+      leader-edge train --data data/synth --out runs/r1
+      leader-edge export runs/r1 --out bundle --int8
+      leader-edge predict --bundle bundle --input visits.csv --output recs.csv
+    """
+    level = os.environ.get("LEADER_EDGE_LOG_LEVEL") or ("DEBUG" if verbose > 1 else "INFO" if verbose else "WARNING")
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")

@@ -1,0 +1,9 @@
+"""`leader-edge prepare` (not built yet: see the open issue that owns it)."""
+
+import click
+
+
+@click.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+def prepare() -> None:
+    """Not built yet."""
+    raise click.ClickException("`leader-edge prepare` is not built yet; its issue is open")
