@@ -1,0 +1,145 @@
+"""The canonical dataset reader/writer: round trip, validation errors, splits and samples."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from leader_edge.dataset import (
+    Dataset,
+    DataError,
+    FilterLog,
+    Visit,
+    dataset_splits,
+    load_dataset,
+    make_samples,
+    read_codes,
+    read_ddi,
+    read_visits,
+    split_patients,
+    write_dataset,
+)
+
+HEADER = "patient_id,visit_id,visit_time,diagnoses,procedures,medications,profile_insurance\n"
+
+
+def _visit(pid: str, vid: str, day: int, meds: tuple[str, ...] = ("A01B",)) -> Visit:
+    return Visit(pid, vid, datetime(2130, 1, day), ("4019", "25000"), ("3893",), meds, (("insurance", "Medicare"),))
+
+
+def _write(tmp_path: Path, text: str, name: str = "visits.csv", encoding: str = "utf-8") -> Path:
+    p = tmp_path / name
+    p.write_bytes(text.encode(encoding))
+    return p
+
+
+def test_dataset_round_trip_keeps_everything(tmp_path: Path) -> None:
+    visits = [_visit("p1", "v1", 1), _visit("p1", "v2", 5, ()), _visit("p2", "v3", 2)]
+    ds = Dataset(visits, names={"diagnosis": {"4019": "Hypertension NOS"}, "procedure": {}, "medication": {"A01B": "x"}},
+                 ddi=[("A01B", "C02D")])
+    write_dataset(ds, tmp_path / "d", source="test", options={"k": 1})
+    back = load_dataset(tmp_path / "d")
+    assert back.visits == visits
+    assert back.names["diagnosis"] == {"4019": "Hypertension NOS"}
+    assert back.ddi == [("A01B", "C02D")]
+    assert back.meta["counts"]["patients"] == 2 and back.meta["counts"]["visits"] == 3
+    assert back.meta["options"] == {"k": 1}
+    assert back.name("diagnosis", "25000") == "25000"  # no name -> the code itself, not dropped
+
+
+def test_dataset_write_refuses_foreign_directory_and_leaves_no_temp(tmp_path: Path) -> None:
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.txt").write_text("precious")
+    with pytest.raises(DataError, match="not a leader-edge dataset"):
+        write_dataset(Dataset([_visit("p", "v", 1)]), tmp_path / "mine", source="t")
+    assert (tmp_path / "mine" / "thesis.txt").read_text() == "precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+
+
+def test_read_visits_orders_by_time_within_patient(tmp_path: Path) -> None:
+    p = _write(tmp_path, HEADER + "p1,b,2130-02-01,1,,,M\np2,c,2130-01-01,,,,M\np1,a,2130-01-01T08:00,2,,,M\n")
+    assert [v.visit_id for v in read_visits(p)] == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize(
+    ("body", "line", "column", "fragment"),
+    [
+        ("p1,v1,2130-01-01,4019;;25000,,,M\n", 2, "diagnoses", "stray"),
+        ("p1,v1,2130-01-01,4019;,,,M\n", 2, "diagnoses", "stray"),
+        ("p1,v1,2130-01-01,4019 25000,,,M\n", 2, "diagnoses", "whitespace"),
+        ("p1,v1,01/02/2130,,,,M\n", 2, "visit_time", "ISO 8601"),
+        ("p1,v1,2130-01-01,,,,M\np2,v1,2130-01-01,,,,M\n", 3, "visit_id", "already used on line 2"),
+        (",v1,2130-01-01,,,,M\n", 2, "patient_id", "empty"),
+    ],
+)
+def test_read_visits_names_line_and_column(tmp_path: Path, body: str, line: int, column: str, fragment: str) -> None:
+    p = _write(tmp_path, HEADER + body)
+    with pytest.raises(DataError) as e:
+        read_visits(p)
+    assert (e.value.line, e.value.column) == (line, column)
+    assert fragment in str(e.value) and "Fix:" in str(e.value)
+
+
+def test_read_visits_rejects_bad_headers(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="missing column"):
+        read_visits(_write(tmp_path, "patient_id,visit_id,visit_time,diagnoses,procedures\n"))
+    with pytest.raises(DataError, match="unexpected column 'insurance'"):
+        read_visits(_write(tmp_path, HEADER.strip() + ",insurance\n"))
+    with pytest.raises(DataError, match="appears twice"):
+        read_visits(_write(tmp_path, HEADER.strip() + ",visit_id\n"))
+    with pytest.raises(DataError, match="empty"):
+        read_visits(_write(tmp_path, ""))
+
+
+def test_read_visits_counts_lines_through_quoted_newlines(tmp_path: Path) -> None:
+    body = 'p1,v1,2130-01-01,,,,"Medi\ncare"\np1,v2,2130-01-01,,,\n'
+    with pytest.raises(DataError) as e:
+        read_visits(_write(tmp_path, HEADER + body))
+    assert e.value.line == 4 and "fields" in str(e.value)
+
+
+def test_read_visits_accepts_bom_and_rejects_latin1(tmp_path: Path) -> None:
+    assert len(read_visits(_write(tmp_path, "\ufeff" + HEADER + "p1,v1,2130-01-01,,,,M\n"))) == 1
+    with pytest.raises(DataError, match="UTF-8"):
+        read_visits(_write(tmp_path, HEADER + "p1,v1,2130-01-01,,,,M\u00e9dicare\n", encoding="latin-1"))
+
+
+def test_read_codes_and_ddi_validate(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="unknown kind 'drug'") as e:
+        read_codes(_write(tmp_path, "kind,code,name\ndiagnosis,4019,HTN\ndrug,X,y\n", "codes.csv"))
+    assert e.value.line == 3
+    with pytest.raises(DataError, match="listed twice"):
+        read_codes(_write(tmp_path, "kind,code,name\ndiagnosis,4019,HTN\ndiagnosis,4019,HTN\n", "codes.csv"))
+    pairs = read_ddi(_write(tmp_path, "med_a,med_b\nB,A\nA,B\nC,A\n", "ddi.csv"))
+    assert pairs == [("A", "B"), ("A", "C")]
+    with pytest.raises(DataError, match="with itself"):
+        read_ddi(_write(tmp_path, "med_a,med_b\nA,A\n", "ddi.csv"))
+
+
+def test_split_patients_is_disjoint_complete_and_seeded() -> None:
+    ids = [f"p{i}" for i in range(1003)]
+    a = split_patients(ids, seed=7)
+    assert [len(a[s]) for s in ("train", "val", "test")] == [802, 100, 101]
+    assert sorted(a["train"] + a["val"] + a["test"]) == sorted(ids)
+    assert a == split_patients(ids, seed=7)
+    assert a["test"] != split_patients(ids, seed=8)["test"]
+    with pytest.raises(ValueError, match="sum"):
+        split_patients(ids, ratios=(0.5, 0.1, 0.1))
+
+
+def test_make_samples_last_visit_and_per_visit() -> None:
+    ds = Dataset([_visit("p1", "a", 1), _visit("p1", "b", 2), _visit("p1", "c", 3), _visit("p2", "d", 1)])
+    last = make_samples(ds, ["p1", "p2"])
+    assert [(s.target.visit_id, len(s.history)) for s in last] == [("c", 2), ("d", 0)]
+    every = make_samples(ds, ["p1"], per_visit=True)
+    assert [[v.visit_id for v in s.visits] for s in every] == [["a"], ["a", "b"], ["a", "b", "c"]]
+    splits = dataset_splits(ds, seed=1, train_per_visit=True)
+    assert sum(len(s) for s in splits.values()) >= 2
+
+
+def test_filter_log_records_counts() -> None:
+    f = FilterLog()
+    f.record("top-diagnoses", "keep the 2000 most frequent", rows=12, visits=0)
+    assert f.steps == [{"step": "top-diagnoses", "reason": "keep the 2000 most frequent", "removed_rows": 12, "removed_visits": 0}]
