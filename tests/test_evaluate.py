@@ -1,0 +1,150 @@
+import json
+import random
+import sys
+import types
+from datetime import datetime, timedelta
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from leader_edge.baselines import FrequencyBaseline, fit_frequency_baseline, labels
+from leader_edge.cli import main
+from leader_edge.dataset import Dataset, Sample, Visit, dataset_splits, write_dataset
+from leader_edge.metrics import score
+
+
+def tiny_dataset(patients: int = 80, seed: int = 0) -> Dataset:
+    """Three disease families: diagnosis dF_k -> medications MF_0..MF_2 (mostly); chronic MC carries over."""
+    rng = random.Random(seed)
+    visits = []
+    t0 = datetime(2130, 1, 1)
+    for p in range(patients):
+        fam = rng.randrange(3)
+        chronic = rng.random() < 0.5
+        for k in range(1 if rng.random() < 0.6 else 3):
+            dx = [f"d{fam}_{rng.randrange(4)}", f"x{rng.randrange(20)}"]
+            meds = {f"M{fam}_{j}" for j in range(3) if rng.random() < 0.85} | {f"N{rng.randrange(5)}"}
+            if chronic and k > 0:
+                meds.add("MC")
+            visits.append(Visit(f"p{p}", f"v{p}_{k}", t0 + timedelta(days=30 * k), tuple(dx), (f"pr{fam}",), tuple(sorted(meds)),
+                                (("insurance", "a"),)))
+    return Dataset(visits=visits, ddi=[("M0_0", "M0_1"), ("M1_0", "N1")])
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return write_dataset(tiny_dataset(), tmp_path_factory.mktemp("d") / "data", source="test")
+
+
+def test_frequency_baseline_hand_worked_mean():
+    v = lambda i, dx, meds: Visit("p", f"v{i}", datetime(2130, 1, 1 + i), dx, (), meds)  # noqa: E731
+    a, b = v(0, ("d1",), ("A",)), v(1, ("d1", "d2"), ("A", "B"))
+    ds = Dataset(visits=[a, b])
+    model = FrequencyBaseline.fit(ds, [Sample("p", (a, b))], rule="mean", smoothing=0.0)
+    # features: prior (2 visits: A 2, B 1), d1 (2: A 2, B 1), d2 (1: A 1, B 1), m:A (1: A 1, B 1)
+    # target b with history a: features prior, d1, d2, m:A -> A: (1+1+1+1)/4, B: (.5+.5+1+1)/4
+    prob = model.predict_proba([Sample("p", (a, b))])
+    np.testing.assert_allclose(prob, [[1.0, 0.75]])
+    model.set_rule("max", 0.0)
+    np.testing.assert_allclose(model.predict_proba([Sample("p", (a,))]), [[1.0, 0.5]])
+    with pytest.raises(ValueError, match="unknown rule"):
+        model.set_rule("median", 1.0)
+
+
+def test_frequency_baseline_beats_prior_on_families():
+    ds = tiny_dataset()
+    splits = dataset_splits(ds, seed=1)
+    model, threshold, trials = fit_frequency_baseline(ds, splits)
+    assert len(trials) == 12 and {t["rule"] for t in trials} == {"mean", "max", "noisy_or", "specificity"}
+    y = labels(splits["test"], model.med_codes)
+    ours = score(y, model.predict_proba(splits["test"]), threshold)
+    prior = labels(splits["train"], model.med_codes).mean(0)  # the same score for every visit
+    base = score(y, np.broadcast_to(prior, y.shape), 0.5)
+    # measured: jaccard 0.66 vs 0.0, PRAUC 0.75 vs 0.33 (family meds at 85%, one random med per visit)
+    assert ours["jaccard"] > 0.5 > base["jaccard"]
+    assert ours["prauc"] > base["prauc"] + 0.3
+
+
+def test_evaluate_baseline_cli_table_and_json(data_dir, tmp_path):
+    out = tmp_path / "m.json"
+    r = CliRunner().invoke(main, ["evaluate", "--baseline", "frequency", "--data", str(data_dir), "--seed", "3", "--output", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "single_visit" in r.stdout and "multi_visit" in r.stdout and "+-" in r.stdout
+    got = json.loads(out.read_text())
+    assert got["groups"]["overall"]["n"] == 8
+    assert 0 < got["groups"]["overall"]["jaccard"]["mean"] <= 1
+    assert got["groups"]["overall"]["ddi_rate"]["mean"] is not None
+
+
+def _write_truth_and_recs(tmp_path, rows, header="patient_id,visit_id,medications,scores"):
+    truth = tmp_path / "visits.csv"
+    truth.write_text(
+        "patient_id,visit_id,visit_time,diagnoses,procedures,medications\n"
+        "p1,a,2130-01-01,d,,A;B\np1,b,2130-02-01,d,,A\np2,c,2130-01-01,d,,B;C\np3,e,2130-01-01,d,,C\n"
+    )
+    recs = tmp_path / "recs.csv"
+    recs.write_text(header + "\n" + "".join(r + "\n" for r in rows))
+    ddi = tmp_path / "ddi.csv"
+    ddi.write_text("med_a,med_b\nA,C\n")
+    return truth, recs, ddi
+
+
+def test_evaluate_file_scores_and_reports_missing(tmp_path):
+    # b (multi-visit): true {A}, pred {A,C} -> jaccard 1/2, 1 pair interacting
+    # c (single):      true {B,C}, pred {B,C} -> jaccard 1; pair (B,C) clean; pooled DDI 1/2
+    truth, recs, ddi = _write_truth_and_recs(tmp_path, ["p1,b,A;C,A:0.9;C:0.8", "p2,c,B;C,B:0.7;C:0.6;A:0.1"])
+    out = tmp_path / "o.json"
+    r = CliRunner().invoke(main, ["evaluate", "--truth", str(truth), "--predictions", str(recs), "--ddi", str(ddi),
+                                  "--rounds", "1", "--output", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "2 of 4 visits" in r.stderr
+    got = json.loads(out.read_text())
+    assert got["visits_without_prediction"] == 2
+    g = got["groups"]
+    assert g["multi_visit"]["jaccard"]["mean"] == pytest.approx(0.5)
+    assert g["single_visit"]["jaccard"]["mean"] == pytest.approx(1.0)
+    assert g["single_visit"]["prauc"]["mean"] == pytest.approx(1.0)
+    assert g["multi_visit"]["ddi_rate"]["mean"] == pytest.approx(1.0)
+
+
+def test_evaluate_file_without_scores_has_no_prauc(tmp_path):
+    truth, recs, _ = _write_truth_and_recs(tmp_path, ["p1,a,A;B", "p1,b,A", "p2,c,B;C", "p3,e,C"], header="patient_id,visit_id,medications")
+    r = CliRunner().invoke(main, ["evaluate", "--truth", str(truth), "--predictions", str(recs)])
+    assert r.exit_code == 0, r.output
+    assert "PRAUC not computed" in r.stdout
+    assert "1.0000 +- 0.0000" in r.stdout and "no prediction" not in r.stderr
+
+
+def test_evaluate_file_unknown_visit_names_line(tmp_path):
+    truth, recs, _ = _write_truth_and_recs(tmp_path, ["p1,b,A,", "p9,zz,A,"])
+    r = CliRunner().invoke(main, ["evaluate", "--truth", str(truth), "--predictions", str(recs)])
+    assert r.exit_code == 2
+    assert "line 3" in r.output and "'zz' is not in" in r.output and "Traceback" not in r.output
+
+
+def test_evaluate_rejects_mixed_modes(data_dir, tmp_path):
+    r = CliRunner().invoke(main, ["evaluate", "--baseline", "frequency", "--run", str(tmp_path)])
+    assert r.exit_code == 2 and "exactly one" in r.output
+    r = CliRunner().invoke(main, ["evaluate", "--baseline", "frequency"])
+    assert r.exit_code == 2 and "--data" in r.output
+
+
+def test_evaluate_run_without_report_module_is_clear(tmp_path, monkeypatch):
+    (tmp_path / "run.json").write_text("{}")
+    monkeypatch.setitem(sys.modules, "leader_edge.train.report", None)  # import fails
+    r = CliRunner().invoke(main, ["evaluate", "--run", str(tmp_path)])
+    assert r.exit_code == 2 and "not built" in r.output
+    r = CliRunner().invoke(main, ["evaluate", "--run", str(tmp_path / "..")])
+    assert r.exit_code == 2 and "not a trained run" in r.output
+
+
+def test_evaluate_run_calls_write_report(tmp_path, monkeypatch):
+    (tmp_path / "run.json").write_text("{}")
+    calls = []
+    fake = types.ModuleType("leader_edge.train.report")
+    fake.write_report = lambda run, data=None: calls.append((run, data)) or {"student": {"jaccard": 0.5}}
+    monkeypatch.setitem(sys.modules, "leader_edge.train.report", fake)
+    r = CliRunner().invoke(main, ["evaluate", "--run", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    assert calls == [(tmp_path, None)] and '"jaccard": 0.5' in r.stdout
