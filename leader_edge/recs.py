@@ -79,10 +79,12 @@ def write_predictions(
             w = csv.writer(f, lineterminator="\n")
             w.writerow(PREDICTION_COLUMNS)
             rounded = np.round(y_prob, DECIMALS)
+            order = np.argsort(-y_prob, axis=1, kind="stable")  # [N, M] highest first
             for i in range(n):
-                order = np.argsort(-y_prob[i], kind="stable")
-                meds = SEP.join(med_codes[j] for j in order if y_prob[i, j] >= threshold)
-                scores = SEP.join(f"{med_codes[j]}:{rounded[i, j]:.{DECIMALS}f}" for j in order if rounded[i, j] > 0)
+                row = order[i]
+                kept = row[rounded[i, row] > 0]  # numpy filters; Python only formats the kept codes
+                meds = SEP.join(med_codes[j] for j in row[y_prob[i, row] >= threshold])
+                scores = SEP.join(f"{med_codes[j]}:{rounded[i, j]:.{DECIMALS}f}" for j in kept)
                 w.writerow([patient_ids[i], visit_ids[i], meds, scores])
         os.replace(tmp, path)
     except BaseException:
