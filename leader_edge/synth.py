@@ -165,6 +165,10 @@ class World:
     background_proc_cdf: np.ndarray
     ddi: np.ndarray  # [M, M] bool, symmetric
     insurance_general: dict[str, np.ndarray] = field(default_factory=dict)  # [M] multipliers
+    ddi_partners: list[frozenset[int]] = field(default_factory=list)  # [M] classes interacting with each
+
+    def __post_init__(self) -> None:
+        self.ddi_partners = [frozenset(np.flatnonzero(row).tolist()) for row in self.ddi]
 
     @property
     def family_words(self) -> list[str]:
@@ -290,9 +294,15 @@ class Cohort:
     medications: list[np.ndarray] = field(default_factory=list)  # [V] indices into world.med_codes
 
 
-def _pick(rng: np.random.Generator, options: tuple[tuple[str, float], ...]) -> str:
-    values, probs = zip(*options)
-    return values[int(np.searchsorted(np.cumsum(probs) / sum(probs), rng.random()))]
+def _pick(u: float, options: tuple[tuple[str, float], ...]) -> str:
+    """The option whose cumulative probability interval holds the uniform draw `u`."""
+    total = sum(p for _, p in options)
+    acc = 0.0
+    for value, p in options:
+        acc += p / total
+        if u < acc:
+            return value
+    return options[-1][0]
 
 
 def _draw(rng: np.random.Generator, cdf: np.ndarray, k: int) -> np.ndarray:
@@ -301,8 +311,9 @@ def _draw(rng: np.random.Generator, cdf: np.ndarray, k: int) -> np.ndarray:
 
 
 def _profile(rng: np.random.Generator) -> dict[str, str]:
-    out = {name: _pick(rng, PROFILE_VALUES[name]) for name in ("insurance", "religion", "marital_status", "ethnicity")}
-    out["language"] = _pick(rng, LANGUAGE_BY_ETHNICITY.get(out["ethnicity"], LANGUAGE_DEFAULT))
+    u = rng.random(5).tolist()
+    out = {name: _pick(u[i], PROFILE_VALUES[name]) for i, name in enumerate(("insurance", "religion", "marital_status", "ethnicity"))}
+    out["language"] = _pick(u[4], LANGUAGE_BY_ETHNICITY.get(out["ethnicity"], LANGUAGE_DEFAULT))
     return {name: out[name] for name in PROFILE_FIELDS}
 
 
@@ -335,13 +346,14 @@ def _visit_medications(
         p[keep] = np.maximum(p[keep], 0.9)
     chosen = np.flatnonzero(given)
     # Greedy DDI avoidance: the most needed classes first; an interacting later one is
-    # withheld with probability ddi_avoidance.
-    kept: list[int] = []
-    for m in chosen[np.argsort(-p[chosen], kind="stable")]:
-        if kept and world.ddi[m, kept].any() and rng.random() < config.ddi_avoidance:
+    # withheld with probability ddi_avoidance. Python sets: ~10x faster than numpy at ~12 classes.
+    coin = rng.random(len(chosen)) < config.ddi_avoidance
+    kept: set[int] = set()
+    for m, avoid in zip(chosen[np.argsort(-p[chosen], kind="stable")].tolist(), coin.tolist()):
+        if avoid and not kept.isdisjoint(world.ddi_partners[m]):
             continue
-        kept.append(int(m))
-    return np.sort(np.array(kept, dtype=np.int64))
+        kept.add(m)
+    return np.array(sorted(kept), dtype=np.int64)
 
 
 def generate_cohort(config: SynthConfig) -> Cohort:
@@ -361,14 +373,16 @@ def generate_cohort(config: SynthConfig) -> Cohort:
         profile = _profile(rng)
         cohort.profiles.append(profile)
         rates = _family_rates(world, profile)
+        rates_cdf = np.cumsum(rates)
         chronic_rates = rates[chronic_families] / rates[chronic_families].sum()
         n_chronic = min(int(rng.poisson(1.0)), len(chronic_families))
-        chronic = rng.choice(chronic_families, size=n_chronic, replace=False, p=chronic_rates)
+        chronic = np.unique(chronic_families[_draw(rng, np.cumsum(chronic_rates), n_chronic)])
         time = epoch + timedelta(days=int(rng.integers(0, 365 * 100)), minutes=int(rng.integers(0, 24 * 60)))
         previous = None
         for _ in range(n_visits[i]):
-            acute = rng.choice(len(FAMILIES), size=1 + rng.binomial(2, 0.35), replace=False, p=rates)
-            active = np.union1d(chronic[rng.random(len(chronic)) < 0.8], acute)
+            acute = _draw(rng, rates_cdf, 1 + rng.binomial(2, 0.35))
+            active = set(chronic[rng.random(len(chronic)) < 0.8].tolist()) | set(acute.tolist())
+            active = sorted(active)
             dx = [world.family_dx[f][_draw(rng, world.family_dx_cdf[f], 1 + rng.binomial(2, 0.5))] for f in active]
             dx.append(world.background_dx[_draw(rng, world.background_dx_cdf, rng.poisson(config.background_diagnoses))])
             proc = [world.family_proc[f][rng.integers(0, 4, 1)] for f in active if rng.random() < 0.6]

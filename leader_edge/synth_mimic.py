@@ -60,8 +60,10 @@ NO_PROCEDURES = 0.04  # admissions with no PROCEDURES_ICD rows
 
 def _stamp(times: np.ndarray) -> pa.Array:
     """datetime64[s] -> 'YYYY-MM-DD HH:MM:SS' strings (MIMIC-III v1.4 style)."""
-    text = np.datetime_as_string(times, unit="s")
-    return pa.array(np.char.replace(text, "T", " "))
+    # Format each distinct time once: 4M prescription rows hold ~0.5M distinct days (10 s -> 1 s).
+    distinct, inverse = np.unique(times, return_inverse=True)
+    text = np.char.replace(np.datetime_as_string(distinct, unit="s"), "T", " ")
+    return pa.array(text).take(pa.array(inverse.ravel()))
 
 
 def _write(path: Path, table: pa.Table) -> None:
