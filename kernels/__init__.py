@@ -1,0 +1,164 @@
+"""Fused kernels for the student's hot path, each with a pure-torch reference.
+
+- `embedding_bag`: masked gather + sum/mean of -1-padded code lists (visit code sets, profile fields).
+- `linear_sigmoid`: the medication head, logits squashed to probabilities in the fp32 epilogue.
+- `linear_bce_with_logits`: the head's training loss with its gradient computed in the same pass.
+
+`backend` picks the implementation: "auto" runs Triton on CUDA tensors and the reference
+(`leader_edge.kernels.reference`) on anything else; "triton" forces the kernel (CPU tensors only
+under the Triton interpreter, TRITON_INTERPRET=1); "torch" forces the reference. Importing this
+package never imports triton: the `triton_<op>` modules load on the first Triton call.
+
+Examples:
+    >>> import torch
+    >>> from leader_edge import kernels
+    >>> w = torch.randn(10, 4)
+    >>> kernels.embedding_bag(w, torch.tensor([[1, 2, -1], [-1, -1, -1]]), mode="mean").shape
+    torch.Size([2, 4])
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from types import ModuleType
+
+import torch
+
+from . import reference
+from .reference import EMBEDDING_BAG_MODES
+
+__all__ = ["BACKENDS", "EMBEDDING_BAG_MODES", "embedding_bag", "linear_bce_with_logits", "linear_sigmoid", "reference"]
+
+BACKENDS = ("auto", "triton", "torch")
+_log = logging.getLogger(__name__)
+_warned_fallback = False
+
+
+def _triton_op(op: str, backend: str, device: torch.device) -> ModuleType | None:
+    """The `triton_<op>` module that should run, or None when the reference should."""
+    global _warned_fallback
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not one of {BACKENDS}; use 'auto' unless forcing an implementation")
+    if backend == "torch" or (backend == "auto" and device.type != "cuda"):
+        return None
+    if device.type not in ("cuda", "cpu"):
+        raise RuntimeError(f"backend='triton' runs on CUDA (or CPU under TRITON_INTERPRET=1), got {device}; "
+                           "use backend='torch' or 'auto'")
+    try:
+        module = importlib.import_module(f".triton_{op}", __name__)
+    except Exception as exc:  # ImportError, or triton failing to find a driver/compiler
+        if backend == "triton":
+            raise RuntimeError(f"backend='triton' needs a working triton: {exc!r}; install triton==3.9.0 "
+                               "or use backend='torch'") from exc
+        if not _warned_fallback:
+            _log.warning("triton unusable (%r): kernels fall back to the torch reference", exc)
+            _warned_fallback = True
+        return None
+    if device.type == "cpu" and not module.INTERPRETED:
+        raise RuntimeError("backend='triton' got CPU tensors but the kernels were compiled for a GPU: set "
+                           "TRITON_INTERPRET=1 before the first Triton call of the process (it is read when the "
+                           "kernels load), or use backend='torch' / CUDA tensors")
+    return module
+
+
+def _check_same_device(*tensors: torch.Tensor | None) -> torch.device:
+    devices = {t.device for t in tensors if t is not None}
+    if len(devices) != 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}; move them with .to(device)")
+    return devices.pop()
+
+
+def embedding_bag(weight: torch.Tensor, codes: torch.Tensor, mode: str = "sum", backend: str = "auto") -> torch.Tensor:
+    """Sum or mean of the rows of `weight` named by each bag of `codes`, in one pass.
+
+    Args:
+        weight: float [V, D] table (a parameter or any differentiable tensor: it gets the gradient).
+        codes: int64 [B, L] row indices padded with -1 (any negative value is padding). A bag with
+            no code gives a zero row in both modes. Repeated codes count as often as they appear.
+        mode: "sum" or "mean" (mean divides by the number of non-padding codes).
+        backend: "auto", "triton" or "torch" (see the module docstring).
+
+    Returns:
+        [B, D] in `weight.dtype`, accumulated in fp32. The Triton backward accumulates atomically
+        (fast, fp32 sums in varying order) unless `torch.use_deterministic_algorithms(True)` is on,
+        which switches to a sorted, bit-reproducible segment reduction.
+
+    Raises:
+        ValueError: bad shapes, dtypes, mode or backend, or a code >= V.
+    """
+    if mode not in EMBEDDING_BAG_MODES:
+        raise ValueError(f"mode={mode!r} is not one of {EMBEDDING_BAG_MODES}")
+    if weight.dim() != 2 or not weight.is_floating_point():
+        raise ValueError(f"weight must be a float [V, D] tensor, got {weight.dtype} {tuple(weight.shape)}")
+    if codes.dim() != 2 or codes.dtype != torch.int64:
+        raise ValueError(f"codes must be int64 [B, L] padded with -1, got {codes.dtype} {tuple(codes.shape)}; "
+                         "convert with codes.long()")
+    device = _check_same_device(weight, codes)
+    num_rows = weight.shape[0]
+    if codes.numel():
+        if device.type == "cuda":  # no host sync: a bad code fails at the next synchronising call
+            torch._assert_async(codes.max() < num_rows, f"embedding_bag: a code is >= V = {num_rows} rows of weight")
+        elif int(codes.max()) >= num_rows:
+            raise ValueError(f"embedding_bag: code {int(codes.max())} is out of range for weight with V = {num_rows} "
+                             "rows; encode codes against the same vocabulary as the table")
+    op = _triton_op("embedding_bag", backend, device)
+    if op is None:
+        return reference.embedding_bag(weight, codes, mode)
+    return op.EmbeddingBagFunction.apply(weight, codes, mode == "mean")
+
+
+def _check_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.device:
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"expected x [B, D] and weight [M, D], got {tuple(x.shape)} and {tuple(weight.shape)}")
+    if not (x.is_floating_point() and weight.is_floating_point()):
+        raise ValueError(f"x and weight must be float tensors, got {x.dtype} and {weight.dtype}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must be [M] = [{weight.shape[0]}] or None, got {tuple(bias.shape)}")
+    return _check_same_device(x, weight, bias)
+
+
+def linear_sigmoid(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, backend: str = "auto"
+) -> torch.Tensor:
+    """Probabilities sigmoid(x @ weight.T + bias): matmul accumulated and sigmoid applied in fp32.
+
+    Args:
+        x: float [B, D] hidden states.
+        weight: [M, D], one row per label (cast to x.dtype by the Triton path).
+        bias: [M] or None.
+        backend: "auto", "triton" or "torch".
+
+    Returns:
+        [B, M] in `x.dtype`; differentiable in x, weight and bias.
+    """
+    op = _triton_op("linear_sigmoid", backend, _check_linear(x, weight, bias))
+    if op is None:
+        return reference.linear_sigmoid(x, weight, bias)
+    return op.LinearSigmoidFunction.apply(x, weight.to(x.dtype), bias)
+
+
+def linear_bce_with_logits(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor, backend: str = "auto"
+) -> torch.Tensor:
+    """Mean BCE-with-logits of x @ weight.T + bias against `target`, without storing the logits.
+
+    The Triton path writes only dlogits = sigmoid(z) - target (fp32 [B, M]) and only when x, weight
+    or bias needs a gradient; backward turns it into dx, dweight, dbias with two matmuls.
+
+    Args:
+        x: float [B, D]; weight: [M, D]; bias: [M] or None.
+        target: float [B, M] in [0, 1]; it receives no gradient.
+        backend: "auto", "triton" or "torch".
+
+    Returns:
+        fp32 scalar: the mean over all B * M elements (NaN when B * M == 0, as in torch).
+    """
+    _check_linear(x, weight, bias)
+    if tuple(target.shape) != (x.shape[0], weight.shape[0]) or not target.is_floating_point():
+        raise ValueError(f"target must be float [B, M] = [{x.shape[0]}, {weight.shape[0]}], "
+                         f"got {target.dtype} {tuple(target.shape)}")
+    op = _triton_op("linear_bce_with_logits", backend, _check_same_device(x, weight, bias, target))
+    if op is None:
+        return reference.linear_bce_with_logits(x, weight, bias, target)
+    return op.LinearBCEWithLogitsFunction.apply(x, weight.to(x.dtype), bias, target.detach())
