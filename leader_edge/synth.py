@@ -122,7 +122,7 @@ class SynthConfig:
     single_visit_share: float = 0.72  # MIMIC-III: ~72% of patients have one admission
     head_codes: int = 3  # frequent codes per family
     tail_codes: int = 40  # rare codes per family (names still reveal the family)
-    tail_mass: float = 0.45  # share of a family's diagnoses drawn from its tail
+    tail_mass: float = 0.55  # share of a family's diagnoses drawn from its tail
     background_diagnoses: float = 5.0  # Poisson mean of family-free diagnoses per visit
     background_procedures: float = 2.8  # Poisson mean of family-free procedures per visit
     carry_over: float = 0.85  # chance a chronic class of the last visit is given again
@@ -235,8 +235,8 @@ def build_world(rng: np.random.Generator, config: SynthConfig) -> World:
             med_chronic.append(chronic and k < 2)
             med_base.append(0.0)
         family_meds.append(np.array(idx))
-        family_med_p.append(np.clip(0.85 - 0.15 * np.arange(n) + rng.normal(0, 0.05, n), 0.15, 0.95))
-    base = np.sort(np.clip(np.linspace(0.8, 0.1, len(GENERAL_CLASSES)) + rng.normal(0, 0.05, len(GENERAL_CLASSES)), 0.05, 0.9))[::-1]
+        family_med_p.append(np.clip(0.7 - 0.1 * np.arange(n) + rng.normal(0, 0.05, n), 0.15, 0.9))
+    base = np.sort(np.clip(np.linspace(0.65, 0.15, len(GENERAL_CLASSES)) + rng.normal(0, 0.05, len(GENERAL_CLASSES)), 0.05, 0.9))[::-1]
     general_start = len(med_codes)
     for k, word in enumerate(GENERAL_CLASSES):
         med_codes.append(f"V{50 + k:02d}{'ABCDEFGH'[k % 8]}")
@@ -274,7 +274,7 @@ def build_world(rng: np.random.Generator, config: SynthConfig) -> World:
         background_proc_cdf=_zipf_cdf(len(procs), 0.9),
         ddi=ddi,
         insurance_general={
-            value: np.exp(rng.normal(0, 0.25, m)) for value, _ in PROFILE_VALUES["insurance"]
+            value: np.exp(rng.normal(0, 0.4, m)) for value, _ in PROFILE_VALUES["insurance"]
         },
     )
 
@@ -337,8 +337,8 @@ def _visit_medications(
         meds = world.family_meds[f]
         p[meds] = np.maximum(p[meds], world.family_med_p[f])
         g = world.family_general[f]
-        p[g] = max(p[g], 0.8)
-    p = np.clip(p * rng.uniform(0.7, 1.3), 0.0, 0.97)  # visit severity: variance no input explains
+        p[g] = max(p[g], 0.6)
+    p = np.clip(p * rng.uniform(0.6, 1.4), 0.0, 0.97)  # visit severity: variance no input explains
     given = rng.random(len(p)) < p
     if previous is not None and len(previous):
         keep = previous[world.med_chronic[previous] & (rng.random(len(previous)) < config.carry_over)]
