@@ -28,7 +28,7 @@ import torch
 from . import reference
 from .reference import EMBEDDING_BAG_MODES
 
-__all__ = ["BACKENDS", "EMBEDDING_BAG_MODES", "embedding_bag", "linear_bce_with_logits", "linear_sigmoid", "reference"]
+__all__ = ["BACKENDS", "EMBEDDING_BAG_MODES", "EmbeddingBag", "LinearSigmoid", "embedding_bag", "linear_bce_with_logits", "linear_sigmoid", "reference"]
 
 BACKENDS = ("auto", "triton", "torch")
 _log = logging.getLogger(__name__)
@@ -162,3 +162,6 @@ def linear_bce_with_logits(
     if op is None:
         return reference.linear_bce_with_logits(x, weight, bias, target)
     return op.LinearBCEWithLogitsFunction.apply(x, weight.to(x.dtype), bias, target.detach())
+
+
+from .modules import EmbeddingBag, LinearSigmoid  # noqa: E402 - the modules call the functions above

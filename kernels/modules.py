@@ -1,0 +1,36 @@
+"""nn.Module wrappers that own their parameters and call the kernels (one module per op)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from . import embedding_bag, linear_sigmoid
+
+
+class EmbeddingBag(nn.Module):
+    """A [num_embeddings, dim] table reduced over -1-padded code lists: codes [B, L] -> [B, dim]."""
+
+    def __init__(self, num_embeddings: int, dim: int, mode: str = "mean", backend: str = "auto") -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(num_embeddings, dim) * 0.02)
+        self.mode, self.backend = mode, backend
+
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        return embedding_bag(self.weight, codes, self.mode, backend=self.backend)
+
+
+class LinearSigmoid(nn.Module):
+    """nn.Linear initialised, returning probabilities: x [B, in_features] -> [B, out_features]."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, backend: str = "auto") -> None:
+        super().__init__()
+        bound = 1 / math.sqrt(in_features)
+        self.weight = nn.Parameter(torch.empty(out_features, in_features).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(out_features).uniform_(-bound, bound)) if bias else None
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear_sigmoid(x, self.weight, self.bias, backend=self.backend)
