@@ -20,6 +20,7 @@ import os
 import random
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -180,7 +181,7 @@ def check_header(header: list[str] | None, required: Iterable[str], path: Path, 
         raise DataError(path, f"missing column(s) {', '.join(missing)}", line=1, fix=f"the header must contain {','.join(required)}")
 
 
-def _rows(path: Path) -> Iterator[tuple[int, dict[str, str]]]:
+def iter_csv_rows(path: Path) -> Iterator[tuple[int, dict[str, str]]]:
     """Yield (physical line, row) of a UTF-8 CSV (a BOM is accepted), checking field counts."""
     try:
         f = open(path, newline="", encoding="utf-8-sig")
@@ -211,6 +212,22 @@ def _rows(path: Path) -> Iterator[tuple[int, dict[str, str]]]:
             raise DataError(path, f"malformed CSV: {e}", line=reader.line_num, fix="check quoting on this line") from None
 
 
+def check_visit_ids(row: dict[str, str], seen: dict[str, int], *, path: Path, line: int) -> tuple[str, str]:
+    """Return the row's (patient_id, visit_id), refusing empty ids and a visit id already in
+    `seen` (visit id -> line; updated here), so every visit-keyed file is checked the same way."""
+    for col in ("patient_id", "visit_id"):
+        if not row[col].strip():
+            raise DataError(path, f"empty {col}", line=line, column=col, fix=f"every row needs a {col}")
+    vid = row["visit_id"].strip()
+    if vid in seen:
+        raise DataError(
+            path, f"visit_id {vid!r} already used on line {seen[vid]}", line=line, column="visit_id",
+            fix="visit ids must be unique across the file: one row per visit",
+        )
+    seen[vid] = line
+    return row["patient_id"].strip(), vid
+
+
 def read_visits(path: str | Path) -> list[Visit]:
     """Read and validate visits.csv; return visits grouped by patient and ordered by time.
 
@@ -218,7 +235,7 @@ def read_visits(path: str | Path) -> list[Visit]:
         DataError: wrong header, empty ids, duplicate visit ids, bad times or code lists.
     """
     path = Path(path)
-    rows = _rows(path)
+    rows = iter_csv_rows(path)
     _, head = next(rows)
     header = head["__header__"]
     check_header(header, VISIT_COLUMNS, path, extra_prefix=PROFILE_PREFIX)
@@ -227,17 +244,7 @@ def read_visits(path: str | Path) -> list[Visit]:
     order: dict[str, int] = {}
     keyed: list[tuple[int, datetime, int, Visit]] = []
     for line, row in rows:
-        for col in ("patient_id", "visit_id"):
-            if not row[col].strip():
-                raise DataError(path, f"empty {col}", line=line, column=col, fix=f"every row needs a {col}")
-        vid = row["visit_id"].strip()
-        if vid in seen:
-            raise DataError(
-                path, f"visit_id {vid!r} already used on line {seen[vid]}", line=line, column="visit_id",
-                fix="visit ids must be unique across the file",
-            )
-        seen[vid] = line
-        pid = row["patient_id"].strip()
+        pid, vid = check_visit_ids(row, seen, path=path, line=line)
         visit = Visit(
             patient_id=pid,
             visit_id=vid,
@@ -254,7 +261,7 @@ def read_visits(path: str | Path) -> list[Visit]:
 def read_codes(path: str | Path) -> dict[str, dict[str, str]]:
     """Read codes.csv into kind -> code -> name."""
     path = Path(path)
-    rows = _rows(path)
+    rows = iter_csv_rows(path)
     _, head = next(rows)
     check_header(head["__header__"], CODES_COLUMNS, path)
     names: dict[str, dict[str, str]] = {k: {} for k in KINDS}
@@ -273,7 +280,7 @@ def read_codes(path: str | Path) -> dict[str, dict[str, str]]:
 def read_ddi(path: str | Path) -> list[tuple[str, str]]:
     """Read ddi.csv into sorted, de-duplicated (med_a, med_b) pairs with med_a < med_b."""
     path = Path(path)
-    rows = _rows(path)
+    rows = iter_csv_rows(path)
     _, head = next(rows)
     check_header(head["__header__"], DDI_COLUMNS, path)
     pairs: set[tuple[str, str]] = set()
@@ -319,18 +326,32 @@ def _write_csv(path: Path, header: Iterable[str], rows: Iterable[Iterable[str]])
         w.writerows(rows)
 
 
-def write_dataset(ds: Dataset, directory: str | Path, *, source: str, options: dict | None = None) -> Path:
-    """Write a dataset directory atomically: build it in a temp dir beside `directory`, then rename.
+@contextmanager
+def atomic_directory(directory: str | Path, *, marker: str, what: str) -> Iterator[Path]:
+    """Yield a temp directory beside `directory`; on success it replaces `directory`, on any
+    error it is removed, so no half-written output is ever left.
 
-    An existing `directory` is replaced only if it holds a dataset.json (it is ours); anything else
-    is refused rather than overwritten.
+    An existing `directory` is replaced only when it is empty or holds `marker` (a file that a
+    previous run of the same writer left there): anything else is refused, not overwritten.
     """
     out = Path(directory)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "dataset.json").exists())):
-        raise DataError(out, "exists and is not a leader-edge dataset directory", fix="choose a new --out path or remove it")
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / marker).exists())):
+        raise DataError(out, f"exists and is not a {what} directory", fix="choose a new --out path or remove it")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_dataset(ds: Dataset, directory: str | Path, *, source: str, options: dict | None = None) -> Path:
+    """Write a dataset directory atomically (see `atomic_directory`); returns its path."""
+    with atomic_directory(directory, marker="dataset.json", what="leader-edge dataset") as tmp:
         fields = ds.profile_fields
         _write_csv(
             tmp / "visits.csv",
@@ -343,23 +364,17 @@ def write_dataset(ds: Dataset, directory: str | Path, *, source: str, options: d
         )
         _write_csv(tmp / "codes.csv", CODES_COLUMNS, ([k, c, n] for k in KINDS for c, n in sorted(ds.names.get(k, {}).items())))
         _write_csv(tmp / "ddi.csv", DDI_COLUMNS, sorted(ds.ddi))
+        # No creation timestamp: the same source and options give a byte-identical directory.
         meta = {
             "format_version": FORMAT_VERSION,
             "source": source,
             "options": options or {},
             "counts": ds.counts(),
             "filters": ds.meta.get("filters", []),
-            "created": datetime.now().isoformat(timespec="seconds"),
         }
         (tmp / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     ds.meta = meta
-    return out
+    return Path(directory)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from leader_edge.dataset import SEP, _rows, parse_code_list
+from leader_edge.dataset import SEP, check_visit_ids, iter_csv_rows, parse_code_list
 from leader_edge.errors import DataError
 
 PREDICTION_COLUMNS = ("patient_id", "visit_id", "medications", "scores")
@@ -123,7 +123,7 @@ def read_predictions(path: str | Path) -> list[Prediction]:
     path = Path(path)
     if not path.is_file():
         raise DataError(path, "file not found", fix="pass a recommendations CSV (patient_id,visit_id,medications[,scores])")
-    rows = _rows(path)
+    rows = iter_csv_rows(path)
     _, head = next(rows)
     header = head["__header__"]
     expected = ",".join(PREDICTION_COLUMNS)
@@ -138,16 +138,9 @@ def read_predictions(path: str | Path) -> list[Prediction]:
     seen: dict[str, int] = {}
     out: list[Prediction] = []
     for line, row in rows:
-        for col in ("patient_id", "visit_id"):
-            if not row[col].strip():
-                raise DataError(path, f"empty {col}", line=line, column=col, fix=f"every row needs a {col}")
-        vid = row["visit_id"].strip()
-        if vid in seen:
-            raise DataError(path, f"visit_id {vid!r} already predicted on line {seen[vid]}", line=line, column="visit_id",
-                            fix="write one row per visit")
-        seen[vid] = line
+        pid, vid = check_visit_ids(row, seen, path=path, line=line)
         out.append(Prediction(
-            patient_id=row["patient_id"].strip(),
+            patient_id=pid,
             visit_id=vid,
             medications=parse_code_list(row["medications"], path=path, line=line, column="medications"),
             scores=_parse_scores(row["scores"], path=path, line=line) if has_scores else None,

@@ -9,9 +9,6 @@ See docs/DATA.md for what each file holds and which imperfections are planted on
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
+from leader_edge.dataset import atomic_directory
 from leader_edge.icd import icd_names
 from leader_edge.synth import PROFILE_FIELDS, Cohort
 
@@ -106,20 +104,9 @@ def write_mimic3(cohort: Cohort, out: str | Path, *, seed: int = 42) -> Path:
 
     An existing `out` is replaced only if it holds an ADMISSIONS.csv written before (it is ours).
     """
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "ADMISSIONS.csv").exists())):
-        raise ValueError(f"{out} exists and is not a synthetic MIMIC-III directory; choose a new --out path or remove it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out, marker="ADMISSIONS.csv", what="synthetic MIMIC-III") as tmp:
         _write_tables(cohort, tmp, np.random.default_rng([seed, 3]))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out)
 
 
 def _write_tables(cohort: Cohort, d: Path, rng: np.random.Generator) -> None:

@@ -78,8 +78,8 @@ def test_frequency_baseline_beats_tuned_prior_on_synth():
     y_val = labels(splits["val"], model.med_codes)
     t_prior = tune_threshold(y_val, np.broadcast_to(prior, y_val.shape))
     base = score(y, np.broadcast_to(prior, y.shape), t_prior)
-    # measured: jaccard 0.486 vs 0.359, PRAUC 0.644 vs 0.510 (most-common-medications list)
-    assert ours["jaccard"] > base["jaccard"] + 0.08
+    # measured after the synth noise retune (e1bc723): jaccard 0.425 vs 0.361 (most-common list)
+    assert ours["jaccard"] > base["jaccard"] + 0.04
     assert ours["prauc"] > base["prauc"] + 0.08
 
 

@@ -53,7 +53,7 @@ def test_read_predictions_without_scores(tmp_path):
     [
         ("patient_id,visit,medications\n", 1, 2, "unexpected"),
         ("patient_id,visit_id\n", 1, None, "missing column"),
-        ("patient_id,visit_id,medications\np,v1,A01\np,v1,B02\n", 3, "visit_id", "already predicted on line 2"),
+        ("patient_id,visit_id,medications\np,v1,A01\np,v1,B02\n", 3, "visit_id", "already used on line 2"),
         ("patient_id,visit_id,medications\np,v1,A01;;B02\n", 2, "medications", "stray"),
         ("patient_id,visit_id,medications,scores\np,v1,A01,A01:1.2\n", 2, "scores", "outside"),
         ("patient_id,visit_id,medications,scores\np,v1,A01,A01:high\n", 2, "scores", "not a number"),
