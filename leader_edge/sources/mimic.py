@@ -27,7 +27,7 @@ from leader_edge.errors import DataError
 from leader_edge.icd import icd_name
 from leader_edge.sources import maps
 from leader_edge.sources.tables import (
-    column_ids, column_text, encode, find_optional, find_table, parse_times, read_header, read_table,
+    column_ids, column_text, encode, find_optional, find_table, nearest_century, parse_times, read_header, read_table,
 )
 
 log = logging.getLogger(__name__)
@@ -95,6 +95,7 @@ class _Admissions:
     hadm: np.ndarray  # int64 [V]
     subject: np.ndarray  # int64 [V]
     time: np.ndarray  # datetime64[s] [V]
+    two_digit: np.ndarray  # bool [V], admission time written with a two-digit year
     profile: dict[str, list[str]]
     index: pd.Index  # hadm id -> row
 
@@ -117,9 +118,9 @@ def _read_admissions(cfg: PrepareConfig, flog: FilterLog) -> _Admissions:
         row = int(np.flatnonzero(index.duplicated())[0])
         raise DataError(path, f"HADM_ID {hadm[row]} appears twice", line=row + 2, column="HADM_ID",
                         fix="each admission must be listed once")
-    time = parse_times(column_text(table, "admittime"), path, "admittime", century=cfg.century)
+    time, two_digit = parse_times(column_text(table, "admittime"), path, "admittime", century=cfg.century)
     profile = {c: column_text(table, c).to_pylist() for c in PROFILE_COLUMNS if c in table.column_names}
-    adm = _Admissions(path, hadm, subject, time, profile, index)
+    adm = _Admissions(path, hadm, subject, time, two_digit, profile, index)
     if cfg.sample_frac < 1:
         patients = np.unique(subject)
         n_keep = max(1, int(round(len(patients) * cfg.sample_frac)))
@@ -127,7 +128,7 @@ def _read_admissions(cfg: PrepareConfig, flog: FilterLog) -> _Admissions:
         keep = np.isin(subject, chosen)
         flog.record("sample_patients", f"random {cfg.sample_frac:g} of patients (seed {cfg.sample_seed})",
                     patients=len(patients) - n_keep, visits=int((~keep).sum()))
-        adm = _Admissions(path, hadm[keep], subject[keep], time[keep],
+        adm = _Admissions(path, hadm[keep], subject[keep], time[keep], two_digit[keep],
                           {c: [v for v, k in zip(vals, keep) if k] for c, vals in adm.profile.items()}, pd.Index(hadm[keep]))
     return adm
 
@@ -230,8 +231,10 @@ def _read_prescriptions(cfg: PrepareConfig, adm: _Admissions, flog: FilterLog
                         ) -> tuple[np.ndarray, np.ndarray, list[str], dict[str, str]]:
     """(visit row, medication index) pairs after mapping and top-N, medication codes, code -> name."""
     path = find_table(cfg.root, "PRESCRIPTIONS", source=cfg.source)
-    table = read_table(path, ["hadm_id", "ndc", "drug"])
+    table = read_table(path, ["hadm_id", "ndc", "drug"], ("startdate", "starttime"))
     visit = _visit_rows(table, path, adm, flog, "prescriptions")
+    if adm.two_digit.any():
+        _anchor_two_digit_years(adm, table, visit, flog, cfg.century)
     ndc_idx, ndcs = encode(column_text(table, "ndc"))
     drug_idx, drugs = encode(column_text(table, "drug"))
     del table
@@ -265,6 +268,21 @@ def _read_prescriptions(cfg: PrepareConfig, adm: _Admissions, flog: FilterLog
                 rows=n_rows - len(med))
     visit, med = _top(visit, med, meds, cfg.top_medications, flog, "prescriptions.top_n", "medications")
     return visit, med, meds, names
+
+
+def _anchor_two_digit_years(adm: _Admissions, table: pa.Table, visit: np.ndarray, flog: FilterLog, century: int) -> None:
+    """Put each two-digit-year admission in the century of its first prescription (ISO dates)."""
+    col = "startdate" if "startdate" in table.column_names else "starttime" if "starttime" in table.column_names else None
+    anchors = np.full(len(adm.hadm), np.datetime64("NaT"), dtype="datetime64[s]")
+    if col is not None:
+        rows = np.flatnonzero((visit >= 0) & adm.two_digit[np.maximum(visit, 0)])
+        start = pd.to_datetime(column_text(table, col).take(pa.array(rows)).to_pandas(), format="ISO8601", errors="coerce")
+        first = pd.Series(start.to_numpy()).groupby(visit[rows]).min().dropna()
+        anchors[first.index.to_numpy()] = first.to_numpy(dtype="datetime64[s]")
+    adm.time, moved = nearest_century(adm.time, anchors)
+    flog.record("admissions.two_digit_years",
+                f"nothing removed: {int(adm.two_digit.sum()):,} ADMITTIME years had two digits, read as {century}+YY; "
+                f"{int((~np.isnat(anchors)).sum()):,} checked against the visit's first prescription date, {moved:,} moved a century")
 
 
 def _drug_names(med: np.ndarray, drug_idx: np.ndarray, drugs: list[str], meds: list[str]) -> dict[str, str]:
@@ -340,7 +358,7 @@ def prepare_mimic(cfg: PrepareConfig) -> Dataset:
     unnamed["medication"] = len(vocab["medication"] - ds.names["medication"].keys())
     if cfg.ddi is not None:
         ds.ddi = _ddi(cfg, vocab["medication"], flog)
-    ds.meta = {"filters": flog.steps, "unnamed_codes": unnamed, "admissions": n_adm}
+    ds.meta = {"filters": flog.steps, "unnamed_codes": unnamed}
     return ds
 
 

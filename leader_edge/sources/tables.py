@@ -135,14 +135,15 @@ def encode(values: pa.Array) -> tuple[np.ndarray, list[str]]:
     return enc.indices.to_numpy(zero_copy_only=False).astype(np.int32), enc.dictionary.to_pylist()
 
 
-def parse_times(values: pa.Array, path: Path, column: str, *, century: int = 2100) -> np.ndarray:
+def parse_times(values: pa.Array, path: Path, column: str, *, century: int = 2100) -> tuple[np.ndarray, np.ndarray]:
     """Parse admission times: ISO 8601 ("2164-10-23 21:09:00") or spreadsheet-style M/D/YY HH:MM.
 
-    Two-digit years are read as `century + YY`: MIMIC shifts every date into roughly 2100-2210, and
-    on the MIMIC-III demo this rule puts each admission on the day of its first prescription.
+    Two-digit years are read as `century + YY` here; they are ambiguous (MIMIC shifts dates into
+    ~2100-2210, so "02" may be 2102 or 2202: the MIMIC-III demo holds both), and the caller
+    re-anchors them on a four-digit date of the same visit where it has one (`nearest_century`).
 
     Returns:
-        datetime64[s] array, one per row.
+        (datetime64[s] [N], bool [N] True where the year had two digits).
 
     Raises:
         DataError: naming the line and column of the first empty or unparseable time.
@@ -150,13 +151,15 @@ def parse_times(values: pa.Array, path: Path, column: str, *, century: int = 210
     text = values.to_pandas() if isinstance(values, pa.Array) else pd.Series(values)
     parsed = pd.to_datetime(text, format="ISO8601", errors="coerce")
     out = np.array(parsed.to_numpy(dtype="datetime64[s]"), copy=True)
+    two_digit = np.zeros(len(out), dtype=bool)
     for row in np.flatnonzero(np.isnat(out)):
         raw = text.iloc[row]
         m = _SPREADSHEET_TIME.match(raw)
         when = None
         if m:
             month, day, year, hour, minute, second = (int(g) if g else 0 for g in m.groups())
-            year = century + year if len(m.group(3)) == 2 else year
+            two_digit[row] = len(m.group(3)) == 2
+            year = century + year if two_digit[row] else year
             try:
                 when = datetime(year, month, day, hour, minute, second)
             except ValueError:
@@ -167,4 +170,28 @@ def parse_times(values: pa.Array, path: Path, column: str, *, century: int = 210
                 fix="use ISO 8601 (2164-10-23 21:09:00) or M/D/YY HH:MM as in the MIMIC-III demo",
             )
         out[row] = np.datetime64(when, "s")
-    return out
+    return out, two_digit
+
+
+def nearest_century(times: np.ndarray, anchors: np.ndarray) -> tuple[np.ndarray, int]:
+    """Move each time by -100, 0 or +100 years to land nearest its anchor (NaT anchor: unchanged).
+
+    Returns:
+        (datetime64[s] [N], number of times moved).
+    """
+    out = times.copy()
+    moved = 0
+    for i in np.flatnonzero(~np.isnat(anchors)):
+        t = times[i].astype("datetime64[s]").item()
+        anchor = anchors[i].astype("datetime64[s]").item()
+        options = []
+        for shift in (-100, 0, 100):
+            try:
+                options.append((abs(t.replace(year=t.year + shift) - anchor), shift))
+            except ValueError:  # 29 February in a year without it
+                continue
+        best = min(options)[1]
+        if best:
+            out[i] = np.datetime64(t.replace(year=t.year + best), "s")
+            moved += 1
+    return out, moved
