@@ -20,7 +20,9 @@ from ._triton import INTERPRETED, autotune_configs
 from .triton_linear_sigmoid import MATMUL_CONFIGS, MATMUL_KEY, MATMUL_PINNED, linear_backward, logits_tile, matmul_grid
 
 
-@triton.autotune(configs=autotune_configs(MATMUL_CONFIGS, MATMUL_PINNED), key=MATMUL_KEY)
+# reset_to_zero: configs with smaller tiles write more partial sums while autotuning; the chosen
+# config must not add their leftovers.
+@triton.autotune(configs=autotune_configs(MATMUL_CONFIGS, MATMUL_PINNED), key=MATMUL_KEY, reset_to_zero=["partial_ptr"])
 @triton.jit
 def _linear_bce_with_logits_kernel(
     # pointers
