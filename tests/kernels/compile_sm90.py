@@ -1,0 +1,65 @@
+"""Compile every Triton kernel for an H100 (sm_90) without a GPU: catches what the interpreter lets
+through (dtype/shape rules of the real compiler, tl.dot constraints). Run by test_compile.py in a
+process with TRITON_INTERPRET=0, since interpreted kernels cannot be compiled. Prints one line per
+kernel: "<name> ok" or "<name> FAILED: <error>".
+"""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "0"
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from leader_edge.kernels import triton_embedding_bag as bag  # noqa: E402
+from leader_edge.kernels import triton_linear_bce_with_logits as bce  # noqa: E402
+from leader_edge.kernels import triton_linear_sigmoid as sig  # noqa: E402
+
+I, C = "i32", "constexpr"
+MATMUL = dict(B=I, M=I, D=I, B_BUCKET=I)
+TILES = dict(BLOCK_B=64, BLOCK_M=64, BLOCK_K=32)
+
+
+def jit_function(kernel):
+    while not isinstance(kernel, triton.runtime.jit.JITFunction):  # unwrap the Autotuner
+        kernel = kernel.fn
+    return kernel
+
+
+def cases(p: str):
+    """(kernel, signature, constexprs) with float pointers of type `p`."""
+    yield bag._embedding_bag_forward_kernel, dict(
+        weight_ptr=p, codes_ptr="*i64", out_ptr=p, scale_ptr="*fp32", L=I, D=I, stride_weight_v=I, stride_out_b=I,
+        MEAN=C, BLOCK_L=C, BLOCK_D=C), dict(MEAN=True, BLOCK_L=16, BLOCK_D=64)
+    yield bag._embedding_bag_backward_atomic_kernel, dict(
+        grad_out_ptr=p, codes_ptr="*i64", scale_ptr="*fp32", grad_weight_ptr="*fp32", L=I, D=I,
+        stride_grad_out_b=I, stride_grad_weight_v=I, BLOCK_L=C, BLOCK_D=C), dict(BLOCK_L=16, BLOCK_D=64)
+    yield bag._embedding_bag_backward_sorted_kernel, dict(
+        grad_out_ptr=p, scale_ptr="*fp32", bag_of_ptr="*i64", segment_ptr="*i64", grad_weight_ptr=p, D=I,
+        stride_grad_out_b=I, stride_grad_weight_v=I, BLOCK_L=C, BLOCK_D=C), dict(BLOCK_L=16, BLOCK_D=64)
+    yield sig._linear_sigmoid_forward_kernel, dict(
+        x_ptr=p, weight_ptr=p, bias_ptr=p, out_ptr=p, **MATMUL, stride_x_b=I, stride_weight_m=I, stride_out_b=I,
+        HAS_BIAS=C, UPCAST=C, BLOCK_B=C, BLOCK_M=C, BLOCK_K=C), dict(HAS_BIAS=True, UPCAST=False, **TILES)
+    yield sig._sigmoid_backward_kernel, dict(grad_ptr=p, prob_ptr=p, dlogits_ptr="*fp32", N=I, BLOCK=C), dict(BLOCK=1024)
+    yield bce._linear_bce_with_logits_kernel, dict(
+        x_ptr=p, weight_ptr=p, bias_ptr=p, target_ptr="*fp32", partial_ptr="*fp32", dlogits_ptr="*fp32", **MATMUL,
+        stride_x_b=I, stride_weight_m=I, stride_target_b=I, stride_dlogits_b=I,
+        HAS_BIAS=C, WRITE_GRAD=C, UPCAST=C, BLOCK_B=C, BLOCK_M=C, BLOCK_K=C),\
+        dict(HAS_BIAS=True, WRITE_GRAD=True, UPCAST=False, **TILES)
+
+
+def main() -> None:
+    target = GPUTarget("cuda", 90, 32)
+    for p in ("*fp32", "*bf16"):
+        for kernel, signature, constexprs in cases(p):
+            fn = jit_function(kernel)
+            try:
+                triton.compile(ASTSource(fn, signature, constexprs), target=target)
+                print(f"{fn.__name__}[{p}] ok", flush=True)
+            except Exception as exc:  # report every kernel, not just the first failure
+                print(f"{fn.__name__}[{p}] FAILED: {type(exc).__name__}: {str(exc)[-600:]}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
