@@ -125,6 +125,8 @@ def test_prepare_atc_without_map_says_which_option(demo: Path, tmp_path: Path) -
     code, output = _prepare("mimic3", "--root", demo, "--out", tmp_path / "ds", "--ndc-rxcui", NDC_MAP)
     assert code == 2 and "--rxcui-atc" in output and "--med-level rxcui" in output
     assert not (tmp_path / "ds").exists()
+    code, output = _prepare("mimic3", "--root", demo, "--out", tmp_path / "ds", "--med-level", "rxcui")
+    assert code == 2 and "--ndc-rxcui" in output
 
 
 def test_prepare_missing_table_names_file_and_fix(demo: Path, tmp_path: Path) -> None:
@@ -186,8 +188,8 @@ def test_prepare_mimic4_shape_prefixes_icd_versions(demo: Path, tmp_path: Path) 
     dx = ds.vocab("diagnosis")
     assert all(c.startswith(("ICD9_", "ICD10_")) for c in dx) and "ICD9_0389" in dx
     assert ds.name("diagnosis", "ICD9_0389") == "Unspecified septicemia"  # long_title
-    if "ICD10_A419" in dx:
-        assert ds.name("diagnosis", "ICD10_A419").lower().startswith("sepsis")  # ICD-10 name from the ICD package
+    assert "ICD10_A419" in dx  # its patient (10006) is in the seed-7 half
+    assert ds.name("diagnosis", "ICD10_A419").lower().startswith("sepsis")  # ICD-10 name from the ICD package
     assert ds.profile_fields == ["insurance", "language", "marital_status", "race"]
     sample = {f["step"]: f for f in ds.meta["filters"]}["sample_patients"]
     assert sample["removed_patients"] == 50  # 100 demo patients, half kept

@@ -231,7 +231,8 @@ def _read_prescriptions(cfg: PrepareConfig, adm: _Admissions, flog: FilterLog
                         ) -> tuple[np.ndarray, np.ndarray, list[str], dict[str, str]]:
     """(visit row, medication index) pairs after mapping and top-N, medication codes, code -> name."""
     path = find_table(cfg.root, "PRESCRIPTIONS", source=cfg.source)
-    table = read_table(path, ["hadm_id", "ndc", "drug"], ("startdate", "starttime"))
+    # Start dates only serve to anchor two-digit admission years: skip 4M date strings otherwise.
+    table = read_table(path, ["hadm_id", "ndc", "drug"], ("startdate", "starttime") if adm.two_digit.any() else ())
     visit = _visit_rows(table, path, adm, flog, "prescriptions")
     if adm.two_digit.any():
         _anchor_two_digit_years(adm, table, visit, flog, cfg.century)
