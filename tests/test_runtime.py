@@ -1,0 +1,159 @@
+"""The torch-free runtime: bundle loading and checksum, streaming reader, formatting, imports.
+
+The bundle here holds a hand-built ONNX graph (no torch export, so these tests take ~1 s):
+probability = sigmoid(w * known diagnoses of the patient + b), columns in vocabulary order."""
+
+import hashlib
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from leader_edge.encoding import INPUT_NAMES, Encoder
+from leader_edge.errors import DataError
+from leader_edge.runtime import BUNDLE_FORMAT, Bundle, _SeenIds, format_rows, read_patients, recommend
+
+MEDS = ["M1", "M2", "M3", "M4", "M5", "M6"]
+ENCODER = Encoder({"diagnosis": ["D1", "D2", "D3", "D4", "D5"], "procedure": ["P1", "P2"], "medication": MEDS},
+                  {"insurance": ["Medicare", "Private"]})
+HEADER = "patient_id,visit_id,visit_time,diagnoses,procedures,medications,profile_insurance\n"
+
+
+def write_fake_bundle(directory: Path) -> Path:
+    """A valid bundle whose model scores medications by the number of known diagnoses."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    m = len(MEDS)
+    dims = {"diagnoses": ["B", "K", "Ld"], "procedures": ["B", "K", "Lp"], "medications": ["B", "K", "Lm"],
+            "profile": ["B", 1], "visit_mask": ["B", "K"]}
+    inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, dims[n]) for n in INPUT_NAMES]
+    nodes = [
+        helper.make_node("GreaterOrEqual", ["diagnoses", "zero"], ["known"]),
+        helper.make_node("Cast", ["known"], ["known_f"], to=TensorProto.FLOAT),
+        helper.make_node("ReduceSum", ["known_f", "axes"], ["count"], keepdims=0),  # [B]
+        helper.make_node("Unsqueeze", ["count", "one"], ["count2"]),  # [B, 1]
+        helper.make_node("Mul", ["count2", "w"], ["scaled"]),
+        helper.make_node("Add", ["scaled", "b"], ["logits"]),
+        helper.make_node("Sigmoid", ["logits"], ["probabilities"]),
+    ]
+    inits = [
+        numpy_helper.from_array(np.array(0, dtype=np.int64), "zero"),
+        numpy_helper.from_array(np.array([1, 2], dtype=np.int64), "axes"),
+        numpy_helper.from_array(np.array([1], dtype=np.int64), "one"),
+        numpy_helper.from_array(np.linspace(-0.5, 1.0, m, dtype=np.float32)[None], "w"),
+        numpy_helper.from_array(np.linspace(-2.0, 1.0, m, dtype=np.float32)[None], "b"),
+    ]
+    graph = helper.make_graph(nodes, "fake", inputs, [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["B", m])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9  # onnxruntime 1.32 reads IR <= 11; 9 is the opset-18 era default
+    directory.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(directory / "model.onnx"))
+    digest = hashlib.sha256((directory / "model.onnx").read_bytes()).hexdigest()
+    manifest = {"format_version": BUNDLE_FORMAT, "model": {"file": "model.onnx", "sha256": digest}, "threshold": 0.5,
+                "encoder": ENCODER.to_json(), "profile_fields": ["insurance"], "ddi_pairs": [["M5", "M6"]]}
+    (directory / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    return directory
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Bundle:
+    return Bundle.load(write_fake_bundle(tmp_path_factory.mktemp("bundle")))
+
+
+def _chunks(text: str, chunk_patients: int = 100) -> list:
+    return list(read_patients(io.StringIO(text), "visits.csv", chunk_patients=chunk_patients))
+
+
+def test_runtime_bundle_predicts_last_visit_from_known_codes(bundle):
+    text = HEADER + "p1,v1,2100-01-01,D1;D2,P1,M1,Private\np1,v2,2100-02-01,D1;X9,,M2,Private\np2,v3,2100-01-01,D1;D2;D3,,,\n"
+    (chunk,) = _chunks(text)
+    scored = bundle.predict(chunk)
+    assert scored.visit_ids == ["v2", "v3"]
+    assert scored.unknown.tolist() == [1, 0]  # X9 is not in the vocabulary
+    w, b = np.linspace(-0.5, 1.0, 6), np.linspace(-2.0, 1.0, 6)
+    expected = 1 / (1 + np.exp(-(np.outer([3, 3], w) + b)))  # p1 sees D1;D2 (history) + D1 (current)
+    np.testing.assert_allclose(scored.y_prob, expected, rtol=1e-5)
+    every = bundle.predict(chunk, all_visits=True)
+    assert every.visit_ids == ["v1", "v2", "v3"]
+
+
+def test_runtime_sorted_batches_return_input_order(bundle):
+    rows = [f"p{i},v{i},2100-01-01,{';'.join(['D1', 'D2', 'D3', 'D4', 'D5'][: i % 5 + 1])},,,\n" for i in range(23)]
+    (chunk,) = _chunks(HEADER + "".join(rows))
+    one = bundle.predict(chunk, batch_size=len(chunk))
+    small = bundle.predict(chunk, batch_size=4)
+    np.testing.assert_allclose(one.y_prob, small.y_prob, rtol=1e-6)
+    assert np.argsort(one.y_prob[:, -1]).tolist() != list(range(23))  # rows genuinely differ
+
+
+def test_runtime_read_patients_chunks_whole_patients():
+    rows = "".join(f"p{i // 2},v{i},2100-01-0{i % 2 + 1},D1,,,\n" for i in range(10))
+    chunks = _chunks(HEADER + rows, chunk_patients=2)
+    assert [len(c) for c in chunks] == [2, 2, 1]
+    assert all(len(p.visits) == 2 for c in chunks for p in c)
+
+
+def test_runtime_seen_ids_reports_repeat_across_runs():
+    seen = _SeenIds()
+    for start in range(0, 1000, 100):
+        assert seen.add([f"v{i}" for i in range(start, start + 100)], list(range(start + 2, start + 102))) is None
+    assert len(seen._runs) < 10  # runs were merged
+    assert seen.add(["new", "v417"], [5000, 5001]) == (5001, 419)
+
+
+def test_runtime_format_rows_threshold_top_k_and_ddi(bundle):
+    (chunk,) = _chunks(HEADER + "p1,v1,2100-01-01,D1;D2;D3;D4;D5,,,\n")
+    scored = bundle.predict(chunk)
+    (row,) = format_rows(bundle, scored)
+    prob = scored.y_prob[0]
+    assert row[2].split(";") == [MEDS[j] for j in np.argsort(-prob) if prob[j] >= 0.5]
+    assert row[4] == "M5+M6" and row[5] == 0
+    assert [s.split(":")[0] for s in row[3].split(";")] == [MEDS[j] for j in np.argsort(-prob)]
+    (top,) = format_rows(bundle, scored, fmt="jsonl", top_k=1)
+    assert top["medications"] == ["M6"] and top["ddi_warnings"] == []
+    assert recommend(np.array([[0.2, 0.9, 0.5]]), threshold=0.5).tolist() == [[False, True, True]]
+
+
+def test_runtime_bundle_sha256_mismatch_refused(tmp_path):
+    d = write_fake_bundle(tmp_path / "b")
+    with open(d / "model.onnx", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(RuntimeError, match="sha256"):
+        Bundle.load(d)
+
+
+def test_runtime_not_a_bundle_refused(tmp_path):
+    with pytest.raises(RuntimeError, match="not a leader-edge bundle"):
+        Bundle.load(tmp_path)
+    d = write_fake_bundle(tmp_path / "b")
+    manifest = json.loads((d / "manifest.json").read_text())
+    (d / "manifest.json").write_text(json.dumps({**manifest, "format_version": 99}))
+    with pytest.raises(RuntimeError, match="format 99"):
+        Bundle.load(d)
+
+
+def test_runtime_reader_refuses_reappearing_patient():
+    rows = "p1,v1,2100-01-01,D1,,,\np2,v2,2100-01-01,D1,,,\np1,v3,2100-01-02,D1,,,\n"
+    with pytest.raises(DataError, match="line 4.*reappears"):
+        _chunks(HEADER + rows, chunk_patients=1)
+
+
+def test_runtime_imports_no_torch(tmp_path):
+    d = write_fake_bundle(tmp_path / "b")
+    code = (
+        "import sys, io\n"
+        "import leader_edge.cli.predict\n"
+        "from leader_edge.runtime import Bundle, read_patients\n"
+        f"b = Bundle.load({str(d)!r})\n"
+        f"chunk, = read_patients(io.StringIO({(HEADER + 'p1,v1,2100-01-01,D1,,,' + chr(10))!r}), 'x')\n"
+        "b.predict(chunk)\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'sklearn', 'pandas'))\n"
+        "print(heavy)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
