@@ -35,7 +35,7 @@ def _embedding_bag_forward_kernel(
     # pointers
     weight_ptr, codes_ptr, out_ptr, scale_ptr,
     # sizes
-    L, D,
+    V, L, D,
     # strides (codes are contiguous [B, L]; rows of weight/out are contiguous)
     stride_weight_v, stride_out_b,
     # meta
@@ -50,7 +50,8 @@ def _embedding_bag_forward_kernel(
     for start in range(0, L, BLOCK_L):
         l = start + tl.arange(0, BLOCK_L)
         code = tl.load(codes_ptr + bag * L + l, mask=l < L, other=-1)
-        valid = code >= 0
+        tl.device_assert(code < V, "embedding_bag: a code is >= V (rows of weight)")  # TRITON_DEBUG=1 only
+        valid = (code >= 0) & (code < V)  # an unchecked code >= V on CUDA reads nothing
         rows = tl.load(weight_ptr + code[:, None] * stride_weight_v + d[None, :],
                        mask=valid[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_L, BLOCK_D]
         acc += tl.sum(rows.to(tl.float32), axis=0)
@@ -70,7 +71,7 @@ def _embedding_bag_backward_atomic_kernel(
     # pointers
     grad_out_ptr, codes_ptr, scale_ptr, grad_weight_ptr,
     # sizes
-    L, D,
+    V, L, D,
     # strides
     stride_grad_out_b, stride_grad_weight_v,
     # meta
@@ -85,7 +86,7 @@ def _embedding_bag_backward_atomic_kernel(
     for start in range(0, L, BLOCK_L):
         l = start + tl.arange(0, BLOCK_L)
         code = tl.load(codes_ptr + bag * L + l, mask=l < L, other=-1)
-        valid = code >= 0
+        valid = (code >= 0) & (code < V)
         tl.atomic_add(grad_weight_ptr + code[:, None] * stride_grad_weight_v + d[None, :],
                       tl.broadcast_to(g[None, :], (BLOCK_L, BLOCK_D)), mask=valid[:, None] & d_mask[None, :])
 
@@ -135,7 +136,7 @@ def embedding_bag_forward(weight: torch.Tensor, codes: torch.Tensor, mean: bool)
     block_d = _block_d(d)
     grid = (b, triton.cdiv(d, block_d))
     _embedding_bag_forward_kernel[grid](
-        weight, codes, out, scale, length, d, weight.stride(0), out.stride(0), MEAN=mean, BLOCK_D=block_d
+        weight, codes, out, scale, weight.shape[0], length, d, weight.stride(0), out.stride(0), MEAN=mean, BLOCK_D=block_d
     )
     return out, scale
 
@@ -152,11 +153,11 @@ def embedding_bag_backward(
     if not torch.are_deterministic_algorithms_enabled():
         grad_weight = torch.zeros((num_rows, d), dtype=torch.float32, device=grad_out.device)
         _embedding_bag_backward_atomic_kernel[(b, triton.cdiv(d, block_d))](
-            grad_out, codes, scale, grad_weight, length, d, grad_out.stride(0), grad_weight.stride(0), BLOCK_D=block_d
+            grad_out, codes, scale, grad_weight, num_rows, length, d, grad_out.stride(0), grad_weight.stride(0), BLOCK_D=block_d
         )
         return grad_weight.to(dtype)
-    # Padding gets key num_rows so it sorts last and falls outside every segment.
-    keys = torch.where(codes >= 0, codes, num_rows).reshape(-1)  # [B * L]
+    # Padding (and any unchecked code >= V) gets key num_rows: it sorts last, outside every segment.
+    keys = torch.where((codes >= 0) & (codes < num_rows), codes, num_rows).reshape(-1)  # [B * L]
     sorted_keys, order = torch.sort(keys, stable=True)
     bag_of = order // length  # [B * L] bag of each sorted entry
     segment = torch.searchsorted(sorted_keys, torch.arange(num_rows + 1, device=keys.device))  # [V + 1]

@@ -30,10 +30,10 @@ def jit_function(kernel):
 def cases(p: str):
     """(kernel, signature, constexprs) with float pointers of type `p`."""
     yield bag._embedding_bag_forward_kernel, dict(
-        weight_ptr=p, codes_ptr="*i64", out_ptr=p, scale_ptr="*fp32", L=I, D=I, stride_weight_v=I, stride_out_b=I,
+        weight_ptr=p, codes_ptr="*i64", out_ptr=p, scale_ptr="*fp32", V=I, L=I, D=I, stride_weight_v=I, stride_out_b=I,
         MEAN=C, BLOCK_L=C, BLOCK_D=C), dict(MEAN=True, BLOCK_L=16, BLOCK_D=64)
     yield bag._embedding_bag_backward_atomic_kernel, dict(
-        grad_out_ptr=p, codes_ptr="*i64", scale_ptr="*fp32", grad_weight_ptr="*fp32", L=I, D=I,
+        grad_out_ptr=p, codes_ptr="*i64", scale_ptr="*fp32", grad_weight_ptr="*fp32", V=I, L=I, D=I,
         stride_grad_out_b=I, stride_grad_weight_v=I, BLOCK_L=C, BLOCK_D=C), dict(BLOCK_L=16, BLOCK_D=64)
     yield bag._embedding_bag_backward_sorted_kernel, dict(
         grad_out_ptr=p, scale_ptr="*fp32", bag_of_ptr="*i64", segment_ptr="*i64", grad_weight_ptr=p, D=I,
