@@ -4,7 +4,7 @@ Imports only onnxruntime, numpy, the standard library and torch-free leader_edge
 (`encoding`, `dataset`'s parsing helpers, `errors`), so `leader-edge predict` starts in ~0.3 s.
 
     bundle = Bundle.load("bundle/")                      # checks the model's sha256
-    for chunk in read_patients(open("visits.csv", newline="", encoding="utf-8-sig"), "visits.csv"):
+    for chunk in read_patients(open("visits.csv", "rb"), "visits.csv"):
         result = bundle.predict(chunk)                   # one row per predicted visit
 
 Streaming: rows are grouped by patient as they arrive, and patients are handed on in chunks, so
@@ -107,11 +107,12 @@ def _codes(text: str, path: str, line: int, column: str) -> list[str] | tuple[st
     return parse_code_list(text, path=path, line=line, column=column)
 
 
-def read_patients(stream: IO[str], path: str, *, chunk_patients: int = CHUNK_PATIENTS) -> Iterator[list[Patient]]:
+def read_patients(stream: IO[bytes], path: str, *, chunk_patients: int = CHUNK_PATIENTS) -> Iterator[list[Patient]]:
     """Stream a canonical visits CSV as chunks of whole patients, validating every row.
 
     Args:
-        stream: text opened with newline="" (use encoding "utf-8-sig": a BOM is accepted).
+        stream: the file opened in binary mode (decoded line by line here, so a non-UTF-8 byte is
+            reported on its own line; a UTF-8 BOM is accepted).
         path: the name used in error messages ("<stdin>" for standard input).
         chunk_patients: patients per yielded chunk (the last one may be smaller).
 
@@ -121,24 +122,28 @@ def read_patients(stream: IO[str], path: str, *, chunk_patients: int = CHUNK_PAT
             contiguous, visits out of time order, bad times or code lists.
     """
     csv.field_size_limit(MAX_FIELD)
-    reader = csv.reader(stream)
+    reader = csv.reader(_decoded_lines(stream, path))
     try:
         yield from _read(reader, path, chunk_patients)
-    except UnicodeDecodeError as e:
-        raise DataError(path, f"not valid UTF-8 ({e.reason} at byte {e.start} of the block being read), "
-                        f"after line {reader.line_num}", line=reader.line_num + 1,
-                        fix="re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)") from None
     except csv.Error as e:
         fix = (f"a field is longer than {MAX_FIELD:,} characters: look for an unclosed '\"' quote on or above this line"
                if "field larger" in str(e) else "check the quoting on this line")
         raise DataError(path, f"malformed CSV: {e}", line=reader.line_num, fix=fix) from None
 
 
+def _decoded_lines(stream: IO[bytes], path: str) -> Iterator[str]:
+    for number, raw in enumerate(stream, start=1):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(path, f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line)",
+                            line=number, fix="re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)") from None
+        yield text[1:] if number == 1 and text.startswith("\ufeff") else text
+
+
 def _read(reader, path: str, chunk_patients: int) -> Iterator[list[Patient]]:
     header = next(reader, None)
     check_header(header, VISIT_COLUMNS, Path(path), extra_prefix=PROFILE_PREFIX)
-    if header[0].startswith("\ufeff"):  # a BOM the decoder did not strip (stdin opened as utf-8)
-        header[0] = header[0][1:]
     col = {c: i for i, c in enumerate(header)}
     i_pid, i_vid, i_time = col["patient_id"], col["visit_id"], col["visit_time"]
     i_diag, i_proc, i_med = col["diagnoses"], col["procedures"], col["medications"]
@@ -388,17 +393,16 @@ def predict_file(bundle: Bundle, input_path: str, output: str, *, fmt: str = "cs
     Returns:
         {"patients", "visits", "unknown_codes", "visits_with_unknown"}.
     """
-    import io
     import os
     import shutil
     import sys
     import tempfile
 
     if input_path == "-":
-        stream, name = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8-sig", newline=""), "<stdin>"
+        stream, name = sys.stdin.buffer, "<stdin>"
     else:
         try:
-            stream, name = open(input_path, newline="", encoding="utf-8-sig"), input_path
+            stream, name = open(input_path, "rb", buffering=1 << 20), input_path
         except (FileNotFoundError, IsADirectoryError):
             raise DataError(input_path, "no such file", fix="pass a visits CSV, or - to read standard input") from None
     target = None if output == "-" else Path(output)

@@ -66,7 +66,7 @@ def bundle(tmp_path_factory) -> Bundle:
 
 
 def _chunks(text: str, chunk_patients: int = 100) -> list:
-    return list(read_patients(io.StringIO(text), "visits.csv", chunk_patients=chunk_patients))
+    return list(read_patients(io.BytesIO(text.encode()), "visits.csv", chunk_patients=chunk_patients))
 
 
 def test_runtime_bundle_predicts_last_visit_from_known_codes(bundle):
@@ -150,7 +150,7 @@ def test_runtime_imports_no_torch(tmp_path):
         "import leader_edge.cli.predict\n"
         "from leader_edge.runtime import Bundle, read_patients\n"
         f"b = Bundle.load({str(d)!r})\n"
-        f"chunk, = read_patients(io.StringIO({(HEADER + 'p1,v1,2100-01-01,D1,,,' + chr(10))!r}), 'x')\n"
+        f"chunk, = read_patients(io.BytesIO({(HEADER + 'p1,v1,2100-01-01,D1,,,' + chr(10)).encode()!r}), 'x')\n"
         "b.predict(chunk)\n"
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'sklearn', 'pandas'))\n"
         "print(heavy)\n"
