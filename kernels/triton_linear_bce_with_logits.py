@@ -94,8 +94,4 @@ class LinearBCEWithLogitsFunction(torch.autograd.Function):
         # d(mean)/d(logit) = (sigmoid(z) - y) / (B * M): the scalar scales the three small results,
         # not the [B, M] dlogits (which stay intact if backward runs again with retain_graph).
         scale = grad_loss.float() / dlogits.numel()
-        grads = linear_backward(dlogits, x, weight, ctx.needs_input_grad)
-        dx, dweight, dbias = (None if g is None else (g * scale).to(g.dtype) for g in grads)
-        if dbias is not None and ctx.bias_dtype is not None:
-            dbias = dbias.to(ctx.bias_dtype)
-        return dx, dweight, dbias, None
+        return (*linear_backward(dlogits, x, weight, ctx.needs_input_grad, ctx.bias_dtype, scale), None)

@@ -123,18 +123,25 @@ def linear_sigmoid_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
 
 
 def linear_backward(
-    dlogits: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, needs: tuple[bool, bool, bool]
+    dlogits: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, needs: tuple[bool, ...],
+    bias_dtype: torch.dtype | None, scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """dlogits [B, M] -> (dx [B, D], dweight [M, D], dbias [M]) for the inputs that `needs` a gradient."""
+    """dlogits [B, M] -> (dx [B, D], dweight [M, D], dbias [M]) for the inputs that `needs` a gradient,
+    each times the scalar `scale` when given (cheaper than scaling the [B, M] dlogits)."""
     dlogits = dlogits.to(x.dtype)
-    dx = dlogits @ weight if needs[0] else None  # [B, M] @ [M, D]
-    dweight = dlogits.t() @ x if needs[1] else None  # [M, B] @ [B, D]
-    dbias = dlogits.float().sum(0) if needs[2] else None
-    return dx, dweight, dbias
+    grads = (
+        dlogits @ weight if needs[0] else None,  # [B, M] @ [M, D]
+        dlogits.t() @ x if needs[1] else None,  # [M, B] @ [B, D]
+        dlogits.float().sum(0) if needs[2] else None,
+    )
+    if scale is not None:
+        grads = tuple(None if g is None else (g * scale).to(g.dtype) for g in grads)
+    dx, dweight, dbias = grads
+    return dx, dweight, (dbias.to(bias_dtype) if dbias is not None else None)
 
 
 class LinearSigmoidFunction(torch.autograd.Function):
-    """Autograd wrapper: gradients to x, weight and bias; saves only the probabilities."""
+    """Autograd wrapper: gradients to x, weight and bias; saves x, weight and the probabilities (no logits)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -152,7 +159,4 @@ class LinearSigmoidFunction(torch.autograd.Function):
         n = prob.numel()
         if n:
             _sigmoid_backward_kernel[(triton.cdiv(n, ELEMENTWISE_BLOCK),)](grad_out, prob, dlogits, n, BLOCK=ELEMENTWISE_BLOCK)
-        dx, dweight, dbias = linear_backward(dlogits, x, weight, ctx.needs_input_grad)
-        if dbias is not None and ctx.bias_dtype is not None:
-            dbias = dbias.to(ctx.bias_dtype)
-        return dx, dweight, dbias
+        return linear_backward(dlogits, x, weight, ctx.needs_input_grad, ctx.bias_dtype)
