@@ -155,7 +155,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=None, help="batch sizes (default 256 4096 65536)")
     parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=None)
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
-    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="CPU: timed calls (default 5); CUDA: do_bench's rep budget in ms (default 100)")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")

@@ -8,6 +8,8 @@
 (`leader_edge.kernels.reference`) on anything else; "triton" forces the kernel (CPU tensors only
 under the Triton interpreter, TRITON_INTERPRET=1); "torch" forces the reference. Importing this
 package never imports triton: the `triton_<op>` modules load on the first Triton call.
+LEADER_EDGE_AUTOTUNE=0 (read at that first call) pins every kernel to one small-tile config; the
+tests set it, and the interpreter always behaves so.
 
 Examples:
     >>> import torch
@@ -19,6 +21,7 @@ Examples:
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 from types import ModuleType
@@ -35,6 +38,11 @@ _log = logging.getLogger(__name__)
 _warned_fallback = False
 
 
+@functools.cache
+def _load(op: str) -> ModuleType:
+    return importlib.import_module(f".triton_{op}", __name__)  # cached: this runs on every call
+
+
 def _triton_op(op: str, backend: str, device: torch.device) -> ModuleType | None:
     """The `triton_<op>` module that should run, or None when the reference should."""
     global _warned_fallback
@@ -46,7 +54,7 @@ def _triton_op(op: str, backend: str, device: torch.device) -> ModuleType | None
         raise RuntimeError(f"backend='triton' runs on CUDA (or CPU under TRITON_INTERPRET=1), got {device}; "
                            "use backend='torch' or 'auto'")
     try:
-        module = importlib.import_module(f".triton_{op}", __name__)
+        module = _load(op)
     except Exception as exc:  # ImportError, or triton failing to find a driver/compiler
         if backend == "triton":
             raise RuntimeError(f"backend='triton' needs a working triton: {exc!r}; install triton==3.9.0 "

@@ -54,6 +54,16 @@ def test_embedding_bag_sorted_backward_is_bit_reproducible(monkeypatch):
     assert torch.equal(grads[0], grads[1])
 
 
+def test_embedding_bag_non_contiguous_inputs(close):
+    gen = torch.Generator().manual_seed(2)
+    weight = torch.randn(9, 20, generator=gen).t().requires_grad_()  # [20, 9], column-major
+    codes = make_codes(20, 8, 12, gen)[:, ::2]  # every other slot: stride 2
+    out = kernels.embedding_bag(weight, codes, "sum", backend="triton")
+    close(out, reference.embedding_bag(weight, codes, "sum"), torch.float32)
+    grad = torch.autograd.grad(out.sum(), weight)[0]
+    close(grad, torch.autograd.grad(reference.embedding_bag(weight, codes, "sum").sum(), weight)[0], torch.float32)
+
+
 @pytest.mark.parametrize("b, length", [(0, 5), (4, 0)])
 def test_embedding_bag_empty_inputs_give_zeros(b, length):
     weight = torch.randn(7, 5, requires_grad=True)
