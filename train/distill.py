@@ -1,0 +1,327 @@
+"""The student stage: train LEADER(S) on labels (+ the teacher's cached features), save it, score it.
+
+    run_student_stage(data_dir, run_dir)                  # -> RUN/student/
+    run_student_stage(data_dir, run_dir, distill=False)   # -> RUN/student-nodistill/
+
+Loss = BCE + alpha * MSE(proj(student hidden), teacher feature) + w * InfoNCE(profile, medications)
+(+ an optional DDI penalty). Adam lr 5e-4, early stopping on validation PRAUC, decision threshold
+tuned on validation. The teacher never runs here: its features are read from
+RUN/teacher/features.safetensors (one row per sample key, see the run-directory contract).
+Teacher features are standardised per dimension with training statistics before the MSE: raw
+LLM hidden states after the final norm have a few dimensions 10-100x larger than the rest, which
+would otherwise dominate the loss.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from leader_edge import metrics
+from leader_edge.dataset import Dataset, Sample, dataset_splits, load_dataset
+from leader_edge.encoding import INPUT_NAMES, KINDS, Batch, Encoder
+from leader_edge.recs import write_predictions
+from leader_edge.train.student import Student, StudentConfig
+
+log = logging.getLogger(__name__)
+
+FEATURES = "features.safetensors"
+
+
+@dataclass
+class DistillConfig:
+    epochs: int = 40  # upper bound; early stopping ends synth runs at ~15-25 epochs
+    patience: int = 6  # epochs without a better validation PRAUC before stopping
+    batch_size: int = 64
+    lr: float = 5e-4  # LEADER's Adam learning rate
+    weight_decay: float = 0.0
+    per_visit: bool = True  # one training sample per visit prefix: +0.03 Jaccard on small data (LEADER-NOTES)
+    alpha: float = 0.4  # feature MSE weight (LEADER MIMIC-III)
+    info_nce: float = 0.005  # profile/medication InfoNCE weight (LEADER MIMIC-III)
+    ddi_weight: float = 0.0  # off: LEADER has no DDI term
+    max_visits: int = 8
+    max_codes: int = 32
+    timing_patients: int = 100  # test patients timed one at a time for the per-patient latency
+    threads: int = 1  # torch CPU threads; on the shared 2-core VM 2 threads ran epochs 1.1-9x SLOWER (contention)
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "patience", "batch_size", "max_visits", "max_codes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"DistillConfig.{name}={getattr(self, name)} must be >= 1")
+        if self.lr <= 0:
+            raise ValueError(f"DistillConfig.lr={self.lr} must be > 0")
+
+
+def sample_key(s: Sample) -> str:
+    return f"{s.patient_id}/{s.target.visit_id}"
+
+
+def _device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_teacher_features(run_dir: Path, samples: dict[str, list[Sample]]) -> dict[str, np.ndarray]:
+    """Rows of RUN/teacher/features.safetensors in the order of `samples` (per split), standardised
+    with the training rows' mean and std.
+
+    Raises:
+        RuntimeError: the file is missing, or a sample has no feature row.
+    """
+    from safetensors import safe_open
+
+    path = run_dir / "teacher" / FEATURES
+    if not path.exists():
+        raise RuntimeError(f"{path} not found; run the teacher stage first (`leader-edge train --stage teacher`) or pass --no-distill")
+    out: dict[str, np.ndarray] = {}
+    with safe_open(str(path), framework="numpy") as f:
+        keys = json.loads((f.metadata() or {}).get("keys", "{}"))
+        for split in ("train", "val"):
+            if split not in keys:
+                raise RuntimeError(f"{path} has no {split!r} keys in its metadata; re-run the teacher stage")
+            rows = {k: i for i, k in enumerate(keys[split])}
+            missing = [sample_key(s) for s in samples[split] if sample_key(s) not in rows]
+            if missing:
+                raise RuntimeError(
+                    f"{path}: {len(missing)} {split} sample(s) have no teacher feature (e.g. {missing[0]!r}); "
+                    "the teacher was cached for another dataset, split seed or sampling - re-run the teacher stage"
+                )
+            table = f.get_tensor(split).astype(np.float32)
+            out[split] = table[[rows[sample_key(s)] for s in samples[split]]]
+    mean, std = out["train"].mean(0), out["train"].std(0) + 1e-6
+    return {k: (v - mean) / std for k, v in out.items()}
+
+
+def trim(batch: Batch, index: np.ndarray) -> dict[str, np.ndarray]:
+    """Rows `index` of a pre-encoded split, with all-padding visit slots and code columns cut off."""
+    mask = batch.visit_mask[index]
+    first = int(np.argmax(mask.any(0)))  # right-aligned: leading slots are empty for every row
+    out = {"visit_mask": mask[:, first:], "profile": batch.profile[index]}
+    for name in ("diagnoses", "procedures", "medications"):
+        a = getattr(batch, name)[index, first:]
+        width = max(1, int((a >= 0).sum(-1).max()))  # ids are left-packed within a visit
+        out[name] = a[..., :width]
+    t = batch.target_medications[index]
+    out["target_medications"] = t[:, : max(1, int((t >= 0).sum(-1).max()))]
+    return out
+
+
+def batches(n_visits: np.ndarray, size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Shuffled batches of samples with similar visit counts, in shuffled order.
+
+    Every batch is padded to its longest patient, and 70% of synth/MIMIC patients have one visit:
+    grouping by visit count cut an epoch from ~9 s to ~2.3 s on the 2-core VM with the same samples.
+    """
+    order = np.lexsort((rng.random(len(n_visits)), n_visits))  # by visit count, random within a count
+    out = [order[i : i + size] for i in range(0, len(order), size)]
+    return [out[i] for i in rng.permutation(len(out))]
+
+
+def _tensors(arrays: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in arrays.items()}
+
+
+@torch.inference_mode()
+def predict(model: Student, batch: Batch, device: torch.device, batch_size: int = 256) -> np.ndarray:
+    """float32 [N, n_meds] probabilities for a pre-encoded split."""
+    model.eval()
+    out = []
+    for start in range(0, len(batch), batch_size):
+        t = _tensors(trim(batch, np.arange(start, min(start + batch_size, len(batch)))), device)
+        out.append(model.predict_proba(*(t[n] for n in INPUT_NAMES)).float().cpu().numpy())
+    return np.concatenate(out)
+
+
+@torch.inference_mode()
+def latency_ms(model: Student, batch: Batch, n: int) -> float:
+    """Median milliseconds of one patient's forward at batch 1 on one CPU thread (model only).
+
+    One thread: at batch 1 there is nothing to split, and on the shared 2-core VM two threads
+    measured 30x slower (120 ms vs 4 ms) from contention alone.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    times = []
+    try:
+        for i in range(min(n, len(batch)) + 5):
+            t = _tensors(trim(batch, np.array([i % len(batch)])), device)
+            start = time.perf_counter()
+            model.predict_proba(*(t[k] for k in INPUT_NAMES))
+            times.append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+    return float(np.median(times[5:]) * 1000)  # the first 5 are warm-up
+
+
+def train_student(
+    ds: Dataset, samples: dict[str, list[Sample]], encoder: Encoder, config: DistillConfig, *,
+    teacher: dict[str, np.ndarray] | None, seed: int, device: torch.device,
+) -> tuple[Student, list[dict], int]:
+    """Train with early stopping on validation PRAUC; return (best model, history, best epoch)."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    enc = {k: encoder.encode([s.visits for s in v]) for k, v in samples.items() if k in ("train", "val")}
+    labels = {k: encoder.multi_hot([s.visits for s in samples[k]]) for k in enc}
+    model = Student(StudentConfig(
+        encoder.n_codes, encoder.n_meds, encoder.n_profile_ids, encoder.med_offset,
+        max_visits=encoder.max_visits, teacher_dim=0 if teacher is None else teacher["train"].shape[1],
+        alpha=config.alpha if teacher is not None else 0.0, info_nce=config.info_nce, ddi_weight=config.ddi_weight,
+    )).to(device)
+    ddi = torch.from_numpy(metrics.ddi_matrix(ds.ddi, encoder.codes["medication"]).astype(np.float32)).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    history: list[dict] = []
+    best, best_epoch, best_state = -1.0, 0, None
+    n = len(enc["train"])
+    n_visits = enc["train"].visit_mask.sum(1)
+    for epoch in range(1, config.epochs + 1):
+        start = time.perf_counter()
+        model.train()
+        sums = {"loss": 0.0, "bce": 0.0, "mse": 0.0, "nce": 0.0, "ddi": 0.0}
+        for idx in batches(n_visits, config.batch_size, rng):
+            batch = _tensors(trim(enc["train"], idx), device)
+            batch["labels"] = torch.from_numpy(labels["train"][idx]).to(device)
+            batch["ddi"] = ddi
+            if teacher is not None:
+                batch["teacher"] = torch.from_numpy(teacher["train"][idx]).to(device)
+            out = model(batch)
+            opt.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            opt.step()
+            for k in sums:
+                sums[k] += float(out[k].detach()) * len(idx) / n
+        y_prob = predict(model, enc["val"], device)
+        val = metrics.score(labels["val"] > 0, y_prob, 0.5)
+        history.append({"epoch": epoch, **{f"train_{k}": round(v, 5) for k, v in sums.items()},
+                        "val_prauc": round(val["prauc"], 5), "val_jaccard": round(val["jaccard"], 5),
+                        "seconds": round(time.perf_counter() - start, 2)})
+        log.info("epoch %d: loss %.4f (bce %.4f mse %.4f) val PRAUC %.4f Jaccard@0.5 %.4f (%.1f s)", epoch,
+                 sums["loss"], sums["bce"], sums["mse"], val["prauc"], val["jaccard"], history[-1]["seconds"])
+        if val["prauc"] > best:
+            best, best_epoch = val["prauc"], epoch
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        elif epoch - best_epoch >= config.patience:
+            log.info("early stop: no better validation PRAUC for %d epochs (best %.4f at epoch %d)", config.patience, best, best_epoch)
+            break
+    model.load_state_dict(best_state)
+    return model, history, best_epoch
+
+
+def save_student(out: Path, model: Student, encoder: Encoder, threshold: float, extra: dict) -> None:
+    """model.safetensors + config.json (model config, vocabularies, profile fields, threshold)."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
+    config = {"student": model.config.to_json(), "encoder": encoder.to_json(), "threshold": threshold,
+              "profile_fields": encoder.profile_fields, **extra}
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+def load_student(directory: str | Path, *, backend: str = "auto") -> tuple[Student, Encoder, float]:
+    """(model in eval mode on CPU, encoder, threshold) from a RUN/student* directory."""
+    from safetensors.torch import load_file
+
+    d = Path(directory)
+    if not (d / "config.json").exists() or not (d / "model.safetensors").exists():
+        raise RuntimeError(f"{d} has no config.json/model.safetensors; train it with `leader-edge train --stage student`")
+    config = json.loads((d / "config.json").read_text(encoding="utf-8"))
+    model = Student(StudentConfig(**{**config["student"], "backend": backend}))
+    model.load_state_dict(load_file(str(d / "model.safetensors")))
+    return model.eval(), Encoder.from_json(config["encoder"]), float(config["threshold"])
+
+
+def run_student_stage(
+    data_dir: Path, run_dir: Path, *, distill: bool = True, seed: int = 42, epochs: int | None = None,
+    device: str = "auto", config: DistillConfig | None = None,
+) -> dict:
+    """Train, tune, save and score one student into RUN/student (or RUN/student-nodistill).
+
+    Args:
+        data_dir: dataset directory. run_dir: the run directory (RUN/teacher is read when `distill`).
+        distill: add the teacher feature loss; False trains the same student on labels alone.
+        seed: split and training seed (the same seed reproduces the metrics).
+        epochs: overrides `config.epochs`. device: "auto", "cpu" or "cuda".
+        config: training settings; defaults to `DistillConfig()`.
+
+    Returns:
+        The metrics dict also written to metrics.json.
+    """
+    config = config or DistillConfig()
+    if epochs is not None:
+        config = DistillConfig(**{**asdict(config), "epochs": epochs})
+    data_dir, run_dir = Path(data_dir).resolve(), Path(run_dir)
+    dev = _device(device)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(config.threads)
+    try:
+        return _run(data_dir, run_dir, distill=distill, seed=seed, device=dev, config=config)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(data_dir: Path, run_dir: Path, *, distill: bool, seed: int, device: torch.device, config: DistillConfig) -> dict:
+    dev = device
+    started = time.perf_counter()
+    ds = load_dataset(data_dir)
+    samples = dataset_splits(ds, seed=seed, train_per_visit=config.per_visit)
+    train_patients = {s.patient_id for s in samples["train"]}
+    encoder = Encoder.from_visits({k: ds.vocab(k) for k in KINDS}, [v for v in ds.visits if v.patient_id in train_patients],
+                                  max_visits=config.max_visits, max_codes=config.max_codes)
+    teacher = load_teacher_features(run_dir, samples) if distill else None
+    model, history, best_epoch = train_student(ds, samples, encoder, config, teacher=teacher, seed=seed, device=dev)
+    train_seconds = time.perf_counter() - started
+
+    encoded = {k: encoder.encode([s.visits for s in samples[k]]) for k in ("val", "test")}
+    truth = {k: encoder.multi_hot([s.visits for s in samples[k]]) > 0 for k in encoded}
+    prob = {k: predict(model, encoded[k], dev) for k in encoded}
+    threshold = metrics.tune_threshold(truth["val"], prob["val"])
+    ddi = metrics.ddi_matrix(ds.ddi, encoder.codes["medication"])
+    per_visit = metrics.per_visit_metrics(truth["test"], prob["test"], prob["test"] >= threshold, ddi)
+    multi = np.array([len(s.visits) > 1 for s in samples["test"]])
+    model.cpu()
+    result = {
+        "model": "student" if distill else "student-nodistill",
+        "threshold": threshold,
+        "val": metrics.score(truth["val"], prob["val"], threshold, ddi),
+        "test": metrics.summarize(per_visit),
+        "test_groups": {g: {k: list(v) for k, v in stats.items()} for g, stats in metrics.by_group(per_visit, multi).items()},
+        "n_params": model.n_params(),
+        "n_params_training": model.n_params(inference=False),
+        "inference_ms_per_patient": round(latency_ms(model, encoded["test"], config.timing_patients), 3),
+        "best_epoch": best_epoch,
+        "epochs_run": len(history),
+        "train_seconds": round(train_seconds, 1),
+        "train_samples": len(samples["train"]),
+        "unknown_codes_test": int(encoded["test"].unknown.sum()),
+        "seed": seed,
+        "config": asdict(config),
+    }
+    name = "student" if distill else "student-nodistill"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=run_dir))
+    try:
+        save_student(tmp, model, encoder, threshold, {"distill": distill, "seed": seed, "data": str(data_dir)})
+        (tmp / "metrics.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        (tmp / "history.json").write_text(json.dumps(history, indent=2) + "\n", encoding="utf-8")
+        write_predictions(tmp / "predictions-test.csv", [s.patient_id for s in samples["test"]],
+                          [s.target.visit_id for s in samples["test"]], prob["test"], encoder.codes["medication"], threshold)
+        if (run_dir / name).exists():
+            shutil.rmtree(run_dir / name)
+        os.replace(tmp, run_dir / name)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("%s: test Jaccard %.4f PRAUC %.4f F1 %.4f (threshold %.2f, %d params, %.1f s)", name,
+             result["test"]["jaccard"], result["test"]["prauc"], result["test"]["f1"], threshold, result["n_params"], train_seconds)
+    return result
