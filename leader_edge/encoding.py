@@ -159,6 +159,20 @@ class Encoder:
         """Rows of the profile embedding table (one "unknown" row per field)."""
         return sum(1 + len(v) for v in self.profile_values.values())
 
+    def code_groups(self) -> np.ndarray:
+        """int64 [n_codes]: each shared id's group, a code-system parent shared by related codes.
+
+        Diagnosis: the ICD-9 category (first 3 characters, 4 for E codes: 428.x heart failure);
+        procedure: the first 2 characters (ICD-9-PCS-style chapter); medication: the first 3
+        (ATC level 2 of an ATC-3 class). A rare code seen 5 times in training borrows its group's
+        embedding, which the group's frequent codes have trained.
+        """
+        prefix = {"diagnosis": lambda c: c[:4] if c.startswith("E") else c[:3],
+                  "procedure": lambda c: c[:2], "medication": lambda c: c[:3]}
+        index: dict[tuple[str, str], int] = {}
+        return np.array([index.setdefault((k, prefix[k](c)), len(index)) for k in KINDS for c in self.codes[k]],
+                        dtype=np.int64)
+
     # -- construction and persistence -----------------------------------------------------------
 
     @classmethod
