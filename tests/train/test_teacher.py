@@ -1,0 +1,156 @@
+"""Teacher: head, exact layer split, LoRA training, the run-directory files, save/load, resume, CLI."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from leader_edge.dataset import dataset_splits, load_dataset, write_dataset
+from leader_edge.recs import read_predictions
+from leader_edge.synth import synth_dataset
+from leader_edge.train.teacher import run_teacher_stage
+from leader_edge.train.teacher_config import TeacherConfig
+from leader_edge.train.teacher_data import encode_samples, pad_batch
+from leader_edge.train.teacher_model import TeacherModel
+
+# Byte-level tokens: ~700 per prompt; max_tokens keeps the tiny runs at a few seconds.
+TINY = dict(teacher="tiny", max_tokens=400, epochs=2, batch_size=8, grad_accum=2, timing_patients=2)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return write_dataset(synth_dataset(patients=40, seed=3), tmp_path_factory.mktemp("d") / "synth", source="synth")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(data_dir, tmp_path_factory):
+    run = tmp_path_factory.mktemp("run")
+    result = run_teacher_stage(data_dir, run, TeacherConfig(**TINY))
+    return run, result
+
+
+def _batch(model, data_dir, n=4):
+    ds = load_dataset(data_dir)
+    samples = dataset_splits(ds, train_per_visit=True)["train"][:n]
+    enc = encode_samples(ds, samples, model.tokenizer, model.med_codes, max_history=3, max_tokens=400)
+    ids, lengths = pad_batch(enc.ids, model.tokenizer.pad_token_id)
+    return ids, lengths, torch.from_numpy(enc.labels)
+
+
+def test_teacher_head_shape_and_loss(data_dir):
+    meds = load_dataset(data_dir).vocab("medication")
+    model = TeacherModel(TeacherConfig(teacher="tiny"), meds)
+    ids, lengths, y = _batch(model, data_dir)
+    logits = model(model.lower(ids, lengths), lengths)
+    assert logits.shape == (4, len(meds))
+    assert model.head.in_features == model.hidden_size and model.head.out_features == len(meds)
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y)
+    assert torch.isfinite(loss) and 0.3 < loss.item() < 1.5  # random init: close to log(2)
+
+
+def test_teacher_split_equals_full_forward(data_dir):
+    meds = load_dataset(data_dir).vocab("medication")
+    split = TeacherModel(TeacherConfig(teacher="tiny", lora_layers=1), meds).eval()
+    plain = TeacherModel(TeacherConfig(teacher="tiny", lora_layers=1, plain=True), meds).eval()
+    with torch.no_grad():
+        for n, p in split.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)  # a trained-looking adapter, so the LoRA path matters
+    plain.load_trainable_state(split.trainable_state())
+    ids, lengths, _ = _batch(split, data_dir)
+    assert split.split == 1 and len(set(lengths.tolist())) > 1  # padding is exercised
+    with torch.no_grad():
+        a = split.features(split.lower(ids, lengths), lengths)
+        b = plain.features(plain.lower(ids, lengths), lengths)
+        one = split.features(split.lower(ids[:1, : lengths[0]], lengths[:1]), lengths[:1])
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a[:1], one, atol=1e-5, rtol=1e-5)
+
+
+def test_teacher_lora_moves_and_backbone_does_not(data_dir):
+    meds = load_dataset(data_dir).vocab("medication")
+    model = TeacherModel(TeacherConfig(teacher="tiny", lora_layers=1), meds)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids, lengths, y = _batch(model, data_dir)
+    for _ in range(3):
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(model.lower(ids, lengths), lengths), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert moved == trainable
+    assert any("lora_B" in n for n in moved) and "head.weight" in moved
+    assert not any("lora" in n for n in trainable if ".layers.0." in n)  # only the top layer is adapted
+
+
+def test_teacher_stage_writes_the_contract_files(tiny_run, data_dir):
+    run, result = tiny_run
+    ds = load_dataset(data_dir)
+    splits = dataset_splits(ds, train_per_visit=True)
+    with safe_open(str(run / "teacher" / "features.safetensors"), "pt") as f:
+        meta = f.metadata()
+        shapes = {k: tuple(f.get_tensor(k).shape) for k in ("train", "val", "test")}
+    keys = json.loads(meta["keys"])
+    hidden = int(meta["hidden_size"])
+    assert keys["train"] == [f"{s.patient_id}/{s.target.visit_id}" for s in splits["train"]]
+    train_patients = {s.patient_id for s in splits["train"]}
+    assert len(keys["train"]) == sum(len(v) for p, v in ds.patients().items() if p in train_patients)
+    assert keys["val"] == [f"{s.patient_id}/{s.target.visit_id}" for s in splits["val"]]
+    assert all(shapes[k] == (len(keys[k]), hidden) for k in shapes)
+    saved = json.loads((run / "teacher" / "metrics.json").read_text())
+    assert saved["val"]["prauc"] == pytest.approx(result["val"]["prauc"])
+    assert {"threshold", "n_params", "inference_ms_per_patient", "test"} <= set(saved)
+    preds = read_predictions(run / "teacher" / "predictions-test.csv")
+    assert [p.visit_id for p in preds] == [s.target.visit_id for s in splits["test"]]
+
+
+def test_teacher_save_load_reproduces_probabilities(tiny_run):
+    run, _ = tiny_run
+    model = TeacherModel.load(run / "teacher")
+    feats = load_file(str(run / "teacher" / "features.safetensors"))["test"]
+    with torch.no_grad():
+        from_features = torch.sigmoid(model.head(feats)).numpy()
+    preds = read_predictions(run / "teacher" / "predictions-test.csv")
+    scores = np.array([[p.scores[c] for c in model.med_codes] for p in preds])
+    np.testing.assert_allclose(from_features, scores, atol=6e-5)  # the file keeps 4 decimals
+
+
+def test_teacher_resume_after_interruption_matches_uninterrupted(tiny_run, data_dir, tmp_path):
+    run, _ = tiny_run
+    config = TeacherConfig(**TINY)
+    assert run_teacher_stage(data_dir, tmp_path, config, stop_after_epoch=1) == {}
+    assert not (tmp_path / "teacher" / "adapter.safetensors").exists()
+    run_teacher_stage(data_dir, tmp_path, config, resume=True)
+    resumed = load_file(str(tmp_path / "teacher" / "adapter.safetensors"))
+    straight = load_file(str(run / "teacher" / "adapter.safetensors"))
+    assert resumed.keys() == straight.keys()
+    for k in straight:
+        torch.testing.assert_close(resumed[k], straight[k], atol=0, rtol=0)
+    history = json.loads((tmp_path / "teacher" / "metrics.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [1, 2]
+
+
+def test_teacher_cli_show_prompt(data_dir):
+    from leader_edge.cli import main
+
+    result = CliRunner().invoke(main, ["train", "--data", str(data_dir), "--teacher", "tiny", "--show-prompt", "1"])
+    assert result.exit_code == 0, result.output
+    assert "tokens with the appended EOS" in result.output
+    assert "Then, the patient should be prescribed:" in result.output
+    bad = CliRunner().invoke(main, ["train", "--data", str(data_dir), "--teacher", "tiny", "--show-prompt", "99999"])
+    assert bad.exit_code == 2 and "choose 0.." in bad.output
+
+
+def test_teacher_smollm2_short_real_run(data_dir, tmp_path):
+    config = TeacherConfig(teacher="smollm2", backbone_layers=2, lora_layers=1, epochs=1, max_history=1,
+                           max_tokens=128, timing_patients=1)
+    result = run_teacher_stage(data_dir, tmp_path, config)
+    assert result["backbone"]["hidden_size"] == 576 and result["backbone"]["layers"] == 2
+    assert 0.0 <= result["val"]["prauc"] <= 1.0
+    assert result["n_params"]["trainable"] < result["n_params"]["total"] / 10

@@ -1,0 +1,294 @@
+"""The teacher stage: LoRA-tune LEADER(T), then write its features, metrics and test predictions.
+
+    run_teacher_stage(data_dir, run_dir, TeacherConfig())            # one process
+    torchrun --nproc_per_node 2 -m leader_edge train --data D --out R  # DDP (gloo on CPU, nccl on GPU)
+
+Writes RUN/teacher/: config.json + adapter.safetensors (LoRA + head), metrics.json,
+predictions-test.csv, features.safetensors (see the run-directory contract), and checkpoint/
+while training (`resume=True` continues from its last finished epoch).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from leader_edge import metrics
+from leader_edge.dataset import dataset_splits, load_dataset
+from leader_edge.train.teacher_checkpoint import load_checkpoint, save_checkpoint
+from leader_edge.train.teacher_config import TeacherConfig
+from leader_edge.train.teacher_data import Encoded, encode_samples, length_batches, lower_cache, pad_batch, pad_states
+from leader_edge.train.teacher_model import TeacherModel
+
+log = logging.getLogger(__name__)
+
+FEATURES = "features.safetensors"
+METRICS = "metrics.json"
+PREDICTIONS = "predictions-test.csv"
+
+
+def teacher_done(run_dir: Path) -> bool:
+    """True when RUN/teacher holds a finished stage (features and metrics written last)."""
+    t = Path(run_dir) / "teacher"
+    return (t / FEATURES).is_file() and (t / METRICS).is_file()
+
+
+def _distributed() -> tuple[int, int, torch.device]:
+    """(rank, world size, device); initialises torch.distributed under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+        # 2 processes on 2 cores: one thread each, or they fight over the cores.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def _lr_factor(step: int, total: int, warmup: float) -> float:
+    """Linear warm-up over `warmup * total` steps, then linear decay to 0 at `total`."""
+    w = max(1, int(round(warmup * total)))
+    if step < w:
+        return (step + 1) / w
+    return max(0.0, (total - step) / max(1, total - w))
+
+
+@torch.no_grad()
+def predict(model: TeacherModel, states: list[torch.Tensor], *, batch_size: int, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities [N, M], features [N, hidden]) from cached lower states, in row order."""
+    model.eval()
+    lengths = np.array([s.shape[0] for s in states])
+    probs = np.zeros((len(states), len(model.med_codes)), dtype=np.float32)
+    feats = np.zeros((len(states), model.hidden_size), dtype=np.float32)
+    for batch in length_batches(lengths, batch_size):
+        x, lens = pad_states([states[i] for i in batch])
+        f = model.features(x.to(device), lens.to(device))
+        probs[batch] = torch.sigmoid(model.head(f)).float().cpu().numpy()
+        feats[batch] = f.float().cpu().numpy()
+    return probs, feats
+
+
+def _progress(total: int, desc: str, rank: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="tok", unit_scale=True, file=sys.stderr, disable=rank != 0, dynamic_ncols=True)
+
+
+def run_teacher_stage(
+    data_dir: Path, run_dir: Path, config: TeacherConfig, *, resume: bool = False, stop_after_epoch: int | None = None
+) -> dict:
+    """Tune the teacher on DIR's training split and write RUN/teacher (see the module docstring).
+
+    Args:
+        data_dir: dataset directory.
+        run_dir: run directory; RUN/teacher is (re)written.
+        config: teacher configuration.
+        resume: continue from RUN/teacher/checkpoint if present.
+        stop_after_epoch: stop after this epoch (checkpoint written) - simulates an interruption.
+
+    Returns:
+        The metrics dict written to RUN/teacher/metrics.json (rank 0; {} on other ranks or when stopped early).
+    """
+    t_start = time.perf_counter()
+    rank, world, device = _distributed()
+    out = Path(run_dir) / "teacher"
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    ds = load_dataset(data_dir)
+    med_codes = ds.vocab("medication")
+    splits = dataset_splits(ds, seed=config.seed, train_per_visit=True)
+    model = TeacherModel(config, med_codes).to(device)
+    encode = dict(max_history=config.max_history, max_tokens=config.max_tokens)
+    enc = {name: encode_samples(ds, splits[name], model.tokenizer, med_codes, **encode) for name in ("train", "val", "test")}
+    last_ids = {v[-1].visit_id for v in ds.patients().values()}
+    last_visit = [i for i, s in enumerate(enc["train"].samples) if s.target.visit_id in last_ids]
+    tune_rows = list(range(len(enc["train"].ids))) if config.train_per_visit else last_visit
+    mine = tune_rows[rank::world]  # a fixed shard per rank: each caches only its own samples
+    tune = enc["train"].subset(mine)
+
+    n_lower = int(sum(tune.lengths)) + int(enc["val"].lengths.sum())
+    bar = _progress(n_lower, f"frozen layers 0-{model.split - 1}" if model.exact_split else "tokenize", rank)
+    cache_args = dict(batch_tokens=config.cache_batch_tokens, device=device, progress=bar.update)
+    tune_states = lower_cache(model, tune, **cache_args)
+    val_states = lower_cache(model, enc["val"], **cache_args)
+    bar.close()
+
+    params_lora = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("head.")]
+    opt = torch.optim.AdamW(
+        [{"params": params_lora, "lr": config.lr}, {"params": list(model.head.parameters()), "lr": config.head_lr}],
+        weight_decay=config.weight_decay,
+    )
+    base_lrs = [config.lr, config.head_lr]
+    train_model = model
+    if world > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    batches_per_epoch = len(length_batches(tune.lengths, config.batch_size))
+    if world > 1:  # equal step counts on every rank, or DDP's all-reduce waits forever
+        n = torch.tensor(batches_per_epoch)
+        torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MIN)
+        batches_per_epoch = int(n)
+    steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum)
+    total_steps = steps_per_epoch * config.epochs
+    state = {"epoch": 0, "step": 0, "best_prauc": -1.0, "best_epoch": 0, "bad": 0, "history": []}
+    best = model.trainable_state()
+    ckpt = out / "checkpoint"
+    if resume and (ckpt / "state.json").is_file():
+        state, best = load_checkpoint(ckpt, model, opt)
+        log.info("resumed after epoch %d (best validation PRAUC %.4f)", state["epoch"], state["best_prauc"])
+    y_val = enc["val"].labels.astype(bool)
+    pad = model.tokenizer.pad_token_id
+    autocast = config.bf16 and device.type == "cuda"
+    while state["epoch"] < config.epochs and state["bad"] < config.patience:
+        epoch = state["epoch"]
+        torch.manual_seed(config.seed + 1000 * (epoch + 1) + rank)  # dropout: reproducible on resume
+        batches = length_batches(tune.lengths, config.batch_size, seed=config.seed + epoch)[:batches_per_epoch]
+        model.train()
+        bar = _progress(int(sum(tune.lengths[i] for b in batches for i in b)), f"epoch {epoch + 1}/{config.epochs}", rank)
+        t0, seen, losses = time.perf_counter(), 0, []
+        for j, batch in enumerate(batches):
+            x, lengths = pad_states([tune_states[i] for i in batch])
+            y = torch.from_numpy(tune.labels[batch]).to(device)
+            sync = (j + 1) % config.grad_accum == 0 or j + 1 == len(batches)
+            ctx = train_model.no_sync() if world > 1 and not sync else contextlib.nullcontext()
+            with ctx, torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                logits = train_model(x.to(device), lengths.to(device))
+                loss = F.binary_cross_entropy_with_logits(logits.float(), y)
+                (loss / config.grad_accum).backward()
+            losses.append(float(loss.detach()))
+            seen += int(lengths.sum())
+            bar.update(int(lengths.sum()))
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", tok_s=f"{seen / (time.perf_counter() - t0):.0f}")
+            if sync:
+                for g, base in zip(opt.param_groups, base_lrs):
+                    g["lr"] = base * _lr_factor(state["step"], total_steps, config.warmup)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                state["step"] += 1
+        bar.close()
+        prob, _ = predict(model, val_states, batch_size=config.batch_size * 2, device=device)
+        val = metrics.score(y_val, prob, 0.5)
+        state["epoch"] = epoch + 1
+        state["history"].append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "val_prauc": val["prauc"],
+                                 "val_jaccard": val["jaccard"], "tokens_per_s": seen / (time.perf_counter() - t0)})
+        if val["prauc"] > state["best_prauc"]:
+            state.update(best_prauc=val["prauc"], best_epoch=epoch + 1, bad=0)
+            best = model.trainable_state()
+        else:
+            state["bad"] += 1
+        log.warning("epoch %d: loss %.4f, validation PRAUC %.4f (best %.4f at epoch %d)", epoch + 1,
+                    np.mean(losses), val["prauc"], state["best_prauc"], state["best_epoch"])
+        if rank == 0:
+            save_checkpoint(ckpt, model, opt, state, best)
+        if stop_after_epoch is not None and state["epoch"] >= stop_after_epoch:
+            return {}
+    model.load_trainable_state(best)
+    if world > 1:  # every rank must end with the same adapter; say so if they do not
+        digests: list = [None] * world
+        torch.distributed.all_gather_object(digests, _digest(best))
+        if len(set(digests)) != 1:
+            raise RuntimeError(f"DDP ranks ended with different adapters (sha256 {digests}); report this as a bug")
+        state["ddp"] = {"world_size": world, "backend": torch.distributed.get_backend(), "adapter_sha256_by_rank": digests}
+    if rank != 0:
+        return {}
+    return _finish(model, ds, enc, tune, tune_states, val_states, mine, out, state, config, device, t_start)
+
+
+def _digest(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over the names and bytes of a state dict (order-independent)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k in sorted(state):
+        h.update(k.encode())
+        h.update(state[k].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _finish(model, ds, enc, tune, tune_states, val_states, mine, out: Path, state: dict, config: TeacherConfig,
+            device: torch.device, t_start: float) -> dict:
+    """Rank 0 after tuning: save the model, the features of every sample, metrics, test predictions."""
+    from safetensors.torch import save_file
+
+    from leader_edge.recs import write_predictions
+
+    model.save(out, extra={"best_epoch": state["best_epoch"]})
+    train_states: list = [None] * len(enc["train"].ids)
+    for r, i in enumerate(mine):
+        train_states[i] = tune_states[r]
+    rest = [i for i, s in enumerate(train_states) if s is None]
+    need = enc["train"].subset(rest)
+    bar = _progress(int(need.lengths.sum()) + int(enc["test"].lengths.sum()), "frozen layers (rest)", 0)
+    for i, s in zip(rest, lower_cache(model, need, batch_tokens=config.cache_batch_tokens, device=device, progress=bar.update)):
+        train_states[i] = s
+    test_states = lower_cache(model, enc["test"], batch_tokens=config.cache_batch_tokens, device=device, progress=bar.update)
+    bar.close()
+    bs = config.batch_size * 2
+    _, f_train = predict(model, train_states, batch_size=bs, device=device)
+    p_val, f_val = predict(model, val_states, batch_size=bs, device=device)
+    p_test, f_test = predict(model, test_states, batch_size=bs, device=device)
+    med_codes = model.med_codes
+    ddi = metrics.ddi_matrix(ds.ddi, med_codes)
+    y_val, y_test = enc["val"].labels.astype(bool), enc["test"].labels.astype(bool)
+    threshold = metrics.tune_threshold(y_val, p_val)
+    result = {
+        "model": "teacher",
+        "threshold": threshold,
+        "val": metrics.score(y_val, p_val, threshold, ddi),
+        "test": metrics.score(y_test, p_test, threshold, ddi),
+        "n_params": model.n_params(),
+        "inference_ms_per_patient": _time_per_patient(model, enc["test"], config.timing_patients, device),
+        "best_epoch": state["best_epoch"],
+        "history": state["history"],
+        "backbone": {"teacher": config.teacher, "layers": model.n_layers, "lora_layers": config.lora_layers,
+                     "hidden_size": model.hidden_size},
+        "wall_s": round(time.perf_counter() - t_start, 1),
+        **({"ddp": state["ddp"]} if "ddp" in state else {}),
+    }
+    test = enc["test"]
+    write_predictions(out / PREDICTIONS, [s.patient_id for s in test.samples], [s.target.visit_id for s in test.samples],
+                      p_test, med_codes, threshold)
+    keys = {"train": enc["train"].keys, "val": enc["val"].keys, "test": test.keys}
+    tmp = out / f".{FEATURES}.tmp"
+    save_file({"train": torch.from_numpy(f_train), "val": torch.from_numpy(f_val), "test": torch.from_numpy(f_test)},
+              str(tmp), metadata={"keys": json.dumps(keys), "hidden_size": str(model.hidden_size)})
+    tmp.replace(out / FEATURES)
+    tmpm = out / f".{METRICS}.tmp"
+    tmpm.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    tmpm.replace(out / METRICS)  # written last: its presence marks a finished stage
+    log.warning("teacher: validation %s, test %s, %.0f s", _short(result["val"]), _short(result["test"]), result["wall_s"])
+    return result
+
+
+def _short(m: dict) -> str:
+    return ", ".join(f"{k} {m[k]:.4f}" for k in ("jaccard", "prauc", "f1") if k in m)
+
+
+@torch.no_grad()
+def _time_per_patient(model: TeacherModel, enc: Encoded, n: int, device: torch.device) -> float:
+    """Median ms to score one patient from token ids (batch 1, all layers, no cache)."""
+    model.eval()
+    times = []
+    for ids in enc.ids[:n]:
+        x, lengths = pad_batch([ids], model.tokenizer.pad_token_id)
+        t = time.perf_counter()
+        torch.sigmoid(model(model.lower(x.to(device), lengths.to(device)), lengths.to(device)))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t) * 1000)
+    return round(float(np.median(times)), 2) if times else float("nan")

@@ -1,0 +1,78 @@
+"""Configuration of the teacher stage: one dataclass, validated, saved as RUN/teacher/config.json.
+
+Why the CPU defaults look the way they do (2-core shared VM, fp32, measured 2026-11-25): a forward
+pass of SmolLM2-135M runs at ~600 tokens/s at best (bf16 autocast is 2x SLOWER on this CPU: no
+AVX-512-BF16), and the default synth data verbalises to ~490k tokens (2,213 training visit prefixes,
+200 + 200 validation/test patients, 187 tokens per prompt on average). One full-depth pass over them
+would take ~800 s, more than the 600 s budget for the whole stage. So on CPU the teacher is the
+first `backbone_layers` = 12 of the 30 layers (the lower 11 computed once per sample and cached,
+exactly), with LoRA on the top `lora_layers`. On a GPU the same code runs all 30 layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+CPU_BACKBONE_LAYERS = 12  # see the module docstring: the depth that fits 10 minutes on 2 cores
+
+
+@dataclass
+class TeacherConfig:
+    teacher: str = "smollm2"  # "smollm2", "tiny" or a local Hugging Face directory
+    backbone_layers: int | None = None  # keep the first N decoder layers; None: all (CLI: 12 on CPU)
+    lora_layers: int = 1  # LoRA on the top N layers; the rest is frozen and run once per sample
+    lora_r: int = 8  # LEADER
+    lora_alpha: int = 32  # LEADER
+    lora_dropout: float = 0.1  # LEADER
+    lora_targets: tuple[str, ...] = LORA_TARGETS  # LEADER: q,k,v,o,gate,up,down
+    max_history: int = 3  # LEADER: at most 3 previous visits
+    max_tokens: int = 320  # prompt budget: drops oldest history first; 99th percentile on synth is ~640
+    train_per_visit: bool = True  # one training sample per visit prefix (the features need them anyway)
+    epochs: int = 6  # upper bound; early stopping on validation PRAUC
+    patience: int = 2  # evaluations without a better validation PRAUC before stopping
+    batch_size: int = 16  # micro-batch (samples); length-bucketed, so little padding
+    grad_accum: int = 2  # effective batch = batch_size * grad_accum * world size (LEADER: 32)
+    lr: float = 2e-4  # LEADER's LoRA learning rate
+    head_lr: float = 3e-3  # the head starts from zero knowledge; 2e-4 needs ~10x more steps
+    weight_decay: float = 0.0
+    warmup: float = 0.05  # fraction of optimizer steps with linear warm-up, then linear decay
+    seed: int = 42
+    cache_batch_tokens: int = 4096  # tokens per batch of the one-off frozen-layer pass
+    bf16: bool = False  # autocast on CUDA only; measured 2x slower on this CPU
+    plain: bool = False  # benchmark baseline: no cache, full forward every step (LoRA on lora_layers)
+    timing_patients: int = 50  # test patients timed one at a time for per-patient inference ms
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.lora_targets = tuple(self.lora_targets)
+        for name in ("lora_layers", "lora_r", "lora_alpha", "epochs", "patience", "batch_size", "grad_accum", "max_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TeacherConfig.{name}={getattr(self, name)} must be >= 1")
+        if self.backbone_layers is not None and self.backbone_layers < 1:
+            raise ValueError(f"TeacherConfig.backbone_layers={self.backbone_layers} must be >= 1 (or None for all)")
+        if self.backbone_layers is not None and self.lora_layers > self.backbone_layers:
+            raise ValueError(
+                f"lora_layers={self.lora_layers} > backbone_layers={self.backbone_layers}; adapt at most all kept layers"
+            )
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"TeacherConfig.lora_dropout={self.lora_dropout} must be in [0, 1)")
+        if self.lr <= 0 or self.head_lr <= 0:
+            raise ValueError(f"learning rates must be > 0, got lr={self.lr}, head_lr={self.head_lr}")
+        if not 0 <= self.warmup < 1:
+            raise ValueError(f"TeacherConfig.warmup={self.warmup} must be a fraction in [0, 1)")
+        if self.max_history < 0:
+            raise ValueError(f"TeacherConfig.max_history={self.max_history} must be >= 0")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["lora_targets"] = list(self.lora_targets)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TeacherConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown teacher config field(s) {unknown}; known: {sorted(known)}")
+        return cls(**d)

@@ -1,0 +1,231 @@
+"""LEADER(T): a decoder LLM with LoRA and a medication head on the last prompt token.
+
+The body is split at layer `split = n_layers - lora_layers`:
+- `lower(ids)`: embeddings + layers[:split], frozen, run once per sample under no_grad. Exact:
+  with right padding and causal attention a token's state depends only on the tokens before it,
+  so each sample's unpadded states [L, hidden] are cached and later batched with any padding.
+- `upper(hidden, lengths)`: layers[split:] (LoRA) + final norm, at the last token. The LAST layer
+  only needs its output at that token: keys/values for all tokens, but query, attention output
+  and MLP for one token (~6% of a full layer per token for SmolLM2), exact again.
+Bodies without the Llama layout (GPT-2) and the `plain` benchmark baseline run the full body
+forward on token ids instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from leader_edge.train.backbone import decoder_layers, is_llama_style, load_backbone
+from leader_edge.train.teacher_config import TeacherConfig
+
+log = logging.getLogger(__name__)
+
+ADAPTER = "adapter.safetensors"
+CONFIG = "config.json"
+
+
+class TeacherModel(nn.Module):
+    """Body (peft LoRA on the top `lora_layers`) + `Linear(hidden, n_meds)` head.
+
+    Args:
+        config: the teacher configuration.
+        med_codes: M medication codes, the head's output order.
+    """
+
+    def __init__(self, config: TeacherConfig, med_codes: list[str]) -> None:
+        super().__init__()
+        from peft import LoraConfig, get_peft_model
+
+        self.config = config
+        self.med_codes = list(med_codes)
+        body, self.tokenizer = load_backbone(config.teacher, num_layers=config.backbone_layers)
+        layers = decoder_layers(body)
+        self.n_layers = len(layers)
+        if config.lora_layers > self.n_layers:
+            raise ValueError(f"lora_layers={config.lora_layers} but the backbone has {self.n_layers} layers")
+        self.exact_split = is_llama_style(body) and not config.plain
+        self.split = self.n_layers - config.lora_layers if self.exact_split else 0
+        present = {n.rsplit(".", 1)[-1] for n, m in body.named_modules() if isinstance(m, nn.Linear)}
+        targets = [t for t in config.lora_targets if t in present]
+        if not targets:
+            raise ValueError(f"none of the LoRA targets {list(config.lora_targets)} exist in {config.teacher}; its linear layers are {sorted(present)}")
+        lora = LoraConfig(
+            r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, target_modules=targets,
+            layers_to_transform=list(range(self.n_layers - config.lora_layers, self.n_layers)),
+            layers_pattern="layers" if hasattr(body, "layers") else "h",
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)  # LoRA A matrices: same init on every rank and rerun
+            self.body = get_peft_model(body, lora)
+            self.hidden_size = int(body.config.hidden_size)
+            self.head = nn.Linear(self.hidden_size, len(self.med_codes))  # bias: medication priors
+
+    @property
+    def inner(self):
+        """The decoder body inside the peft wrapper (its layers carry the LoRA modules)."""
+        return self.body.get_base_model()
+
+    # -----------------------------------------------------------------------------------------
+    # The frozen lower part, once per sample.
+
+    @torch.no_grad()
+    def lower(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """States after layers[:split] of a right-padded batch.
+
+        Args:
+            ids: [B, T] int64 token ids (right padded).
+            lengths: [B] int64 number of real tokens.
+
+        Returns:
+            [B, T, hidden] float32 (pad positions hold garbage; slice [:length]). For a body that
+            is not split, the ids themselves as [B, T] (the upper part embeds them).
+        """
+        if not self.exact_split:
+            return ids
+        inner = self.inner
+        hidden = inner.embed_tokens(ids)
+        return self._layers(hidden, lengths, 0, self.split)
+
+    def _mask_and_positions(self, hidden: torch.Tensor, lengths: torch.Tensor):
+        from transformers.masking_utils import create_causal_mask
+
+        b, t = hidden.shape[:2]
+        pos = torch.arange(t, device=hidden.device).unsqueeze(0).expand(b, -1)  # [B, T]
+        valid = (pos < lengths.unsqueeze(1)).long()  # [B, T]
+        mask = create_causal_mask(
+            config=self.inner.config, inputs_embeds=hidden, attention_mask=valid, cache=None, position_ids=pos
+        )
+        return mask, pos, self.inner.rotary_emb(hidden, position_ids=pos)
+
+    def _layers(self, hidden: torch.Tensor, lengths: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        if stop <= start:
+            return hidden
+        mask, pos, rope = self._mask_and_positions(hidden, lengths)
+        for layer in self.inner.layers[start:stop]:
+            hidden = layer(hidden, attention_mask=mask, position_embeddings=rope, position_ids=pos)
+        return hidden
+
+    # -----------------------------------------------------------------------------------------
+    # The trained upper part.
+
+    def features(self, lower: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The final-norm hidden state at the last real token (LEADER's distillation target).
+
+        Args:
+            lower: [B, T, hidden] from `lower` (or [B, T] token ids for an unsplit body).
+            lengths: [B] real tokens per row (the last one is the appended EOS).
+
+        Returns:
+            [B, hidden] float32.
+        """
+        rows = torch.arange(lengths.shape[0], device=lengths.device)
+        if not self.exact_split:
+            t = lower.shape[1]
+            valid = (torch.arange(t, device=lower.device).unsqueeze(0) < lengths.unsqueeze(1)).long()
+            out = self.body(input_ids=lower, attention_mask=valid).last_hidden_state
+            return out[rows, lengths - 1]
+        hidden = self._layers(lower, lengths, self.split, self.n_layers - 1)
+        _, _, rope = self._mask_and_positions(hidden, lengths)
+        last = _last_token_layer(self.inner.layers[self.n_layers - 1], hidden, lengths, rope)
+        return self.inner.norm(last)
+
+    def forward(self, lower: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Medication logits [B, M] (train on logits, serve sigmoid probabilities)."""
+        return self.head(self.features(lower, lengths))
+
+    # -----------------------------------------------------------------------------------------
+    # Save / load: LoRA + head in one safetensors file, the config in JSON.
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """LoRA weights (peft names) and the head, detached copies."""
+        from peft import get_peft_model_state_dict
+
+        state = {f"lora.{k}": v for k, v in get_peft_model_state_dict(self.body).items()}
+        state.update({f"head.{k}": v for k, v in self.head.state_dict().items()})
+        return {k: v.detach().clone().contiguous() for k, v in state.items()}
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        from peft import set_peft_model_state_dict
+
+        lora = {k[len("lora."):]: v for k, v in state.items() if k.startswith("lora.")}
+        result = set_peft_model_state_dict(self.body, lora)
+        if getattr(result, "unexpected_keys", None):
+            raise ValueError(f"adapter has unexpected LoRA tensors {result.unexpected_keys[:3]}; was it saved by a different config?")
+        self.head.load_state_dict({k[len("head."):]: v for k, v in state.items() if k.startswith("head.")})
+
+    def save(self, directory: Path, extra: dict | None = None) -> None:
+        """Write `adapter.safetensors` and `config.json` into `directory` (each via temp + rename)."""
+        from safetensors.torch import save_file
+
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = directory / f".{ADAPTER}.tmp"
+        save_file(self.trainable_state(), str(tmp), metadata={"format": "leader-edge-teacher"})
+        tmp.replace(directory / ADAPTER)
+        meta = {"teacher": self.config.to_dict(), "med_codes": self.med_codes, "hidden_size": self.hidden_size,
+                "n_layers": self.n_layers, "split": self.split, **(extra or {})}
+        tmpj = directory / f".{CONFIG}.tmp"
+        tmpj.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        tmpj.replace(directory / CONFIG)
+
+    @classmethod
+    def load(cls, directory: Path) -> "TeacherModel":
+        """Rebuild a saved teacher (backbone from its --teacher spec, LoRA + head from the file)."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        if not (directory / ADAPTER).is_file():
+            raise ValueError(f"{directory} has no {ADAPTER}; run `leader-edge train --stage teacher` first")
+        meta = json.loads((directory / CONFIG).read_text(encoding="utf-8"))
+        model = cls(TeacherConfig.from_dict(meta["teacher"]), meta["med_codes"])
+        model.load_trainable_state(load_file(str(directory / ADAPTER)))
+        return model.eval()
+
+    def n_params(self) -> dict[str, int]:
+        total = sum(p.numel() for p in self.parameters())
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return {"total": total, "trainable": trainable}
+
+
+def _last_token_layer(layer: nn.Module, hidden: torch.Tensor, lengths: torch.Tensor, rope) -> torch.Tensor:
+    """A Llama-style decoder layer evaluated at each row's last real token only.
+
+    Args:
+        layer: decoder layer (input_layernorm, self_attn.{q,k,v,o}_proj, post_attention_layernorm, mlp).
+        hidden: [B, T, hidden] input states.
+        lengths: [B] real tokens; the query is at lengths - 1 and sees keys [0, lengths).
+        rope: (cos, sin), each [B, T, head_dim].
+
+    Returns:
+        [B, hidden], equal to the full layer's output at that token.
+    """
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    attn = layer.self_attn
+    b, t, _ = hidden.shape
+    d = attn.head_dim
+    rows = torch.arange(b, device=hidden.device)
+    x = layer.input_layernorm(hidden)  # [B, T, hidden]
+    q = attn.q_proj(x[rows, lengths - 1].unsqueeze(1)).view(b, 1, -1, d).transpose(1, 2)  # [B, heads, 1, d]
+    k = attn.k_proj(x).view(b, t, -1, d).transpose(1, 2)  # [B, kv_heads, T, d]
+    v = attn.v_proj(x).view(b, t, -1, d).transpose(1, 2)
+    if getattr(attn, "q_norm", None) is not None:  # Qwen3 normalises q and k per head
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    cos, sin = rope
+    idx = (lengths - 1).view(b, 1, 1).expand(-1, 1, d)
+    q, _ = apply_rotary_pos_emb(q, q, cos.gather(1, idx), sin.gather(1, idx))
+    _, k = apply_rotary_pos_emb(k, k, cos, sin)
+    groups = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1)  # [B, heads, T, d]
+    v = v.repeat_interleave(groups, dim=1)
+    keys_ok = (torch.arange(t, device=hidden.device).unsqueeze(0) < lengths.unsqueeze(1)).view(b, 1, 1, t)
+    drop = attn.attention_dropout if attn.training else 0.0
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=keys_ok, dropout_p=drop, scale=attn.scaling)  # [B, heads, 1, d]
+    out = attn.o_proj(out.transpose(1, 2).reshape(b, -1))  # [B, hidden]
+    res = hidden[rows, lengths - 1] + out
+    return res + layer.mlp(layer.post_attention_layernorm(res))
