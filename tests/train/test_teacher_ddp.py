@@ -1,0 +1,28 @@
+"""The teacher under torchrun: 2 CPU processes with gloo end with identical adapters."""
+
+import json
+import os
+import subprocess
+import sys
+
+from leader_edge.dataset import write_dataset
+from leader_edge.synth import synth_dataset
+
+
+def test_teacher_ddp_two_processes_identical_adapters(tmp_path):
+    data = write_dataset(synth_dataset(patients=30, seed=5), tmp_path / "synth", source="synth")
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps({"max_tokens": 300, "batch_size": 4, "grad_accum": 2, "timing_patients": 1}))
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "leader_edge", "train", "--data", str(data), "--out", str(run), "--stage", "teacher",
+           "--teacher", "tiny", "--epochs", "2", "--config", str(config)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((run / "teacher" / "metrics.json").read_text())
+    ddp = metrics["ddp"]
+    assert ddp["world_size"] == 2 and ddp["backend"] == "gloo"
+    digests = ddp["adapter_sha256_by_rank"]
+    assert len(digests) == 2 and digests[0] == digests[1]
+    assert (run / "teacher" / "features.safetensors").is_file()
