@@ -369,17 +369,18 @@ def format_rows(bundle: Bundle, scored: Scored, *, fmt: str = "csv", threshold: 
     codes, prefix = bundle.med_codes, [c + ":" for c in bundle.med_codes]
     for i in range(len(scored.visit_ids)):
         row = order[i]
-        q = quant[i]
-        kept = row[q[row] > 0]
-        meds = [codes[j] for j in row[rec[i, row]]]
-        pairs = [(codes[a], codes[b]) for a, b in bundle.ddi[hits[i]]] if len(bundle.ddi) else []
+        q = quant[i, row]  # highest first
+        keep = q > 0
+        kept, kept_q = row[keep].tolist(), q[keep].tolist()  # Python ints: numpy scalar indexing is ~5x slower
+        meds = [codes[j] for j in row[rec[i, row]].tolist()]
+        pairs = [(codes[a], codes[b]) for a, b in bundle.ddi[hits[i]].tolist()] if len(bundle.ddi) else []
         if fmt == "jsonl":
             yield {"patient_id": scored.patient_ids[i], "visit_id": scored.visit_ids[i], "medications": meds,
-                   "scores": {codes[j]: float(_PROB_TEXT[q[j]]) for j in kept},
+                   "scores": {codes[j]: v / 10_000 for j, v in zip(kept, kept_q)},
                    "ddi_warnings": [list(p) for p in pairs], "unknown_codes": int(scored.unknown[i])}
         else:
             yield [scored.patient_ids[i], scored.visit_ids[i], ";".join(meds),
-                   ";".join([prefix[j] + _PROB_TEXT[q[j]] for j in kept.tolist()]),
+                   ";".join([prefix[j] + _PROB_TEXT[v] for j, v in zip(kept, kept_q)]),
                    ";".join(f"{a}+{b}" for a, b in pairs), int(scored.unknown[i])]
 
 
