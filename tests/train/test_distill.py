@@ -1,0 +1,100 @@
+"""The student stage end to end on a tiny synthetic dataset with fabricated teacher features."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import save_file
+
+from leader_edge.dataset import dataset_splits, load_dataset, write_dataset
+from leader_edge.recs import read_predictions
+from leader_edge.synth import synth_dataset
+from leader_edge.train.distill import (
+    DistillConfig, batches, load_student, load_teacher_features, run_student_stage, sample_key, trim,
+)
+
+HIDDEN = 16
+FAST = DistillConfig(epochs=2, patience=1, batch_size=32, timing_patients=3)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_dataset(synth_dataset(patients=120, seed=3), tmp_path_factory.mktemp("d") / "data", source="synth")
+
+
+def fabricate_teacher(data, run, *, seed=42, drop=None):
+    """RUN/teacher/features.safetensors with the contract's keys and random rows."""
+    ds = load_dataset(data)
+    splits = dataset_splits(ds, seed=seed, train_per_visit=True)
+    rng = np.random.default_rng(0)
+    keys = {k: [sample_key(s) for s in v if sample_key(s) != drop] for k, v in splits.items()}
+    tensors = {k: (rng.normal(size=(len(v), HIDDEN)) * 5 + 3).astype(np.float32) for k, v in keys.items()}
+    (run / "teacher").mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(run / "teacher" / "features.safetensors"), metadata={"keys": json.dumps(keys), "hidden_size": str(HIDDEN)})
+    return splits
+
+
+def test_run_student_stage_writes_a_loadable_student_and_reproduces(data, tmp_path):
+    results = []
+    for run in (tmp_path / "a", tmp_path / "b"):
+        fabricate_teacher(data, run)
+        results.append(run_student_stage(data, run, config=FAST))
+    out = tmp_path / "a" / "student"
+    assert {p.name for p in out.iterdir()} == {"model.safetensors", "config.json", "metrics.json", "history.json", "predictions-test.csv"}
+    assert results[0]["test"] == results[1]["test"] and results[0]["threshold"] == results[1]["threshold"]
+    history = json.loads((out / "history.json").read_text())
+    assert len(history) == 2 and history[0]["train_mse"] > 0 and history[0]["train_nce"] > 0
+    assert results[0]["n_params"] < results[0]["n_params_training"]  # the projection is not shipped
+    model, encoder, threshold = load_student(out)
+    assert threshold == results[0]["threshold"] and model.config.teacher_dim == HIDDEN
+    preds = read_predictions(out / "predictions-test.csv")
+    assert len(preds) == results[0]["test_groups"]["overall"]["n"][0]
+    assert set(results[0]["test"]) == {"jaccard", "prauc", "f1", "ddi_rate", "n_med"}
+
+
+def test_run_student_stage_without_distillation_needs_no_teacher(data, tmp_path):
+    result = run_student_stage(data, tmp_path, distill=False, config=FAST, epochs=1)
+    assert result["epochs_run"] == 1 and result["model"] == "student-nodistill"
+    history = json.loads((tmp_path / "student-nodistill" / "history.json").read_text())
+    assert history[0]["train_mse"] == 0
+
+
+def test_run_student_stage_refuses_missing_or_mismatched_features(data, tmp_path):
+    with pytest.raises(RuntimeError, match="run the teacher stage first"):
+        run_student_stage(data, tmp_path, config=FAST)
+    splits = dataset_splits(load_dataset(data), seed=42, train_per_visit=True)
+    fabricate_teacher(data, tmp_path, drop=sample_key(splits["train"][0]))
+    with pytest.raises(RuntimeError, match="have no teacher feature"):
+        run_student_stage(data, tmp_path, config=FAST)
+    assert not (tmp_path / "student").exists()
+
+
+def test_load_teacher_features_orders_rows_by_sample_and_standardises(data, tmp_path):
+    splits = fabricate_teacher(data, tmp_path)
+    shuffled = {k: v[::-1] for k, v in splits.items()}
+    feats = load_teacher_features(tmp_path, splits)
+    back = load_teacher_features(tmp_path, shuffled)
+    np.testing.assert_allclose(back["train"], feats["train"][::-1], atol=1e-5)
+    np.testing.assert_allclose(feats["train"].mean(0), 0, atol=1e-5)
+    np.testing.assert_allclose(feats["train"].std(0), 1, atol=1e-3)
+
+
+def test_batches_group_samples_by_visit_count_and_cover_all():
+    n_visits = np.array([1, 3, 1, 2, 1, 3, 2, 1])
+    out = batches(n_visits, 2, np.random.default_rng(0))
+    assert sorted(np.concatenate(out).tolist()) == list(range(8))
+    assert all(len(set(n_visits[b])) == 1 for b in out)  # counts 4/2/2: every batch holds one count
+
+
+def test_trim_cuts_only_padding(data):
+    from leader_edge.encoding import Encoder, KINDS
+
+    ds = load_dataset(data)
+    enc = Encoder({k: ds.vocab(k) for k in KINDS}, max_visits=4)
+    samples = dataset_splits(ds)["train"]
+    batch = enc.encode([s.visits for s in samples])
+    single = np.array([i for i, s in enumerate(samples) if len(s.visits) == 1][:3])
+    t = trim(batch, single)
+    assert t["visit_mask"].shape == (3, 1) and (t["diagnoses"] >= 0).any(-1).all()
+    assert torch.equal(torch.from_numpy(t["diagnoses"][:, -1]), torch.from_numpy(batch.diagnoses[single, -1, : t["diagnoses"].shape[2]]))
