@@ -89,6 +89,8 @@ def score_models(run_dir: Path, ds: Dataset, splits: dict[str, list[Sample]]) ->
             y_pred, y_prob = mats
             m = _read_json(run_dir / name / "metrics.json")
             info = {k: m.get(k) for k in ("n_params", "inference_ms_per_patient", "threshold", "best_epoch", "train_seconds")}
+            if isinstance(info["n_params"], dict):  # the teacher reports {"total", "trainable"}
+                info["n_params"] = info["n_params"].get("total")
         per_visit = metrics.per_visit_metrics(y_true, y_prob, y_pred, ddi)
         out[name] = {"groups": metrics.by_group(per_visit, multi), **info}
     return out

@@ -26,7 +26,8 @@ def fabricate(run, data, name, *, noise: float, seed: int = 0):
     (run / name).mkdir(parents=True)
     write_predictions(run / name / "predictions-test.csv", [s.patient_id for s in test], [s.target.visit_id for s in test],
                       prob, meds, 0.5)
-    (run / name / "metrics.json").write_text(json.dumps({"n_params": 1234, "inference_ms_per_patient": 1.5, "threshold": 0.5}))
+    n_params = {"total": 1234, "trainable": 12} if name == "teacher" else 1234  # the teacher writes both
+    (run / name / "metrics.json").write_text(json.dumps({"n_params": n_params, "inference_ms_per_patient": 1.5, "threshold": 0.5}))
 
 
 def test_write_report_compares_models_by_group_and_writes_plots(data, tmp_path):
