@@ -183,6 +183,9 @@ def train_student(
         alpha=config.alpha if teacher is not None else 0.0, info_nce=config.info_nce, ddi_weight=config.ddi_weight,
     )).to(device)
     model.set_code_groups(groups)
+    with torch.no_grad():  # start from the label prior: the first epochs then learn codes, not base rates
+        prior = labels["train"].mean(0).clip(1e-4, 1 - 1e-4)
+        model.head_bias.copy_(torch.from_numpy(np.log(prior / (1 - prior))))
     ddi = torch.from_numpy(metrics.ddi_matrix(ds.ddi, encoder.codes["medication"]).astype(np.float32)).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     history: list[dict] = []
