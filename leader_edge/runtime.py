@@ -41,6 +41,7 @@ MODEL = "model.onnx"
 # 100,000 characters per field: a MIMIC visit's longest code list is ~400 characters (39 diagnoses),
 # so anything this long is a broken quote swallowing the rest of the file, not a visit.
 MAX_FIELD = 100_000
+VISIT_SLOTS = 2048  # padded visit slots per model call (see Bundle.predict_proba)
 CHUNK_PATIENTS = 8192  # patients per chunk: ~4 MB of encoded arrays, enough to fill ORT batches
 _CODES_OK = re.compile(r"[^\s,;]+(?:;[^\s,;]+)*")  # the common case, checked in C; else parse_code_list
 
@@ -283,8 +284,10 @@ class Bundle:
     def predict_proba(self, patients: list[list[RawVisit]], *, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
         """Probabilities for each patient's last visit.
 
-        Patients are sorted by size before batching so that a batch pads to similar lengths (padding
-        to the longest row of a mixed batch costs ~2x on synth data); rows come back in input order.
+        Patients are sorted by size before batching so that a batch pads to similar lengths, and a
+        batch holds at most `batch_size` patients and `VISIT_SLOTS` padded visit slots (B x K), which
+        bounds onnxruntime's memory arena: 1024 patients x 8 visits made it grow to ~800 MB.
+        Rows come back in input order.
 
         Returns:
             (float32 [N, M] probabilities, int64 [N] unknown-code counts).
@@ -293,13 +296,16 @@ class Bundle:
         prob = np.empty((n, len(self.med_codes)), dtype=np.float32)
         unknown = np.empty(n, dtype=np.int64)
         k = self.encoder.max_visits
-        cost = [(min(len(p), k), sum(len(v.diagnoses) + len(v.procedures) for v in p[-k:])) for p in patients]
-        order = sorted(range(n), key=cost.__getitem__)
-        for s in range(0, n, batch_size):
-            idx = order[s : s + batch_size]
+        order = size_order(patients, k)
+        start = 0
+        while start < n:
+            width = min(len(patients[order[min(start + batch_size, n) - 1]]), k)  # sorted: the last is the widest
+            size = max(1, min(batch_size, VISIT_SLOTS // width))
+            idx = order[start : start + size]
             batch = self.encoder.encode([patients[i] for i in idx])
             prob[idx] = self.session.run(None, batch.inputs())[0]
             unknown[idx] = batch.unknown
+            start += size
         return prob, unknown
 
     def predict(self, chunk: list[Patient], *, all_visits: bool = False, batch_size: int = 1024) -> Scored:
@@ -313,6 +319,14 @@ class Bundle:
                 histories.append(p.visits[:e])
         prob, unknown = self.predict_proba(histories, batch_size=batch_size)
         return Scored(pids, vids, prob, unknown)
+
+
+def size_order(patients: list[list[RawVisit]], max_visits: int) -> list[int]:
+    """Patient indices sorted by (kept visits, diagnoses + procedures): batches of neighbours pad
+    to similar widths. Unsorted batches of 1024 synth patients pad to ~8 visits x 32 codes and run
+    ~5x slower than sorted ones (ORT fp32 531 vs ~3,000 patients/s, benchmarks/results/predict.md)."""
+    cost = [(min(len(p), max_visits), sum(len(v.diagnoses) + len(v.procedures) for v in p[-max_visits:])) for p in patients]
+    return sorted(range(len(patients)), key=cost.__getitem__)
 
 
 def read_manifest(directory: Path) -> dict:
@@ -396,6 +410,7 @@ def predict_file(bundle: Bundle, input_path: str, output: str, *, fmt: str = "cs
     """
     import os
     import shutil
+    from concurrent.futures import ThreadPoolExecutor
     import sys
     import tempfile
 
@@ -416,17 +431,29 @@ def predict_file(bundle: Bundle, input_path: str, output: str, *, fmt: str = "cs
             writer = csv.writer(out, lineterminator="\n") if fmt == "csv" else None
             if writer:
                 writer.writerow(OUTPUT_COLUMNS)
-            for chunk in read_patients(stream, name):
-                scored = bundle.predict(chunk, all_visits=all_visits, batch_size=batch_size)
+
+            def emit(scored: Scored, n_patients: int) -> None:
                 rows = format_rows(bundle, scored, fmt=fmt, threshold=threshold, top_k=top_k)
                 if writer:
                     writer.writerows(rows)
                 else:
                     out.writelines(json.dumps(r, separators=(",", ":")) + "\n" for r in rows)
-                stats["patients"] += len(chunk)
+                stats["patients"] += n_patients
                 stats["visits"] += len(scored.visit_ids)
                 stats["unknown_codes"] += int(scored.unknown.sum())
                 stats["visits_with_unknown"] += int((scored.unknown > 0).sum())
+
+            # onnxruntime releases the GIL: the model scores chunk i while this thread reads chunk
+            # i + 1 and formats chunk i - 1.
+            with ThreadPoolExecutor(1) as pool:
+                pending = None
+                for chunk in read_patients(stream, name):
+                    future = pool.submit(bundle.predict, chunk, all_visits=all_visits, batch_size=batch_size)
+                    if pending is not None:
+                        emit(pending[0].result(), pending[1])
+                    pending = (future, len(chunk))
+                if pending is not None:
+                    emit(pending[0].result(), pending[1])
         if target is None:
             with open(tmp, "rb") as f:
                 shutil.copyfileobj(f, sys.stdout.buffer)

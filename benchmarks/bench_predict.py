@@ -1,0 +1,159 @@
+"""Bedside runtime benchmark: cold start, end-to-end `predict`, per-patient model latency.
+
+    .venv/bin/python benchmarks/bench_predict.py [--patients 100000] [--workdir /tmp/leader-edge-bench] [--run RUN]
+
+Measured in one run (baseline: the torch eager fp32 student, same inputs, same process):
+  1. cold start: wall time of `leader-edge predict` on a one-patient file (median of 5 runs);
+  2. end to end: `leader-edge predict` CSV -> CSV on `--patients` synth patients, fp32 and int8 bundles;
+  3. model latency at batch 1 (p50, p99; one thread each) and throughput at batch 1024 (all cores):
+     torch eager fp32 vs ORT fp32 vs ORT int8, on pre-encoded inputs.
+Without --run, the student has random weights on the synth vocabulary: its cost is the trained
+model's (the shapes come from the architecture and the codes of each visit), only the number of
+recommended medications differs, which changes the output formatting slightly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+CLI = [sys.executable, "-m", "leader_edge"]
+
+
+def setup(workdir: Path, patients: int, run: Path | None) -> tuple[Path, Path, Path]:
+    """(visits.csv, fp32 bundle, int8 bundle), built once and reused from `workdir`."""
+    import torch
+
+    from leader_edge.dataset import load_dataset, write_dataset
+    from leader_edge.encoding import KINDS, Encoder
+    from leader_edge.export.bundle import export_bundle
+    from leader_edge.synth import synth_dataset
+
+    data = workdir / f"synth-{patients}"
+    if not (data / "visits.csv").exists():
+        write_dataset(synth_dataset(patients=patients, seed=7), data, source="synth")
+    if run is None:
+        run = workdir / "run"
+        if not (run / "student" / "config.json").exists():
+            from leader_edge.train.distill import save_student
+            from leader_edge.train.student import Student, StudentConfig
+
+            ds = load_dataset(data)
+            enc = Encoder.from_visits({k: ds.vocab(k) for k in KINDS}, ds.visits)
+            torch.manual_seed(0)
+            model = Student(StudentConfig(enc.n_codes, enc.n_meds, enc.n_profile_ids, enc.med_offset, dropout=0.0))
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.normal_(0, 0.15)
+            (run / "student").mkdir(parents=True, exist_ok=True)
+            save_student(run / "student", model.eval(), enc, 0.5, {"seed": 42, "data": str(data)})
+    bundles = []
+    for name, int8 in (("bundle-fp32", False), ("bundle-int8", True)):
+        if not (workdir / name / "manifest.json").exists():
+            export_bundle(run, workdir / name, int8=int8)
+        bundles.append(workdir / name)
+    return data / "visits.csv", bundles[0], bundles[1]
+
+
+def wall(cmd: list[str]) -> float:
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def cold_start(visits: Path, bundle: Path, workdir: Path) -> dict:
+    with open(visits, encoding="utf-8") as f:
+        header, first = f.readline(), f.readline()
+    one = workdir / "one-patient.csv"
+    one.write_text(header + first, encoding="utf-8")
+    cmd = [str(Path(sys.executable).with_name("leader-edge")), "predict", "--bundle", str(bundle), "--input", str(one),
+           "--output", str(workdir / "one-out.csv")]
+    times = [wall(cmd) for _ in range(6)][1:]  # the first run warms the page cache
+    imp = subprocess.run([sys.executable, "-X", "importtime", "-c", "import leader_edge.cli.predict, leader_edge.runtime, onnxruntime"],
+                         capture_output=True, text=True, check=True).stderr
+    total_us = sum(int(line.split("|")[0].split(":")[1]) for line in imp.splitlines() if line.startswith("import time:") and "self" not in line)
+    return {"cold_start_s": statistics.median(times), "import_s": total_us / 1e6}
+
+
+def end_to_end(visits: Path, bundle: Path, workdir: Path, patients: int) -> float:
+    seconds = wall([*CLI, "predict", "--bundle", str(bundle), "--input", str(visits), "--output", str(workdir / "out.csv")])
+    return patients / seconds
+
+
+def model_speed(visits: Path, fp32: Path, int8: Path, run: Path | None, workdir: Path, n_single: int = 300) -> dict:
+    import torch
+
+    from leader_edge.export.bundle import batch1_ms, ort_runner
+    from leader_edge.runtime import read_patients, size_order
+    from leader_edge.train.distill import load_student
+
+    model, encoder, _ = load_student((run or workdir / "run") / "student", backend="torch")
+    with open(visits, "rb") as f:
+        chunk = next(read_patients(f, str(visits), chunk_patients=8192))
+    histories = [p.visits for p in chunk]
+    singles = [encoder.encode([h]).inputs() for h in histories[:n_single]]  # file order: a mix of sizes
+    histories = [histories[i] for i in size_order(histories, encoder.max_visits)]  # as the runtime batches them
+    big = [encoder.encode(histories[i : i + 1024]).inputs() for i in range(0, 8192, 1024)]
+
+    def torch_run(inputs):
+        with torch.inference_mode():
+            return model.predict_proba(*(torch.from_numpy(v) for v in inputs.values()))
+
+    out = {}
+    threads = torch.get_num_threads()
+    for name, one, many in (
+        ("torch eager fp32", torch_run, torch_run),
+        ("ORT fp32", ort_runner(fp32 / "model.onnx"), ort_runner(fp32 / "model.onnx", threads=0)),
+        ("ORT int8", ort_runner(int8 / "model.onnx"), ort_runner(int8 / "model.onnx", threads=0)),
+    ):
+        torch.set_num_threads(1)
+        p50, p99 = batch1_ms(one, singles, repeats=3)
+        torch.set_num_threads(threads)
+        many(big[0])
+        rates = []
+        for _ in range(3):
+            start = time.perf_counter()
+            for b in big:
+                many(b)
+            rates.append(8192 / (time.perf_counter() - start))
+        out[name] = {"p50_ms": p50, "p99_ms": p99, "batch1024_patients_per_s": statistics.median(rates)}
+    out["int8_variant"] = json.loads((int8 / "manifest.json").read_text())["model"]["variant"]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--patients", type=int, default=100_000)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/leader-edge-bench"))
+    parser.add_argument("--run", type=Path, help="a trained run directory (default: a random-weight student)")
+    args = parser.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    visits, fp32, int8 = setup(args.workdir, args.patients, args.run)
+    print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs; {args.patients:,} patients", flush=True)
+    speed = model_speed(visits, fp32, int8, args.run, args.workdir)
+    base = speed["torch eager fp32"]
+    print("\n| model | p50 ms (batch 1) | p99 ms (batch 1) | patients/s (batch 1024) | x torch eager |")
+    print("|---|---|---|---|---|")
+    for name in ("torch eager fp32", "ORT fp32", "ORT int8"):
+        s = speed[name]
+        print(f"| {name} | {s['p50_ms']:.3f} | {s['p99_ms']:.3f} | {s['batch1024_patients_per_s']:,.0f} | "
+              f"{s['batch1024_patients_per_s'] / base['batch1024_patients_per_s']:.2f} (batch 1: {base['p50_ms'] / s['p50_ms']:.2f}) |")
+    print(f"int8 variant kept by export: {speed['int8_variant']}")
+    cold = cold_start(visits, int8, args.workdir)
+    print(f"\ncold start (one-patient file, whole CLI): {cold['cold_start_s']:.3f} s median of 5; imports {cold['import_s']:.3f} s")
+    print("\n| end to end CSV -> CSV | patients/s |\n|---|---|")
+    for name, bundle in (("fp32 bundle", fp32), ("int8 bundle", int8)):
+        print(f"| {name} | {end_to_end(visits, bundle, args.workdir, args.patients):,.0f} |", flush=True)
+    print(f"load average {os.getloadavg()[0]:.2f} at the end")
+
+
+if __name__ == "__main__":
+    main()
