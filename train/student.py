@@ -12,13 +12,16 @@ Tensor path for export (`Student.logits` / `Student.predict_proba`), all int64, 
     visit_mask   int64 [B, K]      1 = real visit; visits right-aligned, slot K-1 = current visit
 Output: float32 [B, n_meds] logits or probabilities, columns in `Encoder.codes["medication"]` order.
 
-Architecture (LEADER-NOTES, with one fix):
-    code ids -> shared embedding [*, D] -> one transformer block per code type over a visit's codes
+Architecture (LEADER-NOTES, with two additions):
+    code ids -> shared embedding [*, D] (+ an embedding of the code's ICD/ATC parent group, so a
+    rare code borrows from its frequent siblings) -> one transformer block per code type over a visit's codes
     -> masked mean (kernels.embedding_bag) = one vector per kind per visit;
     medication stream shifted by one visit, the oldest visit's slot holding the profile vector
     (mean of profile field embeddings); visit vector = [diag, proc, med] (3D);
     + learned position-from-current-visit embedding (the release had none: visit order was invisible);
     one transformer block over visits; the current visit's output -> MLP -> kernels.linear_sigmoid.
+The export team's exporter swaps `kernels` for `kernels.reference` (the public ops check codes < V
+with a Python int, which torch.export cannot trace); set `backend="torch"` for the same in eager.
 Only gathers, matmuls, masks and fixed-shape reductions: no nn.EmbeddingBag, no Python branches on
 data, so torch.onnx traces it with a dynamic batch. Masked attention uses a finite -1e9 bias, so an
 all-padding row (a visit with no procedures) softmaxes to a harmless uniform row instead of NaN.
