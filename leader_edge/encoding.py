@@ -102,10 +102,11 @@ class Encoder:
         codes: kind -> codes in index order (use `Dataset.vocab(kind)`; medication order is the
             label order of every model).
         profile_values: field -> known values (index 1..; 0 is unknown). Field order is input order.
-        max_visits: visits kept per patient, the current one included. 8 keeps every visit of
-            >99% of MIMIC-III patients (median 1, 95th percentile 4) and bounds the cost of outliers.
-        max_codes: codes kept per visit and kind. 32 keeps all diagnoses of ~97% of MIMIC-III
-            visits (MIMIC caps diagnoses near 39 per admission; the mean is ~13).
+        max_visits: visits kept per patient, the current one included. The preprocessed MIMIC-III
+            cohort averages ~2.4 visits per patient (15,000 / 6,350) and synth ~1.4, so 8 keeps the
+            whole history of nearly everyone while bounding the cost of outliers.
+        max_codes: codes kept per visit and kind. MIMIC-III lists at most 39 diagnoses per admission
+            and synth ~9 on average (22 at most); 32 loses only the low-priority tail of the longest visits.
     """
 
     codes: dict[str, list[str]]
