@@ -44,14 +44,14 @@ class DistillConfig:
     batch_size: int = 64
     lr: float = 5e-4  # LEADER's Adam learning rate
     weight_decay: float = 0.0
-    per_visit: bool = True  # one sample per visit prefix: test Jaccard 0.4435 -> 0.4635 on synth (no-distill)
+    per_visit: bool = True  # one sample per visit prefix: test Jaccard 0.401 -> 0.417 on default synth (no-distill)
     alpha: float = 0.4  # feature MSE weight (LEADER MIMIC-III)
     info_nce: float = 0.005  # profile/medication InfoNCE weight (LEADER MIMIC-III)
     ddi_weight: float = 0.0  # off: LEADER has no DDI term
     max_visits: int = 8
     max_codes: int = 32
     timing_patients: int = 100  # test patients timed one at a time for the per-patient latency
-    code_groups: bool = True  # ICD/ATC parent embeddings: test Jaccard 0.4635 -> 0.4691 on synth (within noise)
+    code_groups: bool = True  # ICD/ATC parent embeddings: test Jaccard 0.4635 -> 0.4691 (earlier synth; within noise)
     threads: int = 1  # torch CPU threads; on the shared 2-core VM 2 threads ran epochs 1.1-9x SLOWER (contention)
 
     def __post_init__(self) -> None:
