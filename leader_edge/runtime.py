@@ -326,7 +326,7 @@ class Bundle:
 def size_order(patients: list[list[RawVisit]], max_visits: int) -> list[int]:
     """Patient indices sorted by (kept visits, diagnoses + procedures): batches of neighbours pad
     to similar widths. Unsorted batches of 1024 synth patients pad to ~8 visits x 32 codes and run
-    ~5x slower than sorted ones (ORT fp32 531 vs ~3,000 patients/s, benchmarks/results/predict.md)."""
+    ~4x slower than sorted ones (ORT fp32 531 vs 1,969 patients/s, benchmarks/results/predict.md)."""
     cost = [(min(len(p), max_visits), sum(len(v.diagnoses) + len(v.procedures) for v in p[-max_visits:])) for p in patients]
     return sorted(range(len(patients)), key=cost.__getitem__)
 
@@ -446,7 +446,8 @@ def predict_file(bundle: Bundle, input_path: str, output: str, *, fmt: str = "cs
                 stats["visits_with_unknown"] += int((scored.unknown > 0).sum())
 
             # onnxruntime releases the GIL: the model scores chunk i while this thread reads chunk
-            # i + 1 and formats chunk i - 1.
+            # i + 1 and formats chunk i - 1. No gain measured on the loaded 2-core VM (68.8 s vs
+            # 67.2 s for 100k patients); it is for idle multi-core bedside machines.
             with ThreadPoolExecutor(1) as pool:
                 pending = None
                 for chunk in read_patients(stream, name):
