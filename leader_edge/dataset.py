@@ -159,9 +159,21 @@ def parse_time(text: str, *, path: str | Path, line: int, column: str) -> dateti
         ) from None
 
 
-def check_header(header: list[str] | None, required: Iterable[str], path: Path, *, extra_prefix: str | None = None) -> None:
-    """Refuse a missing, duplicated or unexpected column, naming it and the expected header."""
+def check_header(
+    header: list[str] | None,
+    required: Iterable[str],
+    path: Path,
+    *,
+    optional: Iterable[str] = (),
+    extra_prefix: str | None = None,
+) -> None:
+    """Refuse a missing, duplicated or unexpected column, naming it and the expected header.
+
+    Columns may come in any order; `optional` ones may be absent, and with `extra_prefix` any
+    column starting with it is allowed too.
+    """
     required = list(required)
+    optional = list(optional)
     if not header:
         raise DataError(path, "file is empty", line=1, fix=f"the first line must be the header {','.join(required)}")
     seen: set[str] = set()
@@ -169,9 +181,10 @@ def check_header(header: list[str] | None, required: Iterable[str], path: Path, 
         if col in seen:
             raise DataError(path, f"column {col!r} appears twice in the header", line=1, column=i, fix="remove the duplicate")
         seen.add(col)
-        allowed = col in required or (extra_prefix is not None and col.startswith(extra_prefix) and len(col) > len(extra_prefix))
+        allowed = col in required or col in optional or (extra_prefix is not None and col.startswith(extra_prefix) and len(col) > len(extra_prefix))
         if not allowed:
-            hint = f" (or {extra_prefix}<field>)" if extra_prefix else ""
+            hint = f", optionally {','.join(optional)}" if optional else ""
+            hint += f" (or {extra_prefix}<field>)" if extra_prefix else ""
             raise DataError(
                 path, f"unexpected column {col!r}", line=1, column=i,
                 fix=f"the header must be {','.join(required)}{hint}; check spelling and case",

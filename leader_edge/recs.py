@@ -23,11 +23,14 @@ from pathlib import Path
 
 import numpy as np
 
-from leader_edge.dataset import SEP, check_visit_ids, iter_csv_rows, parse_code_list
+from leader_edge.dataset import SEP, check_header, check_visit_ids, iter_csv_rows, parse_code_list
 from leader_edge.errors import DataError
 
 PREDICTION_COLUMNS = ("patient_id", "visit_id", "medications", "scores")
 REQUIRED_COLUMNS = PREDICTION_COLUMNS[:3]
+# `scores` is read; the columns `leader-edge predict` adds for people (DDI warnings, unknown-code
+# counts) are accepted and ignored, so its output scores as is.
+OPTIONAL_COLUMNS = ("scores", "ddi_warnings", "unknown_codes")
 DECIMALS = 4
 
 
@@ -126,14 +129,7 @@ def read_predictions(path: str | Path) -> list[Prediction]:
     rows = iter_csv_rows(path)
     _, head = next(rows)
     header = head["__header__"]
-    expected = ",".join(PREDICTION_COLUMNS)
-    for i, col in enumerate(header, start=1):
-        if col not in PREDICTION_COLUMNS or header.index(col) != i - 1:
-            raise DataError(path, f"unexpected or repeated column {col!r}", line=1, column=i,
-                            fix=f"the header must be {expected} (scores optional)")
-    missing = [c for c in REQUIRED_COLUMNS if c not in header]
-    if missing:
-        raise DataError(path, f"missing column(s) {', '.join(missing)}", line=1, fix=f"the header must be {expected} (scores optional)")
+    check_header(header, REQUIRED_COLUMNS, path, optional=OPTIONAL_COLUMNS)
     has_scores = "scores" in header
     seen: dict[str, int] = {}
     out: list[Prediction] = []

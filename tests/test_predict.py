@@ -58,8 +58,6 @@ def test_predict_reads_stdin_with_bom_and_writes_stdout(bundle):
     assert len(result.stdout.splitlines()) == 3
 
 
-@pytest.mark.xfail(strict=True, reason="recs.read_predictions refuses the ddi_warnings/unknown_codes columns; "
-                   "asked the metrics team to accept extra columns")
 def test_predict_output_scored_by_evaluate(bundle, tmp_path):
     result, out = _predict(bundle, tmp_path, GOOD)
     assert result.exit_code == 0
