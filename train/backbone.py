@@ -12,18 +12,18 @@ train/teacher_config.py for why the CPU default needs it).
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import importlib.util
 import json
 import logging
 import os
-import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 import torch
+
+from leader_edge.dataset import atomic_directory
+from leader_edge.runtime import sha256
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +51,6 @@ def smollm2_gguf() -> Path:
     return path
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 @contextmanager
 def _locked(path: Path) -> Iterator[None]:
     """An exclusive lock file, so concurrent runs convert once and never read a half-written dir."""
@@ -82,7 +74,7 @@ def smollm2_dir() -> Path:
     out = root / SMOLLM2_DIR
     stamp = out / "leader-edge.json"
     with _locked(root / f"{SMOLLM2_DIR}.lock"):
-        digest = _sha256(gguf)  # 0.3 s for the 98 MB file
+        digest = sha256(gguf)  # 0.3 s for the 98 MB file
         if stamp.is_file() and json.loads(stamp.read_text()).get("gguf_sha256") == digest:
             return out
         log.warning("converting %s to safetensors under %s (once, ~20 s)", gguf.name, out)
@@ -97,18 +89,10 @@ def smollm2_dir() -> Path:
         conf.pop("_model_name_or_path", None)
         clean = AutoModelForCausalLM.from_config(type(quant.config).from_dict(conf))
         clean.load_state_dict(quant.state_dict())
-        tmp = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_DIR}.", dir=root))
-        try:
+        with atomic_directory(out, marker="leader-edge.json", what="converted SmolLM2") as tmp:
             clean.save_pretrained(tmp)
             tok.save_pretrained(tmp)
-            meta = {"source": str(gguf), "gguf_sha256": digest}
-            (tmp / "leader-edge.json").write_text(json.dumps(meta, indent=2))
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            (tmp / "leader-edge.json").write_text(json.dumps({"source": str(gguf), "gguf_sha256": digest}, indent=2))
     return out
 
 

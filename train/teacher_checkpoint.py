@@ -8,11 +8,11 @@ seed and the epoch), so a resumed run ends with the same adapter as an uninterru
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
+
+from leader_edge.dataset import atomic_directory
 
 
 def save_checkpoint(directory: Path, model, opt: torch.optim.Optimizer, state: dict, best: dict[str, torch.Tensor]) -> None:
@@ -25,13 +25,9 @@ def save_checkpoint(directory: Path, model, opt: torch.optim.Optimizer, state: d
         for name, value in st.items():
             t = value if torch.is_tensor(value) else torch.tensor(value)
             tensors[f"opt.{idx}.{name}"] = t.detach().cpu().contiguous()
-    tmp = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
-    (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
-    shutil.rmtree(directory, ignore_errors=True)
-    os.replace(tmp, directory)
+    with atomic_directory(directory, marker="state.json", what="teacher checkpoint") as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
+        (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
 
 
 def load_checkpoint(directory: Path, model, opt: torch.optim.Optimizer) -> tuple[dict, dict[str, torch.Tensor]]:

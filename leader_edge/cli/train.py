@@ -52,7 +52,7 @@ def train(data_dir, run_dir, teacher, stage, no_distill, show_prompt, resume, se
     from leader_edge.train.teacher_config import CPU_BACKBONE_LAYERS, TeacherConfig
 
     conf = json.loads(config_file.read_text(encoding="utf-8")) if config_file else {}
-    conf.pop("_command", None)
+    conf = {k: v for k, v in conf.items() if not k.startswith("_")}  # "_command", "_why": notes
     conf.update({"teacher": teacher, "seed": seed})
     for name, value in (("epochs", epochs), ("backbone_layers", backbone_layers), ("lora_layers", lora_layers)):
         if value is not None:
