@@ -92,7 +92,8 @@ def model_speed(visits: Path, fp32: Path, int8: Path, run: Path | None, workdir:
     import torch
 
     from leader_edge.export.bundle import batch1_ms, ort_runner
-    from leader_edge.runtime import read_patients, size_order
+    from leader_edge.runtime import size_order
+    from leader_edge.visit_stream import read_patients
     from leader_edge.train.distill import load_student
 
     model, encoder, _ = load_student((run or workdir / "run") / "student", backend="torch")

@@ -15,7 +15,8 @@ import pytest
 
 from leader_edge.encoding import INPUT_NAMES, Encoder
 from leader_edge.errors import DataError
-from leader_edge.runtime import BUNDLE_FORMAT, Bundle, _SeenIds, format_rows, read_patients, recommend
+from leader_edge.runtime import BUNDLE_FORMAT, Bundle, format_rows, recommend
+from leader_edge.visit_stream import _SeenIds, read_patients
 
 MEDS = ["M1", "M2", "M3", "M4", "M5", "M6"]
 ENCODER = Encoder({"diagnosis": ["D1", "D2", "D3", "D4", "D5"], "procedure": ["P1", "P2"], "medication": MEDS},
