@@ -31,6 +31,7 @@ from leader_edge.dataset import Dataset, Sample, dataset_splits, load_dataset
 from leader_edge.encoding import INPUT_NAMES, KINDS, Batch, Encoder
 from leader_edge.recs import write_predictions
 from leader_edge.train.student import Student, StudentConfig
+from leader_edge.train.student_init import cooc_log_odds, low_rank, teacher_code_init, wide_rank
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,15 @@ class DistillConfig:
     timing_patients: int = 100  # test patients timed one at a time for the per-patient latency
     code_groups: bool = True  # ICD/ATC parent embeddings: test Jaccard 0.4635 -> 0.4691 (earlier synth; within noise)
     threads: int = 1  # torch CPU threads; on the shared 2-core VM 2 threads ran epochs 1.1-9x SLOWER (contention)
+    wide: str = "max"  # Wide & Deep path over the current visit's codes: "max", "mean" or "none"
+    wide_rank: int | None = None  # None: full [n_codes, n_meds] table if it fits the 1M budget, else rank 64
+    wide_init: str = "cooc"  # "cooc": training co-occurrence log-odds lift; "zero": learned from zero
+    wide_smoothing: float = 2.0  # pseudo-visits pulling a rare code's P(med|code) toward the prior
+    wide_weight_decay: float = 0.0  # L2 on the wide table only
+    code_init: str = "input"  # distilled student only: "input"/"hidden" teacher name embeddings, or "none"
+    code_init_layers: int = 4  # decoder layers for code_init="hidden"
+    code_init_scale: float = 0.1  # std of the PCA-reduced name embeddings (random init: 0.02)
+    teacher_spec: str | None = None  # backbone for code_init; None: RUN/teacher/config.json's
 
     def __post_init__(self) -> None:
         for name in ("epochs", "patience", "batch_size", "max_visits", "max_codes"):
@@ -60,6 +70,10 @@ class DistillConfig:
                 raise ValueError(f"DistillConfig.{name}={getattr(self, name)} must be >= 1")
         if self.lr <= 0:
             raise ValueError(f"DistillConfig.lr={self.lr} must be > 0")
+        for name, allowed in (("wide", ("max", "mean", "none")), ("wide_init", ("cooc", "zero")),
+                              ("code_init", ("none", "input", "hidden"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"DistillConfig.{name}={getattr(self, name)!r}; use one of {allowed}")
 
 
 def sample_key(s: Sample) -> str:
@@ -168,26 +182,52 @@ def latency_ms(model: Student, batch: Batch, n: int) -> float:
 
 def train_student(
     ds: Dataset, samples: dict[str, list[Sample]], encoder: Encoder, config: DistillConfig, *,
-    teacher: dict[str, np.ndarray] | None, seed: int, device: torch.device,
+    teacher: dict[str, np.ndarray] | None, seed: int, device: torch.device, run_dir: Path | None = None,
 ) -> tuple[Student, list[dict], int]:
-    """Train with early stopping on validation PRAUC; return (best model, history, best epoch)."""
+    """Train with early stopping on validation PRAUC; return (best model, history, best epoch).
+
+    With `teacher`, the code embeddings start from the teacher's name embeddings (`config.code_init`,
+    cached under `run_dir`); without, from random - the label-only student never sees the teacher.
+    """
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     enc = {k: encoder.encode([s.visits for s in v]) for k, v in samples.items() if k in ("train", "val")}
     labels = {k: encoder.multi_hot([s.visits for s in samples[k]]) for k in enc}
     groups = encoder.code_groups()
-    model = Student(StudentConfig(
+    student_config = StudentConfig(
         encoder.n_codes, encoder.n_meds, encoder.n_profile_ids, encoder.med_offset,
         n_groups=int(groups.max()) + 1 if config.code_groups and len(groups) else 0,
         max_visits=encoder.max_visits, teacher_dim=0 if teacher is None else teacher["train"].shape[1],
         alpha=config.alpha if teacher is not None else 0.0, info_nce=config.info_nce, ddi_weight=config.ddi_weight,
-    )).to(device)
+        wide=config.wide,
+    )
+    if config.wide != "none":
+        deep = Student(StudentConfig(**{**student_config.to_json(), "wide": "none"})).n_params()
+        rank = wide_rank(encoder.n_codes, encoder.n_meds, deep) if config.wide_rank is None else config.wide_rank
+        student_config = StudentConfig(**{**student_config.to_json(), "wide_rank": rank})
+    model = Student(student_config).to(device)
     model.set_code_groups(groups)
     with torch.no_grad():  # start from the label prior: the first epochs then learn codes, not base rates
         prior = labels["train"].mean(0).clip(1e-4, 1 - 1e-4)
         model.head_bias.copy_(torch.from_numpy(np.log(prior / (1 - prior))))
+        if model.wide_codes is not None and config.wide_init == "cooc":
+            table = cooc_log_odds(enc["train"], labels["train"], encoder.n_codes, config.wide_smoothing)
+            if model.wide_meds is None:
+                model.wide_codes.copy_(torch.from_numpy(table))
+            else:
+                left, right = low_rank(table, model.config.wide_rank)
+                model.wide_codes.copy_(torch.from_numpy(left))
+                model.wide_meds.copy_(torch.from_numpy(right))
+        if teacher is not None and config.code_init != "none":
+            init = teacher_code_init(ds, encoder, Path(run_dir or "."), enc["train"], method=config.code_init,
+                                     layers=config.code_init_layers, dim=model.config.dim, scale=config.code_init_scale,
+                                     spec=config.teacher_spec)
+            model.code_emb.copy_(torch.from_numpy(init))
+    wide = [p for p in (model.wide_codes, model.wide_meds) if p is not None]
+    rest = [p for p in model.parameters() if all(p is not w for w in wide)]
     ddi = torch.from_numpy(metrics.ddi_matrix(ds.ddi, encoder.codes["medication"]).astype(np.float32)).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    opt = torch.optim.Adam([{"params": rest, "weight_decay": config.weight_decay},
+                            {"params": wide, "weight_decay": config.wide_weight_decay}], lr=config.lr)
     history: list[dict] = []
     best, best_epoch, best_state = -1.0, 0, None
     n = len(enc["train"])
@@ -286,7 +326,8 @@ def _run(data_dir: Path, run_dir: Path, *, distill: bool, seed: int, device: tor
     encoder = Encoder.from_visits({k: ds.vocab(k) for k in KINDS}, [v for v in ds.visits if v.patient_id in train_patients],
                                   max_visits=config.max_visits, max_codes=config.max_codes)
     teacher = load_teacher_features(run_dir, samples) if distill else None
-    model, history, best_epoch = train_student(ds, samples, encoder, config, teacher=teacher, seed=seed, device=dev)
+    model, history, best_epoch = train_student(ds, samples, encoder, config, teacher=teacher, seed=seed, device=dev,
+                                                 run_dir=run_dir)
     train_seconds = time.perf_counter() - started
 
     encoded = {k: encoder.encode([s.visits for s in samples[k]]) for k in ("val", "test")}

@@ -59,6 +59,8 @@ class StudentConfig:
     info_nce: float = 0.005  # profile/medication alignment weight (LEADER MIMIC-III)
     temperature: float = 0.1  # InfoNCE temperature on cosine similarities
     ddi_weight: float = 0.0  # expected interacting pairs penalty; 0 = off (LEADER has none)
+    wide: str = "max"  # wide path over the current visit's codes: "max", "mean" or "none" (see `wide_logits`)
+    wide_rank: int = 0  # 0: a full [n_codes, n_meds] table; r > 0: [n_codes, r] x [r, n_meds] (MIMIC size needs it)
     backend: str = "auto"  # kernels backend; export forces "torch" (the reference ops)
 
     def __post_init__(self) -> None:
@@ -71,6 +73,10 @@ class StudentConfig:
             raise ValueError(f"StudentConfig.dropout={self.dropout} must be in [0, 1)")
         if self.backend not in ("auto", "torch", "triton"):
             raise ValueError(f"StudentConfig.backend={self.backend!r}; use 'auto', 'torch' or 'triton'")
+        if self.wide not in ("max", "mean", "none"):
+            raise ValueError(f"StudentConfig.wide={self.wide!r}; use 'max', 'mean' or 'none'")
+        if self.wide_rank < 0:
+            raise ValueError(f"StudentConfig.wide_rank={self.wide_rank} must be >= 0 (0 = full table)")
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -119,6 +125,12 @@ class Student(nn.Module):
         self.drop = nn.Dropout(c.dropout)
         self.head_weight = nn.Parameter(torch.randn(c.n_meds, c.hidden) * (1 / math.sqrt(c.hidden)))
         self.head_bias = nn.Parameter(torch.zeros(c.n_meds))
+        # Wide path: one logit vector per code, zero at start (the caller may set co-occurrence log-odds).
+        self.wide_codes = self.wide_meds = None
+        if c.wide != "none":
+            self.wide_codes = nn.Parameter(torch.zeros(c.n_codes, c.wide_rank or c.n_meds))
+            if c.wide_rank:
+                self.wide_meds = nn.Parameter(torch.randn(c.wide_rank, c.n_meds) / math.sqrt(c.wide_rank))
         # Training only: maps the student hidden state onto the teacher's feature space.
         self.proj = nn.Linear(c.hidden, c.teacher_dim) if c.teacher_dim > 0 else None
 
@@ -176,17 +188,42 @@ class Student(nn.Module):
         h = self.norm(x[:, -1])  # the current visit's output, which has attended to its history
         return self.drop(F.gelu(self.mlp(h))), prof
 
+    def wide_logits(self, diagnoses: torch.Tensor, procedures: torch.Tensor, medications: torch.Tensor) -> torch.Tensor:
+        """The wide (Wide & Deep) path: [B, n_meds] logits from the current visit's codes alone.
+
+        Each code of the current visit (slot K-1: its diagnoses, procedures and the previous visit's
+        medications) owns a logit vector; the visit takes their masked max ("max", the frequency
+        baseline's best rule) or mean. A code seen 5 times gets its own direct route to the labels
+        instead of having to move the shared embedding and transformer. A visit with no codes scores 0.
+        """
+        codes = torch.cat([diagnoses[:, -1], procedures[:, -1], medications[:, -1]], dim=1)  # [B, L]
+        mask = codes >= 0
+        if self.config.wide == "mean" and self.wide_meds is None:
+            return kernels.embedding_bag(self.wide_codes, codes, mode="mean", backend=self.config.backend)
+        x = self.wide_codes[codes.clamp(min=0)]  # [B, L] -> [B, L, n_meds or r]
+        if self.wide_meds is not None:
+            x = x @ self.wide_meds  # [B, L, r] -> [B, L, n_meds]
+        if self.config.wide == "mean":
+            m = mask[..., None].to(x.dtype)
+            return (x * m).sum(1) / m.sum(1).clamp(min=1.0)
+        best = torch.where(mask[..., None], x, NEG).amax(dim=1)  # [B, n_meds]
+        return torch.where(mask.any(dim=1, keepdim=True), best, 0.0)
+
     # -- the tensor path used by export -------------------------------------------------------------
 
     def logits(self, diagnoses, procedures, medications, profile, visit_mask) -> torch.Tensor:
         """Inputs as in the module docstring -> float32 [B, n_meds] logits."""
         h, _ = self.hidden_state(diagnoses, procedures, medications, profile, visit_mask)
-        return F.linear(h, self.head_weight, self.head_bias)
+        out = F.linear(h, self.head_weight, self.head_bias)
+        return out if self.wide_codes is None else out + self.wide_logits(diagnoses, procedures, medications)
 
     def predict_proba(self, diagnoses, procedures, medications, profile, visit_mask) -> torch.Tensor:
         """Inputs as in the module docstring -> float32 [B, n_meds] probabilities."""
         h, _ = self.hidden_state(diagnoses, procedures, medications, profile, visit_mask)
-        return kernels.linear_sigmoid(h, self.head_weight, self.head_bias, backend=self.config.backend)
+        if self.wide_codes is None:
+            return kernels.linear_sigmoid(h, self.head_weight, self.head_bias, backend=self.config.backend)
+        # The wide logits are per row, so the fused kernel (one bias vector) cannot add them.
+        return torch.sigmoid(F.linear(h, self.head_weight, self.head_bias) + self.wide_logits(diagnoses, procedures, medications))
 
     # -- training (PyHealth style) -----------------------------------------------------------------
 
@@ -203,9 +240,15 @@ class Student(nn.Module):
             for the terms, 0 when a term is off).
         """
         c = self.config
-        h, prof = self.hidden_state(*(batch[n] for n in ("diagnoses", "procedures", "medications", "profile", "visit_mask")))
+        inputs = [batch[n] for n in ("diagnoses", "procedures", "medications", "profile", "visit_mask")]
+        h, prof = self.hidden_state(*inputs)
         y_true = batch["labels"]
-        bce = kernels.linear_bce_with_logits(h, self.head_weight, self.head_bias, y_true, backend=c.backend)
+        if self.wide_codes is None:
+            bce = kernels.linear_bce_with_logits(h, self.head_weight, self.head_bias, y_true, backend=c.backend)
+            logits = None
+        else:
+            logits = F.linear(h, self.head_weight, self.head_bias) + self.wide_logits(*inputs[:3])
+            bce = F.binary_cross_entropy_with_logits(logits, y_true)
         zero = bce.new_zeros(())
         mse = nce = ddi = zero
         if c.alpha > 0 and self.proj is not None and "teacher" in batch:
@@ -213,15 +256,20 @@ class Student(nn.Module):
         if c.info_nce > 0 and "target_medications" in batch:
             nce = self.info_nce(prof, batch["target_medications"])
         if c.ddi_weight > 0 and "ddi" in batch:
-            p = kernels.linear_sigmoid(h, self.head_weight, self.head_bias, backend=c.backend)
+            p = self._proba(h, logits)
             ddi = ((p @ batch["ddi"]) * p).sum(-1).mean() / 2  # expected interacting pairs, p^T A p / 2
             y_prob = p.detach()
         else:
             with torch.no_grad():
-                y_prob = kernels.linear_sigmoid(h, self.head_weight, self.head_bias, backend=c.backend)
+                y_prob = self._proba(h, logits)
         loss = bce + c.alpha * mse + c.info_nce * nce + c.ddi_weight * ddi
         return {"loss": loss, "y_prob": y_prob.detach(), "y_true": y_true, "bce": bce.detach(),
                 "mse": mse.detach(), "nce": nce.detach(), "ddi": ddi.detach()}
+
+    def _proba(self, h: torch.Tensor, logits: torch.Tensor | None) -> torch.Tensor:
+        if logits is None:
+            return kernels.linear_sigmoid(h, self.head_weight, self.head_bias, backend=self.config.backend)
+        return torch.sigmoid(logits)
 
     def info_nce(self, prof: torch.Tensor, target_meds: torch.Tensor) -> torch.Tensor:
         """Symmetric InfoNCE between profile vectors [B, dim] and the current visit's medication

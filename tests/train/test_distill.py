@@ -32,6 +32,7 @@ def fabricate_teacher(data, run, *, seed=42, drop=None):
     tensors = {k: (rng.normal(size=(len(v), HIDDEN)) * 5 + 3).astype(np.float32) for k, v in keys.items()}
     (run / "teacher").mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(run / "teacher" / "features.safetensors"), metadata={"keys": json.dumps(keys), "hidden_size": str(HIDDEN)})
+    (run / "teacher" / "config.json").write_text(json.dumps({"teacher": {"teacher": "tiny"}}))  # code_init's backbone
     return splits
 
 
@@ -51,6 +52,8 @@ def test_run_student_stage_writes_a_loadable_student_and_reproduces(data, tmp_pa
     preds = read_predictions(out / "predictions-test.csv")
     assert len(preds) == results[0]["test_groups"]["overall"]["n"][0]
     assert set(results[0]["test"]) == {"jaccard", "prauc", "f1", "ddi_rate", "n_med"}
+    assert (tmp_path / "a" / "teacher" / "code-embeddings.safetensors").is_file()  # teacher name embeddings
+    assert model.config.wide == "max" and model.wide_codes.abs().sum() > 0  # co-occurrence init
 
 
 def test_run_student_stage_without_distillation_needs_no_teacher(data, tmp_path):
@@ -58,6 +61,7 @@ def test_run_student_stage_without_distillation_needs_no_teacher(data, tmp_path)
     assert result["epochs_run"] == 1 and result["model"] == "student-nodistill"
     history = json.loads((tmp_path / "student-nodistill" / "history.json").read_text())
     assert history[0]["train_mse"] == 0
+    assert not (tmp_path / "teacher").exists()  # label-only: never reads or caches teacher embeddings
 
 
 def test_run_student_stage_refuses_missing_or_mismatched_features(data, tmp_path):

@@ -6,6 +6,7 @@ import torch
 
 from leader_edge.encoding import INPUT_NAMES, Encoder, RawVisit
 from leader_edge.train.student import Student, StudentConfig
+from leader_edge.train.student_init import LOW_RANK
 
 VOCAB = {"diagnosis": ["4280", "4281", "486", "5849"], "procedure": ["3961", "9604"], "medication": ["A02B", "B01A", "C07A"]}
 
@@ -68,9 +69,11 @@ def test_student_sees_visit_order():
 
 def test_student_stays_under_one_million_inference_parameters_at_mimic_size():
     # MIMIC-III after the standard preprocessing: ~1,960 diagnoses, ~1,430 procedures, ~150 ATC-3 classes.
-    cfg = StudentConfig(n_codes=1960 + 1430 + 150, n_meds=150, n_profile_ids=60, med_offset=3390, n_groups=900, teacher_dim=576)
+    # The full wide table (3,540 x 150 = 531k) does not fit beside the deep part; rank 64 does.
+    cfg = StudentConfig(n_codes=1960 + 1430 + 150, n_meds=150, n_profile_ids=60, med_offset=3390, n_groups=900,
+                        teacher_dim=576, wide_rank=LOW_RANK)
     m = Student(cfg)
-    assert m.n_params() <= 1_000_000
+    assert m.n_params() <= 1_000_000 < Student(StudentConfig(**{**cfg.to_json(), "wide_rank": 0})).n_params()
     assert m.n_params(inference=False) - m.n_params() == 128 * 576 + 576
 
 
@@ -86,3 +89,34 @@ def test_student_code_groups_must_fit():
     m = model(enc)
     with pytest.raises(ValueError, match="code groups"):
         m.set_code_groups(np.zeros(enc.n_codes + 1, dtype=np.int64))
+
+
+def test_student_wide_path_reduces_the_current_visit_code_rows():
+    enc = encoder()
+    b = tensors(enc.encode(PATIENTS))
+    # Shared ids: diagnoses 0-3, procedures 4-5, medications 6-8. Current visits: 486, 4281 and the
+    # previous visit's A02B; 5849; procedure 9604 alone.
+    rows = ([2, 1, 6], [3], [5])
+    for mode in ("max", "mean"):
+        m = model(enc, wide=mode)
+        with torch.no_grad():
+            m.wide_codes.copy_(torch.randn(enc.n_codes, enc.n_meds))
+        reduce = (lambda x: x.amax(0)) if mode == "max" else (lambda x: x.mean(0))
+        expected = torch.stack([reduce(m.wide_codes[r]) for r in rows])
+        torch.testing.assert_close(m.wide_logits(b["diagnoses"], b["procedures"], b["medications"]), expected)
+        h, _ = m.hidden_state(**b)
+        torch.testing.assert_close(m.logits(**b), h @ m.head_weight.T + m.head_bias + expected)
+
+
+def test_student_wide_path_scores_zero_without_codes_and_low_rank_is_a_product():
+    enc = encoder()
+    m = model(enc, wide="max", wide_rank=2)
+    with torch.no_grad():
+        m.wide_codes.copy_(torch.randn(enc.n_codes, 2))
+    codes = torch.tensor([[[-1, -1]], [[1, -1]]])  # [B=2, K=1, L=2]: no codes, one code
+    empty = torch.full((2, 1, 1), -1)
+    out = m.wide_logits(codes, empty, empty)
+    assert torch.equal(out[0], torch.zeros(enc.n_meds))
+    torch.testing.assert_close(out[1], m.wide_codes[1] @ m.wide_meds)
+    with pytest.raises(ValueError, match="wide"):
+        StudentConfig(10, 3, 2, 7, wide="sum")
