@@ -31,7 +31,10 @@ from leader_edge.dataset import Dataset, Sample, dataset_splits, load_dataset
 from leader_edge.encoding import INPUT_NAMES, KINDS, Batch, Encoder
 from leader_edge.recs import write_predictions
 from leader_edge.train.student import Student, StudentConfig
-from leader_edge.train.student_init import cooc_log_odds, low_rank, teacher_code_init, wide_rank
+from leader_edge.train.code_embeddings import pca_init
+from leader_edge.train.student_init import (
+    cooc_log_odds, low_rank, name_neighbour_prior, teacher_name_vectors, train_code_rows, wide_rank,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +66,7 @@ class DistillConfig:
     code_init_layers: int = 4  # decoder layers for code_init="hidden"
     code_init_scale: float = 0.1  # std of the PCA-reduced name embeddings (random init: 0.02)
     teacher_spec: str | None = None  # backbone for code_init; None: RUN/teacher/config.json's
+    wide_neighbours: int = 0  # distilled only: smooth the wide init toward the k name-nearest codes (0 = global prior)
 
     def __post_init__(self) -> None:
         for name in ("epochs", "patience", "batch_size", "max_visits", "max_codes"):
@@ -210,18 +214,24 @@ def train_student(
     with torch.no_grad():  # start from the label prior: the first epochs then learn codes, not base rates
         prior = labels["train"].mean(0).clip(1e-4, 1 - 1e-4)
         model.head_bias.copy_(torch.from_numpy(np.log(prior / (1 - prior))))
+        names = None
+        if teacher is not None and (config.code_init != "none" or config.wide_neighbours > 0):
+            names = teacher_name_vectors(ds, encoder, Path(run_dir or "."), method=config.code_init if config.code_init != "none"
+                                         else "input", layers=config.code_init_layers, spec=config.teacher_spec)
         if model.wide_codes is not None and config.wide_init == "cooc":
-            table = cooc_log_odds(enc["train"], labels["train"], encoder.n_codes, config.wide_smoothing)
+            near = None
+            if names is not None and config.wide_neighbours > 0:
+                kinds = np.repeat(np.arange(len(KINDS)), [len(encoder.codes[k]) for k in KINDS])
+                near = name_neighbour_prior(enc["train"], labels["train"], names, kinds, config.wide_neighbours)
+            table = cooc_log_odds(enc["train"], labels["train"], encoder.n_codes, config.wide_smoothing, near)
             if model.wide_meds is None:
                 model.wide_codes.copy_(torch.from_numpy(table))
             else:
                 left, right = low_rank(table, model.config.wide_rank)
                 model.wide_codes.copy_(torch.from_numpy(left))
                 model.wide_meds.copy_(torch.from_numpy(right))
-        if teacher is not None and config.code_init != "none":
-            init = teacher_code_init(ds, encoder, Path(run_dir or "."), enc["train"], method=config.code_init,
-                                     layers=config.code_init_layers, dim=model.config.dim, scale=config.code_init_scale,
-                                     spec=config.teacher_spec)
+        if names is not None and config.code_init != "none":
+            init = pca_init(names, train_code_rows(enc["train"], encoder.n_codes), model.config.dim, config.code_init_scale)
             model.code_emb.copy_(torch.from_numpy(init))
     wide = [p for p in (model.wide_codes, model.wide_meds) if p is not None]
     rest = [p for p in model.parameters() if all(p is not w for w in wide)]

@@ -1,7 +1,11 @@
 """Where the student starts: co-occurrence log-odds for the wide path, teacher name embeddings for codes.
 
-    wide = cooc_log_odds(train_batch, labels, n_codes, smoothing=2.0)      # [n_codes, n_meds]
-    emb = teacher_code_init(ds, encoder, run_dir, train_batch, config)     # [n_codes, dim]
+    wide = cooc_log_odds(train_batch, labels, n_codes, smoothing=2.0)            # [n_codes, n_meds]
+    names = teacher_name_vectors(ds, encoder, run_dir, method="input", layers=4)  # [n_codes, hidden]
+    near = name_neighbour_prior(train_batch, labels, names, kinds, k=10)         # [n_codes, n_meds]
+
+Only the distilled student uses `names` (the teacher's knowledge): its code embeddings start from
+their PCA (`code_embeddings.pca_init`) and its wide table may be smoothed toward `near`.
 """
 
 from __future__ import annotations
@@ -28,23 +32,54 @@ def current_codes(batch: Batch) -> np.ndarray:
     return np.concatenate([batch.diagnoses[:, -1], batch.procedures[:, -1], batch.medications[:, -1]], axis=1)
 
 
-def cooc_log_odds(batch: Batch, labels: np.ndarray, n_codes: int, smoothing: float) -> np.ndarray:
-    """float32 [n_codes, n_meds]: logit P(med | code) - logit P(med) on the training samples.
-
-    P(med | code) = (co + a * prior) / (count + a): a code seen a few times is pulled toward the
-    prior (lift 0), as in the frequency baseline. Unseen codes get 0.
-    """
+def cooc_counts(batch: Batch, labels: np.ndarray, n_codes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(co [n_codes, n_meds], count [n_codes]): training samples with the code (and the medication)."""
     codes = current_codes(batch)
     n, m = labels.shape
     x = np.zeros((n, n_codes), dtype=np.float32)
     rows = np.repeat(np.arange(n), codes.shape[1])
     keep = codes.reshape(-1) >= 0
     x[rows[keep], codes.reshape(-1)[keep]] = 1.0
-    co = x.T @ labels  # [n_codes, n_meds]
-    count = x.sum(0)[:, None]
+    return x.T @ labels, x.sum(0)
+
+
+def cooc_log_odds(batch: Batch, labels: np.ndarray, n_codes: int, smoothing: float,
+                  neighbour_prior: np.ndarray | None = None) -> np.ndarray:
+    """float32 [n_codes, n_meds]: logit P(med | code) - logit P(med) on the training samples.
+
+    P(med | code) = (co + a * q) / (count + a): a code seen a few times is pulled toward q, the
+    global prior (lift 0, as in the frequency baseline) or, when given, `neighbour_prior` [n_codes,
+    n_meds] (what codes with similar names get). Unseen codes get q's lift.
+    """
+    co, count = cooc_counts(batch, labels, n_codes)
     prior = labels.mean(0).clip(1e-4, 1 - 1e-4)
-    p = ((co + smoothing * prior) / (count + smoothing)).clip(1e-4, 1 - 1e-4)
+    q = prior if neighbour_prior is None else neighbour_prior
+    p = ((co + smoothing * q) / (count[:, None] + smoothing)).clip(1e-4, 1 - 1e-4)
     return (np.log(p / (1 - p)) - np.log(prior / (1 - prior))).astype(np.float32)
+
+
+def name_neighbour_prior(batch: Batch, labels: np.ndarray, vectors: np.ndarray, kinds: np.ndarray, k: int) -> np.ndarray:
+    """float32 [n_codes, n_meds]: P(med) pooled over the `k` training codes whose teacher name
+    embeddings are most similar (cosine after centring), same kind, the code itself excluded.
+
+    This is the teacher's knowledge in the wide path: a tail code seen ~5 times (or never) borrows
+    the medication profile of codes the LLM reads as related ("Pneumococcal pneumonia" ->
+    "Pneumonia, organism NOS").
+    """
+    n_codes = len(vectors)
+    co, count = cooc_counts(batch, labels, n_codes)
+    seen = count > 0
+    v = vectors - vectors[seen].mean(0)
+    v = v / np.linalg.norm(v, axis=1, keepdims=True).clip(1e-8)
+    sim = v @ v.T  # [n_codes, n_codes]
+    sim[~seen[None, :].repeat(n_codes, 0) | (kinds[:, None] != kinds[None, :])] = -np.inf
+    np.fill_diagonal(sim, -np.inf)
+    top = np.argsort(-sim, axis=1)[:, :k]  # [n_codes, k]
+    valid = np.take_along_axis(sim, top, 1) > -np.inf
+    pooled_co = (co[top] * valid[..., None]).sum(1)
+    pooled_n = (count[top] * valid).sum(1)[:, None]
+    prior = labels.mean(0)
+    return np.where(pooled_n > 0, pooled_co / np.maximum(pooled_n, 1), prior).astype(np.float32)
 
 
 def low_rank(table: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
@@ -78,13 +113,12 @@ def teacher_spec(run_dir: Path) -> str:
                            "or use code_init='none'") from None
 
 
-def teacher_code_init(ds: Dataset, encoder: Encoder, run_dir: Path, train: Batch, *, method: str, layers: int,
-                      dim: int, scale: float, spec: str | None = None) -> np.ndarray:
-    """float32 [n_codes, dim]: the teacher's name embedding of every shared code id, PCA-reduced
-    on the training codes (cached full-width in RUN/teacher/code-embeddings.safetensors)."""
+def teacher_name_vectors(ds: Dataset, encoder: Encoder, run_dir: Path, *, method: str, layers: int,
+                         spec: str | None = None) -> np.ndarray:
+    """float32 [n_codes, teacher hidden]: the teacher's name embedding of every shared code id
+    (cached in RUN/teacher/code-embeddings.safetensors)."""
     spec = spec or teacher_spec(run_dir)
     keys = [f"{k}:{c}" for k in KINDS for c in encoder.codes[k]]
     names = [ds.name(k, c) for k in KINDS for c in encoder.codes[k]]
     (run_dir / "teacher").mkdir(parents=True, exist_ok=True)
-    vectors = cached_name_vectors(run_dir / "teacher" / CODE_EMBEDDINGS, keys, names, spec, method=method, layers=layers)
-    return pca_init(vectors, train_code_rows(train, encoder.n_codes), dim, scale)
+    return cached_name_vectors(run_dir / "teacher" / CODE_EMBEDDINGS, keys, names, spec, method=method, layers=layers)

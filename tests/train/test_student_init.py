@@ -11,7 +11,9 @@ from leader_edge.encoding import KINDS, Encoder, RawVisit
 from leader_edge.synth import synth_dataset
 from leader_edge.train import code_embeddings
 from leader_edge.train.code_embeddings import CODE_EMBEDDINGS, cached_name_vectors, name_vectors, pca_init
-from leader_edge.train.student_init import LOW_RANK, cooc_log_odds, low_rank, teacher_code_init, wide_rank
+from leader_edge.train.student_init import (
+    LOW_RANK, cooc_log_odds, low_rank, name_neighbour_prior, teacher_name_vectors, wide_rank,
+)
 
 VOCAB = {"diagnosis": ["486", "5849"], "procedure": ["3961"], "medication": ["A02B", "B01A"]}
 
@@ -80,12 +82,25 @@ def test_cached_name_vectors_reuse_the_file_until_keys_change(tmp_path, monkeypa
     assert len(calls) == 1 and again.shape == (2, 32)
 
 
-def test_teacher_code_init_covers_every_code_and_needs_a_spec(tmp_path):
+def test_teacher_name_vectors_cover_every_code_and_need_a_spec(tmp_path):
     ds = load_dataset(write_dataset(synth_dataset(patients=40, seed=1), tmp_path / "data", source="synth"))
     enc = Encoder.from_visits({k: ds.vocab(k) for k in KINDS}, ds.visits)
-    train = enc.encode([[v] for v in ds.visits])
     with pytest.raises(RuntimeError, match="names no teacher backbone"):
-        teacher_code_init(ds, enc, tmp_path / "run", train, method="input", layers=1, dim=8, scale=0.1)
-    out = teacher_code_init(ds, enc, tmp_path / "run", train, method="input", layers=1, dim=8, scale=0.1, spec="tiny")
-    assert out.shape == (enc.n_codes, 8) and np.isfinite(out).all()
+        teacher_name_vectors(ds, enc, tmp_path / "run", method="input", layers=1)
+    out = teacher_name_vectors(ds, enc, tmp_path / "run", method="input", layers=1, spec="tiny")
+    assert out.shape == (enc.n_codes, 32) and np.isfinite(out).all()
     assert (tmp_path / "run" / "teacher" / CODE_EMBEDDINGS).is_file()
+
+
+def test_name_neighbour_prior_pools_the_nearest_seen_codes_of_the_same_kind():
+    enc = Encoder({"diagnosis": ["a", "b", "c"], "procedure": ["p"], "medication": ["m1", "m2"]})
+    patients = [[RawVisit(["a"], [], ["m1"])]] * 3 + [[RawVisit(["b"], ["p"], ["m2"])]] * 2
+    # Names: c reads like a, b is far; p (a procedure) reads like c but is another kind.
+    vectors = np.array([[1.0, 0.0], [-1.0, 0.1], [0.9, 0.1], [0.9, 0.12], [0.0, 1.0], [0.0, -1.0]], dtype=np.float32)
+    kinds = np.array([0, 0, 0, 1, 2, 2])
+    near = name_neighbour_prior(enc.encode(patients), enc.multi_hot(patients), vectors, kinds, k=1)
+    np.testing.assert_allclose(near[2], [1.0, 0.0])  # c (never seen) borrows a's medications
+    np.testing.assert_allclose(near[0], [0.0, 1.0])  # a's nearest other seen diagnosis is b
+    np.testing.assert_allclose(near[3], [0.6, 0.4])  # p has no other procedure: the global prior
+    lifted = cooc_log_odds(enc.encode(patients), enc.multi_hot(patients), enc.n_codes, 2.0, near)
+    assert lifted[2, 0] > 0 > lifted[2, 1]
