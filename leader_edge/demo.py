@@ -1,0 +1,81 @@
+"""`make demo`: the whole pipeline on the embedded default, one command after another.
+
+    python -m leader_edge.demo --out demo-out [--patients 2000] [--teacher smollm2]
+
+Each step is the same `leader-edge` command a user would type, run as a subprocess so the demo
+exercises the installed CLI exactly; the commands are echoed so they can be copied.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def _run(args: list[str], *, stdout: Path | None = None) -> None:
+    cmd = [sys.executable, "-m", "leader_edge", *args]
+    shown = "leader-edge " + shlex.join(args) + (f" > {stdout}" if stdout else "")
+    print(f"\n$ {shown}", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if stdout is None:
+        rc = subprocess.run(cmd, env=env).returncode
+    else:
+        with open(stdout, "w", encoding="utf-8") as f:
+            rc = subprocess.run(cmd, env=env, stdout=f).returncode
+    if rc != 0:
+        raise SystemExit(f"demo step failed (exit {rc}): {shown}")
+    print(f"  ({time.perf_counter() - start:.1f} s)", file=sys.stderr, flush=True)
+
+
+def write_split_visits(data: Path, dst: Path, *, split: str, seed: int) -> int:
+    """Copy the visits.csv rows of one split's patients (same split as training) to `dst`."""
+    import csv
+
+    from leader_edge.dataset import load_dataset, split_patients
+
+    keep = set(split_patients(list(load_dataset(data).patients()), seed=seed)[split])
+    n = 0
+    with open(data / "visits.csv", newline="", encoding="utf-8") as src, open(dst, "w", newline="", encoding="utf-8") as out:
+        rows = csv.reader(src)
+        w = csv.writer(out, lineterminator="\n")
+        w.writerow(next(rows))
+        for row in rows:
+            if row[0] in keep:
+                w.writerow(row)
+                n += 1
+    return n
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("demo-out"), help="working directory (default demo-out)")
+    p.add_argument("--patients", type=int, default=2000, help="synthetic patients (default 2000)")
+    p.add_argument("--teacher", default="smollm2", help="teacher backbone (default smollm2, the embedded SmolLM2-135M)")
+    p.add_argument("--seed", type=int, default=42)
+    a = p.parse_args(argv)
+    out: Path = a.out
+    out.mkdir(parents=True, exist_ok=True)
+    data, run, bundle = out / "data", out / "run", out / "bundle"
+    started = time.perf_counter()
+
+    _run(["synth", "--out", str(data), "--patients", str(a.patients), "--seed", str(a.seed)])
+    _run(["evaluate", "--baseline", "frequency", "--data", str(data), "--seed", str(a.seed)])
+    _run(["train", "--data", str(data), "--out", str(run), "--teacher", a.teacher, "--seed", str(a.seed)])
+    _run(["evaluate", "--run", str(run), "--data", str(data)])
+    _run(["export", str(run), "--out", str(bundle), "--int8"])
+    test_visits, recs = out / "test-visits.csv", out / "recommendations.csv"
+    n = write_split_visits(data, test_visits, split="test", seed=a.seed)
+    print(f"\nwrote {n} visits of the test patients to {test_visits}", file=sys.stderr)
+    _run(["predict", "--bundle", str(bundle), "--input", str(test_visits), "--output", str(recs)])
+    _run(["evaluate", "--truth", str(test_visits), "--predictions", str(recs), "--ddi", str(data / "ddi.csv")])
+    print(f"\ndemo finished in {time.perf_counter() - started:.0f} s; report: {run / 'report.md'}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
