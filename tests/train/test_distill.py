@@ -15,7 +15,7 @@ from leader_edge.train.distill import (
 )
 
 HIDDEN = 16
-FAST = DistillConfig(epochs=2, patience=1, batch_size=32, timing_patients=3)
+FAST = DistillConfig(epochs=2, patience=1, batch_size=32, timing_patients=3, code_init="input", wide_neighbours=3)
 
 
 @pytest.fixture(scope="module")
