@@ -64,11 +64,10 @@ def main() -> None:
         cfg = model.config
         enc = encode_samples(ds, splits["train"][: args.samples], model.tokenizer, meds,
                              max_history=cfg.max_history, max_tokens=cfg.max_tokens)
-        if not rows:  # token count of the full stage, once (same tokenizer and budget for all)
-            full = sum(int(encode_samples(ds, splits[s], model.tokenizer, meds, max_history=cfg.max_history,
-                                          max_tokens=cfg.max_tokens).lengths.sum()) for s in ("train", "val", "test"))
-            train_tokens = int(encode_samples(ds, splits["train"], model.tokenizer, meds, max_history=cfg.max_history,
-                                              max_tokens=cfg.max_tokens).lengths.sum())
+        if not rows:  # token counts of the full stage, once (same tokenizer and budget for all)
+            counts = {s: int(encode_samples(ds, splits[s], model.tokenizer, meds, max_history=cfg.max_history,
+                                            max_tokens=cfg.max_tokens).lengths.sum()) for s in ("train", "val", "test")}
+            full, train_tokens = sum(counts.values()), counts["train"]
         tokens = int(enc.lengths.sum())
         t = time.perf_counter()
         states = lower_cache(model, enc, batch_tokens=cfg.cache_batch_tokens, device=torch.device("cpu"))

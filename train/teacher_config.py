@@ -45,7 +45,7 @@ class TeacherConfig:
     cache_batch_tokens: int = 4096  # tokens per batch of the one-off frozen-layer pass
     bf16: bool = False  # autocast on CUDA only; measured 2x slower on this CPU
     plain: bool = False  # benchmark baseline: no cache, full forward every step (LoRA on lora_layers)
-    timing_patients: int = 50  # test patients timed one at a time for per-patient inference ms
+    timing_patients: int = 20  # test patients timed one at a time (50 cost 78 s at load ~5)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:

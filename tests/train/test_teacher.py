@@ -154,3 +154,12 @@ def test_teacher_smollm2_short_real_run(data_dir, tmp_path):
     assert result["backbone"]["hidden_size"] == 576 and result["backbone"]["layers"] == 2
     assert 0.0 <= result["val"]["prauc"] <= 1.0
     assert result["n_params"]["trainable"] < result["n_params"]["total"] / 10
+
+
+def test_teacher_cli_student_stage_needs_a_finished_teacher(data_dir, tmp_path):
+    from leader_edge.cli import main
+
+    args = ["train", "--data", str(data_dir), "--out", str(tmp_path), "--teacher", "tiny", "--stage", "student"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1 and "run with --stage teacher" in result.output
+    assert json.loads((tmp_path / "run.json").read_text())["data"] == str(data_dir.resolve())
