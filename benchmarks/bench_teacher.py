@@ -31,7 +31,7 @@ VARIANTS = {
     "plain peft, LoRA on all 30 layers": dict(plain=True, lora_layers=30),
     "plain peft, LoRA on top 1 of 30": dict(plain=True, lora_layers=1),
     "ours, 30 layers, LoRA top 1 (cached 29)": dict(lora_layers=1),
-    "ours, CPU default: 12 layers, LoRA top 1": dict(backbone_layers=12, lora_layers=1),
+    "ours, 12 of 30 layers, LoRA top 1": dict(backbone_layers=12, lora_layers=1),
 }
 
 
