@@ -19,7 +19,10 @@ Architecture (LEADER-NOTES, with two additions):
     medication stream shifted by one visit, the oldest visit's slot holding the profile vector
     (mean of profile field embeddings); visit vector = [diag, proc, med] (3D);
     + learned position-from-current-visit embedding (the release had none: visit order was invisible);
-    one transformer block over visits; the current visit's output -> MLP -> kernels.linear_sigmoid.
+    one transformer block over visits; the current visit's output -> MLP -> head logits;
+    + a wide path (Wide & Deep, `wide_logits`): a logit vector per code, masked max over the current
+    visit's codes and previous medications, added to the head's logits (synth, no-distill: val PRAUC
+    0.6075 -> 0.6358, test Jaccard 0.417 -> 0.445). Without it the head is kernels.linear_sigmoid.
 The export team's exporter swaps `kernels` for `kernels.reference` (the public ops check codes < V
 with a Python int, which torch.export cannot trace); set `backend="torch"` for the same in eager.
 Only gathers, matmuls, masks and fixed-shape reductions: no nn.EmbeddingBag, no Python branches on
