@@ -15,7 +15,7 @@ import pytest
 
 from leader_edge.encoding import INPUT_NAMES, Encoder
 from leader_edge.errors import DataError
-from leader_edge.runtime import BUNDLE_FORMAT, Bundle, format_rows, recommend
+from leader_edge.runtime import BUNDLE_FORMAT, Bundle, Scored, csv_text, format_rows, plain_codes, recommend
 from leader_edge.visit_stream import _SeenIds, read_patients
 
 MEDS = ["M1", "M2", "M3", "M4", "M5", "M6"]
@@ -118,6 +118,38 @@ def test_runtime_format_rows_threshold_top_k_and_ddi(bundle):
     (top,) = format_rows(bundle, scored, fmt="jsonl", top_k=1)
     assert top["medications"] == ["M6"] and top["ddi_warnings"] == []
     assert recommend(np.array([[0.2, 0.9, 0.5]]), threshold=0.5).tolist() == [[False, True, True]]
+
+
+def _reference_csv(codes: list[str], ddi: np.ndarray, scored: Scored, threshold: float) -> str:
+    """The per-row formatting `format_rows` replaced (recs.py's format), written out plainly."""
+    import csv
+
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    for i, prob in enumerate(scored.y_prob):
+        order = np.argsort(-prob, kind="stable")
+        q = np.rint(prob[order].astype(np.float64) * 10_000).astype(np.int64)
+        rec = [codes[j] for j in order if prob[j] >= threshold]
+        chosen = set(rec)
+        pairs = [f"{codes[a]}+{codes[b]}" for a, b in ddi if codes[a] in chosen and codes[b] in chosen]
+        scores = [f"{codes[j]}:{v / 10_000:.4f}" for j, v in zip(order, q) if v > 0]
+        writer.writerow([scored.patient_ids[i], scored.visit_ids[i], ";".join(rec), ";".join(scores), ";".join(pairs),
+                         int(scored.unknown[i])])
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("ids", [["p1", "p2", "p3", "p4"], ["p 1", 'p"2', "p,3", "p4"]])
+def test_runtime_csv_text_matches_per_row_reference(bundle, ids):
+    rng = np.random.default_rng(0)
+    prob = rng.random((4, len(MEDS))).astype(np.float32) ** 4
+    prob[1] = [0.5, 0.5, 0.00004, 0.00005, 1.0, 0.0]  # ties, the threshold itself, rounding edges
+    prob[2] = 0.0  # nothing listed at all
+    prob[3, 4:] = 0.9  # the M5+M6 interaction
+    scored = Scored(ids, ["v1", "v2", "v3", "v4"], prob, np.array([0, 2, 0, 1]))
+    text = csv_text(list(format_rows(bundle, scored)), plain_codes=plain_codes(MEDS))
+    assert text == _reference_csv(MEDS, bundle.ddi, scored, bundle.threshold)
+    assert "M5+M6" in text.splitlines()[3] and text.splitlines()[2].endswith("v3,,,,0")
+    assert not plain_codes(["A", "B,C"])
 
 
 def test_runtime_bundle_sha256_mismatch_refused(tmp_path):

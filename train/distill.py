@@ -76,6 +76,7 @@ class DistillConfig:
     teacher_spec: str | None = None  # backbone for code_init; None: RUN/teacher/config.json's
     zero_head: bool = False  # deep head starts at 0 (training starts at the wide init): val PRAUC 0.6395 vs 0.6358, noise
     wide_neighbours: int = 0  # distilled only: smooth the wide init toward the k name-nearest codes (0 = global prior)
+    set_encoder: str = "transformer"  # StudentConfig.set_encoder: "transformer" or "mean" (DeepSets)
 
     def __post_init__(self) -> None:
         for name in ("epochs", "patience", "batch_size", "max_visits", "max_codes"):
@@ -84,7 +85,8 @@ class DistillConfig:
         if self.lr <= 0:
             raise ValueError(f"DistillConfig.lr={self.lr} must be > 0")
         for name, allowed in (("wide", ("max", "mean", "none")), ("wide_init", ("cooc", "zero")),
-                              ("code_init", ("none", "input", "hidden"))):
+                              ("code_init", ("none", "input", "hidden")),
+                              ("set_encoder", ("transformer", "mean"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"DistillConfig.{name}={getattr(self, name)!r}; use one of {allowed}")
 
@@ -212,7 +214,7 @@ def train_student(
         n_groups=int(groups.max()) + 1 if config.code_groups and len(groups) else 0,
         max_visits=encoder.max_visits, teacher_dim=0 if teacher is None else teacher["train"].shape[1],
         alpha=config.alpha if teacher is not None else 0.0, info_nce=config.info_nce, ddi_weight=config.ddi_weight,
-        wide=config.wide,
+        wide=config.wide, set_encoder=config.set_encoder,
     )
     if config.wide != "none":
         deep = Student(StudentConfig(**{**student_config.to_json(), "wide": "none"})).n_params()

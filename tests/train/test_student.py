@@ -120,3 +120,20 @@ def test_student_wide_path_scores_zero_without_codes_and_low_rank_is_a_product()
     torch.testing.assert_close(out[1], m.wide_codes[1] @ m.wide_meds)
     with pytest.raises(ValueError, match="wide"):
         StudentConfig(10, 3, 2, 7, wide="sum")
+
+
+def test_student_mean_set_encoder_is_padding_invariant_and_smaller():
+    enc = encoder()
+    m = model(enc, set_encoder="mean")
+    b = enc.encode(PATIENTS)
+    together = m.predict_proba(**tensors(b))
+    alone = torch.cat([m.predict_proba(**tensors(enc.encode([p]))) for p in PATIENTS])
+    torch.testing.assert_close(together, alone, atol=1e-6, rtol=1e-5)
+    assert torch.isfinite(together).all()
+    assert m.n_params() < model(enc).n_params()  # no per-code attention
+    # The pooled set vector is the mean of (code + group) embeddings, fed to the set MLP.
+    codes = torch.tensor([[enc.med_offset, enc.med_offset + 2, -1]])
+    rows = m.code_emb[codes[0, :2]] + m.group_emb[m.code_group[codes[0, :2]]]
+    torch.testing.assert_close(m.encode_sets(codes, "med"), m.set_blocks["med"](rows.mean(0, keepdim=True)))
+    with pytest.raises(ValueError, match="set_encoder"):
+        StudentConfig(10, 3, 2, 7, set_encoder="gru")
