@@ -67,7 +67,9 @@ class StudentConfig:
     wide_rank: int = 0  # 0: a full [n_codes, n_meds] table; r > 0: [n_codes, r] x [r, n_meds] (MIMIC size needs it)
     # Per-kind set encoder over a visit's codes. "transformer": one block over the codes, then the
     # masked mean; "mean" (DeepSets): masked mean of the code embeddings, then a residual MLP on the
-    # pooled vector - no per-code matmul, the cost that was ~72% of `leader-edge predict`.
+    # pooled vector - no per-code matmul, the cost that was ~72% of `leader-edge predict`. The default
+    # stays "transformer" so students saved before this field load as trained; training's default is
+    # `DistillConfig.set_encoder` ("mean").
     set_encoder: str = "transformer"
     backend: str = "auto"  # kernels backend; export forces "torch" (the reference ops)
 
