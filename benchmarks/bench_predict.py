@@ -1,6 +1,7 @@
 """Bedside runtime benchmark: cold start, end-to-end `predict`, per-patient model latency.
 
     .venv/bin/python benchmarks/bench_predict.py [--patients 100000] [--workdir /tmp/leader-edge-bench] [--run RUN]
+        [--set-encoder transformer|mean]
 
 Measured in one run (baseline: the torch eager fp32 student, same inputs, same process):
   1. cold start: wall time of `leader-edge predict` on a one-patient file (median of 5 runs);
@@ -9,7 +10,8 @@ Measured in one run (baseline: the torch eager fp32 student, same inputs, same p
      torch eager fp32 vs ORT fp32 vs ORT int8, on pre-encoded inputs.
 Without --run, the student has random weights on the synth vocabulary: its cost is the trained
 model's (the shapes come from the architecture and the codes of each visit), only the number of
-recommended medications differs, which changes the output formatting slightly.
+recommended medications differs, which changes the output formatting slightly. `--set-encoder`
+picks that student's per-kind set encoder (`StudentConfig.set_encoder`).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import numpy as np
 CLI = [sys.executable, "-m", "leader_edge"]
 
 
-def setup(workdir: Path, patients: int, run: Path | None) -> tuple[Path, Path, Path]:
+def setup(workdir: Path, patients: int, run: Path | None, set_encoder: str) -> tuple[Path, Path, Path]:
     """(visits.csv, fp32 bundle, int8 bundle), built once and reused from `workdir`."""
     import torch
 
@@ -41,7 +43,7 @@ def setup(workdir: Path, patients: int, run: Path | None) -> tuple[Path, Path, P
     if not (data / "visits.csv").exists():
         write_dataset(synth_dataset(patients=patients, seed=7), data, source="synth")
     if run is None:
-        run = workdir / "run"
+        run = workdir / f"run-{set_encoder}"
         if not (run / "student" / "config.json").exists():
             from leader_edge.train.distill import save_student
             from leader_edge.train.student import Student, StudentConfig
@@ -49,7 +51,8 @@ def setup(workdir: Path, patients: int, run: Path | None) -> tuple[Path, Path, P
             ds = load_dataset(data)
             enc = Encoder.from_visits({k: ds.vocab(k) for k in KINDS}, ds.visits)
             torch.manual_seed(0)
-            model = Student(StudentConfig(enc.n_codes, enc.n_meds, enc.n_profile_ids, enc.med_offset, dropout=0.0))
+            model = Student(StudentConfig(enc.n_codes, enc.n_meds, enc.n_profile_ids, enc.med_offset, dropout=0.0,
+                                          set_encoder=set_encoder))
             with torch.no_grad():
                 for p in model.parameters():
                     p.normal_(0, 0.15)
@@ -57,9 +60,10 @@ def setup(workdir: Path, patients: int, run: Path | None) -> tuple[Path, Path, P
             save_student(run / "student", model.eval(), enc, 0.5, {"seed": 42, "data": str(data)})
     bundles = []
     for name, int8 in (("bundle-fp32", False), ("bundle-int8", True)):
-        if not (workdir / name / "manifest.json").exists():
-            export_bundle(run, workdir / name, int8=int8)
-        bundles.append(workdir / name)
+        out = workdir / f"{name}-{run.name}"
+        if not (out / "manifest.json").exists():
+            export_bundle(run, out, int8=int8)
+        bundles.append(out)
     return data / "visits.csv", bundles[0], bundles[1]
 
 
@@ -88,7 +92,7 @@ def end_to_end(visits: Path, bundle: Path, workdir: Path, patients: int) -> floa
     return patients / seconds
 
 
-def model_speed(visits: Path, fp32: Path, int8: Path, run: Path | None, workdir: Path, n_single: int = 300) -> dict:
+def model_speed(visits: Path, fp32: Path, int8: Path, run: Path, n_single: int = 300) -> dict:
     import torch
 
     from leader_edge.export.bundle import batch1_ms, ort_runner
@@ -96,7 +100,7 @@ def model_speed(visits: Path, fp32: Path, int8: Path, run: Path | None, workdir:
     from leader_edge.visit_stream import read_patients
     from leader_edge.train.distill import load_student
 
-    model, encoder, _ = load_student((run or workdir / "run") / "student", backend="torch")
+    model, encoder, _ = load_student(run / "student", backend="torch")
     with open(visits, "rb") as f:
         chunk = next(read_patients(f, str(visits), chunk_patients=8192))
     histories = [p.visits for p in chunk]
@@ -135,11 +139,15 @@ def main() -> None:
     parser.add_argument("--patients", type=int, default=100_000)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/leader-edge-bench"))
     parser.add_argument("--run", type=Path, help="a trained run directory (default: a random-weight student)")
+    parser.add_argument("--set-encoder", choices=("transformer", "mean"), default="transformer",
+                        help="set encoder of the random-weight student")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    visits, fp32, int8 = setup(args.workdir, args.patients, args.run)
-    print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs; {args.patients:,} patients", flush=True)
-    speed = model_speed(visits, fp32, int8, args.run, args.workdir)
+    visits, fp32, int8 = setup(args.workdir, args.patients, args.run, args.set_encoder)
+    run = args.run or args.workdir / f"run-{args.set_encoder}"
+    print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs; {args.patients:,} patients; "
+          f"student {run} (set encoder {args.set_encoder if args.run is None else 'from the run'})", flush=True)
+    speed = model_speed(visits, fp32, int8, run)
     base = speed["torch eager fp32"]
     print("\n| model | p50 ms (batch 1) | p99 ms (batch 1) | patients/s (batch 1024) | x torch eager |")
     print("|---|---|---|---|---|")

@@ -234,11 +234,7 @@ def format_rows(bundle: Bundle, scored: Scored, *, fmt: str = "csv", threshold: 
     n, m = prob.shape
     rec = recommend(prob, threshold=bundle.threshold if threshold is None else threshold, top_k=top_k)
     codes = bundle.med_codes
-    pairs: list[list[tuple[str, str]]] = [[] for _ in range(n)]
-    if len(bundle.ddi):
-        hits = rec[:, bundle.ddi[:, 0]] & rec[:, bundle.ddi[:, 1]]  # [N, P]
-        for i in np.flatnonzero(hits.any(1)).tolist():
-            pairs[i] = [(codes[a], codes[b]) for a, b in bundle.ddi[hits[i]].tolist()]
+    hits = rec[:, bundle.ddi[:, 0]] & rec[:, bundle.ddi[:, 1]]  # [N, P] interacting pairs inside the recommendation
     order = np.argsort(-prob, axis=1, kind="stable")  # [N, M]
     quant = np.rint(np.take_along_axis(prob, order, axis=1).astype(np.float64) * 10_000).astype(np.int64)  # [N, M] 0..10000, highest first
     rec = np.take_along_axis(rec, order, axis=1)  # [N, M] in score order
@@ -249,7 +245,8 @@ def format_rows(bundle: Bundle, scored: Scored, *, fmt: str = "csv", threshold: 
             yield {"patient_id": scored.patient_ids[i], "visit_id": scored.visit_ids[i],
                    "medications": [codes[j] for j in order[i, rec[i]].tolist()],
                    "scores": {codes[j]: v / 10_000 for j, v in zip(kept, kept_q)},
-                   "ddi_warnings": [list(p) for p in pairs[i]], "unknown_codes": int(scored.unknown[i])}
+                   "ddi_warnings": [[codes[a], codes[b]] for a, b in bundle.ddi[hits[i]].tolist()],
+                   "unknown_codes": int(scored.unknown[i])}
         return
     # Listed entries padded to the last listed position of any row: for `scores` (a prefix of the
     # score order, rint being monotone) most of the 130 columns; for `medications` ~15.
@@ -261,9 +258,12 @@ def format_rows(bundle: Bundle, scored: Scored, *, fmt: str = "csv", threshold: 
     scores = _join_tokens(tokens)
     last = int((rec * np.arange(1, m + 1)).max(initial=0))
     meds = _join_tokens(_code_bytes(codes, ";")[np.where(rec[:, :last], order[:, :last], m)])
+    n_pairs = len(bundle.ddi)
+    last = int((hits * np.arange(1, n_pairs + 1)).max(initial=0))
+    pair_names = _code_bytes([f"{codes[a]}+{codes[b]}" for a, b in bundle.ddi.tolist()], ";")
+    warnings = _join_tokens(pair_names[np.where(hits[:, :last], np.arange(last), n_pairs)])
     for i in range(n):
-        yield [scored.patient_ids[i], scored.visit_ids[i], meds[i], scores[i],
-               ";".join(f"{a}+{b}" for a, b in pairs[i]), int(scored.unknown[i])]
+        yield [scored.patient_ids[i], scored.visit_ids[i], meds[i], scores[i], warnings[i], int(scored.unknown[i])]
 
 
 def csv_text(rows: Iterable[list], *, plain_codes: bool) -> str:
