@@ -20,21 +20,24 @@ from unittest import mock
 import numpy as np
 
 from leader_edge.encoding import INPUT_NAMES
+from leader_edge.export.padded import fold_constant_concats, padded_embedding_bag, padded_wide_logits
 
 log = logging.getLogger(__name__)
 
 OPSET = 18  # onnxruntime 1.32 runs it everywhere; the dynamo exporter's default
 
 
-def _reference_kernels() -> types.SimpleNamespace:
+def _reference_kernels(*, reference_bag: bool = False) -> types.SimpleNamespace:
     """`leader_edge.kernels` look-alike that always runs the pure-torch references.
 
     The public kernels check `codes.max() < V` on CPU with a Python `int(...)`, a data-dependent
-    branch that torch.export cannot trace; the references are the spec and export cleanly."""
+    branch that torch.export cannot trace; the references are the spec and export cleanly. The
+    embedding bag is the reference's padded-gather form (`export/padded.py`: same values, no mask pass)."""
     from leader_edge.kernels import reference
 
     return types.SimpleNamespace(
-        embedding_bag=lambda weight, codes, mode="sum", backend="torch": reference.embedding_bag(weight, codes, mode),
+        embedding_bag=lambda weight, codes, mode="sum", backend="torch": (
+            reference.embedding_bag if reference_bag else padded_embedding_bag)(weight, codes, mode),
         linear_sigmoid=lambda x, weight, bias=None, backend="torch": reference.linear_sigmoid(x, weight, bias),
         linear_bce_with_logits=lambda x, w, b, t, backend="torch": reference.linear_bce_with_logits(x, w, b, t),
     )
@@ -91,13 +94,23 @@ def export_onnx(model, path: str | Path, inputs: dict[str, np.ndarray]) -> Path:
         "visit_mask": {0: batch, 1: visits},
     }
     path = Path(path)
-    with mock.patch.object(student_module, "kernels", _reference_kernels()), torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the exporter's deprecation chatter; failures still raise
-        program = torch.onnx.export(
-            wrapper, args, input_names=list(INPUT_NAMES), output_names=["probabilities"],
-            dynamic_shapes=dynamic, opset_version=OPSET, dynamo=True, optimize=True, verbose=False,
-        )
+    with torch.no_grad():
+        with mock.patch.object(student_module, "kernels", _reference_kernels(reference_bag=True)):
+            want = wrapper(*args)
+    with mock.patch.object(student_module, "kernels", _reference_kernels()), \
+            mock.patch.object(student_module.Student, "wide_logits", padded_wide_logits), torch.no_grad():
+        diff = float((wrapper(*args) - want).abs().max())
+        if diff > 1e-6:
+            raise RuntimeError(f"the padded-gather export form differs from the student by {diff:.2e} on the example "
+                               "batch; Student changed - update leader_edge/export/padded.py to match it")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the exporter's deprecation chatter; failures still raise
+            program = torch.onnx.export(
+                wrapper, args, input_names=list(INPUT_NAMES), output_names=["probabilities"],
+                dynamic_shapes=dynamic, opset_version=OPSET, dynamo=True, optimize=True, verbose=False,
+            )
     program.save(str(path), external_data=False)
+    fold_constant_concats(path)
     log.info("exported %s (%.1f KiB)", path, path.stat().st_size / 1024)
     return path
 
