@@ -1,12 +1,13 @@
 """The bedside runtime: a validated bundle + a visits CSV -> recommendations. No torch.
 
 Imports only onnxruntime, numpy, the standard library and torch-free leader_edge modules
-(`encoding`, `visit_stream`, `dataset`'s parsing helpers, `errors`), so `leader-edge predict`
-starts in ~0.3 s.
+(`encoding`, `visit_stream`, `visit_table`, `formatting`, `dataset`'s parsing helpers, `errors`),
+so `leader-edge predict` starts in ~0.3 s.
 
     bundle = Bundle.load("bundle/")                      # checks the model's sha256
-    for chunk in read_patients(open("visits.csv", "rb"), "visits.csv"):
+    for chunk in read_patients(open("visits.csv", "rb"), "visits.csv"):   # VisitTable chunks
         result = bundle.predict(chunk)                   # one row per predicted visit
+        text = csv_chunk(bundle, result, plain_codes=plain_codes(bundle.med_codes))
 
 Streaming (`leader_edge.visit_stream`): patients arrive in chunks, so memory is set by the chunk
 and batch sizes (~0.5 GB peak for the whole CLI on 100k synth patients, most of it onnxruntime's
@@ -16,21 +17,19 @@ after 1M rows against 97 MB after 20k; ~0.6 GB more at 10M rows).
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import logging
-import re
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from leader_edge.encoding import Encoder, RawVisit
+from leader_edge.encoding import Batch, Encoder, RawVisit
 from leader_edge.errors import DataError
+from leader_edge.formatting import OUTPUT_COLUMNS, csv_chunk, csv_text, format_rows, plain_codes, recommend  # noqa: F401 - re-exported
 from leader_edge.visit_stream import Patient, read_patients
+from leader_edge.visit_table import VisitTable, encode_table
 
 log = logging.getLogger(__name__)
 
@@ -122,24 +121,47 @@ class Bundle:
         Returns:
             (float32 [N, M] probabilities, int64 [N] unknown-code counts).
         """
-        n = len(patients)
+        k = self.encoder.max_visits
+        order = np.array(size_order(patients, k), dtype=np.int64)
+        kept = np.array([min(len(p), k) for p in patients], dtype=np.int64)
+        return self._score(order, kept, lambda idx: self.encoder.encode([patients[i] for i in idx]), batch_size)
+
+    def _score(self, order: np.ndarray, kept: np.ndarray, encode, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """Run the model over targets in `order`, batched as `predict_proba` says; `encode(indices)`
+        gives a target subset's `Batch`, `kept[i]` target i's visit slots."""
+        n = len(order)
         prob = np.empty((n, len(self.med_codes)), dtype=np.float32)
         unknown = np.empty(n, dtype=np.int64)
-        k = self.encoder.max_visits
-        order = size_order(patients, k)
+        widths = kept[order].tolist()
         start = 0
         while start < n:
-            width = min(len(patients[order[min(start + batch_size, n) - 1]]), k)  # sorted: the last is the widest
+            width = widths[min(start + batch_size, n) - 1]  # sorted: the last is the widest
             size = max(1, min(batch_size, VISIT_SLOTS // width))
             idx = order[start : start + size]
-            batch = self.encoder.encode([patients[i] for i in idx])
+            batch: Batch = encode(idx)
             prob[idx] = self.session.run(None, batch.inputs())[0]
             unknown[idx] = batch.unknown
             start += size
         return prob, unknown
 
-    def predict(self, chunk: list[Patient], *, all_visits: bool = False, batch_size: int = 1024) -> Scored:
-        """Score each patient's last visit, or every visit (`all_visits`, each with its own history)."""
+    def predict(self, chunk: VisitTable | list[Patient], *, all_visits: bool = False, batch_size: int = 1024) -> Scored:
+        """Score each patient's last visit, or every visit (`all_visits`, each with its own history).
+
+        A `VisitTable` (what `read_patients` yields) is encoded in whole-chunk passes
+        (`visit_table.encode_table`); a list of `Patient`s through `Encoder.encode`, the same arrays."""
+        if isinstance(chunk, VisitTable):
+            codes = encode_table(self.encoder, chunk)
+            counts = np.diff(chunk.starts)
+            if all_visits:
+                ends = np.arange(len(chunk.visit_ids))
+                pids = [chunk.patient_ids[i] for i in np.repeat(np.arange(len(chunk)), counts).tolist()]
+                vids = list(chunk.visit_ids)
+            else:
+                ends = chunk.starts[1:] - 1
+                pids, vids = list(chunk.patient_ids), [chunk.visit_ids[e] for e in ends.tolist()]
+            prob, unknown = self._score(codes.size_order(ends), codes.kept(ends), lambda idx: codes.batch(ends[idx]),
+                                        batch_size)
+            return Scored(pids, vids, prob, unknown)
         pids, vids, histories = [], [], []
         for p in chunk:
             ends = range(1, len(p.visits) + 1) if all_visits else (len(p.visits),)
@@ -177,116 +199,6 @@ def read_manifest(directory: Path) -> dict:
     return manifest
 
 
-# ---------------------------------------------------------------------------------------------
-# Formatting recommendations
-
-OUTPUT_COLUMNS = ("patient_id", "visit_id", "medications", "scores", "ddi_warnings", "unknown_codes")
-_NEEDS_QUOTES = re.compile('[,"\r\n]')  # characters that make csv.writer quote a field
-_PROB_TEXT = [f"{q / 10_000:.4f}" for q in range(10_001)]  # 4 decimals as in recs.py, formatted once
-# The same as NUL-padded bytes ":0.1234;" (row 10_001 all NUL: "not listed"), for `_join_tokens`.
-_PROB_BYTES = np.frombuffer("".join(f":{t};" for t in _PROB_TEXT).encode() + bytes(8), dtype=np.uint8).reshape(-1, 8)
-
-
-def recommend(y_prob: np.ndarray, *, threshold: float, top_k: int | None = None) -> np.ndarray:
-    """bool [N, M]: probability >= threshold, or (top_k) the k most probable medications."""
-    if top_k is None:
-        return y_prob >= threshold
-    out = np.zeros(y_prob.shape, dtype=bool)
-    k = min(top_k, y_prob.shape[1])
-    if k > 0:
-        top = np.argpartition(-y_prob, k - 1, axis=1)[:, :k]
-        np.put_along_axis(out, top, True, axis=1)
-    return out
-
-
-def _code_bytes(codes: list[str], suffix: str) -> np.ndarray:
-    """uint8 [M + 1, W]: each code's UTF-8 bytes + `suffix`, NUL-padded; the last row all NUL."""
-    if any("\0" in c for c in codes):
-        raise ValueError("a medication code contains a NUL character; re-export the bundle from a dataset without it")
-    raw = [(c + suffix).encode() for c in codes]
-    out = np.zeros((len(raw) + 1, max([1, *map(len, raw)])), dtype=np.uint8)
-    for i, b in enumerate(raw):
-        out[i, : len(b)] = np.frombuffer(b, dtype=np.uint8)
-    return out
-
-
-def _join_tokens(tokens: np.ndarray) -> list[str]:
-    """Per row, the concatenation of its tokens with the NUL padding dropped and the last byte (the
-    trailing ';') cut: uint8 [N, T, W] -> N strings. One numpy pass for the whole chunk instead of a
-    Python join over ~130 `code:prob` pieces per row (11.6 s of 100k patients' ~55 s before)."""
-    flat = tokens.reshape(len(tokens), -1)
-    nonzero = flat != 0
-    buf = flat[nonzero].tobytes()  # rows back to back, in row order
-    ends = np.cumsum(nonzero.sum(1)).tolist()
-    starts = [0, *ends[:-1]]
-    return [buf[a : b - 1].decode() if b > a else "" for a, b in zip(starts, ends)]
-
-
-def format_rows(bundle: Bundle, scored: Scored, *, fmt: str = "csv", threshold: float | None = None,
-                top_k: int | None = None) -> Iterable[list | dict]:
-    """Output records (CSV field lists or JSON objects, columns `OUTPUT_COLUMNS`) for a scored chunk.
-
-    `medications` and `scores` list codes highest probability first; `scores` holds every code whose
-    probability rounds to >= 0.0001 (as `recs.write_predictions`), `ddi_warnings` the interacting
-    pairs inside the recommendation as `A+B`, `unknown_codes` the count of codes outside the vocabulary.
-    """
-    prob = scored.y_prob
-    n, m = prob.shape
-    rec = recommend(prob, threshold=bundle.threshold if threshold is None else threshold, top_k=top_k)
-    codes = bundle.med_codes
-    hits = rec[:, bundle.ddi[:, 0]] & rec[:, bundle.ddi[:, 1]]  # [N, P] interacting pairs inside the recommendation
-    order = np.argsort(-prob, axis=1, kind="stable")  # [N, M]
-    quant = np.rint(np.take_along_axis(prob, order, axis=1).astype(np.float64) * 10_000).astype(np.int64)  # [N, M] 0..10000, highest first
-    rec = np.take_along_axis(rec, order, axis=1)  # [N, M] in score order
-    if fmt == "jsonl":
-        for i in range(n):
-            keep = quant[i] > 0
-            kept, kept_q = order[i, keep].tolist(), quant[i, keep].tolist()  # Python ints: numpy scalar indexing is ~5x slower
-            yield {"patient_id": scored.patient_ids[i], "visit_id": scored.visit_ids[i],
-                   "medications": [codes[j] for j in order[i, rec[i]].tolist()],
-                   "scores": {codes[j]: v / 10_000 for j, v in zip(kept, kept_q)},
-                   "ddi_warnings": [[codes[a], codes[b]] for a, b in bundle.ddi[hits[i]].tolist()],
-                   "unknown_codes": int(scored.unknown[i])}
-        return
-    # Listed entries padded to the last listed position of any row: for `scores` (a prefix of the
-    # score order, rint being monotone) most of the 130 columns; for `medications` ~15.
-    kept = quant > 0
-    width = int(kept.sum(1).max(initial=0))
-    names = _code_bytes(codes, "")
-    tokens = np.concatenate([names[np.where(kept[:, :width], order[:, :width], m)],  # [N, width, Wc] + [N, width, 8]
-                             _PROB_BYTES[np.where(kept[:, :width], np.minimum(quant[:, :width], 10_000), -1)]], axis=2)
-    scores = _join_tokens(tokens)
-    last = int((rec * np.arange(1, m + 1)).max(initial=0))
-    meds = _join_tokens(_code_bytes(codes, ";")[np.where(rec[:, :last], order[:, :last], m)])
-    n_pairs = len(bundle.ddi)
-    last = int((hits * np.arange(1, n_pairs + 1)).max(initial=0))
-    pair_names = _code_bytes([f"{codes[a]}+{codes[b]}" for a, b in bundle.ddi.tolist()], ";")
-    warnings = _join_tokens(pair_names[np.where(hits[:, :last], np.arange(last), n_pairs)])
-    for i in range(n):
-        yield [scored.patient_ids[i], scored.visit_ids[i], meds[i], scores[i], warnings[i], int(scored.unknown[i])]
-
-
-def csv_text(rows: Iterable[list], *, plain_codes: bool) -> str:
-    """CSV lines for `format_rows` records, byte-identical to `csv.writer(lineterminator="\\n")`.
-
-    csv.writer scans every character for quoting and cost ~21 us per row of ~130 scores (more than
-    the formatting itself). When no field can need quotes - `plain_codes` (no medication code holds
-    `,` `"` CR or LF; the score, medication and warning fields are built from codes, digits, `:;+.`)
-    and no id of the chunk does either - the fields are joined directly; otherwise csv.writer runs.
-    """
-    rows = rows if isinstance(rows, list) else list(rows)
-    if plain_codes and not _NEEDS_QUOTES.search("".join(r[0] + r[1] for r in rows)):
-        return "".join(f"{a},{b},{c},{d},{e},{f}\n" for a, b, c, d, e, f in rows)
-    out = io.StringIO()
-    csv.writer(out, lineterminator="\n").writerows(rows)
-    return out.getvalue()
-
-
-def plain_codes(codes: list[str]) -> bool:
-    """True when no code needs CSV quoting (see `csv_text`)."""
-    return not any(_NEEDS_QUOTES.search(c) for c in codes)
-
-
 def predict_file(bundle: Bundle, input_path: str, output: str, *, fmt: str = "csv", all_visits: bool = False,
                  top_k: int | None = None, threshold: float | None = None, batch_size: int = 1024) -> dict:
     """Stream `input_path` ("-" = stdin) through the bundle into `output` ("-" = stdout).
@@ -316,18 +228,17 @@ def predict_file(bundle: Bundle, input_path: str, output: str, *, fmt: str = "cs
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name if target else 'predict'}.", dir=target.parent if target else None)
     stats = {"patients": 0, "visits": 0, "unknown_codes": 0, "visits_with_unknown": 0}
     try:
-        with stream, os.fdopen(fd, "w", newline="", encoding="utf-8") as out:
-            writer = csv.writer(out, lineterminator="\n") if fmt == "csv" else None
-            if writer:
-                writer.writerow(OUTPUT_COLUMNS)
+        with stream, os.fdopen(fd, "wb") as out:
+            if fmt == "csv":
+                out.write(",".join(OUTPUT_COLUMNS).encode() + b"\n")  # no column name needs quoting
             plain = plain_codes(bundle.med_codes)
 
             def emit(scored: Scored, n_patients: int) -> None:
-                rows = format_rows(bundle, scored, fmt=fmt, threshold=threshold, top_k=top_k)
-                if writer:
-                    out.write(csv_text(list(rows), plain_codes=plain))
+                if fmt == "csv":
+                    out.write(csv_chunk(bundle, scored, plain_codes=plain, threshold=threshold, top_k=top_k))
                 else:
-                    out.writelines(json.dumps(r, separators=(",", ":")) + "\n" for r in rows)
+                    rows = format_rows(bundle, scored, fmt=fmt, threshold=threshold, top_k=top_k)
+                    out.write("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in rows).encode())
                 stats["patients"] += n_patients
                 stats["visits"] += len(scored.visit_ids)
                 stats["unknown_codes"] += int(scored.unknown.sum())

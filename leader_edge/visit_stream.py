@@ -10,39 +10,33 @@ in time order; the canonical `visits.csv` written by `leader-edge synth/prepare`
 from __future__ import annotations
 
 import csv
+import operator
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import datetime
+from itertools import islice
 from pathlib import Path
 from typing import IO
 
 import numpy as np
 
 from leader_edge.dataset import PROFILE_PREFIX, VISIT_COLUMNS, check_header, parse_code_list
-from leader_edge.encoding import RawVisit
 from leader_edge.errors import DataError
+from leader_edge.visit_table import CODE_COLUMNS, Patient, VisitTable
 
 # 100,000 characters per field: a MIMIC visit's longest code list is ~400 characters (39 diagnoses),
 # so anything this long is a broken quote swallowing the rest of the file, not a visit.
 MAX_FIELD = 100_000
 CHUNK_PATIENTS = 8192  # patients per chunk: ~4 MB of encoded arrays, enough to fill ORT batches
 _CODES_OK = re.compile(r"[^\s,;]+(?:;[^\s,;]+)*")  # the common case, checked in C; else parse_code_list
+# A whole column of code lists, one per line, each empty or canonical: one regex pass per block.
+_COLUMN_OK = re.compile(r"(?:[^\s,;]+(?:;[^\s,;]+)*)?(?:\n(?:[^\s,;]+(?:;[^\s,;]+)*)?)*")
+BLOCK_ROWS = 4096  # rows validated together: per-block numpy/regex passes amortise over ~0.5 MB
 
 
 
 # ---------------------------------------------------------------------------------------------
 # Reading visits
-
-
-@dataclass
-class Patient:
-    """One patient's visits in time order; `visit_ids[i]` and `lines[i]` belong to `visits[i]`."""
-
-    patient_id: str
-    visit_ids: list[str]
-    lines: list[int]
-    visits: list[RawVisit]
 
 
 class _SeenIds:
@@ -78,13 +72,7 @@ class _SeenIds:
         return None
 
 
-def _codes(text: str, path: str, line: int, column: str) -> list[str] | tuple[str, ...]:
-    if _CODES_OK.fullmatch(text):
-        return text.split(";")
-    return parse_code_list(text, path=path, line=line, column=column)
-
-
-def read_patients(stream: IO[bytes], path: str, *, chunk_patients: int = CHUNK_PATIENTS) -> Iterator[list[Patient]]:
+def read_patients(stream: IO[bytes], path: str, *, chunk_patients: int = CHUNK_PATIENTS) -> Iterator[VisitTable]:
     """Stream a canonical visits CSV as chunks of whole patients, validating every row.
 
     Args:
@@ -92,6 +80,9 @@ def read_patients(stream: IO[bytes], path: str, *, chunk_patients: int = CHUNK_P
             reported on its own line; a UTF-8 BOM is accepted).
         path: the name used in error messages ("<stdin>" for standard input).
         chunk_patients: patients per yielded chunk (the last one may be smaller).
+
+    Yields:
+        `VisitTable`s of `chunk_patients` patients (a sequence of `Patient`s too).
 
     Raises:
         DataError: empty file, bad header, wrong field count, a field over MAX_FIELD characters,
@@ -101,7 +92,7 @@ def read_patients(stream: IO[bytes], path: str, *, chunk_patients: int = CHUNK_P
     csv.field_size_limit(MAX_FIELD)
     reader = csv.reader(_decoded_lines(stream, path))
     try:
-        yield from _read(reader, path, chunk_patients)
+        yield from _Reader(reader, path, chunk_patients).chunks()
     except csv.Error as e:
         fix = (f"a field is longer than {MAX_FIELD:,} characters: look for an unclosed '\"' quote on or above this line"
                if "field larger" in str(e) else "check the quoting on this line")
@@ -118,61 +109,161 @@ def _decoded_lines(stream: IO[bytes], path: str) -> Iterator[str]:
         yield text[1:] if number == 1 and text.startswith("\ufeff") else text
 
 
-def _read(reader, path: str, chunk_patients: int) -> Iterator[list[Patient]]:
-    header = next(reader, None)
-    check_header(header, VISIT_COLUMNS, Path(path), extra_prefix=PROFILE_PREFIX)
-    col = {c: i for i, c in enumerate(header)}
-    i_pid, i_vid, i_time = col["patient_id"], col["visit_id"], col["visit_time"]
-    i_diag, i_proc, i_med = col["diagnoses"], col["procedures"], col["medications"]
-    profile = [(c[len(PROFILE_PREFIX):], i) for c, i in col.items() if c.startswith(PROFILE_PREFIX)]
-    width = len(header)
-    seen_visits, seen_patients = _SeenIds(), _SeenIds()
-    chunk: list[Patient] = []
-    current: Patient | None = None
-    last_time: datetime | None = None
-    start = reader.line_num + 1
-    for row in reader:
-        line, start = start, reader.line_num + 1
-        if not row:
-            continue
-        if len(row) != width:
-            raise DataError(path, f"{len(row)} fields where the header has {width}", line=line,
-                            fix="quote fields that contain ',' and check the row for missing or extra values")
-        pid, vid = row[i_pid].strip(), row[i_vid].strip()
-        for name, value in (("patient_id", pid), ("visit_id", vid)):
-            if not value:
-                raise DataError(path, f"empty {name}", line=line, column=name, fix=f"every row needs a {name}")
-        text = row[i_time].strip()
+class _Reader:
+    """Rows in blocks of `BLOCK_ROWS`, validated by whole-block checks (`_fast`); a block that fails
+    any of them goes through the row-by-row checks (`_slow`), which name the first bad row exactly
+    as a row-at-a-time reader would. Valid rows accumulate as columns until a chunk is full."""
+
+    def __init__(self, reader, path: str, chunk_patients: int) -> None:
+        self.reader, self.path, self.chunk_patients = reader, path, chunk_patients
+        header = next(reader, None)
+        check_header(header, VISIT_COLUMNS, Path(path), extra_prefix=PROFILE_PREFIX)
+        col = {c: i for i, c in enumerate(header)}
+        self.width = len(header)
+        self.i_pid, self.i_vid, self.i_time = col["patient_id"], col["visit_id"], col["visit_time"]
+        self.i_codes = [col[c] for c in CODE_COLUMNS]
+        self.profile = [(c[len(PROFILE_PREFIX):], i) for c, i in col.items() if c.startswith(PROFILE_PREFIX)]
+        self.seen_visits, self.seen_patients = _SeenIds(), _SeenIds()
+        self.next_line = reader.line_num + 1
+        # The patient of the last valid row, its time and line (visit order continues across blocks).
+        self.pid: str | None = None
+        self.last_time: datetime | None = None
+        self.last_line = 0
+        self._reset()
+
+    def _reset(self) -> None:
+        self.pids: list[str] = []  # one per row (the table keeps one per patient)
+        self.vids: list[str] = []
+        self.lines: list[int] = []
+        self.codes: list[list[str]] = [[] for _ in CODE_COLUMNS]
+        self.values: list[list[str]] = [[] for _ in self.profile]
+        self.patient_starts: list[int] = []
+
+    def chunks(self) -> Iterator[VisitTable]:
+        while True:
+            rows: list[list[str]] = []
+            line = self.next_line
+            try:
+                rows.extend(islice(self.reader, BLOCK_ROWS))  # keeps the rows read before an error
+            except (csv.Error, DataError):
+                self._block(rows, line, self.reader.line_num - line)  # earlier rows' errors come first
+                raise
+            if not rows:
+                break
+            self._block(rows, line, self.reader.line_num + 1 - line)
+            self.next_line = self.reader.line_num + 1
+            while len(self.patient_starts) > self.chunk_patients:
+                yield self._take(self.patient_starts[self.chunk_patients])
+        if self.pids:
+            yield self._take(len(self.pids))
+        elif self.pid is None:
+            raise DataError(self.path, "no visits after the header", line=2, fix="write one row per visit below the header")
+
+    def _block(self, rows: list[list[str]], first: int, n_lines: int) -> None:
+        if n_lines == len(rows):
+            lines = list(range(first, first + len(rows)))
+        else:  # a quoted field spans lines: row i starts after the line breaks inside rows < i
+            breaks = [sum(f.count("\n") for f in r) for r in rows]
+            lines = [first + i + b for i, b in enumerate(np.cumsum([0, *breaks[:-1]]).tolist())]
+        if not self._fast(rows, lines):
+            self._slow(rows, lines)
+
+    def _fast(self, rows: list[list[str]], lines: list[int]) -> bool:
+        """Validate and append a block with whole-column checks; False (nothing appended) if any fails."""
+        if {len(r) for r in rows} != {self.width}:
+            return False  # blank lines or a wrong field count
+        cols = list(zip(*rows))
+        pids, vids = list(map(str.strip, cols[self.i_pid])), list(map(str.strip, cols[self.i_vid]))
+        if "" in pids or "" in vids:
+            return False
         try:
-            time = datetime.fromisoformat(text)
-        except ValueError:
-            raise DataError(path, f"{text!r} is not an ISO 8601 time", line=line, column="visit_time",
-                            fix="write times as YYYY-MM-DD or YYYY-MM-DDTHH:MM:SS") from None
-        if current is None or pid != current.patient_id:
-            if current is not None:
-                chunk.append(current)
-                if len(chunk) >= chunk_patients:
-                    _check_ids(chunk, seen_visits, seen_patients, path)
-                    yield chunk
-                    chunk = []
-            current, last_time = Patient(pid, [], [], []), None
-        elif last_time is not None and _earlier(time, last_time, path, line):
-            raise DataError(path, f"visit {vid!r} at {text} is earlier than the patient's previous visit on line "
-                            f"{current.lines[-1]} ({last_time.isoformat()})", line=line, column="visit_time",
-                            fix="sort each patient's visits by visit_time (oldest first)")
-        visit = RawVisit(_codes(row[i_diag], path, line, "diagnoses"), _codes(row[i_proc], path, line, "procedures"),
-                         _codes(row[i_med], path, line, "medications"), [(f, row[i].strip()) for f, i in profile])
-        last_time = time
-        current.visit_ids.append(vid)
-        current.lines.append(line)
-        current.visits.append(visit)
-    if current is not None:
-        chunk.append(current)
-    if chunk:
-        _check_ids(chunk, seen_visits, seen_patients, path)
-        yield chunk
-    elif current is None:
-        raise DataError(path, "no visits after the header", line=2, fix="write one row per visit below the header")
+            times = list(map(datetime.fromisoformat, map(str.strip, cols[self.i_time])))
+            prev_pid = [self.pid, *pids[:-1]]
+            prev_time = [self.last_time or times[0], *times[:-1]]
+            if any(map(operator.and_, map(operator.eq, pids, prev_pid), map(operator.lt, times, prev_time))):
+                return False
+        except (ValueError, TypeError):  # a bad time, or times with and without a zone side by side
+            return False
+        codes = []
+        for i in self.i_codes:
+            text = "\n".join(cols[i])
+            if text.count("\n") != len(rows) - 1 or not _COLUMN_OK.fullmatch(text):
+                return False  # whitespace, a stray ';' or ',' somewhere: the row checks say where
+            codes.append(cols[i])
+        self._append(pids, vids, lines, codes, [list(map(str.strip, cols[i])) for _, i in self.profile])
+        self.last_time, self.last_line = times[-1], lines[-1]
+        return True
+
+    def _slow(self, rows: list[list[str]], lines: list[int]) -> None:
+        """Row-by-row validation: raises on the first bad row; appends the rows of a valid block."""
+        path = self.path
+        pids, vids, kept, codes = [], [], [], [[] for _ in CODE_COLUMNS]
+        values: list[list[str]] = [[] for _ in self.profile]
+        pid_before = self.pid
+        for row, line in zip(rows, lines):
+            if not row:
+                continue
+            if len(row) != self.width:
+                raise DataError(path, f"{len(row)} fields where the header has {self.width}", line=line,
+                                fix="quote fields that contain ',' and check the row for missing or extra values")
+            pid, vid = row[self.i_pid].strip(), row[self.i_vid].strip()
+            for name, value in (("patient_id", pid), ("visit_id", vid)):
+                if not value:
+                    raise DataError(path, f"empty {name}", line=line, column=name, fix=f"every row needs a {name}")
+            text = row[self.i_time].strip()
+            try:
+                time = datetime.fromisoformat(text)
+            except ValueError:
+                raise DataError(path, f"{text!r} is not an ISO 8601 time", line=line, column="visit_time",
+                                fix="write times as YYYY-MM-DD or YYYY-MM-DDTHH:MM:SS") from None
+            if pid == self.pid and self.last_time is not None and _earlier(time, self.last_time, path, line):
+                raise DataError(path, f"visit {vid!r} at {text} is earlier than the patient's previous visit on line "
+                                f"{self.last_line} ({self.last_time.isoformat()})", line=line, column="visit_time",
+                                fix="sort each patient's visits by visit_time (oldest first)")
+            for out, i, column in zip(codes, self.i_codes, CODE_COLUMNS):
+                out.append(";".join(_codes(row[i], path, line, column)))
+            for out, (_, i) in zip(values, self.profile):
+                out.append(row[i].strip())
+            pids.append(pid)
+            vids.append(vid)
+            kept.append(line)
+            self.pid, self.last_time, self.last_line = pid, time, line
+        self.pid = pid_before  # `_append` moves it
+        if pids:
+            self._append(pids, vids, kept, codes, values)
+
+    def _append(self, pids: list[str], vids: list[str], lines: list[int], codes: list, values: list) -> None:
+        base = len(self.pids)
+        prev = [self.pid, *pids[:-1]]
+        self.patient_starts.extend(base + i for i, new in enumerate(map(operator.ne, pids, prev)) if new)
+        self.pid = pids[-1]
+        self.pids.extend(pids)
+        self.vids.extend(vids)
+        self.lines.extend(lines)
+        for out, column in zip(self.codes, codes):
+            out.extend(column)
+        for out, column in zip(self.values, values):
+            out.extend(column)
+
+    def _take(self, end: int) -> VisitTable:
+        """The first `end` rows (whole patients) as a checked table; the rest stays pending."""
+        n_patients = sum(1 for s in self.patient_starts if s < end)
+        starts = np.array([*self.patient_starts[:n_patients], end], dtype=np.int64)
+        table = VisitTable([self.pids[s] for s in self.patient_starts[:n_patients]], starts, self.vids[:end],
+                           np.array(self.lines[:end], dtype=np.int64),
+                           {c: list(col[:end]) for c, col in zip(CODE_COLUMNS, self.codes)},
+                           {f: col[:end] for (f, _), col in zip(self.profile, self.values)})
+        rest = (self.pids[end:], self.vids[end:], self.lines[end:], [c[end:] for c in self.codes],
+                [v[end:] for v in self.values], [s - end for s in self.patient_starts[n_patients:]])
+        self.pids, self.vids, self.lines, self.codes, self.values, self.patient_starts = rest
+        _check_ids(table, self.seen_visits, self.seen_patients, self.path)
+        return table
+
+
+def _codes(text: str, path: str, line: int, column: str) -> list[str] | tuple[str, ...]:
+    if _CODES_OK.fullmatch(text):
+        return text.split(";")
+    return parse_code_list(text, path=path, line=line, column=column)
 
 
 def _earlier(time: datetime, last: datetime, path: str, line: int) -> bool:
@@ -183,13 +274,13 @@ def _earlier(time: datetime, last: datetime, path: str, line: int) -> bool:
                         fix="write every time of a patient the same way, e.g. 2130-05-01T08:30:00") from None
 
 
-def _check_ids(chunk: list[Patient], seen_visits: _SeenIds, seen_patients: _SeenIds, path: str) -> None:
+def _check_ids(chunk: VisitTable, seen_visits: _SeenIds, seen_patients: _SeenIds, path: str) -> None:
     """Refuse a visit id used twice, or a patient whose rows are split by other patients' rows."""
-    hit = seen_visits.add([v for p in chunk for v in p.visit_ids], [ln for p in chunk for ln in p.lines])
+    hit = seen_visits.add(chunk.visit_ids, chunk.lines)
     if hit:
         raise DataError(path, f"visit_id already used on line {hit[1]}", line=hit[0], column="visit_id",
                         fix="visit ids must be unique across the file: one row per visit")
-    hit = seen_patients.add([p.patient_id for p in chunk], [p.lines[0] for p in chunk])
+    hit = seen_patients.add(chunk.patient_ids, chunk.lines[chunk.starts[:-1]])
     if hit:
         raise DataError(path, f"patient_id reappears after other patients' rows (its earlier rows end before line "
                         f"{hit[0]}, first seen on line {hit[1]})", line=hit[0], column="patient_id",

@@ -1,0 +1,100 @@
+"""The columnar reader and whole-chunk encoder agree with the per-patient `Encoder.encode` path, and
+`csv_chunk` with the per-row formatting: same arrays, same batches, same bytes."""
+
+import io
+import types
+
+import numpy as np
+import pytest
+from test_runtime import _reference_csv
+
+from leader_edge import visit_stream
+from leader_edge.encoding import INPUT_NAMES, Encoder
+from leader_edge.formatting import csv_chunk, plain_codes
+from leader_edge.runtime import Scored, size_order
+from leader_edge.visit_stream import read_patients
+from leader_edge.visit_table import encode_table
+
+DIAG = [f"D{i}" for i in range(12)]
+PROC = ["P1", "P22", "P333"]
+MEDS = ["M1", "M22", "M3", "M4444", "M5"]
+ENCODER = Encoder({"diagnosis": DIAG, "procedure": PROC, "medication": MEDS},
+                  {"insurance": ["Medicare", "Private"], "language": ["ENGL"]}, max_visits=3, max_codes=4)
+HEADER = "patient_id,visit_id,visit_time,diagnoses,procedures,medications,profile_insurance\n"
+
+
+def _random_csv(seed: int, patients: int = 60) -> str:
+    """Visits with unknown and repeated codes, lists over the 4-code cap, empty lists, histories
+    longer than the 3-visit cap, whitespace to strip and a profile field the encoder lacks."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for p in range(patients):
+        for v in range(int(rng.integers(1, 6))):
+            lists = []
+            for vocab in (DIAG, PROC, MEDS):
+                codes = [str(c) for c in rng.choice(vocab + ["X9", "Y8"], size=int(rng.integers(0, 8)))]
+                lists.append(";".join(codes))
+            if rng.random() < 0.1:
+                lists[0] = " " + lists[0].replace(";", " ; ") + " "
+            insurance = rng.choice(["Medicare", "Private", "Other", ""])
+            rows.append(f"p{p},v{p}_{v},2100-01-{v + 1:02d},{lists[0]},{lists[1]},{lists[2]},{insurance}\n")
+    return HEADER + "".join(rows)
+
+
+def _tables(text: str, chunk_patients: int) -> list:
+    return list(read_patients(io.BytesIO(text.encode()), "visits.csv", chunk_patients=chunk_patients))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_visit_table_batch_matches_encoder_encode(seed):
+    for table in _tables(_random_csv(seed), chunk_patients=17):
+        codes = encode_table(ENCODER, table)
+        patients = list(table)
+        for ends, histories in (
+            (table.starts[1:] - 1, [p.visits for p in patients]),
+            (np.arange(len(table.visit_ids)), [p.visits[:e] for p in patients for e in range(1, len(p.visits) + 1)]),
+        ):
+            got, want = codes.batch(ends), ENCODER.encode(histories)
+            for name in (*INPUT_NAMES, "target_medications", "unknown"):
+                np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
+            assert codes.size_order(ends).tolist() == size_order(histories, ENCODER.max_visits)
+            sub = ends[::3]  # a batch of some targets only: widths pad to that batch's longest row
+            np.testing.assert_array_equal(codes.batch(sub).diagnoses, ENCODER.encode(histories[::3]).diagnoses)
+        assert want.unknown.sum() > 0 and want.diagnoses.shape[2] == ENCODER.max_codes
+
+
+def test_visit_table_block_checks_agree_with_row_checks(monkeypatch):
+    text = _random_csv(3, patients=200)
+    fast = _tables(text, chunk_patients=50)
+    monkeypatch.setattr(visit_stream, "BLOCK_ROWS", 7)  # chunk and block edges fall mid-patient
+    small = _tables(text, chunk_patients=50)
+    monkeypatch.setattr(visit_stream._Reader, "_fast", lambda self, rows, lines: False)
+    slow = _tables(text, chunk_patients=50)
+    assert [len(t) for t in fast] == [50, 50, 50, 50]
+    for a, b, c in zip(fast, small, slow):
+        for t in (b, c):
+            assert (t.patient_ids, t.visit_ids, t.codes, t.profile) == (a.patient_ids, a.visit_ids, a.codes, a.profile)
+            np.testing.assert_array_equal(t.starts, a.starts)
+            np.testing.assert_array_equal(t.lines, a.lines)
+    assert " " not in "".join(fast[0].codes["diagnoses"])  # whitespace normalised on the row path
+
+
+def test_visit_table_multiline_field_keeps_line_numbers():
+    text = HEADER + 'p1,v1,2100-01-01,D1,,,"Medi\ncare"\np2,v2,2100-01-01,D1,,,Private\np2,v3,2100-01-01,D1;;D2,,,\n'
+    with pytest.raises(visit_stream.DataError, match="line 5, column 'diagnoses'"):
+        _tables(text, chunk_patients=10)
+
+
+def test_visit_table_csv_chunk_matches_per_row_reference():
+    codes = ["A1", "B", "C333", "D4", "E55555"]  # unequal widths: the NUL-padding path
+    ddi = np.array([[0, 2], [3, 4], [1, 4]])
+    bundle = types.SimpleNamespace(med_codes=codes, ddi=ddi, threshold=0.5)
+    rng = np.random.default_rng(0)
+    prob = rng.random((6, len(codes))).astype(np.float32) ** 3
+    prob[1] = 0.0  # nothing listed
+    prob[2] = [0.9, 0.00004, 0.9, 0.5, 0.7]  # ties, the threshold, a score that rounds to 0
+    for ids in (["p1", "p2", "p3", "p4", "p5", "p6"], ["p1", "p,2", "p3", 'p"4', "p5", "p6"]):
+        scored = Scored(ids, [f"v{i}" for i in range(6)], prob, np.array([0, 3, 0, 1, 0, 12]))
+        got = csv_chunk(bundle, scored, plain_codes=plain_codes(codes))
+        assert got == _reference_csv(codes, ddi, scored, 0.5).encode()
+    assert b"A1+C333" in got and got.splitlines()[1].endswith(b",,,,3")
