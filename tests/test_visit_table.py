@@ -63,13 +63,15 @@ def test_visit_table_batch_matches_encoder_encode(seed):
 def test_visit_table_block_checks_agree_with_row_checks(monkeypatch):
     text = _random_csv(3, patients=200)
     fast = _tables(text, chunk_patients=50)
-    monkeypatch.setattr(visit_stream, "BLOCK_ROWS", 7)  # chunk and block edges fall mid-patient
+    monkeypatch.setattr(visit_stream, "BLOCK_BYTES", 300)  # chunk and block edges fall mid-patient
     small = _tables(text, chunk_patients=50)
     monkeypatch.setattr(visit_stream._Reader, "_fast", lambda self, rows, lines: False)
     slow = _tables(text, chunk_patients=50)
+    monkeypatch.setattr(visit_stream._Lines, "take_plain", lambda self: None)  # csv.reader for every block
+    slow_csv = _tables(text, chunk_patients=50)
     assert [len(t) for t in fast] == [50, 50, 50, 50]
-    for a, b, c in zip(fast, small, slow):
-        for t in (b, c):
+    for a, b, c, d in zip(fast, small, slow, slow_csv):
+        for t in (b, c, d):
             assert (t.patient_ids, t.visit_ids, t.codes, t.profile) == (a.patient_ids, a.visit_ids, a.codes, a.profile)
             np.testing.assert_array_equal(t.starts, a.starts)
             np.testing.assert_array_equal(t.lines, a.lines)
@@ -80,3 +82,19 @@ def test_visit_table_multiline_field_keeps_line_numbers():
     text = HEADER + 'p1,v1,2100-01-01,D1,,,"Medi\ncare"\np2,v2,2100-01-01,D1,,,Private\np2,v3,2100-01-01,D1;;D2,,,\n'
     with pytest.raises(visit_stream.DataError, match="line 5, column 'diagnoses'"):
         _tables(text, chunk_patients=10)
+
+
+def test_visit_table_first_bad_line_wins_within_a_block():
+    text = (HEADER + "p1,v1,2100-01-01,D1,,,\np1,v2,01/02/2100,D1,,,\np2,v3,2100-01-01,D1,,,Priv\xe9\n").encode("latin-1")
+    with pytest.raises(visit_stream.DataError, match="line 3, column 'visit_time'"):
+        list(read_patients(io.BytesIO(text), "visits.csv"))
+    with pytest.raises(visit_stream.DataError, match="line 4.*UTF-8"):
+        list(read_patients(io.BytesIO(text.replace(b"01/02/2100", b"2100-01-02")), "visits.csv"))
+
+
+def test_visit_table_column_check_equals_regex():
+    rng = np.random.default_rng(0)
+    alphabet = np.array(["A", "1", ";", "\n", " ", ",", "\t", "\r", "\x1c", "\xe9", "\x85", "\xa0"])
+    for _ in range(5000):
+        text = "".join(rng.choice(alphabet, size=int(rng.integers(0, 8))))
+        assert visit_stream._column_ok(text) == (visit_stream._COLUMN_OK.fullmatch(text) is not None), repr(text)
