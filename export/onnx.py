@@ -20,7 +20,7 @@ from unittest import mock
 import numpy as np
 
 from leader_edge.encoding import INPUT_NAMES
-from leader_edge.export.padded import fold_constant_concats, padded_embedding_bag, padded_wide_logits
+from leader_edge.export.forms import fold_constant_concats, last_query_forward, padded_embedding_bag, padded_wide_logits
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def _reference_kernels(*, reference_bag: bool = False) -> types.SimpleNamespace:
 
     The public kernels check `codes.max() < V` on CPU with a Python `int(...)`, a data-dependent
     branch that torch.export cannot trace; the references are the spec and export cleanly. The
-    embedding bag is the reference's padded-gather form (`export/padded.py`: same values, no mask pass)."""
+    embedding bag is the reference's padded-gather form (`export/forms.py`: same values, no mask pass)."""
     from leader_edge.kernels import reference
 
     return types.SimpleNamespace(
@@ -97,12 +97,14 @@ def export_onnx(model, path: str | Path, inputs: dict[str, np.ndarray]) -> Path:
     with torch.no_grad():
         with mock.patch.object(student_module, "kernels", _reference_kernels(reference_bag=True)):
             want = wrapper(*args)
+    block = wrapper.inner.visit_block
     with mock.patch.object(student_module, "kernels", _reference_kernels()), \
-            mock.patch.object(student_module.Student, "wide_logits", padded_wide_logits), torch.no_grad():
+            mock.patch.object(student_module.Student, "wide_logits", padded_wide_logits), \
+            mock.patch.object(block, "forward", lambda x, mask: last_query_forward(block, x, mask)), torch.no_grad():
         diff = float((wrapper(*args) - want).abs().max())
         if diff > 1e-6:
-            raise RuntimeError(f"the padded-gather export form differs from the student by {diff:.2e} on the example "
-                               "batch; Student changed - update leader_edge/export/padded.py to match it")
+            raise RuntimeError(f"the export forms differ from the student by {diff:.2e} on the example batch; "
+                               "Student changed - update leader_edge/export/forms.py to match it")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the exporter's deprecation chatter; failures still raise
             program = torch.onnx.export(

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from leader_edge.export import padded
+from leader_edge.export import forms
 from leader_edge.kernels import reference
 from leader_edge.train.student import Student, StudentConfig
 
@@ -16,7 +16,7 @@ def test_padded_embedding_bag_equals_reference(mode):
     codes = torch.randint(0, 11, (7, 6), generator=g)
     codes[codes % 3 == 0] = -1  # ragged padding
     codes[2] = -1  # an empty bag: a zero row in both
-    got = padded.padded_embedding_bag(weight, codes, mode)
+    got = forms.padded_embedding_bag(weight, codes, mode)
     assert torch.equal(got, reference.embedding_bag(weight, codes, mode))
     assert torch.equal(got[2], torch.zeros(5))
 
@@ -31,5 +31,16 @@ def test_padded_wide_logits_equals_student(wide, rank):
     d, p, m = (torch.from_numpy(rng.integers(-1, 14, size=(5, 2, w))) for w in (4, 2, 3))
     d[1, -1], p[1, -1], m[1, -1] = -1, -1, -1  # a current visit with no codes scores 0
     want = model.wide_logits(d, p, m)
-    got = padded.padded_wide_logits(model, d, p, m)
+    got = forms.padded_wide_logits(model, d, p, m)
     assert torch.equal(got, want) and torch.equal(got[1], torch.zeros(6))
+
+
+def test_last_query_forward_equals_block_last_position():
+    torch.manual_seed(0)
+    model = Student(StudentConfig(20, 6, 4, 14, dropout=0.0, set_encoder="mean", backend="torch")).eval()
+    x = torch.randn(5, 3, 3 * model.config.dim)
+    mask = torch.tensor([[True, True, True], [False, True, True], [False, False, True], [True, True, True], [False, False, True]])
+    want = model.visit_block(x, mask)[:, -1:]
+    got = forms.last_query_forward(model.visit_block, x, mask)
+    assert got.shape == (5, 1, 3 * model.config.dim)
+    assert torch.allclose(got, want, atol=1e-6, rtol=0)
