@@ -81,9 +81,10 @@ def _kind_ids(index: dict[str, int], texts: list[str], max_codes: int) -> tuple[
     known = real & (ids >= 0)
     row, ids = row[known], ids[known]
     key = row * (max(index.values(), default=0) + 1) + ids
-    _, first = np.unique(key, return_index=True)  # a repeated code keeps its first position
-    first.sort()
-    row, ids = row[first], ids[first]
+    by_key = np.argsort(key, kind="stable")  # equal keys (a code repeated in a visit) in file order
+    again = np.zeros(len(key), dtype=bool)
+    again[by_key[1:][key[by_key[1:]] == key[by_key[:-1]]]] = True  # all but the first of each run
+    row, ids = row[~again], ids[~again]
     count = np.bincount(row, minlength=r)
     pos = np.arange(len(row)) - (np.cumsum(count) - count)[row]  # position within the visit
     keep = pos < max_codes
