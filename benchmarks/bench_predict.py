@@ -1,7 +1,7 @@
 """Bedside runtime benchmark: cold start, end-to-end `predict`, per-patient model latency.
 
     .venv/bin/python benchmarks/bench_predict.py [--patients 100000] [--workdir /tmp/leader-edge-bench] [--run RUN]
-        [--set-encoder transformer|mean]
+        [--set-encoder transformer|mean] [--baseline-src DIR --baseline-workdir DIR]
 
 Measured in one run (baseline: the torch eager fp32 student, same inputs, same process):
   1. cold start: wall time of `leader-edge predict` on a one-patient file (median of 5 runs);
@@ -12,6 +12,9 @@ Without --run, the student has random weights on the synth vocabulary: its cost 
 model's (the shapes come from the architecture and the codes of each visit), only the number of
 recommended medications differs, which changes the output formatting slightly. `--set-encoder`
 picks that student's per-kind set encoder (`StudentConfig.set_encoder`).
+`--baseline-src` (an older leader_edge tree, e.g. `git archive <commit> leader_edge | tar -x -C DIR`)
+adds end-to-end rows for that code with the bundles it exported into `--baseline-workdir` (same
+names), run alternately with this code's, and the ratio of the medians.
 """
 
 from __future__ import annotations
@@ -87,9 +90,13 @@ def cold_start(visits: Path, bundle: Path, workdir: Path) -> dict:
     return {"cold_start_s": statistics.median(times), "import_s": total_us / 1e6}
 
 
-def end_to_end(visits: Path, bundle: Path, workdir: Path, patients: int) -> float:
-    seconds = wall([*CLI, "predict", "--bundle", str(bundle), "--input", str(visits), "--output", str(workdir / "out.csv")])
-    return patients / seconds
+def end_to_end(visits: Path, bundle: Path, workdir: Path, patients: int, src: Path | None = None) -> float:
+    """patients/s of `leader-edge predict` CSV -> CSV; `src`: run that leader_edge tree instead."""
+    env = None if src is None else {**os.environ, "PYTHONPATH": str(src)}
+    start = time.perf_counter()
+    subprocess.run([*CLI, "predict", "--bundle", str(bundle), "--input", str(visits), "--output", str(workdir / "out.csv")],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=workdir)
+    return patients / (time.perf_counter() - start)
 
 
 def model_speed(visits: Path, fp32: Path, int8: Path, run: Path, n_single: int = 300) -> dict:
@@ -141,7 +148,12 @@ def main() -> None:
     parser.add_argument("--run", type=Path, help="a trained run directory (default: a random-weight student)")
     parser.add_argument("--set-encoder", choices=("transformer", "mean"), default="transformer",
                         help="set encoder of the random-weight student")
+    parser.add_argument("--baseline-src", type=Path, help="an older leader_edge source tree to compare end to end")
+    parser.add_argument("--baseline-workdir", type=Path, help="where that code exported its bundles (same names)")
+    parser.add_argument("--repeats", type=int, default=3, help="end-to-end runs per side with --baseline-src")
     args = parser.parse_args()
+    if (args.baseline_src is None) != (args.baseline_workdir is None):
+        parser.error("--baseline-src and --baseline-workdir go together")
     args.workdir.mkdir(parents=True, exist_ok=True)
     visits, fp32, int8 = setup(args.workdir, args.patients, args.run, args.set_encoder)
     run = args.run or args.workdir / f"run-{args.set_encoder}"
@@ -158,9 +170,18 @@ def main() -> None:
     print(f"int8 variant kept by export: {speed['int8_variant']}")
     cold = cold_start(visits, int8, args.workdir)
     print(f"\ncold start (one-patient file, whole CLI): {cold['cold_start_s']:.3f} s median of 5; imports {cold['import_s']:.3f} s")
-    print("\n| end to end CSV -> CSV | patients/s |\n|---|---|")
-    for name, bundle in (("fp32 bundle", fp32), ("int8 bundle", int8)):
-        print(f"| {name} | {end_to_end(visits, bundle, args.workdir, args.patients):,.0f} |", flush=True)
+    if args.baseline_src is None:
+        print("\n| end to end CSV -> CSV | patients/s |\n|---|---|")
+        for name, bundle in (("fp32 bundle", fp32), ("int8 bundle", int8)):
+            print(f"| {name} | {end_to_end(visits, bundle, args.workdir, args.patients):,.0f} |", flush=True)
+    else:
+        print("\n| end to end CSV -> CSV | baseline patients/s | this code | x baseline |\n|---|---|---|---|")
+        for bundle in (fp32, int8):
+            old_bundle = args.baseline_workdir / bundle.name
+            runs = [(end_to_end(visits, old_bundle, args.workdir, args.patients, args.baseline_src.resolve()),
+                     end_to_end(visits, bundle, args.workdir, args.patients)) for _ in range(args.repeats)]
+            old, new = (statistics.median(r) for r in zip(*runs))
+            print(f"| {bundle.name} (median of {args.repeats}, alternating) | {old:,.0f} | {new:,.0f} | {new / old:.2f} |", flush=True)
     print(f"load average {os.getloadavg()[0]:.2f} at the end")
 
 
