@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import csv
 import operator
-from collections import deque
 import re
+from collections import deque
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path

@@ -57,6 +57,9 @@ class VisitTable(Sequence):
     def __getitem__(self, p):
         if isinstance(p, slice):
             return [self[i] for i in range(*p.indices(len(self)))]
+        if not -len(self) <= p < len(self):
+            raise IndexError(f"patient {p} of a chunk of {len(self)}")
+        p %= len(self)
         a, b = int(self.starts[p]), int(self.starts[p + 1])
         split = [[t.split(";") if t else [] for t in self.codes[c][a:b]] for c in CODE_COLUMNS]
         visits = [RawVisit(d, pr, m, [(f, v[r]) for f, v in self.profile.items()])

@@ -76,6 +76,11 @@ def test_visit_table_block_checks_agree_with_row_checks(monkeypatch):
             np.testing.assert_array_equal(t.starts, a.starts)
             np.testing.assert_array_equal(t.lines, a.lines)
     assert " " not in "".join(fast[0].codes["diagnoses"])  # whitespace normalised on the row path
+    last = fast[-1]
+    assert last[-1].patient_id == last.patient_ids[-1] == list(last)[-1].patient_id
+    assert [p.patient_id for p in last[1:3]] == last.patient_ids[1:3]
+    with pytest.raises(IndexError):
+        last[len(last)]
 
 
 def test_visit_table_multiline_field_keeps_line_numbers():
