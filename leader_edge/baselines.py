@@ -160,3 +160,29 @@ def fit_frequency_baseline(
     model.set_rule(best["rule"], best["smoothing"])
     log.info("frequency baseline: best on validation %s", best)
     return model, best["threshold"], trials
+
+
+def out_of_fold_proba(
+    ds: Dataset, samples: list[Sample], *, rule: str, smoothing: float, folds: int = 5, seed: int = 0
+) -> np.ndarray:
+    """[N, M] baseline scores of each training sample from a model fitted WITHOUT its patient.
+
+    A model stacked on the baseline (the teacher's `prior="frequency"`) must see on its training
+    samples the baseline's held-out error, not in-sample counts that already contain the target:
+    a tail code seen once would otherwise "predict" its own visit's medications perfectly. Patients
+    are dealt into `folds` groups (seeded); each group is scored by a baseline fitted on the others.
+    """
+    if folds < 2:
+        raise ValueError(f"folds={folds} must be >= 2")
+    patients = list(dict.fromkeys(s.patient_id for s in samples))
+    order = np.random.default_rng(seed).permutation(len(patients))
+    fold_of = {patients[i]: k % folds for k, i in enumerate(order)}
+    out = np.zeros((len(samples), len(ds.vocab("medication"))), dtype=np.float64)
+    for k in range(folds):
+        held = [i for i, s in enumerate(samples) if fold_of[s.patient_id] == k]
+        if not held:
+            continue
+        fit = [s for s in samples if fold_of[s.patient_id] != k]
+        model = FrequencyBaseline.fit(ds, fit, rule=rule, smoothing=smoothing)
+        out[held] = model.predict_proba([samples[i] for i in held])
+    return out

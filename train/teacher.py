@@ -68,9 +68,33 @@ def _lr_factor(step: int, total: int, warmup: float) -> float:
     return max(0.0, (total - step) / max(1, total - w))
 
 
+def prior_logits(ds, splits: dict[str, list], config: TeacherConfig) -> dict[str, np.ndarray]:
+    """float32 [N, M] logit offsets per split (`config.prior`), rows in `splits` order.
+
+    "frequency": logit of the frequency baseline (rule and smoothing chosen on validation as
+    `evaluate --baseline` does), out-of-fold by patient for the training samples (see
+    `baselines.out_of_fold_proba`). "none": zeros (LEADER's head alone).
+    """
+    m = len(ds.vocab("medication"))
+    if config.prior == "none":
+        return {k: np.zeros((len(v), m), dtype=np.float32) for k, v in splits.items()}
+    from leader_edge.baselines import fit_frequency_baseline, out_of_fold_proba
+
+    base, _, _ = fit_frequency_baseline(ds, splits)
+    probs = {k: base.predict_proba(v) for k, v in splits.items() if k != "train"}
+    probs["train"] = out_of_fold_proba(ds, splits["train"], rule=base.rule, smoothing=base.smoothing, seed=config.seed)
+    out = {}
+    for k, p in probs.items():
+        p = np.clip(p, 1e-4, 1 - 1e-4)
+        out[k] = np.log(p / (1 - p)).astype(np.float32)
+    return out
+
+
 @torch.no_grad()
-def predict(model: TeacherModel, states: list[torch.Tensor], *, batch_size: int, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
-    """(probabilities [N, M], features [N, hidden]) from cached lower states, in row order."""
+def predict(model: TeacherModel, states: list[torch.Tensor], offsets: np.ndarray, *, batch_size: int,
+            device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities [N, M], features [N, hidden]) from cached lower states and the prior's logit
+    offsets [N, M], in row order."""
     model.eval()
     lengths = np.array([s.shape[0] for s in states])
     probs = np.zeros((len(states), len(model.med_codes)), dtype=np.float32)
@@ -78,7 +102,7 @@ def predict(model: TeacherModel, states: list[torch.Tensor], *, batch_size: int,
     for batch in length_batches(lengths, batch_size):
         x, lens = pad_states([states[i] for i in batch])
         f = model.features(x.to(device), lens.to(device))
-        probs[batch] = torch.sigmoid(model.head(f)).float().cpu().numpy()
+        probs[batch] = torch.sigmoid(model.head(f).float().cpu() + torch.from_numpy(offsets[batch])).numpy()
         feats[batch] = f.float().cpu().numpy()
     return probs, feats
 
@@ -120,6 +144,8 @@ def run_teacher_stage(
     tune_rows = list(range(len(enc["train"].ids))) if config.train_per_visit else last_visit
     mine = tune_rows[rank::world]  # a fixed shard per rank: each caches only its own samples
     tune = enc["train"].subset(mine)
+    offsets = prior_logits(ds, splits, config)
+    tune_offsets = offsets["train"][mine]
 
     n_lower = int(sum(tune.lengths)) + int(enc["val"].lengths.sum())
     bar = _progress(n_lower, f"frozen layers 0-{model.split - 1}" if model.exact_split else "tokenize", rank)
@@ -129,10 +155,15 @@ def run_teacher_stage(
     bar.close()
 
     # Head bias = logit of each medication's training frequency: the first steps then refine a
-    # prior instead of unlearning 0.5 for 135 labels of which ~10 are positive.
+    # prior instead of unlearning 0.5 for 135 labels of which ~10 are positive. With a frequency
+    # prior the offsets already carry the base rates: the head starts at 0, i.e. at the baseline.
     prior = enc["train"].labels[tune_rows].mean(0).clip(1e-4, 1 - 1e-4)
     with torch.no_grad():
-        model.head.bias.copy_(torch.from_numpy(np.log(prior / (1 - prior))))
+        if config.prior == "none":
+            model.head.bias.copy_(torch.from_numpy(np.log(prior / (1 - prior))))
+        else:
+            model.head.bias.zero_()
+            model.head.weight.zero_()
     params_lora = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("head.")]
     opt = torch.optim.AdamW(
         [{"params": params_lora, "lr": config.lr}, {"params": list(model.head.parameters()), "lr": config.head_lr}],
@@ -172,7 +203,7 @@ def run_teacher_stage(
             sync = (j + 1) % config.grad_accum == 0 or j + 1 == len(batches)
             ctx = train_model.no_sync() if world > 1 and not sync else contextlib.nullcontext()
             with ctx, torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                logits = train_model(x.to(device), lengths.to(device))
+                logits = train_model(x.to(device), lengths.to(device)) + torch.from_numpy(tune_offsets[batch]).to(device)
                 loss = F.binary_cross_entropy_with_logits(logits.float(), y)
                 (loss / config.grad_accum).backward()
             losses.append(float(loss.detach()))
@@ -186,7 +217,7 @@ def run_teacher_stage(
                 opt.zero_grad(set_to_none=True)
                 state["step"] += 1
         bar.close()
-        prob, _ = predict(model, val_states, batch_size=config.batch_size * 2, device=device)
+        prob, _ = predict(model, val_states, offsets["val"], batch_size=config.batch_size * 2, device=device)
         val = metrics.score(y_val, prob, 0.5)
         state["epoch"] = epoch + 1
         state["history"].append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "val_prauc": val["prauc"],
@@ -211,7 +242,7 @@ def run_teacher_stage(
         state["ddp"] = {"world_size": world, "backend": torch.distributed.get_backend(), "adapter_sha256_by_rank": digests}
     if rank != 0:
         return {}
-    return _finish(model, ds, enc, tune, tune_states, val_states, mine, out, state, config, device, t_start)
+    return _finish(model, ds, enc, offsets, tune_states, val_states, mine, out, state, config, device, t_start)
 
 
 def _digest(state: dict[str, torch.Tensor]) -> str:
@@ -225,7 +256,7 @@ def _digest(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _finish(model, ds, enc, tune, tune_states, val_states, mine, out: Path, state: dict, config: TeacherConfig,
+def _finish(model, ds, enc, offsets, tune_states, val_states, mine, out: Path, state: dict, config: TeacherConfig,
             device: torch.device, t_start: float) -> dict:
     """Rank 0 after tuning: save the model, the features of every sample, metrics, test predictions."""
     from safetensors.torch import save_file
@@ -244,9 +275,9 @@ def _finish(model, ds, enc, tune, tune_states, val_states, mine, out: Path, stat
     test_states = lower_cache(model, enc["test"], batch_tokens=config.cache_batch_tokens, device=device, progress=bar.update)
     bar.close()
     bs = config.batch_size * 2
-    _, f_train = predict(model, train_states, batch_size=bs, device=device)
-    p_val, f_val = predict(model, val_states, batch_size=bs, device=device)
-    p_test, f_test = predict(model, test_states, batch_size=bs, device=device)
+    _, f_train = predict(model, train_states, offsets["train"], batch_size=bs, device=device)
+    p_val, f_val = predict(model, val_states, offsets["val"], batch_size=bs, device=device)
+    p_test, f_test = predict(model, test_states, offsets["test"], batch_size=bs, device=device)
     med_codes = model.med_codes
     ddi = metrics.ddi_matrix(ds.ddi, med_codes)
     y_val, y_test = enc["val"].labels.astype(bool), enc["test"].labels.astype(bool)
@@ -260,7 +291,7 @@ def _finish(model, ds, enc, tune, tune_states, val_states, mine, out: Path, stat
         "inference_ms_per_patient": _time_per_patient(model, enc["test"], config.timing_patients, device),
         "best_epoch": state["best_epoch"],
         "history": state["history"],
-        "backbone": {"teacher": config.teacher, "layers": model.n_layers, "lora_layers": config.lora_layers,
+        "backbone": {"teacher": config.teacher, "layers": model.n_layers, "lora_layers": config.lora_layers, "prior": config.prior,
                      "hidden_size": model.hidden_size},
         "wall_s": round(time.perf_counter() - t_start, 1),
         **({"ddp": state["ddp"]} if "ddp" in state else {}),

@@ -46,6 +46,10 @@ class TeacherConfig:
     bf16: bool = False  # autocast on CUDA only; measured 2x slower on this CPU
     plain: bool = False  # benchmark baseline: no cache, full forward every step (LoRA on lora_layers)
     timing_patients: int = 20  # test patients timed one at a time (50 cost 78 s at load ~5)
+    # "frequency": logits = head(feature) + logit(frequency baseline), the baseline fitted on the
+    # training split (out-of-fold for training samples), so the LLM learns what co-occurrence misses.
+    # "none": LEADER's head alone.
+    prior: str = "none"
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -65,6 +69,8 @@ class TeacherConfig:
             raise ValueError(f"learning rates must be > 0, got lr={self.lr}, head_lr={self.head_lr}")
         if not 0 <= self.warmup < 1:
             raise ValueError(f"TeacherConfig.warmup={self.warmup} must be a fraction in [0, 1)")
+        if self.prior not in ("none", "frequency"):
+            raise ValueError(f"TeacherConfig.prior={self.prior!r}; use 'none' or 'frequency'")
         if self.max_history < 0:
             raise ValueError(f"TeacherConfig.max_history={self.max_history} must be >= 0")
 

@@ -163,3 +163,22 @@ def test_teacher_cli_student_stage_needs_a_finished_teacher(data_dir, tmp_path):
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 1 and "run with --stage teacher" in result.output
     assert json.loads((tmp_path / "run.json").read_text())["data"] == str(data_dir.resolve())
+
+
+def test_teacher_frequency_prior_reloads_with_its_offsets(data_dir, tmp_path):
+    from leader_edge.train.teacher import prior_logits
+
+    config = TeacherConfig(**{**TINY, "epochs": 1, "prior": "frequency"})
+    result = run_teacher_stage(data_dir, tmp_path, config)
+    assert result["backbone"]["prior"] == "frequency"
+    ds = load_dataset(data_dir)
+    offsets = prior_logits(ds, dataset_splits(ds, train_per_visit=True), config)
+    model = TeacherModel.load(tmp_path / "teacher")
+    feats = load_file(str(tmp_path / "teacher" / "features.safetensors"))["test"]
+    with torch.no_grad():
+        probs = torch.sigmoid(model.head(feats) + torch.from_numpy(offsets["test"])).numpy()
+    preds = read_predictions(tmp_path / "teacher" / "predictions-test.csv")
+    scores = np.array([[p.scores.get(c, 0.0) for c in model.med_codes] for p in preds])
+    np.testing.assert_allclose(probs, scores, atol=6e-5)
+    with pytest.raises(ValueError, match="prior"):
+        TeacherConfig(prior="cooc")
