@@ -99,7 +99,10 @@ def end_to_end(visits: Path, bundle: Path, workdir: Path, patients: int, src: Pa
     return patients / (time.perf_counter() - start)
 
 
-def model_speed(visits: Path, fp32: Path, int8: Path, run: Path, n_single: int = 300) -> dict:
+def model_speed(visits: Path, fp32: Path, int8: Path, run: Path, n_single: int = 300, threads: int = 0) -> dict:
+    """Batch-1 latency on one thread; batch-1024 throughput on `threads` threads per provider (0: all
+    cores, each library's default). One thread each is the steadier comparison on a shared machine:
+    torch's 2 OpenMP threads collapse when another process holds a core."""
     import torch
 
     from leader_edge.export.bundle import batch1_ms, ort_runner
@@ -120,15 +123,15 @@ def model_speed(visits: Path, fp32: Path, int8: Path, run: Path, n_single: int =
             return model.predict_proba(*(torch.from_numpy(v) for v in inputs.values()))
 
     out = {}
-    threads = torch.get_num_threads()
+    default = torch.get_num_threads()
     for name, one, many in (
         ("torch eager fp32", torch_run, torch_run),
-        ("ORT fp32", ort_runner(fp32 / "model.onnx"), ort_runner(fp32 / "model.onnx", threads=0)),
-        ("ORT int8", ort_runner(int8 / "model.onnx"), ort_runner(int8 / "model.onnx", threads=0)),
+        ("ORT fp32", ort_runner(fp32 / "model.onnx"), ort_runner(fp32 / "model.onnx", threads=threads)),
+        ("ORT int8", ort_runner(int8 / "model.onnx"), ort_runner(int8 / "model.onnx", threads=threads)),
     ):
         torch.set_num_threads(1)
         p50, p99 = batch1_ms(one, singles, repeats=3)
-        torch.set_num_threads(threads)
+        torch.set_num_threads(threads or default)
         many(big[0])
         rates = []
         for _ in range(3):
@@ -151,6 +154,7 @@ def main() -> None:
     parser.add_argument("--baseline-src", type=Path, help="an older leader_edge source tree to compare end to end")
     parser.add_argument("--baseline-workdir", type=Path, help="where that code exported its bundles (same names)")
     parser.add_argument("--repeats", type=int, default=3, help="end-to-end runs per side with --baseline-src")
+    parser.add_argument("--threads", type=int, default=0, help="threads per provider at batch 1024 (0: all cores)")
     args = parser.parse_args()
     if (args.baseline_src is None) != (args.baseline_workdir is None):
         parser.error("--baseline-src and --baseline-workdir go together")
@@ -159,9 +163,9 @@ def main() -> None:
     run = args.run or args.workdir / f"run-{args.set_encoder}"
     print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs; {args.patients:,} patients; "
           f"student {run} (set encoder {args.set_encoder if args.run is None else 'from the run'})", flush=True)
-    speed = model_speed(visits, fp32, int8, run)
+    speed = model_speed(visits, fp32, int8, run, threads=args.threads)
     base = speed["torch eager fp32"]
-    print("\n| model | p50 ms (batch 1) | p99 ms (batch 1) | patients/s (batch 1024) | x torch eager |")
+    print(f"\n| model | p50 ms (batch 1) | p99 ms (batch 1) | patients/s (batch 1024, {args.threads or 'all'} threads) | x torch eager |")
     print("|---|---|---|---|---|")
     for name in ("torch eager fp32", "ORT fp32", "ORT int8"):
         s = speed[name]
