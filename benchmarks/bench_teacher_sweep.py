@@ -6,7 +6,7 @@
 One pass of the backbone computes the states after each of `--depths` layers for every train /
 validation / test sample (LEADER prompts, `TeacherConfig` defaults) and stores them under --work
 (~1 GB per depth on default synth). Each `--config` (TeacherConfig fields plus "depth") then runs the
-real teacher stage (`run_teacher_stage`) with `backbone_layers = depth + 1` and its frozen-layer
+real teacher stage (`run_teacher_stage`) with `backbone_layers = depth + lora_layers` and its frozen-layer
 cache read from those files, which hold exactly what the stage would compute itself: a sweep point
 costs training only (~2 min at load ~3 instead of ~6). Prints one JSON line per config.
 """
@@ -63,7 +63,7 @@ def run_point(data: Path, work: Path, point: dict) -> dict:
     start = time.perf_counter()
     tag = hashlib.sha1(json.dumps(point, sort_keys=True).encode()).hexdigest()[:8]
     result = teacher.run_teacher_stage(data, work / f"run-{depth}-{tag}",
-                                       TeacherConfig(backbone_layers=depth + 1, **point))
+                                       TeacherConfig(backbone_layers=depth + point.get("lora_layers", 1), **point))
     return {"depth": depth, **point, "seconds": round(time.perf_counter() - start),
             "val": {k: round(v, 4) for k, v in result["val"].items()},
             "test": {k: round(v, 4) for k, v in result["test"].items()},
