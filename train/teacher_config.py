@@ -26,7 +26,7 @@ CPU_BACKBONE_LAYERS = 9  # see the module docstring: the depth that fits 10 minu
 @dataclass
 class TeacherConfig:
     teacher: str = "smollm2"  # "smollm2", "tiny" or a local Hugging Face directory
-    backbone_layers: int | None = None  # keep the first N decoder layers; None: all (CLI: 12 on CPU)
+    backbone_layers: int | None = None  # keep the first N decoder layers; None: all (CLI: CPU_BACKBONE_LAYERS on CPU)
     lora_layers: int = 1  # LoRA on the top N layers; the rest is frozen and run once per sample
     lora_r: int = 8  # LEADER
     lora_alpha: int = 32  # LEADER

@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from leader_edge.cli import user_errors
+from leader_edge.train.teacher_config import CPU_BACKBONE_LAYERS  # dataclasses only: no torch at import
 
 STAGES = ("teacher", "student", "all")
 
@@ -31,7 +32,7 @@ STAGES = ("teacher", "student", "all")
               help="Teacher config JSON (TeacherConfig fields, e.g. configs/teacher-gpu.json); flags override it.")
 @click.option("--epochs", type=click.IntRange(min=1), help="Teacher epochs (upper bound; early stopping).")
 @click.option("--backbone-layers", type=click.IntRange(min=1),
-              help="Keep the first N layers of the teacher [default: 12 for smollm2 on CPU, all otherwise].")
+              help=f"Keep the first N layers of the teacher [default: {CPU_BACKBONE_LAYERS} for smollm2 on CPU, all otherwise].")
 @click.option("--lora-layers", type=click.IntRange(min=1), help="LoRA on the top N layers [default: 1].")
 @click.option("--student-epochs", type=click.IntRange(min=1), help="Student epochs (upper bound; early stopping).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
@@ -49,7 +50,7 @@ def train(data_dir, run_dir, teacher, stage, no_distill, show_prompt, resume, se
       torchrun --nproc_per_node 2 -m leader_edge train --data data/synth --out runs/r1 --stage teacher
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from leader_edge.train.teacher_config import CPU_BACKBONE_LAYERS, TeacherConfig
+    from leader_edge.train.teacher_config import TeacherConfig
 
     conf = json.loads(config_file.read_text(encoding="utf-8")) if config_file else {}
     conf = {k: v for k, v in conf.items() if not k.startswith("_")}  # "_command", "_why": notes
