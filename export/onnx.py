@@ -97,9 +97,11 @@ def export_onnx(model, path: str | Path, inputs: dict[str, np.ndarray]) -> Path:
     with torch.no_grad():
         with mock.patch.object(student_module, "kernels", _reference_kernels(reference_bag=True)):
             want = wrapper(*args)
-    block = wrapper.inner.visit_block
+    inner, block = wrapper.inner, wrapper.inner.visit_block
+    # On the instance, not the class: padded_wide_logits hands the mean and low-rank variants back to
+    # Student.wide_logits, which a class-level patch would turn into itself (infinite recursion).
     with mock.patch.object(student_module, "kernels", _reference_kernels()), \
-            mock.patch.object(student_module.Student, "wide_logits", padded_wide_logits), \
+            mock.patch.object(inner, "wide_logits", lambda d, p, m: padded_wide_logits(inner, d, p, m)), \
             mock.patch.object(block, "forward", lambda x, mask: last_query_forward(block, x, mask)), torch.no_grad():
         diff = float((wrapper(*args) - want).abs().max())
         if diff > 1e-6:

@@ -44,3 +44,23 @@ def test_last_query_forward_equals_block_last_position():
     got = forms.last_query_forward(model.visit_block, x, mask)
     assert got.shape == (5, 1, 3 * model.config.dim)
     assert torch.allclose(got, want, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("wide,rank", [("max", 0), ("mean", 0), ("max", 3), ("none", 0)])
+def test_export_onnx_every_wide_variant_matches_the_student(wide, rank, tmp_path):
+    import onnxruntime as ort
+
+    from leader_edge.encoding import INPUT_NAMES
+    from leader_edge.export.onnx import example_inputs, export_onnx
+
+    torch.manual_seed(0)
+    model = Student(StudentConfig(20, 6, 4, 14, dropout=0.0, wide=wide, wide_rank=rank, set_encoder="mean", backend="torch")).eval()
+    if model.wide_codes is not None:
+        with torch.no_grad():
+            model.wide_codes.normal_()
+    path = export_onnx(model, tmp_path / "m.onnx", example_inputs(20, 4, 1))
+    inputs = example_inputs(20, 4, 1, batch=5, visits=3, widths=(2, 6, 1), seed=1)  # other shapes than traced
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, inputs)[0]
+    with torch.no_grad():
+        want = model.predict_proba(*(torch.from_numpy(inputs[n]) for n in INPUT_NAMES)).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
