@@ -27,7 +27,7 @@ import numpy as np
 
 from leader_edge.encoding import Batch, Encoder, RawVisit
 from leader_edge.errors import DataError
-from leader_edge.formatting import OUTPUT_COLUMNS, csv_chunk, csv_text, format_rows, plain_codes, recommend  # noqa: F401 - re-exported
+from leader_edge.formatting import OUTPUT_COLUMNS, csv_chunk, format_rows, plain_codes
 from leader_edge.visit_stream import Patient, read_patients
 from leader_edge.visit_table import VisitTable, encode_table
 

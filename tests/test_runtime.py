@@ -15,7 +15,8 @@ import pytest
 
 from leader_edge.encoding import INPUT_NAMES, Encoder
 from leader_edge.errors import DataError
-from leader_edge.runtime import BUNDLE_FORMAT, Bundle, Scored, csv_text, format_rows, plain_codes, recommend
+from leader_edge.formatting import csv_text, format_rows, plain_codes, recommend
+from leader_edge.runtime import BUNDLE_FORMAT, Bundle, Scored
 from leader_edge.visit_stream import _SeenIds, read_patients
 
 MEDS = ["M1", "M2", "M3", "M4", "M5", "M6"]

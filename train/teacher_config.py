@@ -7,9 +7,10 @@ AVX-512-BF16), and the default synth data verbalises to ~490k tokens (2,213 trai
 would take ~800 s on a quiet machine (and 3-4x that when the shared machine is loaded), more than
 the 600 s budget for the whole stage. So on CPU the teacher is the first `backbone_layers` = 9 of
 the 30 layers (the lower 8 computed once per sample and cached, exactly), with LoRA on the top
-`lora_layers` = 1. On a GPU the same code runs all 30 layers. Depth on default synth, same cached
-states, same seed (2026-12-01, validation PRAUC): 5 layers 0.604, 7 layers 0.592, 8 layers 0.590,
-9 layers 0.615, 12 layers 0.575 (still rising, but slower per epoch); noise is ~0.01.
+`lora_layers` = 1. On a GPU the same code runs all 30 layers. Depth on default synth, seed 42,
+validation PRAUC (benchmarks/bench_teacher_sweep.py, 2026-12-01): 5 layers 0.604, 7 layers 0.592,
+9 layers 0.615, 12 layers 0.575 (still rising, but slower per epoch); 8 layers 0.590 in the
+2026-11-25 run of the stage itself; noise is ~0.01.
 Learning rates are above LEADER's 2e-4 because a CPU run gets ~70 optimizer steps per epoch,
 not ~3000: at lr 1e-3 / head 3e-3 validation PRAUC was still rising after 4 epochs (0.504, 0.537,
 0.562, 0.570 with the schedule decayed to 0).

@@ -180,5 +180,8 @@ def test_teacher_frequency_prior_reloads_with_its_offsets(data_dir, tmp_path):
     preds = read_predictions(tmp_path / "teacher" / "predictions-test.csv")
     scores = np.array([[p.scores.get(c, 0.0) for c in model.med_codes] for p in preds])
     np.testing.assert_allclose(probs, scores, atol=6e-5)
+
+
+def test_teacher_config_rejects_an_unknown_prior():
     with pytest.raises(ValueError, match="prior"):
         TeacherConfig(prior="cooc")
