@@ -411,14 +411,69 @@ class FilterLog:
 # Splits and samples
 
 
-def split_patients(patient_ids: list[str], *, seed: int = 42, ratios: tuple[float, float, float] = SPLIT_RATIOS) -> dict[str, list[str]]:
+@dataclass(frozen=True)
+class Protocol:
+    """How a dataset is split and scored; one of `PROTOCOLS`, named in every report.
+
+    Attributes:
+        name: "leader" or "safedrug".
+        ratios: train/val/test shares of the patients.
+        shuffle: deal patients in a seeded random order; False keeps file order.
+        eval_per_visit: score every visit of a val/test patient (with the visits before it)
+            instead of the last one.
+        per_patient: average a patient's visits first, then over patients.
+        frac: each subsample draws `frac` of the patients with replacement, `rounds` times.
+    """
+
+    name: str
+    ratios: tuple[float, float, float]
+    shuffle: bool
+    eval_per_visit: bool
+    per_patient: bool
+    frac: float = 0.8
+    rounds: int = 10
+
+    def describe(self) -> str:
+        order = "seeded shuffle" if self.shuffle else "file order"
+        scored = "every visit of a test patient, averaged per patient" if self.per_patient else "each test patient's last visit"
+        shares = ":".join(f"{r:.3g}" for r in self.ratios)
+        return (f"protocol {self.name}: patients split {shares} ({order}); scored: {scored}; mean ± std over "
+                f"{self.rounds} draws of {self.frac:.0%} of the patients with replacement")
+
+
+PROTOCOLS = {
+    # LEADER: 8:1:1 by patient, one sample per patient (the last visit).
+    "leader": Protocol("leader", SPLIT_RATIOS, shuffle=True, eval_per_visit=False, per_patient=False),
+    # GAMENet/SafeDrug main(): the first int(n * 2/3) patients in file order train, the next half of
+    # the rest is TEST and the remainder validation; every visit scored, metrics averaged per patient.
+    "safedrug": Protocol("safedrug", (2 / 3, 1 / 6, 1 / 6), shuffle=False, eval_per_visit=True, per_patient=True),
+}
+
+
+def get_protocol(name: str | Protocol) -> Protocol:
+    if isinstance(name, Protocol):
+        return name
+    if name not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {name!r}; use one of {', '.join(PROTOCOLS)}")
+    return PROTOCOLS[name]
+
+
+def split_patients(
+    patient_ids: list[str], *, seed: int = 42, ratios: tuple[float, float, float] = SPLIT_RATIOS, protocol: str | Protocol | None = None,
+) -> dict[str, list[str]]:
     """Split patients 8:1:1 (by default) into train/val/test, shuffled deterministically by `seed`.
 
-    No patient appears in two splits. The order within each split follows the shuffled order.
+    With `protocol="safedrug"`: no shuffle, train = the first int(n * 2 / 3) patients, test the
+    next int((n - train) / 2), validation the rest - the GAMENet/SafeDrug code's exact arithmetic.
+    No patient appears in two splits. The order within each split follows the (shuffled) order.
     """
+    ids = list(dict.fromkeys(patient_ids))
+    if protocol is not None and get_protocol(protocol).name == "safedrug":
+        n_train = int(len(ids) * 2 / 3)
+        n_test = int((len(ids) - n_train) / 2)
+        return {"train": ids[:n_train], "val": ids[n_train + n_test:], "test": ids[n_train:n_train + n_test]}
     if len(ratios) != 3 or any(r < 0 for r in ratios) or abs(sum(ratios) - 1) > 1e-6:
         raise ValueError(f"split ratios must be three non-negative numbers summing to 1, got {ratios}")
-    ids = list(dict.fromkeys(patient_ids))
     random.Random(seed).shuffle(ids)
     n_train = int(round(len(ids) * ratios[0]))
     n_val = int(round(len(ids) * ratios[1]))
@@ -438,18 +493,23 @@ def make_samples(ds: Dataset, patient_ids: Iterable[str], *, per_visit: bool = F
 
 
 def dataset_splits(
-    ds: Dataset, *, seed: int = 42, train_per_visit: bool = False, eval_per_visit: bool = False
+    ds: Dataset, *, seed: int = 42, train_per_visit: bool = False, eval_per_visit: bool | None = None,
+    protocol: str | Protocol = "leader",
 ) -> dict[str, list[Sample]]:
     """train/val/test samples, split by patient.
 
     Args:
+        seed: the split seed (ignored by protocols that split in file order).
         train_per_visit: one training sample per visit (more samples from the same patients;
             helps on small data) instead of one per patient.
         eval_per_visit: score every visit of val/test patients (GAMENet/SafeDrug protocol)
-            instead of each patient's last visit (LEADER protocol).
+            instead of each patient's last visit (LEADER protocol); None: the protocol's choice.
+        protocol: "leader" (8:1:1 seeded, last visit) or "safedrug" (see `PROTOCOLS`).
     """
-    ids = split_patients(list(ds.patients()), seed=seed)
+    proto = get_protocol(protocol)
+    per_visit_eval = proto.eval_per_visit if eval_per_visit is None else eval_per_visit
+    ids = split_patients(list(ds.patients()), seed=seed, ratios=proto.ratios, protocol=proto)
     return {
-        name: make_samples(ds, ids[name], per_visit=train_per_visit if name == "train" else eval_per_visit)
+        name: make_samples(ds, ids[name], per_visit=train_per_visit if name == "train" else per_visit_eval)
         for name in SPLITS
     }

@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--patients", type=int, default=2000, help="synthetic patients (default 2000)")
     p.add_argument("--teacher", default="smollm2", help="teacher backbone (default smollm2, the embedded SmolLM2-135M)")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seeds", type=int, default=3, help="student training seeds (default 3: a claim needs several)")
     a = p.parse_args(argv)
     out: Path = a.out
     out.mkdir(parents=True, exist_ok=True)
@@ -66,15 +67,18 @@ def main(argv: list[str] | None = None) -> None:
 
     _run(["synth", "--out", str(data), "--patients", str(a.patients), "--seed", str(a.seed)])
     _run(["evaluate", "--baseline", "frequency", "--data", str(data), "--seed", str(a.seed)])
-    _run(["train", "--data", str(data), "--out", str(run), "--teacher", a.teacher, "--seed", str(a.seed)])
+    _run(["train", "--data", str(data), "--out", str(run), "--teacher", a.teacher, "--seed", str(a.seed), "--seeds", str(a.seeds)])
     _run(["evaluate", "--run", str(run), "--data", str(data)])
     _run(["export", str(run), "--out", str(bundle), "--int8"])
     test_visits, recs = out / "test-visits.csv", out / "recommendations.csv"
     n = write_split_visits(data, test_visits, split="test", seed=a.seed)
     print(f"\nwrote {n} visits of the test patients to {test_visits}", file=sys.stderr)
     _run(["predict", "--bundle", str(bundle), "--input", str(test_visits), "--output", str(recs)])
-    _run(["evaluate", "--truth", str(test_visits), "--predictions", str(recs), "--ddi", str(data / "ddi.csv")])
-    print(f"\ndemo finished in {time.perf_counter() - started:.0f} s; report: {run / 'report.md'}", file=sys.stderr)
+    _run(["evaluate", "--truth", str(test_visits), "--predictions", str(recs), "--ddi", str(data / "ddi.csv"),
+          "--label-space", str(bundle)])
+    print(f"\ndemo finished in {time.perf_counter() - started:.0f} s. Report (every model x metric, the protocol, "
+          f"{a.seeds} seeds, paired intervals): {run / 'report.md'}; plots: {run / 'training-curves.png'}, "
+          f"{run / 'metrics-by-group.png'}; JSON: {run / 'metrics.json'}", file=sys.stderr)
 
 
 if __name__ == "__main__":

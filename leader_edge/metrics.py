@@ -154,13 +154,46 @@ def score(y_true: np.ndarray, y_prob: np.ndarray, threshold: float = 0.5, ddi: n
     return summarize(per_visit_metrics(y_true, y_prob, y_prob >= threshold, ddi))
 
 
+def _unit_sums(per_visit: dict[str, np.ndarray], units: np.ndarray, n_units: int) -> dict[str, np.ndarray]:
+    """Per unit: the sum of each per-patient metric's visit means (1 term per unit), visit counts,
+    and the pooled quantities (#Med, interacting and all pairs) summed over the unit's visits."""
+    count = np.bincount(units, minlength=n_units).astype(np.float64)
+    safe = np.maximum(count, 1)
+    out = {k: np.bincount(units, weights=per_visit[k], minlength=n_units) / safe for k in ("jaccard", "prauc", "f1")}
+    pairs = per_visit["n_med"] * (per_visit["n_med"] - 1) / 2
+    ddi = per_visit["ddi_rate"]
+    out["bad"] = np.bincount(units, weights=np.nan_to_num(np.rint(ddi * pairs)), minlength=n_units)
+    out["pairs"] = np.bincount(units, weights=pairs, minlength=n_units)
+    out["n_med"] = np.bincount(units, weights=per_visit["n_med"], minlength=n_units)
+    out["visits"] = count
+    out["ddi_nan"] = bool(np.isnan(ddi).any())
+    return out
+
+
+def _summarize_draw(sums: dict, draw: np.ndarray) -> dict[str, float]:
+    """Metrics of a draw of units (indices, repeats allowed): unit means averaged; DDI rate and #Med
+    pooled over the drawn units' visits (GAMENet/SafeDrug: global pair and visit counters)."""
+    if len(draw) == 0:
+        return {k: float("nan") for k in METRICS}
+    out = {k: float(sums[k][draw].mean()) for k in ("jaccard", "prauc", "f1")}
+    pairs = sums["pairs"][draw].sum()
+    out["ddi_rate"] = float("nan") if sums["ddi_nan"] else float(sums["bad"][draw].sum() / pairs) if pairs > 0 else 0.0
+    out["n_med"] = float(sums["n_med"][draw].sum() / max(sums["visits"][draw].sum(), 1))
+    return out
+
+
 def subsample_mean_std(
-    per_visit: dict[str, np.ndarray], rounds: int = 10, frac: float = 0.8, seed: int = 0, *, replace: bool = True
+    per_visit: dict[str, np.ndarray], rounds: int = 10, frac: float = 0.8, seed: int = 0, *, replace: bool = True,
+    units: np.ndarray | None = None,
 ) -> dict[str, tuple[float, float]]:
     """LEADER's protocol: the metrics of `rounds` random `frac` subsamples, mean and std.
 
     The SafeDrug/LEADER test code draws each subsample with `np.random.choice(..., replace=True)`;
     `replace=True` is therefore the default. std is numpy's population std (ddof=0), as there.
+
+    Args:
+        units: [N] int, the unit (patient) of each visit, 0..U-1. Draws are of units and a unit's
+            visits are averaged first (SafeDrug's per-patient means). None: every visit is a unit.
 
     Returns:
         metric -> (mean, std) over the rounds.
@@ -170,24 +203,81 @@ def subsample_mean_std(
     n = len(per_visit["jaccard"])
     if n == 0:
         return {k: (float("nan"), float("nan")) for k in METRICS}
+    units = np.arange(n) if units is None else np.asarray(units)
+    n_units = int(units.max()) + 1
+    sums = _unit_sums(per_visit, units, n_units)
+    present = np.flatnonzero(sums["visits"] > 0)
     rng = np.random.default_rng(seed)
-    size = max(1, int(round(n * frac)))
-    results = [summarize(per_visit, rng.choice(n, size=size, replace=replace)) for _ in range(rounds)]
+    size = max(1, int(round(len(present) * frac)))
+    results = [_summarize_draw(sums, rng.choice(present, size=size, replace=replace)) for _ in range(rounds)]
     return {k: (float(np.mean([r[k] for r in results])), float(np.std([r[k] for r in results]))) for k in METRICS}
 
 
+def point_estimate(per_visit: dict[str, np.ndarray], units: np.ndarray | None = None) -> dict[str, float]:
+    """The metrics over every unit once (no subsampling): the number `mean ± std` estimates."""
+    n = len(per_visit["jaccard"])
+    units = np.arange(n) if units is None else np.asarray(units)
+    if n == 0:
+        return {k: float("nan") for k in METRICS}
+    sums = _unit_sums(per_visit, units, int(units.max()) + 1)
+    return _summarize_draw(sums, np.flatnonzero(sums["visits"] > 0))
+
+
+def unit_values(values: np.ndarray, units: np.ndarray | None = None) -> np.ndarray:
+    """[U] per-unit means of a per-visit metric (the unit's visits averaged); [N] as is without units."""
+    values = np.asarray(values, dtype=np.float64)
+    if units is None:
+        return values
+    units = np.asarray(units)
+    count = np.bincount(units, minlength=int(units.max()) + 1 if len(units) else 0)
+    return np.bincount(units, weights=values, minlength=len(count)) / np.maximum(count, 1)
+
+
+def paired_interval(
+    a: np.ndarray, b: np.ndarray, *, rounds: int = 2000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float, float]:
+    """Mean difference a - b over the same units with a paired bootstrap percentile interval.
+
+    Args:
+        a, b: [S, U] or [U] per-unit values of two models (S seeds, U units - the same patients in
+            the same order). Seeds are pooled: each unit's values are averaged over seeds first, so
+            the interval reflects patient sampling of the seed-averaged model.
+
+    Returns:
+        (difference, low, high) at `level` (e.g. 0.95).
+    """
+    a, b = np.atleast_2d(np.asarray(a, dtype=np.float64)), np.atleast_2d(np.asarray(b, dtype=np.float64))
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"paired values need the same units: {a.shape[1]} vs {b.shape[1]}")
+    d = a.mean(0) - b.mean(0)  # [U]
+    u = len(d)
+    if u == 0:
+        return float("nan"), float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = np.empty(rounds)
+    step = max(1, 4_000_000 // u)  # bound the [rounds, U] index block to ~32 MB
+    for start in range(0, rounds, step):
+        k = min(step, rounds - start)
+        means[start:start + k] = d[rng.integers(0, u, size=(k, u))].mean(1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(d.mean()), float(lo), float(hi)
+
+
 def by_group(
-    per_visit: dict[str, np.ndarray], multi_visit: np.ndarray, rounds: int = 10, frac: float = 0.8, seed: int = 0
-) -> dict[str, dict[str, tuple[float, float]]]:
+    per_visit: dict[str, np.ndarray], multi_visit: np.ndarray, rounds: int = 10, frac: float = 0.8, seed: int = 0,
+    units: np.ndarray | None = None,
+) -> dict[str, dict]:
     """`subsample_mean_std` overall and for single-visit vs multi-visit patients.
 
     Args:
         per_visit: output of `per_visit_metrics`.
-        multi_visit: [N] bool, True where the sample has history (the patient has earlier visits).
+        multi_visit: [N] bool, True where the visit's patient has more than one visit.
+        units: [N] patient unit of each visit (see `subsample_mean_std`); None: visits are units.
 
     Returns:
         {"overall", "single_visit", "multi_visit"} -> metric -> (mean, std); a group with no
-        visit has NaN everywhere. Key "n" of each group is (count, 0.0).
+        visit has NaN everywhere. Key "n" of each group is (units, 0.0); key "point" holds
+        `point_estimate` (metric -> float) over every unit of the group.
     """
     multi_visit = np.asarray(multi_visit, dtype=bool)
     if multi_visit.shape != per_visit["jaccard"].shape:
@@ -195,8 +285,11 @@ def by_group(
     groups = {"overall": np.ones_like(multi_visit), "single_visit": ~multi_visit, "multi_visit": multi_visit}
     out = {}
     for name, mask in groups.items():
-        stats = subsample_mean_std({k: v[mask] for k, v in per_visit.items()}, rounds, frac, seed)
-        stats["n"] = (float(mask.sum()), 0.0)
+        sub = {k: v[mask] for k, v in per_visit.items()}
+        sub_units = None if units is None else np.unique(np.asarray(units)[mask], return_inverse=True)[1]
+        stats: dict = subsample_mean_std(sub, rounds, frac, seed, units=sub_units)
+        stats["n"] = (float(mask.sum() if units is None else len(np.unique(np.asarray(units)[mask]))), 0.0)
+        stats["point"] = point_estimate(sub, sub_units)
         out[name] = stats
     return out
 
@@ -238,15 +331,20 @@ def ddi_matrix(pairs: Iterable[tuple[str, str]], med_codes: list[str]) -> np.nda
     return out
 
 
-def format_table(groups: dict[str, dict[str, tuple[float, float]]], title: str = "") -> str:
-    """A plain-text table: one row per group, `mean +- std` per metric, "-" where NaN."""
+def format_table(groups: dict[str, dict], title: str = "") -> str:
+    """A plain-text table: one row per group, `point (mean +- std)` per metric, "-" where NaN.
+
+    The point estimate is over every scored unit; mean +- std over the protocol's subsamples."""
     head = ["group", "n", *METRICS]
     rows = []
     for name, stats in groups.items():
         cells = [name, str(int(stats["n"][0])) if "n" in stats else ""]
+        point = stats.get("point", {})
         for k in METRICS:
             mean, std = stats[k]
-            cells.append("-" if np.isnan(mean) else f"{mean:.4f} +- {std:.4f}")
+            p = point.get(k)
+            lead = "" if p is None or np.isnan(p) else f"{p:.4f} "
+            cells.append("-" if np.isnan(mean) else f"{lead}({mean:.4f} +- {std:.4f})")
         rows.append(cells)
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     lines = [title] if title else []

@@ -129,6 +129,21 @@ def test_split_patients_is_disjoint_complete_and_seeded() -> None:
         split_patients(ids, ratios=(0.5, 0.1, 0.1))
 
 
+def test_split_patients_safedrug_protocol_is_file_order_two_thirds() -> None:
+    ids = [f"p{i}" for i in range(10)]
+    # SafeDrug/GAMENet main(): train int(10 * 2/3) = 6; test the next int(4 / 2) = 2; validation the rest
+    s = split_patients(ids, seed=7, protocol="safedrug")
+    assert s == {"train": ids[:6], "test": ids[6:8], "val": ids[8:]}
+    assert s == split_patients(ids, seed=8, protocol="safedrug")  # no shuffle: the seed does not matter
+    ds = Dataset([_visit("p1", "a", 1), _visit("p1", "b", 2), _visit("p2", "c", 1), _visit("p3", "d", 1)])
+    # 3 patients: train int(2.0) = 2 (p1, p2), test int(1 / 2) = 0, validation p3; every val visit scored
+    splits = dataset_splits(ds, protocol="safedrug")
+    assert [s.patient_id for s in splits["train"]] == ["p1", "p2"] and splits["test"] == []
+    assert [s.target.visit_id for s in splits["val"]] == ["d"]
+    with pytest.raises(ValueError, match="unknown protocol"):
+        dataset_splits(ds, protocol="gamenet")
+
+
 def test_make_samples_last_visit_and_per_visit() -> None:
     ds = Dataset([_visit("p1", "a", 1), _visit("p1", "b", 2), _visit("p1", "c", 3), _visit("p2", "d", 1)])
     last = make_samples(ds, ["p1", "p2"])

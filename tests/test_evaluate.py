@@ -1,7 +1,5 @@
 import json
 import random
-import sys
-import types
 from datetime import datetime, timedelta
 
 import numpy as np
@@ -107,22 +105,85 @@ def _write_truth_and_recs(tmp_path, rows, header="patient_id,visit_id,medication
     return truth, recs, ddi
 
 
-def test_evaluate_file_scores_and_reports_missing(tmp_path):
-    # b (multi-visit): true {A}, pred {A,C} -> jaccard 1/2, 1 pair interacting
-    # c (single):      true {B,C}, pred {B,C} -> jaccard 1; pair (B,C) clean; pooled DDI 1/2
+def _run_eval(*args):
+    return CliRunner().invoke(main, ["evaluate", *map(str, args)])
+
+
+def test_evaluate_file_counts_missing_visits_as_empty(tmp_path):
+    # LEADER protocol: the last visits b, c, e are scored; e has no prediction.
+    # b (multi-visit patient p1): true {A}, pred {A,C}, A .9 C .8 -> Jaccard 1/2, F1 2/3, PRAUC 1
+    # c (single):                 true {B,C}, pred {B,C}          -> Jaccard 1,   F1 1,   PRAUC 1
+    # e (single, missing):        true {C}, nothing scored: every code tied at 0 over {A,B,C} -> PRAUC 1/3
     truth, recs, ddi = _write_truth_and_recs(tmp_path, ["p1,b,A;C,A:0.9;C:0.8", "p2,c,B;C,B:0.7;C:0.6;A:0.1"])
     out = tmp_path / "o.json"
-    r = CliRunner().invoke(main, ["evaluate", "--truth", str(truth), "--predictions", str(recs), "--ddi", str(ddi),
-                                  "--rounds", "1", "--output", str(out)])
+    r = _run_eval("--truth", truth, "--predictions", recs, "--ddi", ddi, "--rounds", "1", "--output", out)
     assert r.exit_code == 0, r.output
-    assert "2 of 4 visits" in r.stderr
+    assert "1 of 3 scored visits" in r.stderr and "empty predictions" in r.stderr
     got = json.loads(out.read_text())
-    assert got["visits_without_prediction"] == 2
+    assert got["visits_without_prediction"] == 1 and got["missing_counted_as_empty"] and got["protocol"] == "leader"
     g = got["groups"]
-    assert g["multi_visit"]["jaccard"]["mean"] == pytest.approx(0.5)
-    assert g["single_visit"]["jaccard"]["mean"] == pytest.approx(1.0)
-    assert g["single_visit"]["prauc"]["mean"] == pytest.approx(1.0)
-    assert g["multi_visit"]["ddi_rate"]["mean"] == pytest.approx(1.0)
+    assert g["overall"]["point"]["jaccard"] == pytest.approx(0.5)
+    assert g["overall"]["point"]["f1"] == pytest.approx((2 / 3 + 1) / 3)
+    assert g["overall"]["point"]["prauc"] == pytest.approx((1 + 1 + 1 / 3) / 3)
+    assert g["multi_visit"]["point"]["jaccard"] == pytest.approx(0.5)
+    assert g["single_visit"]["point"]["jaccard"] == pytest.approx(0.5)
+    assert g["multi_visit"]["point"]["ddi_rate"] == pytest.approx(1.0)  # the pair (A, C) interacts
+    # opting out leaves e out
+    r = _run_eval("--truth", truth, "--predictions", recs, "--skip-missing", "--output", out)
+    assert r.exit_code == 0, r.output
+    assert json.loads(out.read_text())["groups"]["overall"]["point"]["jaccard"] == pytest.approx(0.75)
+
+
+def test_evaluate_file_prauc_ranks_over_the_label_space(tmp_path):
+    truth, recs, _ = _write_truth_and_recs(tmp_path, ["p1,b,A;C,A:0.9;C:0.8", "p2,c,B;C,B:0.7;C:0.6;A:0.1"])
+    space = tmp_path / "meds.txt"
+    space.write_text("A\nB\nC\nD\n")
+    out = tmp_path / "o.json"
+    r = _run_eval("--truth", truth, "--predictions", recs, "--label-space", space, "--output", out)
+    assert r.exit_code == 0, r.output
+    got = json.loads(out.read_text())
+    assert got["label_space_size"] == 4
+    assert got["groups"]["overall"]["point"]["prauc"] == pytest.approx((1 + 1 + 1 / 4) / 3)  # e: C tied with 3 others
+    space.write_text("A\nB\n")  # C is recommended but outside: refused, never dropped
+    r = _run_eval("--truth", truth, "--predictions", recs, "--label-space", space)
+    assert r.exit_code == 2 and "not in the label space" in r.output
+
+
+def test_evaluate_three_column_truth_takes_groups_from_the_visits(tmp_path):
+    truth, recs, _ = _write_truth_and_recs(tmp_path, ["p1,b,A;C,A:0.9;C:0.8", "p2,c,B;C,B:0.7;C:0.6;A:0.1"])
+    targets = tmp_path / "targets.csv"
+    targets.write_text("patient_id,visit_id,medications\np1,b,A\np2,c,B;C\n")
+    out = tmp_path / "o.json"
+    r = _run_eval("--truth", targets, "--visits", truth, "--predictions", recs, "--output", out)
+    assert r.exit_code == 0, r.output
+    g = json.loads(out.read_text())["groups"]
+    assert g["multi_visit"]["n"] == 1 and g["single_visit"]["n"] == 1  # p1 has history in visits.csv
+    assert g["overall"]["point"]["jaccard"] == pytest.approx(0.75)
+    r = _run_eval("--truth", targets, "--predictions", recs, "--output", out)
+    assert r.exit_code == 0 and "pass --visits" in r.stdout
+    assert list(json.loads(out.read_text())["groups"]) == ["overall"]
+
+
+def test_evaluate_safedrug_protocol_scores_every_visit_per_patient(tmp_path):
+    # every visit is scored; a has no prediction (empty -> Jaccard 0); patient means, then the mean:
+    # p1 (0 + 1/2) / 2, p2 1, p3 0 (missing) -> (1/4 + 1 + 0) / 3
+    truth, recs, _ = _write_truth_and_recs(tmp_path, ["p1,b,A;C,A:0.9;C:0.8", "p2,c,B;C,B:0.7;C:0.6;A:0.1"])
+    out = tmp_path / "o.json"
+    r = _run_eval("--truth", truth, "--predictions", recs, "--protocol", "safedrug", "--output", out)
+    assert r.exit_code == 0, r.output
+    got = json.loads(out.read_text())
+    assert got["protocol"] == "safedrug" and got["visits_scored"] == 4
+    assert got["groups"]["overall"]["point"]["jaccard"] == pytest.approx((0.25 + 1 + 0) / 3)
+    assert got["groups"]["overall"]["n"] == 3  # patients, not visits
+    assert "protocol safedrug" in r.stdout
+
+
+def test_evaluate_refuses_output_over_an_input(tmp_path):
+    truth, recs, _ = _write_truth_and_recs(tmp_path, ["p1,b,A,A:0.9"])
+    before = truth.read_bytes()
+    r = _run_eval("--truth", truth, "--predictions", recs, "--output", truth)
+    assert r.exit_code == 2 and "one of the input files" in r.output
+    assert truth.read_bytes() == before
 
 
 def test_evaluate_file_without_scores_has_no_prauc(tmp_path):
@@ -147,21 +208,6 @@ def test_evaluate_rejects_mixed_modes(data_dir, tmp_path):
     assert r.exit_code == 2 and "--data" in r.output
 
 
-def test_evaluate_run_without_report_module_is_clear(tmp_path, monkeypatch):
-    (tmp_path / "run.json").write_text("{}")
-    monkeypatch.setitem(sys.modules, "leader_edge.train.report", None)  # import fails
+def test_evaluate_run_without_run_json_is_clear(tmp_path):
     r = CliRunner().invoke(main, ["evaluate", "--run", str(tmp_path)])
-    assert r.exit_code == 2 and "not built" in r.output
-    r = CliRunner().invoke(main, ["evaluate", "--run", str(tmp_path / "..")])
     assert r.exit_code == 2 and "not a trained run" in r.output
-
-
-def test_evaluate_run_calls_write_report(tmp_path, monkeypatch):
-    (tmp_path / "run.json").write_text("{}")
-    calls = []
-    fake = types.ModuleType("leader_edge.train.report")
-    fake.write_report = lambda run, data=None: calls.append((run, data)) or {"student": {"jaccard": 0.5}}
-    monkeypatch.setitem(sys.modules, "leader_edge.train.report", fake)
-    r = CliRunner().invoke(main, ["evaluate", "--run", str(tmp_path)])
-    assert r.exit_code == 0, r.output
-    assert calls == [(tmp_path, None)] and '"jaccard": 0.5' in r.stdout

@@ -127,3 +127,19 @@ def test_tune_threshold_picks_separating_value():
     assert summarize(per_visit_metrics(y_true, y_prob, y_prob >= t))["jaccard"] == 1.0
     with pytest.raises(ValueError, match="jaccard"):
         tune_threshold(y_true, y_prob, metric="prauc")
+
+
+def test_subsample_mean_std_per_patient_units_hand_worked():
+    from leader_edge.metrics import point_estimate
+
+    # patient 0 has visits with Jaccard 0 and 1, patient 1 one visit with Jaccard 1:
+    # per visit the mean is 2/3, per patient (0.5 + 1) / 2 = 3/4
+    y_true = np.array([[1, 0], [1, 0], [0, 1]], dtype=bool)
+    y_pred = np.array([[0, 1], [1, 0], [0, 1]], dtype=bool)
+    pv = per_visit_metrics(y_true, None, y_pred)
+    assert point_estimate(pv)["jaccard"] == pytest.approx(2 / 3)
+    assert point_estimate(pv, np.array([0, 0, 1]))["jaccard"] == pytest.approx(0.75)
+    # #Med stays pooled per visit: 3 predicted over 3 visits
+    assert point_estimate(pv, np.array([0, 0, 1]))["n_med"] == pytest.approx(1.0)
+    out = subsample_mean_std(pv, rounds=5, frac=1.0, seed=0, units=np.array([0, 0, 1]))
+    assert 0.5 <= out["jaccard"][0] <= 1.0

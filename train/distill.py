@@ -315,16 +315,26 @@ def load_student(directory: str | Path, *, backend: str = "auto") -> tuple[Stude
     return model.eval(), Encoder.from_json(config["encoder"]), float(config["threshold"])
 
 
+def student_dir_name(distill: bool, seed: int, train_seed: int | None = None) -> str:
+    """RUN/<name>: "student" / "student-nodistill" for the run's own seed, "<that>.seed-N" for
+    another training seed of the same split (`leader-edge train --seeds K`)."""
+    name = "student" if distill else "student-nodistill"
+    return name if train_seed is None or train_seed == seed else f"{name}.seed-{train_seed}"
+
+
 def run_student_stage(
     data_dir: Path, run_dir: Path, *, distill: bool = True, seed: int = 42, epochs: int | None = None,
-    device: str = "auto", config: DistillConfig | None = None,
+    device: str = "auto", config: DistillConfig | None = None, train_seed: int | None = None, protocol: str = "leader",
 ) -> dict:
     """Train, tune, save and score one student into RUN/student (or RUN/student-nodistill).
 
     Args:
         data_dir: dataset directory. run_dir: the run directory (RUN/teacher is read when `distill`).
         distill: add the teacher feature loss; False trains the same student on labels alone.
-        seed: split and training seed (the same seed reproduces the metrics).
+        seed: split seed, and training seed unless `train_seed` is given (the same seeds reproduce the metrics).
+        train_seed: initialisation and shuffling seed; a seed other than `seed` writes
+            RUN/student.seed-N (see `student_dir_name`), same split.
+        protocol: "leader" or "safedrug" (`leader_edge.dataset.PROTOCOLS`): the split and the test samples.
         epochs: overrides `config.epochs`. device: "auto", "cpu" or "cuda".
         config: training settings; defaults to `DistillConfig()`.
 
@@ -339,21 +349,23 @@ def run_student_stage(
     threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     try:
-        return _run(data_dir, run_dir, distill=distill, seed=seed, device=dev, config=config)
+        return _run(data_dir, run_dir, distill=distill, seed=seed, device=dev, config=config,
+                    train_seed=seed if train_seed is None else train_seed, protocol=protocol)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(data_dir: Path, run_dir: Path, *, distill: bool, seed: int, device: torch.device, config: DistillConfig) -> dict:
+def _run(data_dir: Path, run_dir: Path, *, distill: bool, seed: int, device: torch.device, config: DistillConfig,
+         train_seed: int, protocol: str) -> dict:
     dev = device
     started = time.perf_counter()
     ds = load_dataset(data_dir)
-    samples = dataset_splits(ds, seed=seed, train_per_visit=config.per_visit)
+    samples = dataset_splits(ds, seed=seed, train_per_visit=config.per_visit, protocol=protocol)
     train_patients = {s.patient_id for s in samples["train"]}
     encoder = Encoder.from_visits({k: ds.vocab(k) for k in KINDS}, [v for v in ds.visits if v.patient_id in train_patients],
                                   max_visits=config.max_visits, max_codes=config.max_codes)
     teacher = load_teacher_features(run_dir, samples) if distill else None
-    model, history, best_epoch = train_student(ds, samples, encoder, config, teacher=teacher, seed=seed, device=dev,
+    model, history, best_epoch = train_student(ds, samples, encoder, config, teacher=teacher, seed=train_seed, device=dev,
                                                  run_dir=run_dir)
     train_seconds = time.perf_counter() - started
 
@@ -363,14 +375,17 @@ def _run(data_dir: Path, run_dir: Path, *, distill: bool, seed: int, device: tor
     threshold = metrics.tune_threshold(truth["val"], prob["val"])
     ddi = metrics.ddi_matrix(ds.ddi, encoder.codes["medication"])
     per_visit = metrics.per_visit_metrics(truth["test"], prob["test"], prob["test"] >= threshold, ddi)
-    multi = np.array([len(s.visits) > 1 for s in samples["test"]])
+    n_visits = {pid: len(v) for pid, v in ds.patients().items()}
+    multi = np.array([n_visits[s.patient_id] > 1 for s in samples["test"]])
+    units = np.unique([s.patient_id for s in samples["test"]], return_inverse=True)[1]
     model.cpu()
     result = {
         "model": "student" if distill else "student-nodistill",
         "threshold": threshold,
         "val": metrics.score(truth["val"], prob["val"], threshold, ddi),
         "test": metrics.summarize(per_visit),
-        "test_groups": {g: {k: list(v) for k, v in stats.items()} for g, stats in metrics.by_group(per_visit, multi).items()},
+        "test_groups": {g: {k: (v if k == "point" else list(v)) for k, v in stats.items()}
+                        for g, stats in metrics.by_group(per_visit, multi, units=units).items()},
         "n_params": model.n_params(),
         "n_params_training": model.n_params(inference=False),
         "inference_ms_per_patient": round(latency_ms(model, encoded["test"], config.timing_patients), 3),
@@ -380,13 +395,16 @@ def _run(data_dir: Path, run_dir: Path, *, distill: bool, seed: int, device: tor
         "train_samples": len(samples["train"]),
         "unknown_codes_test": int(encoded["test"].unknown.sum()),
         "seed": seed,
+        "train_seed": train_seed,
+        "protocol": protocol,
         "config": asdict(config),
     }
-    name = "student" if distill else "student-nodistill"
+    name = student_dir_name(distill, seed, train_seed)
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=run_dir))
     try:
-        save_student(tmp, model, encoder, threshold, {"distill": distill, "seed": seed, "data": str(data_dir)})
+        save_student(tmp, model, encoder, threshold, {"distill": distill, "seed": seed, "train_seed": train_seed,
+                                                      "protocol": protocol, "data": str(data_dir)})
         (tmp / "metrics.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
         (tmp / "history.json").write_text(json.dumps(history, indent=2) + "\n", encoding="utf-8")
         write_predictions(tmp / "predictions-test.csv", [s.patient_id for s in samples["test"]],

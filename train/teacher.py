@@ -135,7 +135,7 @@ def run_teacher_stage(
     torch.manual_seed(config.seed)
     ds = load_dataset(data_dir)
     med_codes = ds.vocab("medication")
-    splits = dataset_splits(ds, seed=config.seed, train_per_visit=True)
+    splits = dataset_splits(ds, seed=config.seed, train_per_visit=True, protocol=config.protocol)
     model = TeacherModel(config, med_codes).to(device)
     encode = dict(max_history=config.max_history, max_tokens=config.max_tokens)
     enc = {name: encode_samples(ds, splits[name], model.tokenizer, med_codes, **encode) for name in ("train", "val", "test")}

@@ -44,7 +44,8 @@ class TeacherConfig:
     head_lr: float = 1e-2  # the head starts from a frequency prior only
     weight_decay: float = 0.0
     warmup: float = 0.05  # fraction of optimizer steps with linear warm-up, then linear decay
-    seed: int = 42
+    seed: int = 42  # split seed and the teacher's training seed
+    protocol: str = "leader"  # split and test samples: "leader" or "safedrug" (leader_edge.dataset.PROTOCOLS)
     cache_batch_tokens: int = 4096  # tokens per batch of the one-off frozen-layer pass
     bf16: bool = False  # autocast on CUDA only; measured 2x slower on this CPU
     plain: bool = False  # benchmark baseline: no cache, full forward every step (LoRA on lora_layers)
@@ -74,6 +75,8 @@ class TeacherConfig:
             raise ValueError(f"TeacherConfig.warmup={self.warmup} must be a fraction in [0, 1)")
         if self.prior not in ("none", "frequency"):
             raise ValueError(f"TeacherConfig.prior={self.prior!r}; use 'none' or 'frequency'")
+        if self.protocol not in ("leader", "safedrug"):
+            raise ValueError(f"TeacherConfig.protocol={self.protocol!r}; use 'leader' or 'safedrug'")
         if self.max_history < 0:
             raise ValueError(f"TeacherConfig.max_history={self.max_history} must be >= 0")
 

@@ -13,26 +13,41 @@ from leader_edge.cli import user_errors
 
 
 @click.command()
-@click.option("--truth", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="visits.csv holding the true medications.")
+@click.option("--truth", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="The true medications: a visits.csv, or patient_id,visit_id,medications (every row a scored visit).")
 @click.option("--predictions", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Recommendations CSV: patient_id,visit_id,medications[,scores].")
+@click.option("--visits", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="visits.csv of the scored patients (history included): the single/multi-visit groups "
+                   "[default: --truth when it is a visits file].")
+@click.option("--label-space", type=click.Path(exists=True, path_type=Path),
+              help="The medication vocabulary PRAUC ranks over: a dataset directory, a bundle directory, or a "
+                   "file with one code per line [default: the codes found in --truth and --predictions].")
+@click.option("--skip-missing", is_flag=True,
+              help="Leave out scored visits that have no prediction (default: they count as empty predictions).")
 @click.option("--ddi", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="ddi.csv (med_a,med_b) for the DDI rate.")
 @click.option("--baseline", type=click.Choice(["frequency"]), help="Fit a baseline on train, tune on val, score test.")
 @click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path), envvar="LEADER_EDGE_DATA",
               help="Dataset directory (for --baseline; optional for --run).")
 @click.option("--run", "run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="A run directory from `leader-edge train`: write its report.")
+@click.option("--protocol", type=click.Choice(["leader", "safedrug"]),
+              help="leader: last visit per patient, mean +- std over 10 x 80% of visits; safedrug: every visit, "
+                   "averaged per patient, 10 x 80% of patients [default: leader; --run: the run's].")
 @click.option("--seed", type=int, default=42, show_default=True, help="Split seed (--baseline) and subsample seed.")
-@click.option("--rounds", type=int, default=10, show_default=True, help="Subsamples for mean +- std (LEADER: 10 x 80%).")
+@click.option("--rounds", type=click.IntRange(min=1), help="Subsamples for mean +- std [default: the protocol's, 10].")
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), help="Also write the metrics as JSON here.")
 @user_errors
-def evaluate(truth, predictions, ddi, baseline, data, run_dir, seed, rounds, output) -> None:
-    """Score medication recommendations: Jaccard, PRAUC, F1, DDI rate, #Med as mean +- std over
-    10 random 80% subsamples, overall and for single- vs multi-visit patients.
+def evaluate(truth, predictions, visits, label_space, skip_missing, ddi, baseline, data, run_dir, protocol, seed, rounds,
+             output) -> None:
+    """Score medication recommendations: Jaccard, PRAUC, F1, DDI rate, #Med over every scored
+    visit (the point estimate) and as mean +- std over 10 random 80% subsamples, overall and for
+    single- vs multi-visit patients. The protocol is named in every table and metrics file.
 
     \b
     Examples:
-      leader-edge evaluate --truth data/visits.csv --predictions recs.csv --ddi data/ddi.csv
+      leader-edge evaluate --truth data/visits.csv --predictions recs.csv --ddi data/ddi.csv --label-space bundle
+      leader-edge evaluate --truth targets.csv --visits data/visits.csv --predictions recs.csv
       leader-edge evaluate --baseline frequency --data data/synth --output baseline.json
       leader-edge evaluate --run runs/r1
     """
@@ -40,77 +55,172 @@ def evaluate(truth, predictions, ddi, baseline, data, run_dir, seed, rounds, out
     if len(modes) != 1:
         raise click.UsageError("give exactly one of --truth with --predictions, --baseline frequency --data DIR, or --run RUN"
                                + (f" (got {', '.join(modes)})" if modes else ""))
+    if output is not None:
+        inputs = [p for p in (truth, predictions, visits, ddi) if p is not None]
+        if any(output.resolve() == p.resolve() for p in inputs):
+            raise click.UsageError(f"--output {output} is one of the input files; choose another path")
     if run_dir is not None:
-        result = _evaluate_run(run_dir, data)
-        click.echo(json.dumps(result, indent=2, default=str) if result else f"report written to {run_dir / 'report.md'}")
+        result = _evaluate_run(run_dir, data, protocol)
+        from leader_edge.report import summary_table
+
+        click.echo(summary_table(result))
+        click.echo(f"report: {run_dir / 'report.md'}; plots: {run_dir / 'training-curves.png'}, "
+                   f"{run_dir / 'metrics-by-group.png'}; metrics: {run_dir / 'metrics.json'}", err=True)
     else:
+        from leader_edge.dataset import get_protocol
+
+        proto = get_protocol(protocol or "leader")
+        rounds = rounds or proto.rounds
         if truth or predictions:
             if not (truth and predictions):
                 raise click.UsageError("--truth and --predictions go together")
-            result = _evaluate_file(truth, predictions, ddi, seed, rounds)
+            result = _evaluate_file(truth, predictions, visits, label_space, ddi, proto, seed, rounds, skip_missing)
         else:
             if data is None:
                 raise click.UsageError("--baseline needs --data DIR")
-            result = _evaluate_baseline(data, seed, rounds)
+            result = _evaluate_baseline(data, proto, seed, rounds)
         from leader_edge.metrics import format_table
 
         click.echo(format_table(result["groups"], title=result["title"]))
+        click.echo("cells: value over every scored patient (mean +- std over the protocol's subsamples)", err=True)
     if output is not None:
         _write_json(output, result)
         click.echo(f"wrote {output}", err=True)
 
 
-def _evaluate_file(truth: Path, predictions: Path, ddi_path: Path | None, seed: int, rounds: int) -> dict:
+def _read_targets(truth: Path):
+    """(targets, visits or None): the scored rows of a truth file. A visits file gives visits too;
+    a patient_id,visit_id,medications file gives its rows as Prediction tuples."""
+    from leader_edge.dataset import iter_csv_rows, read_visits
+    from leader_edge.recs import read_predictions
+
+    header = next(iter_csv_rows(truth))[1]["__header__"]
+    if "visit_time" in header:
+        return None, read_visits(truth)
+    return read_predictions(truth), None
+
+
+def _label_space(path: Path) -> list[str]:
+    """Medication codes of a dataset directory, a bundle directory or a one-code-per-line file."""
+    from leader_edge.errors import DataError
+
+    if path.is_dir():
+        if (path / "visits.csv").is_file():
+            from leader_edge.dataset import load_dataset
+
+            return load_dataset(path).vocab("medication")
+        if (path / "manifest.json").is_file():
+            from leader_edge.runtime import Bundle
+
+            return list(Bundle.load(path).med_codes)
+        raise DataError(path, "neither a dataset (visits.csv) nor a bundle (manifest.json) directory",
+                        fix="pass a dataset directory, a bundle directory or a file with one medication code per line")
+    codes = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if codes and codes[0] in ("code", "medication"):  # a one-column CSV with a header
+        codes = codes[1:]
+    if not codes or len(set(codes)) != len(codes):
+        raise DataError(path, "no codes" if not codes else "a code appears twice",
+                        fix="write one medication code per line, each once")
+    return codes
+
+
+def _evaluate_file(truth: Path, predictions: Path, visits_path: Path | None, label_space: Path | None, ddi_path: Path | None,
+                   proto, seed: int, rounds: int, skip_missing: bool) -> dict:
     import numpy as np
 
     from leader_edge.dataset import read_ddi, read_visits
     from leader_edge.errors import DataError
     from leader_edge.metrics import by_group, ddi_matrix, per_visit_metrics
-    from leader_edge.recs import prediction_matrices, predicted_codes, read_predictions
+    from leader_edge.recs import Prediction, prediction_matrices, predicted_codes, read_predictions
 
-    visits = read_visits(truth)
-    by_id = {v.visit_id: v for v in visits}
-    # read_visits orders each patient's visits by time: a visit has history when it is not first.
-    first = {}
-    for v in visits:
-        first.setdefault(v.patient_id, v.visit_id)
+    rows, visits = _read_targets(truth)
+    if visits_path is not None:
+        visits = read_visits(visits_path)
+    if rows is None:
+        # A visits file: LEADER scores each patient's last visit, SafeDrug every visit.
+        last: dict[str, object] = {}
+        for v in visits:
+            last[v.patient_id] = v
+        scored = visits if proto.eval_per_visit else list(last.values())
+        rows = [Prediction(v.patient_id, v.visit_id, v.medications) for v in scored]
+    n_visits: dict[str, int] = {}
+    for v in visits or ():
+        n_visits[v.patient_id] = n_visits.get(v.patient_id, 0) + 1
+    targets = {r.visit_id: r for r in rows}
     preds = read_predictions(predictions)
     if not preds:
         raise DataError(predictions, "no predictions in the file", fix="write one row per visit to score")
+    known = {v.visit_id: v.patient_id for v in visits} if visits else {r.visit_id: r.patient_id for r in rows}
+    by_id = {}
     for p in preds:
-        v = by_id.get(p.visit_id)
-        if v is None:
-            raise DataError(predictions, f"visit_id {p.visit_id!r} is not in {truth}", line=p.line, column="visit_id",
+        if p.visit_id not in known:
+            raise DataError(predictions, f"visit_id {p.visit_id!r} is not in {visits_path or truth}", line=p.line, column="visit_id",
                             fix="score predictions against the visits file they were made for")
-        if v.patient_id != p.patient_id:
-            raise DataError(predictions, f"visit {p.visit_id!r} belongs to patient {v.patient_id!r} in {truth}, not {p.patient_id!r}",
+        if known[p.visit_id] != p.patient_id:
+            raise DataError(predictions, f"visit {p.visit_id!r} belongs to patient {known[p.visit_id]!r}, not {p.patient_id!r}",
                             line=p.line, column="patient_id", fix="check the patient ids")
-    missing = len(visits) - len(preds)
+        by_id[p.visit_id] = p
+    notes = []
+    outside = sum(1 for vid in by_id if vid not in targets)
+    if outside:
+        notes.append(f"{outside} prediction(s) for visits the {proto.name} protocol does not score were ignored")
+    missing = [r for r in rows if r.visit_id not in by_id]
     if missing:
-        click.echo(f"{missing} of {len(visits)} visits in {truth} have no prediction and are not scored", err=True)
-    targets = [by_id[p.visit_id] for p in preds]
-    med_codes = sorted({c for v in targets for c in v.medications} | predicted_codes(preds))
-    y_true = np.zeros((len(preds), len(med_codes)), dtype=bool)
+        what = "left out (--skip-missing)" if skip_missing else "scored as empty predictions"
+        click.echo(f"{len(missing)} of {len(rows)} scored visits in {truth} have no prediction: {what}", err=True)
+        if skip_missing:
+            rows = [r for r in rows if r.visit_id in by_id]
+    has_scores = preds[0].scores is not None
+    scored_preds = [by_id.get(r.visit_id) or Prediction(r.patient_id, r.visit_id, (), {} if has_scores else None) for r in rows]
+    truth_codes = {c for r in rows for c in r.medications}
+    if label_space is not None:
+        med_codes = _label_space(label_space)
+        space = set(med_codes)
+        wrong = sorted(predicted_codes(scored_preds) - space)
+        if wrong:
+            raise DataError(predictions, f"{len(wrong)} recommended or scored code(s) are not in the label space {label_space}, "
+                            f"e.g. {wrong[:3]}", fix="pass the label space of the model that wrote the predictions")
+        unknown = sorted(truth_codes - space)
+        if unknown:
+            click.echo(f"{len(unknown)} true medication code(s) are outside the label space {label_space} (e.g. {unknown[:3]}); "
+                       "they count as positives no model can rank", err=True)
+            med_codes = med_codes + unknown
+    else:
+        med_codes = sorted(truth_codes | predicted_codes(scored_preds))
+        notes.append(f"PRAUC ranks over the {len(med_codes)} codes found in the files (pass --label-space for the model's vocabulary)")
     index = {c: j for j, c in enumerate(med_codes)}
-    for i, v in enumerate(targets):
-        y_true[i, [index[c] for c in v.medications]] = True
-    y_pred, y_prob = prediction_matrices(preds, med_codes)
+    y_true = np.zeros((len(rows), len(med_codes)), dtype=bool)
+    for i, r in enumerate(rows):
+        y_true[i, [index[c] for c in r.medications]] = True
+    y_pred, y_prob = prediction_matrices(scored_preds, med_codes)
     ddi = ddi_matrix(read_ddi(ddi_path), med_codes) if ddi_path is not None else None
     per_visit = per_visit_metrics(y_true, y_prob, y_pred, ddi)
-    multi = np.array([first[v.patient_id] != v.visit_id for v in targets])
-    notes = [] if y_prob is not None else ["no scores column: PRAUC not computed"]
+    units = np.unique([r.patient_id for r in rows], return_inverse=True)[1] if proto.per_patient else None
+    if y_prob is None:
+        notes.append("no scores column: PRAUC not computed")
     if ddi is None:
         notes.append("no --ddi: DDI rate not computed")
+    if visits:
+        groups = by_group(per_visit, np.array([n_visits.get(r.patient_id, 1) > 1 for r in rows]), rounds=rounds,
+                          frac=proto.frac, seed=seed, units=units)
+    else:
+        groups = {"overall": by_group(per_visit, np.zeros(len(rows), dtype=bool), rounds=rounds, frac=proto.frac, seed=seed,
+                                      units=units)["overall"]}
+        notes.append("single/multi-visit groups need the patients' visits: pass --visits visits.csv")
     return {
-        "title": f"{predictions.name} vs {truth.name}: {len(preds)} visits" + "".join(f"; {n}" for n in notes),
-        "source": {"truth": str(truth), "predictions": str(predictions), "ddi": str(ddi_path) if ddi_path else None},
-        "visits_scored": len(preds),
-        "visits_without_prediction": missing,
-        "groups": by_group(per_visit, multi, rounds=rounds, seed=seed),
+        "title": f"{predictions.name} vs {truth.name}: {len(rows)} visits; {proto.describe()}" + "".join(f"; {n}" for n in notes),
+        "protocol": proto.name,
+        "source": {"truth": str(truth), "predictions": str(predictions), "ddi": str(ddi_path) if ddi_path else None,
+                   "visits": str(visits_path) if visits_path else None, "label_space": str(label_space) if label_space else None},
+        "visits_scored": len(rows),
+        "visits_without_prediction": len(missing),
+        "missing_counted_as_empty": bool(missing) and not skip_missing,
+        "label_space_size": len(med_codes),
+        "groups": groups,
     }
 
 
-def _evaluate_baseline(data: Path, seed: int, rounds: int) -> dict:
+def _evaluate_baseline(data: Path, proto, seed: int, rounds: int) -> dict:
     import numpy as np
 
     from leader_edge.baselines import fit_frequency_baseline, labels
@@ -118,7 +228,7 @@ def _evaluate_baseline(data: Path, seed: int, rounds: int) -> dict:
     from leader_edge.metrics import by_group, ddi_matrix, per_visit_metrics
 
     ds = load_dataset(data)
-    splits = dataset_splits(ds, seed=seed)
+    splits = dataset_splits(ds, seed=seed, protocol=proto)
     if not splits["test"]:
         raise ValueError(f"{data}: the test split is empty ({len(ds.patients())} patients); use a dataset with at least 10 patients")
     model, threshold, trials = fit_frequency_baseline(ds, splits)
@@ -127,28 +237,26 @@ def _evaluate_baseline(data: Path, seed: int, rounds: int) -> dict:
     y_true = labels(test, model.med_codes)
     ddi = ddi_matrix(ds.ddi, model.med_codes) if ds.ddi else None
     per_visit = per_visit_metrics(y_true, prob, prob >= threshold, ddi)
-    multi = np.array([bool(s.history) for s in test])
+    n_visits = {pid: len(v) for pid, v in ds.patients().items()}
+    multi = np.array([n_visits[s.patient_id] > 1 for s in test])
+    units = np.unique([s.patient_id for s in test], return_inverse=True)[1] if proto.per_patient else None
     return {
         "title": f"frequency baseline ({model.rule}, a={model.smoothing}, threshold {threshold:.2f}) on {data}: "
-                 f"{len(test)} test patients, split seed {seed}",
+                 f"{len(set(s.patient_id for s in test))} test patients, split seed {seed}; {proto.describe()}",
+        "protocol": proto.name,
         "source": {"data": str(data), "baseline": "frequency", "seed": seed},
         "model": {"rule": model.rule, "smoothing": model.smoothing, "threshold": threshold},
         "validation": trials,
-        "groups": by_group(per_visit, multi, rounds=rounds, seed=seed),
+        "groups": by_group(per_visit, multi, rounds=rounds, frac=proto.frac, seed=seed, units=units),
     }
 
 
-def _evaluate_run(run_dir: Path, data: Path | None) -> dict:
+def _evaluate_run(run_dir: Path, data: Path | None, protocol: str | None) -> dict:
     if not (run_dir / "run.json").exists():
         raise RuntimeError(f"{run_dir} has no run.json: it is not a trained run; create one with `leader-edge train --out {run_dir}`")
-    try:
-        from leader_edge.train.report import write_report
-    except ImportError as e:
-        raise RuntimeError(
-            f"`evaluate --run` needs the student stage's report module (leader_edge.train.report), which is not "
-            f"built in this install ({e}); train a run with `leader-edge train` once it is available"
-        ) from None
-    return write_report(run_dir, data)
+    from leader_edge.report import write_report
+
+    return write_report(run_dir, data, protocol=protocol)
 
 
 def _write_json(path: Path, result: dict) -> None:
@@ -156,7 +264,7 @@ def _write_json(path: Path, result: dict) -> None:
 
     def clean(x):
         if isinstance(x, dict):
-            return {k: int(v[0]) if k == "n" else clean(v) for k, v in x.items()}
+            return {k: int(v[0]) if k == "n" and isinstance(v, tuple) else clean(v) for k, v in x.items()}
         if isinstance(x, tuple) and len(x) == 2 and all(isinstance(v, float) for v in x):
             return {"mean": clean(x[0]), "std": clean(x[1])}
         if isinstance(x, (list, tuple)):

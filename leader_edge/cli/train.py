@@ -27,7 +27,12 @@ STAGES = ("teacher", "student", "all")
 @click.option("--no-distill", is_flag=True, help="Train only the label-only student (skip the distilled one).")
 @click.option("--show-prompt", type=int, metavar="N", help="Print training sample N's prompt and token count, then exit.")
 @click.option("--resume", is_flag=True, help="Continue the teacher from RUN/teacher/checkpoint.")
-@click.option("--seed", type=int, default=42, show_default=True, help="Split, initialisation and shuffling seed.")
+@click.option("--seed", type=int, default=42, show_default=True, help="Split seed; also the teacher's and the first student's training seed.")
+@click.option("--seeds", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Train the students with K training seeds (SEED, SEED+1, ...) on the same split; "
+                   "seeds after the first go to RUN/student.seed-N and RUN/student-nodistill.seed-N.")
+@click.option("--protocol", type=click.Choice(["leader", "safedrug"]), default="leader", show_default=True,
+              help="leader: 8:1:1 seeded split, last visit scored; safedrug: 2/3:1/6:1/6 in file order, every test visit scored.")
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Teacher config JSON (TeacherConfig fields, e.g. configs/teacher-gpu.json); flags override it.")
 @click.option("--epochs", type=click.IntRange(min=1), help="Teacher epochs (upper bound; early stopping).")
@@ -38,13 +43,14 @@ STAGES = ("teacher", "student", "all")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Student device (the teacher uses CUDA when present).")
 @user_errors
-def train(data_dir, run_dir, teacher, stage, no_distill, show_prompt, resume, seed, config_file, epochs,
+def train(data_dir, run_dir, teacher, stage, no_distill, show_prompt, resume, seed, seeds, protocol, config_file, epochs,
           backbone_layers, lora_layers, student_epochs, device) -> None:
     """Train the teacher LLM and distil the student (LEADER).
 
     \b
     Examples:
       leader-edge train --data data/synth --out runs/r1
+      leader-edge train --data data/synth --out runs/r3 --seeds 3 --protocol safedrug
       leader-edge train --data data/synth --out runs/r1 --stage teacher --resume
       leader-edge train --data data/synth --show-prompt 0
       torchrun --nproc_per_node 2 -m leader_edge train --data data/synth --out runs/r1 --stage teacher
@@ -54,7 +60,7 @@ def train(data_dir, run_dir, teacher, stage, no_distill, show_prompt, resume, se
 
     conf = json.loads(config_file.read_text(encoding="utf-8")) if config_file else {}
     conf = {k: v for k, v in conf.items() if not k.startswith("_")}  # "_command", "_why": notes
-    conf.update({"teacher": teacher, "seed": seed})
+    conf.update({"teacher": teacher, "seed": seed, "protocol": protocol})
     for name, value in (("epochs", epochs), ("backbone_layers", backbone_layers), ("lora_layers", lora_layers)):
         if value is not None:
             conf[name] = value
@@ -70,7 +76,7 @@ def train(data_dir, run_dir, teacher, stage, no_distill, show_prompt, resume, se
     config = TeacherConfig.from_dict(conf)
     rank = int(os.environ.get("RANK", "0"))
     if rank == 0:
-        _write_run_json(run_dir, data_dir, seed, config)
+        _write_run_json(run_dir, data_dir, seed, config, seeds=[seed + i for i in range(seeds)])
     from leader_edge.train.teacher import run_teacher_stage, teacher_done
 
     if stage == "teacher" or (stage == "all" and not (teacher_done(run_dir) and not resume)):
@@ -85,15 +91,20 @@ def train(data_dir, run_dir, teacher, stage, no_distill, show_prompt, resume, se
         from leader_edge.train.distill import run_student_stage
     except ImportError as e:
         raise click.ClickException(f"the student stage is not available in this install ({e}); run with --stage teacher") from None
-    for distill in ([False] if no_distill else [True, False]):
-        run_student_stage(data_dir, run_dir, distill=distill, seed=seed, epochs=student_epochs, device=device)
+    for train_seed in range(seed, seed + seeds):
+        for distill in ([False] if no_distill else [True, False]):
+            if seeds > 1:
+                click.echo(f"student{'' if distill else '-nodistill'}, training seed {train_seed} "
+                           f"({train_seed - seed + 1} of {seeds})", err=True)
+            run_student_stage(data_dir, run_dir, distill=distill, seed=seed, epochs=student_epochs, device=device,
+                              train_seed=train_seed, protocol=protocol)
 
 
-def _write_run_json(run_dir: Path, data_dir: Path, seed: int, config) -> None:
+def _write_run_json(run_dir: Path, data_dir: Path, seed: int, config, *, seeds: list[int]) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "run.json"
     meta = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    meta.update({"data": str(data_dir.resolve()), "seed": seed, "teacher": config.teacher,
+    meta.update({"data": str(data_dir.resolve()), "seed": seed, "seeds": seeds, "protocol": config.protocol, "teacher": config.teacher,
                  "command": " ".join(["leader-edge", *sys.argv[1:]])})
     tmp = run_dir / ".run.json.tmp"
     tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
@@ -106,7 +117,7 @@ def _show_prompt(data_dir: Path, config, n: int) -> None:
     from leader_edge.train.teacher_data import encode_prompt, sample_key
 
     ds = load_dataset(data_dir)
-    train = dataset_splits(ds, seed=config.seed, train_per_visit=True)["train"]
+    train = dataset_splits(ds, seed=config.seed, train_per_visit=True, protocol=config.protocol)["train"]
     if not 0 <= n < len(train):
         raise ValueError(f"--show-prompt {n}: the training split has {len(train)} samples; choose 0..{len(train) - 1}")
     tok = load_tokenizer(config.teacher)

@@ -102,3 +102,25 @@ def test_trim_cuts_only_padding(data):
     t = trim(batch, single)
     assert t["visit_mask"].shape == (3, 1) and (t["diagnoses"] >= 0).any(-1).all()
     assert torch.equal(torch.from_numpy(t["diagnoses"][:, -1]), torch.from_numpy(batch.diagnoses[single, -1, : t["diagnoses"].shape[2]]))
+
+
+def test_student_training_seeds_share_the_split_and_land_beside_each_other(data, tmp_path):
+    from click.testing import CliRunner
+
+    from leader_edge.cli import main
+    from leader_edge.report import seed_dirs
+
+    a = run_student_stage(data, tmp_path, distill=False, config=FAST, epochs=1)
+    b = run_student_stage(data, tmp_path, distill=False, config=FAST, epochs=1, train_seed=43)
+    assert (tmp_path / "student-nodistill.seed-43" / "model.safetensors").is_file()
+    assert a["train_seed"] == 42 and b["train_seed"] == 43 and a["protocol"] == b["protocol"] == "leader"
+    ids = [[p.visit_id for p in read_predictions(tmp_path / d / "predictions-test.csv")] for d in ("student-nodistill", "student-nodistill.seed-43")]
+    assert ids[0] == ids[1]  # the same test patients: the comparison can be paired
+    assert a["test"] != b["test"]  # a different initialisation
+    assert list(seed_dirs(tmp_path, "student-nodistill", 42)) == [42, 43]
+    # the CLI refuses a teacher-less distilled run before training anything, and records seeds/protocol
+    r = CliRunner().invoke(main, ["train", "--data", str(data), "--out", str(tmp_path / "r"), "--stage", "student",
+                                  "--seeds", "2", "--protocol", "safedrug"])
+    assert r.exit_code != 0 and "no finished teacher stage" in r.output
+    run = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert run["seeds"] == [42, 43] and run["protocol"] == "safedrug"
