@@ -94,10 +94,12 @@ def _model_matrices(path: Path, test: list[Sample], med_codes: list[str]) -> tup
     return prediction_matrices([preds[(s.patient_id, s.target.visit_id)] for s in test], med_codes)
 
 
-def group_masks(ds: Dataset, splits: dict[str, list[Sample]]) -> dict[str, np.ndarray]:
-    """[N test samples] bool per group (see the module docstring)."""
-    test = splits["test"]
-    n_visits = {pid: len(v) for pid, v in ds.patients().items()}
+def group_masks(ds: Dataset, splits: dict[str, list[Sample]], test: list[Sample] | None = None,
+                test_ds: Dataset | None = None) -> dict[str, np.ndarray]:
+    """[N samples] bool per group (see the module docstring) for `test` (default: splits["test"]);
+    visit counts come from `test_ds` (default `ds`), rare diagnoses from `ds`'s training split."""
+    test = splits["test"] if test is None else test
+    n_visits = {pid: len(v) for pid, v in (test_ds or ds).patients().items()}
     multi = np.array([n_visits[s.patient_id] > 1 for s in test], dtype=bool)
     train_ids = {s.patient_id for s in splits["train"]}
     seen = Counter(c for v in ds.visits if v.patient_id in train_ids for c in set(v.diagnoses))

@@ -36,7 +36,7 @@ def plot_training_curves(run_dir: Path, path: Path) -> bool:
             hist = _history(d / "history.json")
             if hist:
                 curves.append((name, d.name, [h["epoch"] for h in hist], [h["val_prauc"] for h in hist],
-                               [h["train_loss"] for h in hist]))
+                               [h.get("train_loss", np.nan) for h in hist]))  # epoch 0 (the prior alone) has no loss
     teacher = (_history(run_dir / "teacher" / "metrics.json") or {})
     teacher = teacher.get("history", []) if isinstance(teacher, dict) else []
     if teacher:

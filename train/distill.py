@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from leader_edge import metrics
 from leader_edge.dataset import Dataset, Sample, dataset_splits, load_dataset
@@ -33,7 +34,7 @@ from leader_edge.recs import write_predictions
 from leader_edge.train.student import Student, StudentConfig
 from leader_edge.train.code_embeddings import pca_init
 from leader_edge.train.student_init import (
-    cooc_log_odds, low_rank, name_neighbour_prior, teacher_name_vectors, train_code_rows, wide_rank,
+    cooc_log_odds, frequency_prior, low_rank, name_neighbour_prior, teacher_name_vectors, train_code_rows, wide_rank,
 )
 
 log = logging.getLogger(__name__)
@@ -80,8 +81,19 @@ class DistillConfig:
     # 0.6358/0.6458/0.6320, "mean" 0.6435/0.6392/0.6347 (equal within noise); test PRAUC 0.6529/0.6452/0.6393
     # vs 0.6410/0.6414/0.6351 (-0.007 on average); model-only ORT fp32 batch 1024 3.7x faster (7,852 vs 2,139 patients/s).
     set_encoder: str = "mean"
+    # StudentConfig.prior: "frequency" adds the frequency baseline's logit (out-of-fold on training
+    # samples) and starts the learned terms at 0, so training starts AT counting; validation
+    # before the first epoch is a candidate, so early stopping can keep the baseline itself.
+    prior: str = "none"
+    # Output-level distillation: weight of BCE(student logits, teacher probabilities) on training
+    # samples (the teacher's head applied to its cached features); 0 = off (LEADER has none).
+    kd: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.kd < 0:
+            raise ValueError(f"DistillConfig.kd={self.kd} must be >= 0")
+        if self.kd > 0 and self.wide == "none" and self.prior == "none":
+            raise ValueError("DistillConfig.kd > 0 needs the logits path: set wide='max' or prior='frequency'")
         for name in ("epochs", "patience", "batch_size", "max_visits", "max_codes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"DistillConfig.{name}={getattr(self, name)} must be >= 1")
@@ -89,7 +101,7 @@ class DistillConfig:
             raise ValueError(f"DistillConfig.lr={self.lr} must be > 0")
         for name, allowed in (("wide", ("max", "mean", "none")), ("wide_init", ("cooc", "zero")),
                               ("code_init", ("none", "input", "hidden")),
-                              ("set_encoder", ("transformer", "mean"))):
+                              ("set_encoder", ("transformer", "mean")), ("prior", ("none", "frequency"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"DistillConfig.{name}={getattr(self, name)!r}; use one of {allowed}")
 
@@ -133,6 +145,33 @@ def load_teacher_features(run_dir: Path, samples: dict[str, list[Sample]]) -> di
             out[split] = table[[rows[sample_key(s)] for s in samples[split]]]
     mean, std = out["train"].mean(0), out["train"].std(0) + 1e-6
     return {k: (v - mean) / std for k, v in out.items()}
+
+
+def teacher_probabilities(run_dir: Path, samples: list[Sample]) -> np.ndarray:
+    """float32 [N, n_meds]: the teacher's probabilities for `samples` - its head applied to its
+    cached (raw) features, so nothing is recomputed. Output-level distillation's targets.
+
+    Raises:
+        RuntimeError: no teacher adapter, a teacher trained with a counting prior (its offsets
+            are not cached), or a sample without a feature row.
+    """
+    from safetensors import safe_open
+    from safetensors.numpy import load_file
+
+    from leader_edge.train.teacher_model import ADAPTER
+
+    config = json.loads((run_dir / "teacher" / "config.json").read_text(encoding="utf-8"))
+    if config.get("teacher", {}).get("prior", "none") != "none":
+        raise RuntimeError("kd > 0 needs a teacher trained with prior='none' (its logits are the head alone)")
+    head = load_file(str(run_dir / "teacher" / ADAPTER))
+    w, b = head["head.weight"].astype(np.float32), head["head.bias"].astype(np.float32)
+    with safe_open(str(run_dir / "teacher" / FEATURES), framework="numpy") as f:
+        rows = {k: i for i, k in enumerate(json.loads(f.metadata()["keys"])["train"])}
+        missing = [sample_key(s) for s in samples if sample_key(s) not in rows]
+        if missing:
+            raise RuntimeError(f"{len(missing)} training sample(s) have no teacher feature (e.g. {missing[0]!r}); re-run the teacher stage")
+        x = f.get_tensor("train").astype(np.float32)[[rows[sample_key(s)] for s in samples]]
+    return (1 / (1 + np.exp(-(x @ w.T + b)))).astype(np.float32)
 
 
 def trim(batch: Batch, index: np.ndarray) -> dict[str, np.ndarray]:
@@ -217,8 +256,12 @@ def train_student(
         n_groups=int(groups.max()) + 1 if config.code_groups and len(groups) else 0,
         max_visits=encoder.max_visits, teacher_dim=0 if teacher is None else teacher["train"].shape[1],
         alpha=config.alpha if teacher is not None else 0.0, info_nce=config.info_nce, ddi_weight=config.ddi_weight,
-        wide=config.wide, set_encoder=config.set_encoder,
+        wide=config.wide, set_encoder=config.set_encoder, prior=config.prior,
     )
+    prior_tables, prior_train = None, None
+    if config.prior != "none":
+        prior_tables, prior_train = frequency_prior(ds, samples, encoder, seed=seed)
+        student_config = StudentConfig(**{**student_config.to_json(), "prior_rule": prior_tables["rule"]})
     if config.wide != "none":
         deep = Student(StudentConfig(**{**student_config.to_json(), "wide": "none"})).n_params()
         rank = wide_rank(encoder.n_codes, encoder.n_meds, deep) if config.wide_rank is None else config.wide_rank
@@ -228,11 +271,15 @@ def train_student(
     with torch.no_grad():  # start from the label prior: the first epochs then learn codes, not base rates
         prior = labels["train"].mean(0).clip(1e-4, 1 - 1e-4)
         model.head_bias.copy_(torch.from_numpy(np.log(prior / (1 - prior))))
+        if prior_tables is not None:  # the counting prior carries base rates and co-occurrence: learned terms start at 0
+            model.set_prior(prior_tables["table"], prior_tables["weight"], prior_tables["global"], prior_tables["global_weight"])
+            model.head_bias.zero_()
+            model.head_weight.zero_()
         names = None
         if teacher is not None and (config.code_init != "none" or config.wide_neighbours > 0):
             names = teacher_name_vectors(ds, encoder, Path(run_dir or "."), method=config.code_init if config.code_init != "none"
                                          else "input", layers=config.code_init_layers, spec=config.teacher_spec)
-        if model.wide_codes is not None and config.wide_init == "cooc":
+        if model.wide_codes is not None and config.wide_init == "cooc" and prior_tables is None:
             near = None
             if names is not None and config.wide_neighbours > 0:
                 kinds = np.repeat(np.arange(len(KINDS)), [len(encoder.codes[k]) for k in KINDS])
@@ -257,6 +304,13 @@ def train_student(
                              "lr": config.lr if config.wide_lr is None else config.wide_lr}], lr=config.lr)
     history: list[dict] = []
     best, best_epoch, best_state = -1.0, 0, None
+    if prior_tables is not None:  # epoch 0 = the baseline itself: kept unless training beats it on validation
+        best = metrics.score(labels["val"] > 0, predict(model, enc["val"], device), 0.5)["prauc"]
+        best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        history.append({"epoch": 0, "val_prauc": round(best, 5)})
+    kd_train = None
+    if config.kd > 0 and teacher is not None:
+        kd_train = teacher_probabilities(run_dir, samples["train"])
     n = len(enc["train"])
     n_visits = enc["train"].visit_mask.sum(1)
     for epoch in range(1, config.epochs + 1):
@@ -269,7 +323,12 @@ def train_student(
             batch["ddi"] = ddi
             if teacher is not None:
                 batch["teacher"] = torch.from_numpy(teacher["train"][idx]).to(device)
+            if prior_train is not None:
+                batch["prior"] = torch.from_numpy(prior_train[idx]).to(device)
             out = model(batch)
+            if kd_train is not None:  # output-level distillation toward the teacher's probabilities
+                soft = torch.from_numpy(kd_train[idx]).to(device)
+                out["loss"] = out["loss"] + config.kd * F.binary_cross_entropy_with_logits(out["logits"], soft)
             opt.zero_grad(set_to_none=True)
             out["loss"].backward()
             opt.step()

@@ -71,6 +71,11 @@ class StudentConfig:
     # stays "transformer" so students saved before this field load as trained; training's default is
     # `DistillConfig.set_encoder` ("mean").
     set_encoder: str = "transformer"
+    # Counting as a prior the model corrects: "frequency" adds the frequency baseline's logit (its
+    # co-occurrence tables are buffers, set with `set_prior`) to every logit, so a student whose
+    # learned terms are 0 IS the baseline. `prior_rule` is the baseline's combination rule.
+    prior: str = "none"
+    prior_rule: str = "max"
     backend: str = "auto"  # kernels backend; export forces "torch" (the reference ops)
 
     def __post_init__(self) -> None:
@@ -87,6 +92,10 @@ class StudentConfig:
             raise ValueError(f"StudentConfig.wide={self.wide!r}; use 'max', 'mean' or 'none'")
         if self.set_encoder not in ("transformer", "mean"):
             raise ValueError(f"StudentConfig.set_encoder={self.set_encoder!r}; use 'transformer' or 'mean'")
+        if self.prior not in ("none", "frequency"):
+            raise ValueError(f"StudentConfig.prior={self.prior!r}; use 'none' or 'frequency'")
+        if self.prior_rule not in ("mean", "max", "noisy_or", "specificity"):
+            raise ValueError(f"StudentConfig.prior_rule={self.prior_rule!r}; use 'mean', 'max', 'noisy_or' or 'specificity'")
         if self.wide_rank < 0:
             raise ValueError(f"StudentConfig.wide_rank={self.wide_rank} must be >= 0 (0 = full table)")
 
@@ -158,6 +167,11 @@ class Student(nn.Module):
             self.wide_codes = nn.Parameter(torch.zeros(c.n_codes, c.wide_rank or c.n_meds))
             if c.wide_rank:
                 self.wide_meds = nn.Parameter(torch.randn(c.wide_rank, c.n_meds) / math.sqrt(c.wide_rank))
+        if c.prior != "none":  # the frequency baseline's tables over the shared code ids (`set_prior`)
+            self.register_buffer("prior_table", torch.zeros(c.n_codes, c.n_meds))  # P(med | code), smoothed
+            self.register_buffer("prior_weight", torch.zeros(c.n_codes))  # 0 = a code the baseline never saw
+            self.register_buffer("prior_global", torch.full((c.n_meds,), 0.5))  # P(med), the always-present feature
+            self.register_buffer("prior_global_weight", torch.ones(1))
         # Training only: maps the student hidden state onto the teacher's feature space.
         self.proj = nn.Linear(c.hidden, c.teacher_dim) if c.teacher_dim > 0 else None
 
@@ -168,6 +182,19 @@ class Student(nn.Module):
             raise ValueError(f"code groups of shape {tuple(groups.shape)} (max {int(groups.max())}) do not fit "
                              f"n_codes={self.config.n_codes}, n_groups={self.config.n_groups}; use Encoder.code_groups()")
         self.code_group.copy_(groups)
+
+    def set_prior(self, table, weight, global_row, global_weight: float) -> None:
+        """The frequency baseline as buffers: table [n_codes, n_meds] P(med | code), weight [n_codes]
+        (0 for codes the baseline never saw), global_row [n_meds] P(med), global_weight (its weight)."""
+        if self.config.prior == "none":
+            raise ValueError("set_prior on a student with prior='none'; build it with StudentConfig(prior='frequency')")
+        t = torch.as_tensor(table, dtype=torch.float32)
+        if t.shape != self.prior_table.shape:
+            raise ValueError(f"prior table of shape {tuple(t.shape)}; this student needs {tuple(self.prior_table.shape)}")
+        self.prior_table.copy_(t)
+        self.prior_weight.copy_(torch.as_tensor(weight, dtype=torch.float32))
+        self.prior_global.copy_(torch.as_tensor(global_row, dtype=torch.float32))
+        self.prior_global_weight.fill_(float(global_weight))
 
     def n_params(self, *, inference: bool = True) -> int:
         """Parameters; `inference` leaves out the distillation projection (not exported)."""
@@ -245,21 +272,56 @@ class Student(nn.Module):
         best = torch.where(mask[..., None], x, NEG).amax(dim=1)  # [B, n_meds]
         return torch.where(mask.any(dim=1, keepdim=True), best, 0.0)
 
+    def prior_logits(self, diagnoses: torch.Tensor, procedures: torch.Tensor, medications: torch.Tensor) -> torch.Tensor:
+        """The frequency baseline's [B, n_meds] logits from the current visit's codes (its features:
+        the visit's diagnoses and procedures, the previous visit's medications, and the global prior).
+
+        Rules as `leader_edge.baselines.FrequencyBaseline.predict_proba`: "mean"/"specificity" a
+        weighted mean of the codes' P(med | code) rows and the global row, "max" their max,
+        "noisy_or" 1 - prod(1 - P). Codes the baseline never saw carry weight 0.
+        """
+        codes = torch.cat([diagnoses[:, -1], procedures[:, -1], medications[:, -1]], dim=1)  # [B, L]
+        w = self.prior_weight[codes.clamp(min=0)] * (codes >= 0).to(self.prior_weight.dtype)  # [B, L]
+        rows = self.prior_table[codes.clamp(min=0)]  # [B, L] -> [B, L, n_meds]
+        g, gw = self.prior_global, self.prior_global_weight
+        rule = self.config.prior_rule
+        if rule in ("mean", "specificity"):
+            p = ((w[..., None] * rows).sum(1) + gw * g) / (w.sum(1, keepdim=True) + gw)
+        elif rule == "max":
+            p = torch.maximum((rows * (w[..., None] > 0).to(rows.dtype)).amax(1), g)  # P >= 0: unseen rows never win
+        else:  # noisy_or
+            keep = torch.log1p(-rows.clamp(max=1 - 1e-6))  # [B, L, n_meds]
+            p = 1 - torch.exp((w[..., None] * keep).sum(1) + torch.log1p(-g.clamp(max=1 - 1e-6)))
+        p = p.clamp(1e-4, 1 - 1e-4)
+        return torch.log(p) - torch.log1p(-p)
+
+    def _extra_logits(self, diagnoses, procedures, medications) -> torch.Tensor | None:
+        """Per-row logit terms besides the deep head: the wide path and the counting prior."""
+        out = None
+        if self.wide_codes is not None:
+            out = self.wide_logits(diagnoses, procedures, medications)
+        if self.config.prior != "none":
+            prior = self.prior_logits(diagnoses, procedures, medications)
+            out = prior if out is None else out + prior
+        return out
+
     # -- the tensor path used by export -------------------------------------------------------------
 
     def logits(self, diagnoses, procedures, medications, profile, visit_mask) -> torch.Tensor:
         """Inputs as in the module docstring -> float32 [B, n_meds] logits."""
         h, _ = self.hidden_state(diagnoses, procedures, medications, profile, visit_mask)
         out = F.linear(h, self.head_weight, self.head_bias)
-        return out if self.wide_codes is None else out + self.wide_logits(diagnoses, procedures, medications)
+        extra = self._extra_logits(diagnoses, procedures, medications)
+        return out if extra is None else out + extra
 
     def predict_proba(self, diagnoses, procedures, medications, profile, visit_mask) -> torch.Tensor:
         """Inputs as in the module docstring -> float32 [B, n_meds] probabilities."""
         h, _ = self.hidden_state(diagnoses, procedures, medications, profile, visit_mask)
-        if self.wide_codes is None:
+        extra = self._extra_logits(diagnoses, procedures, medications)
+        if extra is None:
             return kernels.linear_sigmoid(h, self.head_weight, self.head_bias, backend=self.config.backend)
-        # The wide logits are per row, so the fused kernel (one bias vector) cannot add them.
-        return torch.sigmoid(F.linear(h, self.head_weight, self.head_bias) + self.wide_logits(diagnoses, procedures, medications))
+        # The wide/prior logits are per row, so the fused kernel (one bias vector) cannot add them.
+        return torch.sigmoid(F.linear(h, self.head_weight, self.head_bias) + extra)
 
     # -- training (PyHealth style) -----------------------------------------------------------------
 
@@ -269,21 +331,27 @@ class Student(nn.Module):
         Args:
             batch: the five inputs, "labels" float [B, n_meds], and optionally "target_medications"
                 int64 [B, Lt] (InfoNCE), "teacher" float [B, teacher_dim] (distillation),
-                "ddi" float [n_meds, n_meds] (DDI penalty).
+                "ddi" float [n_meds, n_meds] (DDI penalty), "prior" float [B, n_meds] (the counting
+                prior's logits to use instead of the tables': out-of-fold ones for training samples).
 
         Returns:
-            {"loss", "y_prob" [B, n_meds], "y_true" [B, n_meds], "bce", "mse", "nce", "ddi"} (scalars
-            for the terms, 0 when a term is off).
+            {"loss", "logits" [B, n_meds] (None on the fused path without wide/prior terms), "y_prob"
+            [B, n_meds], "y_true" [B, n_meds], "bce", "mse", "nce", "ddi"} (scalars for the terms, 0
+            when a term is off).
         """
         c = self.config
         inputs = [batch[n] for n in ("diagnoses", "procedures", "medications", "profile", "visit_mask")]
         h, prof = self.hidden_state(*inputs)
         y_true = batch["labels"]
-        if self.wide_codes is None:
+        if self.wide_codes is None and c.prior == "none":
             bce = kernels.linear_bce_with_logits(h, self.head_weight, self.head_bias, y_true, backend=c.backend)
             logits = None
         else:
-            logits = F.linear(h, self.head_weight, self.head_bias) + self.wide_logits(*inputs[:3])
+            logits = F.linear(h, self.head_weight, self.head_bias)
+            if self.wide_codes is not None:
+                logits = logits + self.wide_logits(*inputs[:3])
+            if c.prior != "none":
+                logits = logits + (batch["prior"] if "prior" in batch else self.prior_logits(*inputs[:3]))
             bce = F.binary_cross_entropy_with_logits(logits, y_true)
         zero = bce.new_zeros(())
         mse = nce = ddi = zero
@@ -299,7 +367,7 @@ class Student(nn.Module):
             with torch.no_grad():
                 y_prob = self._proba(h, logits)
         loss = bce + c.alpha * mse + c.info_nce * nce + c.ddi_weight * ddi
-        return {"loss": loss, "y_prob": y_prob.detach(), "y_true": y_true, "bce": bce.detach(),
+        return {"loss": loss, "logits": logits, "y_prob": y_prob.detach(), "y_true": y_true, "bce": bce.detach(),
                 "mse": mse.detach(), "nce": nce.detach(), "ddi": ddi.detach()}
 
     def _proba(self, h: torch.Tensor, logits: torch.Tensor | None) -> torch.Tensor:

@@ -82,6 +82,49 @@ def name_neighbour_prior(batch: Batch, labels: np.ndarray, vectors: np.ndarray, 
     return np.where(pooled_n > 0, pooled_co / np.maximum(pooled_n, 1), prior).astype(np.float32)
 
 
+def frequency_prior(ds: Dataset, samples: dict[str, list], encoder: Encoder, *, seed: int,
+                    rule: str | None = None) -> tuple[dict, np.ndarray]:
+    """The counting prior of a student with `prior="frequency"`.
+
+    The frequency baseline is fitted on the training samples with its rule and smoothing chosen on
+    validation (as `evaluate --baseline` does) and laid out over the encoder's shared code ids.
+
+    Returns:
+        (tables, train_logits): tables = {"rule", "table" [n_codes, n_meds], "weight" [n_codes],
+        "global" [n_meds], "global_weight"} for `Student.set_prior`; train_logits float32 [N train,
+        n_meds], the baseline's logit for each training sample from a baseline fitted WITHOUT that
+        patient (`baselines.out_of_fold_proba`), so the student learns the baseline's held-out
+        error instead of trusting in-sample counts that already contain the target.
+        `rule` overrides the validation-chosen combination rule (smoothing stays the chosen one).
+    """
+    from leader_edge.baselines import PRIOR, fit_frequency_baseline, out_of_fold_proba
+
+    base, _, _ = fit_frequency_baseline(ds, samples)
+    if rule is not None:
+        base.set_rule(rule, base.smoothing)
+    if base.med_codes != list(encoder.codes["medication"]):
+        raise ValueError("the baseline's medication order differs from the encoder's; both must use ds.vocab('medication')")
+    index = {f: i for i, f in enumerate(base.features)}
+    prefix = {"diagnosis": "d:", "procedure": "p:", "medication": "m:"}  # baselines.visit_features
+    rows = np.array([index.get(prefix[k] + c, -1) for k in KINDS for c in encoder.codes[k]])
+    seen = rows >= 0
+    cond = base.conditional()  # [F, M]
+    table = np.zeros((len(rows), cond.shape[1]), dtype=np.float32)
+    table[seen] = cond[rows[seen]]
+    g = index[PRIOR]
+    if base.rule == "specificity":
+        w = np.log1p(base.n_visits / np.maximum(base.count, 1))  # [F], as FrequencyBaseline.predict_proba
+        weight, global_weight = np.where(seen, w[np.maximum(rows, 0)], 0.0), float(w[g])
+    else:
+        weight, global_weight = seen.astype(np.float64), 1.0
+    oof = out_of_fold_proba(ds, samples["train"], rule=base.rule, smoothing=base.smoothing, seed=seed)
+    oof = np.clip(oof, 1e-4, 1 - 1e-4)
+    tables = {"rule": base.rule, "smoothing": base.smoothing, "table": table, "weight": weight.astype(np.float32),
+              "global": cond[g].astype(np.float32), "global_weight": global_weight}
+    log.info("counting prior: frequency baseline rule %s, a=%s; %d of %d codes seen", base.rule, base.smoothing, int(seen.sum()), len(rows))
+    return tables, np.log(oof / (1 - oof)).astype(np.float32)
+
+
 def low_rank(table: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
     """([n_codes, rank], [rank, n_meds]) whose product is the best rank-`rank` approximation of `table`."""
     u, s, vt = np.linalg.svd(table, full_matrices=False)

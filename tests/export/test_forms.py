@@ -64,3 +64,26 @@ def test_export_onnx_every_wide_variant_matches_the_student(wide, rank, tmp_path
     with torch.no_grad():
         want = model.predict_proba(*(torch.from_numpy(inputs[n]) for n in INPUT_NAMES)).numpy()
     np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("rule", ["max", "mean", "noisy_or", "specificity"])
+def test_export_onnx_counting_prior_matches_the_student(rule, tmp_path):
+    import onnxruntime as ort
+
+    from leader_edge.encoding import INPUT_NAMES
+    from leader_edge.export.onnx import example_inputs, export_onnx
+
+    torch.manual_seed(0)
+    model = Student(StudentConfig(20, 6, 4, 14, dropout=0.0, wide="max", set_encoder="mean", backend="torch",
+                                  prior="frequency", prior_rule=rule)).eval()
+    rng = np.random.default_rng(0)
+    weight = (rng.random(20) < 0.7) * rng.uniform(0.5, 2.0, 20)  # some codes unseen by the baseline
+    model.set_prior(rng.uniform(0.01, 0.9, (20, 6)), weight, rng.uniform(0.05, 0.5, 6), 0.7)
+    with torch.no_grad():
+        model.wide_codes.normal_(0, 0.3)
+    path = export_onnx(model, tmp_path / "m.onnx", example_inputs(20, 4, 1))
+    inputs = example_inputs(20, 4, 1, batch=5, visits=3, widths=(2, 6, 1), seed=1)
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, inputs)[0]
+    with torch.no_grad():
+        want = model.predict_proba(*(torch.from_numpy(inputs[n]) for n in INPUT_NAMES)).numpy()
+    np.testing.assert_allclose(got, want, atol=2e-6, rtol=0)

@@ -124,3 +124,31 @@ def test_student_training_seeds_share_the_split_and_land_beside_each_other(data,
     assert r.exit_code != 0 and "no finished teacher stage" in r.output
     run = json.loads((tmp_path / "r" / "run.json").read_text())
     assert run["seeds"] == [42, 43] and run["protocol"] == "safedrug"
+
+
+@pytest.mark.parametrize("rule", ["mean", "max", "noisy_or", "specificity"])
+def test_counting_prior_alone_is_the_frequency_baseline(data, rule):
+    from leader_edge.baselines import fit_frequency_baseline
+    from leader_edge.encoding import KINDS, Encoder
+    from leader_edge.train.distill import predict
+    from leader_edge.train.student import Student, StudentConfig
+    from leader_edge.train.student_init import frequency_prior
+
+    ds = load_dataset(data)
+    splits = dataset_splits(ds, seed=42, train_per_visit=True)
+    train_ids = {s.patient_id for s in splits["train"]}
+    enc = Encoder.from_visits({k: ds.vocab(k) for k in KINDS}, [v for v in ds.visits if v.patient_id in train_ids])
+    tables, oof = frequency_prior(ds, splits, enc, seed=0)
+    assert oof.shape == (len(splits["train"]), enc.n_meds) and np.isfinite(oof).all()
+    base, _, _ = fit_frequency_baseline(ds, splits)
+    base.set_rule(rule, base.smoothing)
+    tables, _ = frequency_prior(ds, splits, enc, seed=0, rule=rule)
+    model = Student(StudentConfig(enc.n_codes, enc.n_meds, enc.n_profile_ids, enc.med_offset, prior="frequency",
+                                  prior_rule=rule, wide="none"))
+    model.set_prior(tables["table"], tables["weight"], tables["global"], tables["global_weight"])
+    with torch.no_grad():
+        model.head_weight.zero_()
+        model.head_bias.zero_()
+    got = predict(model, enc.encode([s.visits for s in splits["test"]]), torch.device("cpu"))
+    want = np.clip(base.predict_proba(splits["test"]), 1e-4, 1 - 1e-4)
+    np.testing.assert_allclose(got, want, atol=2e-6)
