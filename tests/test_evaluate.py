@@ -105,8 +105,21 @@ def _write_truth_and_recs(tmp_path, rows, header="patient_id,visit_id,medication
     return truth, recs, ddi
 
 
+def _two_predictions(tmp_path):
+    """visits.csv (p1: a, b; p2: c; p3: e) with predictions for b and c only."""
+    return _write_truth_and_recs(tmp_path, ["p1,b,A;C,A:0.9;C:0.8", "p2,c,B;C,B:0.7;C:0.6;A:0.1"])
+
+
 def _run_eval(*args):
     return CliRunner().invoke(main, ["evaluate", *map(str, args)])
+
+
+def _eval_json(tmp_path, *args):
+    """Run `evaluate ARGS --output o.json`, require exit 0; (metrics JSON, result)."""
+    out = tmp_path / "o.json"
+    r = _run_eval(*args, "--output", out)
+    assert r.exit_code == 0, r.output
+    return json.loads(out.read_text()), r
 
 
 def test_evaluate_file_counts_missing_visits_as_empty(tmp_path):
@@ -114,7 +127,7 @@ def test_evaluate_file_counts_missing_visits_as_empty(tmp_path):
     # b (multi-visit patient p1): true {A}, pred {A,C}, A .9 C .8 -> Jaccard 1/2, F1 2/3, PRAUC 1
     # c (single):                 true {B,C}, pred {B,C}          -> Jaccard 1,   F1 1,   PRAUC 1
     # e (single, missing):        true {C}, nothing scored: every code tied at 0 over {A,B,C} -> PRAUC 1/3
-    truth, recs, ddi = _write_truth_and_recs(tmp_path, ["p1,b,A;C,A:0.9;C:0.8", "p2,c,B;C,B:0.7;C:0.6;A:0.1"])
+    truth, recs, ddi = _two_predictions(tmp_path)
     out = tmp_path / "o.json"
     r = _run_eval("--truth", truth, "--predictions", recs, "--ddi", ddi, "--rounds", "1", "--output", out)
     assert r.exit_code == 0, r.output
@@ -135,13 +148,10 @@ def test_evaluate_file_counts_missing_visits_as_empty(tmp_path):
 
 
 def test_evaluate_file_prauc_ranks_over_the_label_space(tmp_path):
-    truth, recs, _ = _write_truth_and_recs(tmp_path, ["p1,b,A;C,A:0.9;C:0.8", "p2,c,B;C,B:0.7;C:0.6;A:0.1"])
+    truth, recs, _ = _two_predictions(tmp_path)
     space = tmp_path / "meds.txt"
     space.write_text("A\nB\nC\nD\n")
-    out = tmp_path / "o.json"
-    r = _run_eval("--truth", truth, "--predictions", recs, "--label-space", space, "--output", out)
-    assert r.exit_code == 0, r.output
-    got = json.loads(out.read_text())
+    got, _ = _eval_json(tmp_path, "--truth", truth, "--predictions", recs, "--label-space", space)
     assert got["label_space_size"] == 4
     assert got["groups"]["overall"]["point"]["prauc"] == pytest.approx((1 + 1 + 1 / 4) / 3)  # e: C tied with 3 others
     space.write_text("A\nB\n")  # C is recommended but outside: refused, never dropped
@@ -150,24 +160,20 @@ def test_evaluate_file_prauc_ranks_over_the_label_space(tmp_path):
 
 
 def test_evaluate_three_column_truth_takes_groups_from_the_visits(tmp_path):
-    truth, recs, _ = _write_truth_and_recs(tmp_path, ["p1,b,A;C,A:0.9;C:0.8", "p2,c,B;C,B:0.7;C:0.6;A:0.1"])
+    truth, recs, _ = _two_predictions(tmp_path)
     targets = tmp_path / "targets.csv"
     targets.write_text("patient_id,visit_id,medications\np1,b,A\np2,c,B;C\n")
-    out = tmp_path / "o.json"
-    r = _run_eval("--truth", targets, "--visits", truth, "--predictions", recs, "--output", out)
-    assert r.exit_code == 0, r.output
-    g = json.loads(out.read_text())["groups"]
+    g = _eval_json(tmp_path, "--truth", targets, "--visits", truth, "--predictions", recs)[0]["groups"]
     assert g["multi_visit"]["n"] == 1 and g["single_visit"]["n"] == 1  # p1 has history in visits.csv
     assert g["overall"]["point"]["jaccard"] == pytest.approx(0.75)
-    r = _run_eval("--truth", targets, "--predictions", recs, "--output", out)
-    assert r.exit_code == 0 and "pass --visits" in r.stdout
-    assert list(json.loads(out.read_text())["groups"]) == ["overall"]
+    got, r = _eval_json(tmp_path, "--truth", targets, "--predictions", recs)
+    assert "pass --visits" in r.stdout and list(got["groups"]) == ["overall"]
 
 
 def test_evaluate_safedrug_protocol_scores_every_visit_per_patient(tmp_path):
     # every visit is scored; a has no prediction (empty -> Jaccard 0); patient means, then the mean:
     # p1 (0 + 1/2) / 2, p2 1, p3 0 (missing) -> (1/4 + 1 + 0) / 3
-    truth, recs, _ = _write_truth_and_recs(tmp_path, ["p1,b,A;C,A:0.9;C:0.8", "p2,c,B;C,B:0.7;C:0.6;A:0.1"])
+    truth, recs, _ = _two_predictions(tmp_path)
     out = tmp_path / "o.json"
     r = _run_eval("--truth", truth, "--predictions", recs, "--protocol", "safedrug", "--output", out)
     assert r.exit_code == 0, r.output
