@@ -513,3 +513,21 @@ def dataset_splits(
         name: make_samples(ds, ids[name], per_visit=train_per_visit if name == "train" else per_visit_eval)
         for name in SPLITS
     }
+
+
+def check_splits(splits: dict[str, list[Sample]], *, source: str | Path, protocol: str | Protocol = "leader") -> None:
+    """Refuse splits too small to train, select or score a model, before any stage runs.
+
+    Raises:
+        ValueError: an empty split (validation selects epochs and thresholds; test is the score), or
+            fewer than 2 training patients. Names the counts and the fix.
+    """
+    patients = {k: len({s.patient_id for s in v}) for k, v in splits.items()}
+    proto = get_protocol(protocol)
+    if patients["train"] < 2 or patients["val"] < 1 or patients["test"] < 1:
+        total = sum(patients.values())
+        raise ValueError(
+            f"{source}: {total} patient(s) split {patients['train']}/{patients['val']}/{patients['test']} "
+            f"(train/val/test, {proto.name} protocol); training needs at least 2 training patients and one each for "
+            "validation and test - use a dataset with at least 10 patients"
+        )

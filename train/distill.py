@@ -128,8 +128,13 @@ def load_teacher_features(run_dir: Path, samples: dict[str, list[Sample]]) -> di
     path = run_dir / "teacher" / FEATURES
     if not path.exists():
         raise RuntimeError(f"{path} not found; run the teacher stage first (`leader-edge train --stage teacher`) or pass --no-distill")
+    check_stage_file(run_dir / "teacher", FEATURES, "teacher")
     out: dict[str, np.ndarray] = {}
-    with safe_open(str(path), framework="numpy") as f:
+    try:
+        f = safe_open(str(path), framework="numpy")
+    except Exception as e:  # safetensors raises its own error types for a damaged header
+        raise RuntimeError(f"{path} cannot be read ({e}); re-run `leader-edge train --stage teacher`") from None
+    with f:
         keys = json.loads((f.metadata() or {}).get("keys", "{}"))
         for split in ("train", "val"):
             if split not in keys:
@@ -172,6 +177,22 @@ def teacher_probabilities(run_dir: Path, samples: list[Sample]) -> np.ndarray:
             raise RuntimeError(f"{len(missing)} training sample(s) have no teacher feature (e.g. {missing[0]!r}); re-run the teacher stage")
         x = f.get_tensor("train").astype(np.float32)[[rows[sample_key(s)] for s in samples]]
     return (1 / (1 + np.exp(-(x @ w.T + b)))).astype(np.float32)
+
+
+def check_stage_file(stage_dir: Path, name: str, stage: str) -> None:
+    """Refuse a stage output whose sha256 differs from the one its stage recorded in metrics.json
+    (a flipped byte, a truncated copy, a file from another run). Outputs written before digests
+    were recorded pass unchecked."""
+    from leader_edge.runtime import sha256
+
+    try:
+        want = json.loads((stage_dir / "metrics.json").read_text(encoding="utf-8")).get("files", {}).get(name)
+    except (FileNotFoundError, json.JSONDecodeError):
+        raise RuntimeError(f"{stage_dir / 'metrics.json'} is missing or damaged: the {stage} stage did not finish; "
+                           f"re-run `leader-edge train --stage {stage}`") from None
+    if want is not None and sha256(stage_dir / name) != want:
+        raise RuntimeError(f"{stage_dir / name} does not match the sha256 its stage recorded in metrics.json (damaged or "
+                           f"replaced); re-run `leader-edge train --stage {stage}`")
 
 
 def trim(batch: Batch, index: np.ndarray) -> dict[str, np.ndarray]:
@@ -368,6 +389,8 @@ def load_student(directory: str | Path, *, backend: str = "auto") -> tuple[Stude
     d = Path(directory)
     if not (d / "config.json").exists() or not (d / "model.safetensors").exists():
         raise RuntimeError(f"{d} has no config.json/model.safetensors; train it with `leader-edge train --stage student`")
+    if (d / "metrics.json").exists():
+        check_stage_file(d, "model.safetensors", "student")
     config = json.loads((d / "config.json").read_text(encoding="utf-8"))
     model = Student(StudentConfig(**{**config["student"], "backend": backend}))
     model.load_state_dict(load_file(str(d / "model.safetensors")))
@@ -464,6 +487,9 @@ def _run(data_dir: Path, run_dir: Path, *, distill: bool, seed: int, device: tor
     try:
         save_student(tmp, model, encoder, threshold, {"distill": distill, "seed": seed, "train_seed": train_seed,
                                                       "protocol": protocol, "data": str(data_dir)})
+        from leader_edge.runtime import sha256
+
+        result["files"] = {n: sha256(tmp / n) for n in ("model.safetensors", "config.json")}
         (tmp / "metrics.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
         (tmp / "history.json").write_text(json.dumps(history, indent=2) + "\n", encoding="utf-8")
         write_predictions(tmp / "predictions-test.csv", [s.patient_id for s in samples["test"]],

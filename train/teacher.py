@@ -28,7 +28,7 @@ from leader_edge.dataset import dataset_splits, load_dataset
 from leader_edge.train.teacher_checkpoint import load_checkpoint, save_checkpoint
 from leader_edge.train.teacher_config import TeacherConfig
 from leader_edge.train.teacher_data import Encoded, encode_samples, length_batches, lower_cache, pad_batch, pad_states
-from leader_edge.train.teacher_model import TeacherModel
+from leader_edge.train.teacher_model import ADAPTER, TeacherModel
 
 log = logging.getLogger(__name__)
 
@@ -304,6 +304,10 @@ def _finish(model, ds, enc, offsets, tune_states, val_states, mine, out: Path, s
     save_file({"train": torch.from_numpy(f_train), "val": torch.from_numpy(f_val), "test": torch.from_numpy(f_test)},
               str(tmp), metadata={"keys": json.dumps(keys), "hidden_size": str(model.hidden_size)})
     tmp.replace(out / FEATURES)
+    from leader_edge.runtime import sha256
+
+    # Checked before reuse (`distill.load_teacher_features`): a damaged or swapped file is refused.
+    result["files"] = {name: sha256(out / name) for name in (FEATURES, ADAPTER)}
     tmpm = out / f".{METRICS}.tmp"
     tmpm.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     tmpm.replace(out / METRICS)  # written last: its presence marks a finished stage

@@ -74,6 +74,10 @@ def train(data_dir, run_dir, teacher, stage, no_distill, show_prompt, resume, se
     if "backbone_layers" not in conf and teacher == "smollm2" and not torch.cuda.is_available():
         conf["backbone_layers"] = CPU_BACKBONE_LAYERS
     config = TeacherConfig.from_dict(conf)
+    from leader_edge.dataset import check_splits, dataset_splits, load_dataset
+
+    # Before any stage: a split with no patient would train a teacher with NaN metrics that later runs reuse.
+    check_splits(dataset_splits(load_dataset(data_dir), seed=seed, protocol=protocol), source=data_dir, protocol=protocol)
     rank = int(os.environ.get("RANK", "0"))
     if rank == 0:
         _write_run_json(run_dir, data_dir, seed, config, seeds=[seed + i for i in range(seeds)])

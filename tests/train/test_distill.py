@@ -9,6 +9,7 @@ from safetensors.numpy import save_file
 
 from leader_edge.dataset import dataset_splits, load_dataset, write_dataset
 from leader_edge.recs import read_predictions
+from leader_edge.runtime import sha256
 from leader_edge.synth import synth_dataset
 from leader_edge.train.distill import (
     DistillConfig, batches, load_student, load_teacher_features, run_student_stage, sample_key, trim,
@@ -33,6 +34,8 @@ def fabricate_teacher(data, run, *, seed=42, drop=None):
     (run / "teacher").mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(run / "teacher" / "features.safetensors"), metadata={"keys": json.dumps(keys), "hidden_size": str(HIDDEN)})
     (run / "teacher" / "config.json").write_text(json.dumps({"teacher": {"teacher": "tiny"}}))  # code_init's backbone
+    digest = sha256(run / "teacher" / "features.safetensors")
+    (run / "teacher" / "metrics.json").write_text(json.dumps({"files": {"features.safetensors": digest}}))
     return splits
 
 
@@ -152,3 +155,28 @@ def test_counting_prior_alone_is_the_frequency_baseline(data, rule):
     got = predict(model, enc.encode([s.visits for s in splits["test"]]), torch.device("cpu"))
     want = np.clip(base.predict_proba(splits["test"]), 1e-4, 1 - 1e-4)
     np.testing.assert_allclose(got, want, atol=2e-6)
+
+
+def test_train_refuses_splits_too_small_before_any_stage(tmp_path):
+    from click.testing import CliRunner
+
+    from leader_edge.cli import main
+
+    data = write_dataset(synth_dataset(patients=3, seed=1), tmp_path / "d", source="synth")
+    r = CliRunner().invoke(main, ["train", "--data", str(data), "--out", str(tmp_path / "r"), "--teacher", "tiny"])
+    assert r.exit_code == 2 and "at least 10 patients" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "r").exists()  # nothing written
+
+
+def test_stage_outputs_are_checked_before_reuse(data, tmp_path):
+    fabricate_teacher(data, tmp_path)
+    (tmp_path / "teacher" / "metrics.json").write_text(json.dumps({"files": {"features.safetensors": "0" * 64}}))
+    with pytest.raises(RuntimeError, match="re-run `leader-edge train --stage teacher`"):
+        run_student_stage(data, tmp_path, config=FAST)
+    run_student_stage(data, tmp_path, distill=False, config=FAST, epochs=1)
+    weights = tmp_path / "student-nodistill" / "model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[-1] ^= 0x01  # one flipped bit in the weights
+    weights.write_bytes(bytes(raw))
+    with pytest.raises(RuntimeError, match="--stage student"):
+        load_student(tmp_path / "student-nodistill")
