@@ -1,13 +1,22 @@
-"""RUN/student -> a validated bundle directory (model.onnx + manifest.json).
+"""RUN/<model> -> a validated bundle directory that proves itself at load.
 
-    export_bundle(run_dir, out, int8=True)
+    export_bundle(run_dir, out, model="student", int8=True, sign=None)
 
-Steps: load the torch student (reference ops), export fp32 ONNX, optionally quantize to int8 two
-ways (dynamic, static QDQ calibrated on training samples) and keep the better one (`choose_int8`),
-then hold the chosen model to the torch student on the validation split (`gate`): max |dp|,
-Jaccard and PRAUC deltas at the student's threshold. A Jaccard drop over `MAX_JACCARD_DROP`
-refuses the bundle unless `force`. The directory is written atomically; an existing directory is
-replaced only if it is a bundle, and the run directory itself is refused as a destination.
+Steps: load the torch student (reference ops), export fp32 ONNX, optionally quantize to int8 three
+ways (int8 weights with fp32 arithmetic, dynamic, static QDQ calibrated on training samples).
+Every candidate scores validation-like visits in batches and one patient at a time: a candidate
+whose probabilities depend on the batch by more than `BATCH_ATOL` is refused (dynamic int8 scales
+activations per batch, so a patient's recommendation would depend on who else is in the file).
+`choose_int8` keeps the most accurate batch-invariant int8 model, ties broken by a fixed order - no
+timing, so exporting the same run twice gives byte-identical bundles. The chosen model is held to the torch student on the
+validation split (`gate`): a Jaccard drop over `MAX_JACCARD_DROP` refuses the bundle unless `force`.
+
+The bundle (see `leader_edge.runtime` for what the load checks): model.onnx (the table sizes
+stamped in its metadata), selftest.json (synthetic patients and the probabilities the bundle gives
+them), manifest.json (every file's sha256 and size, and a digest over every field), and with
+`sign` signature.json (Ed25519 over the digest). It is loaded once with the runtime's own checks
+before it replaces `out`, atomically; an existing `out` is replaced only if it is a bundle, and the
+run directory itself is refused as a destination.
 """
 
 from __future__ import annotations
@@ -18,7 +27,6 @@ import platform
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
@@ -26,37 +34,77 @@ import numpy as np
 
 from leader_edge import metrics
 from leader_edge.dataset import atomic_directory, dataset_splits, load_dataset
-from leader_edge.encoding import Encoder
+from leader_edge.encoding import Encoder, RawVisit
+from leader_edge.errors import DataError
 from leader_edge.export import onnx as onnx_export
-from leader_edge.runtime import BUNDLE_FORMAT, MANIFEST, MODEL, sha256
+from leader_edge.runtime import (BUNDLE_FORMAT, MANIFEST, METADATA_PREFIX, MODEL, SELFTEST, SELFTEST_ATOL, SIGNATURE,
+                                 Bundle, manifest_digest, open_session, sha256, signed_message)
 
 log = logging.getLogger(__name__)
 
 MAX_JACCARD_DROP = 0.01  # the issue's gate; the target is <= 0.005
-# Two int8 candidates within this Jaccard of each other are "equally accurate": the faster wins.
+# Two int8 candidates within this Jaccard of each other are "equally accurate": INT8_PREFERENCE decides.
 JACCARD_TIE = 0.002
+# int8-weights first: its arithmetic is fp32's, so it is as batch-invariant as fp32 by construction.
+INT8_PREFERENCE = ("int8-weights", "int8-static", "int8-dynamic")
+# Batch invariance: max |p(batch 1) - p(batch of `batch_size`)| over INVARIANCE_VISITS visits. A
+# trained synth student, 2,000 visits: fp32 3.3e-7 (summation order), int8-weights 2.7e-7, int8-static
+# 2.2e-3 (0 on the 200 validation visits alone: a rounding step flips for a few patients), int8-dynamic
+# 1.7e-2 (138 recommended sets changed). 1e-4 is the output's own rounding (scores print 4 decimals).
+BATCH_ATOL = 1e-4
+# Validation visits, then training visits, scored one at a time per candidate (~0.2 ms each). 200
+# validation visits alone let int8-static pass; its flips show in ~1 of 1,000 visits.
+INVARIANCE_VISITS = 2000
+SELFTEST_PATIENTS = 16  # synthetic, so no patient record of the training data travels with the bundle
+DEFAULT_MODEL = "student"
 PACKAGES = ("leader-edge", "torch", "onnx", "onnxruntime", "onnxscript", "numpy")
 
 
 @dataclass
 class Candidate:
-    """A model file with its validation probabilities and measured speed."""
+    """A model file with its validation probabilities and its batch-invariance figure."""
 
-    name: str  # "fp32", "int8-dynamic" or "int8-static"
+    name: str  # "fp32", "int8-weights", "int8-dynamic" or "int8-static"
     path: Path
-    y_prob: np.ndarray  # float32 [N_val, M]
-    ms_per_patient: float  # median batch-1 latency
+    y_prob: np.ndarray  # float32 [N_val, M], batched as the gate batches
+    max_batch_dp: float  # max |p(batch 1) - p(batched)| over INVARIANCE_VISITS visits
     jaccard: float
     prauc: float
 
+    @property
+    def batch_invariant(self) -> bool:
+        return self.max_batch_dp <= BATCH_ATOL
 
-def load_run(run_dir: Path):
-    """(torch student on CPU with reference ops, encoder, RUN/student/config.json dict)."""
+
+def model_dir(run_dir: Path, name: str) -> Path:
+    """RUN/<name> if it holds a trained student (config.json + model.safetensors); else refuse,
+    listing the ones the run has."""
+    run_dir = Path(run_dir)
+    d = run_dir / name
+    if Path(name).name == name and name not in ("", ".", "..") and (d / "config.json").is_file() \
+            and (d / "model.safetensors").is_file() and d.is_dir():
+        return d
+    have = sorted(p.name for p in run_dir.iterdir() if p.is_dir() and (p / "config.json").is_file()
+                  and (p / "model.safetensors").is_file()) if run_dir.is_dir() else []
+    raise DataError(d, "is not a trained student directory (config.json + model.safetensors) of the run",
+                    fix=f"pass --model one of {have}" if have else
+                    "train one with `leader-edge train --data DATA --out RUN`")
+
+
+def load_run(run_dir: Path, name: str = DEFAULT_MODEL):
+    """(torch student on CPU with reference ops, encoder, RUN/<name>/config.json dict)."""
     from leader_edge.train.distill import load_student
 
-    student_dir = Path(run_dir) / "student"
+    student_dir = model_dir(run_dir, name)
     model, encoder, _ = load_student(student_dir, backend="torch")
     config = json.loads((student_dir / "config.json").read_text(encoding="utf-8"))
+    c = model.config
+    if (c.n_codes, c.n_meds, c.n_profile_ids) != (encoder.n_codes, encoder.n_meds, encoder.n_profile_ids) \
+            or c.max_visits < encoder.max_visits:
+        raise RuntimeError(f"{student_dir / 'config.json'}: the student's tables ({c.n_codes} codes, {c.n_meds} "
+                           f"medications, {c.n_profile_ids} profile ids, {c.max_visits} visits) do not fit its encoder "
+                           f"({encoder.n_codes}, {encoder.n_meds}, {encoder.n_profile_ids}, {encoder.max_visits}); "
+                           "train the student again")
     return model, encoder, config
 
 
@@ -79,7 +127,8 @@ def ort_proba(path: Path, encoded: list[dict[str, np.ndarray]]) -> np.ndarray:
 
 
 def batch1_ms(run, singles: list[dict[str, np.ndarray]], repeats: int = 1) -> tuple[float, float]:
-    """(p50, p99) milliseconds of `run(inputs)` at batch 1 over `singles` (after 5 warm-up calls)."""
+    """(p50, p99) milliseconds of `run(inputs)` at batch 1 over `singles` (after 5 warm-up calls).
+    For benchmarks: the export decides nothing by time."""
     for b in singles[:5]:
         run(b)
     times = []
@@ -105,14 +154,66 @@ def encode_batches(encoder: Encoder, histories: list, batch_size: int) -> list[d
     return [encoder.encode(histories[i : i + batch_size]).inputs() for i in range(0, len(histories), batch_size)]
 
 
-def choose_int8(candidates: list[Candidate]) -> Candidate:
-    """The more accurate int8 model; within `JACCARD_TIE` Jaccard of each other, the faster one.
+def quantize_weights_int8(src: str | Path, dst: str | Path, min_size: int = 4096) -> Path:
+    """Weight-only int8: every large 2-D weight stored as int8 + one scale per output channel.
 
-    Accuracy first because the gate is about Jaccard; at this size both variants are near the
-    fp32 latency, so speed decides only between equally accurate models."""
-    best = max(candidates, key=lambda c: c.jaccard)
-    tied = [c for c in candidates if best.jaccard - c.jaccard <= JACCARD_TIE]
-    return min(tied, key=lambda c: c.ms_per_patient)
+    Gather tables get a scale per row, MatMul/Gemm weights one per output column. The weight is
+    rebuilt as Cast(int8) * scale, which onnxruntime folds into an fp32 initializer at session start
+    (a DequantizeLinear would be fused into int8 kernels that quantize activations, and those made
+    a patient's probabilities depend on the batch by 1e-3), so the arithmetic, the speed and the
+    batch invariance are fp32's while the file is ~32% of it. Symmetric scales keep each weight
+    within half a step of its channel's range (max |dp| 8.8e-3 vs fp32 on a trained synth student).
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    if Path(src).resolve() == Path(dst).resolve():
+        raise ValueError(f"quantization source and destination are both {src}; write to a new path")
+    model = onnx.load(str(src))
+    graph = model.graph
+    uses: dict[str, set] = {}
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+            axis = {("Gather", 0): 0, ("GatherND", 0): 0, ("MatMul", 1): 1, ("Gemm", 1): 0 if trans_b else 1}
+            uses.setdefault(name, set()).add(axis.get((node.op_type, i)))  # the axis of one scale per channel
+    nodes = []
+    for init in list(graph.initializer):
+        axes = uses.get(init.name, {None})
+        table = numpy_helper.to_array(init)
+        if len(axes) != 1 or None in axes or table.dtype != np.float32 or table.ndim != 2 or table.size < min_size:
+            continue
+        (axis,) = axes
+        scale = (np.abs(table).max(axis=1 - axis, keepdims=True) / 127).astype(np.float32)  # [N, 1] or [1, N]
+        scale[scale == 0] = 1.0
+        q = np.clip(np.rint(table / scale), -127, 127).astype(np.int8)
+        graph.initializer.remove(init)
+        graph.initializer.extend([numpy_helper.from_array(q, init.name + "_int8"),
+                                  numpy_helper.from_array(scale, init.name + "_scale")])
+        nodes += [helper.make_node("Cast", [init.name + "_int8"], [init.name + "_wide"], to=TensorProto.FLOAT,
+                                   name=init.name + "_cast"),
+                  helper.make_node("Mul", [init.name + "_wide", init.name + "_scale"], [init.name], name=init.name + "_scale")]
+    for node in reversed(nodes):
+        graph.node.insert(0, node)
+    onnx.save(model, str(dst))
+    return Path(dst)
+
+
+def choose_int8(candidates: list[Candidate]) -> Candidate:
+    """The most accurate batch-invariant int8 model; within `JACCARD_TIE` Jaccard of it, the first
+    in `INT8_PREFERENCE`. Deterministic: no timing, so one run gives one bundle.
+
+    Raises:
+        RuntimeError: no candidate is batch-invariant.
+    """
+    fair = [c for c in candidates if c.batch_invariant]
+    if not fair:
+        figures = ", ".join(f"{c.name} {c.max_batch_dp:.2e}" for c in candidates)
+        raise RuntimeError(f"no int8 variant is batch-invariant (max |p(batch 1) - p(batched)|: {figures}; allowed "
+                           f"{BATCH_ATOL:g}); bundle refused. Export without --int8")
+    best = max(c.jaccard for c in fair)
+    tied = [c for c in fair if best - c.jaccard <= JACCARD_TIE]
+    return min(tied, key=lambda c: INT8_PREFERENCE.index(c.name))
 
 
 def gate(reference: np.ndarray, y_prob: np.ndarray, y_true: np.ndarray, threshold: float) -> dict:
@@ -128,6 +229,71 @@ def gate(reference: np.ndarray, y_prob: np.ndarray, y_true: np.ndarray, threshol
     }
 
 
+def selftest_patients(encoder: Encoder, n: int = SELFTEST_PATIENTS, seed: int = 0) -> list[list[dict]]:
+    """`n` synthetic patients drawn from the vocabularies, as JSON visits.
+
+    Synthetic rather than validation patients: a bundle leaves the hospital that trained it, and no
+    record of its data may travel with it. History lengths cycle through 1..max_visits + 1 (the
+    oldest dropped), codes walk a seeded permutation of each vocabulary (a reordered vocabulary
+    moves the probabilities), and one code is unknown (counted, ignored)."""
+    rng = np.random.default_rng(seed)
+    walks = {k: [c for c in rng.permutation(encoder.codes[k]).tolist()] for k in encoder.codes}
+    pos = dict.fromkeys(walks, 0)
+
+    def take(kind: str, count: int) -> list[str]:
+        codes = walks[kind]
+        if not codes:
+            return []
+        out = [codes[(pos[kind] + i) % len(codes)] for i in range(min(count, len(codes)))]
+        pos[kind] += len(out)
+        return out
+
+    patients = []
+    for i in range(n):
+        visits = []
+        for _ in range(1 + i % (encoder.max_visits + 1)):
+            profile = {f: (str(rng.choice(vals)) if vals and rng.random() < 0.9 else "<selftest-unseen>")
+                       for f, vals in encoder.profile_values.items()}
+            visits.append({"diagnoses": take("diagnosis", int(rng.integers(1, 12))),
+                           "procedures": take("procedure", int(rng.integers(0, 5))),
+                           "medications": take("medication", int(rng.integers(0, 10))), "profile": profile})
+        patients.append(visits)
+    patients[0][0]["diagnoses"].append("<selftest-unknown>")
+    return patients
+
+
+def stamp_sizes(src: Path, dst: Path, sizes: dict[str, int]) -> Path:
+    """Copy an ONNX file with the model's table sizes in its metadata (what the runtime checks the
+    manifest's vocabulary against)."""
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(src))
+    helper.set_model_props(model, {METADATA_PREFIX + k: str(v) for k, v in sizes.items()})
+    onnx.save(model, str(dst))
+    return dst
+
+
+def _ddi_pairs(pairs, encoder: Encoder) -> list[list[str]]:
+    """The dataset's interacting pairs between medications of the vocabulary (the runtime refuses
+    others; a pair naming a medication the model never recommends could never warn)."""
+    meds = set(encoder.codes["medication"])
+    kept = [[a, b] for a, b in pairs if a in meds and b in meds and a != b]
+    if len(kept) < len(pairs):
+        log.info("%d of %d DDI pairs name a medication outside the vocabulary; not in the bundle",
+                 len(pairs) - len(kept), len(pairs))
+    return kept
+
+
+def _finite(value):
+    """JSON-safe copy: NaN/inf (a metric over an empty class) become null."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
 def _packages() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for name in PACKAGES:
@@ -138,29 +304,70 @@ def _packages() -> dict[str, str]:
     return out
 
 
-def export_bundle(run_dir: str | Path, out: str | Path, *, int8: bool = False, calibration_samples: int = 512,
-                  force: bool = False, batch_size: int = 256) -> dict:
-    """Export RUN/student to a validated bundle directory; return its manifest.
+def load_signing_key(path: Path):
+    """An unencrypted Ed25519 private key from a PEM file (checked before the export starts)."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    fix = "make one with `openssl genpkey -algorithm ed25519 -out key.pem` (unencrypted PEM)"
+    try:
+        key = load_pem_private_key(Path(path).read_bytes(), password=None)
+    except TypeError:
+        raise DataError(path, "is an encrypted private key; --sign reads unencrypted PEM keys", fix=fix) from None
+    except ValueError as e:
+        raise DataError(path, f"is not a PEM private key ({e})", fix=fix) from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise DataError(path, f"is a {type(key).__name__}, not an Ed25519 key", fix=fix)
+    return key
+
+
+def sign_bundle(directory: Path, digest: str, key) -> Path:
+    """Write signature.json: the Ed25519 signature of `digest` (deterministic: same key, same bytes)."""
+    import base64
+
+    from cryptography.hazmat.primitives import serialization
+
+    public = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    signature = {"algorithm": "ed25519", "digest": digest,
+                 "signature": base64.b64encode(key.sign(signed_message(digest))).decode("ascii"),
+                 "public_key": public.decode("ascii")}
+    path = directory / SIGNATURE
+    path.write_text(json.dumps(signature, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def export_bundle(run_dir: str | Path, out: str | Path, *, model: str = DEFAULT_MODEL, int8: bool = False,
+                  calibration_samples: int = 512, force: bool = False, batch_size: int = 1024,
+                  sign: str | Path | None = None) -> dict:
+    """Export RUN/<model> to a validated bundle directory; return its manifest.
 
     Args:
-        run_dir: a run directory from `leader-edge train` (RUN/student and its dataset needed).
+        run_dir: a run directory from `leader-edge train` (RUN/<model> and its dataset needed).
         out: the bundle directory to write (replaced only if it is a bundle).
-        int8: quantize (dynamic and static QDQ tried, the better kept); else fp32.
+        model: the student directory of the run: "student", "student-nodistill", "student.seed-43", ...
+        int8: quantize (weights-only, dynamic and static QDQ tried; the most accurate batch-invariant
+            one kept); else fp32.
         calibration_samples: training samples that calibrate static quantization.
         force: write the bundle even if its validation Jaccard drops by more than MAX_JACCARD_DROP.
+        batch_size: the batched side of the batch-invariance check (`predict`'s default batch).
+        sign: an Ed25519 private key (PEM): the bundle gets signature.json.
 
     Raises:
-        ValueError: `out` is the run directory (or inside RUN/student), or not a bundle directory.
-        RuntimeError: the gate fails without `force`; the run or its dataset is missing.
+        ValueError: `out` is the run directory (or inside RUN/<model>), or not a bundle directory;
+            `model` is not a student of the run; `sign` is not an unencrypted Ed25519 key.
+        RuntimeError: the gate fails without `force`; no variant is batch-invariant; the run or its
+            dataset is missing.
     """
     import torch
 
     run_dir, out = Path(run_dir).resolve(), Path(out).resolve()
-    if out == run_dir or out == run_dir / "student" or run_dir in out.parents and out.parent == run_dir / "student":
-        raise ValueError(f"--out {out} is the run directory or inside its student; write the bundle to a new directory")
+    student_dir = model_dir(run_dir, model)
+    if out == run_dir or out == student_dir or student_dir in out.parents:
+        raise ValueError(f"--out {out} is the run directory or inside {student_dir.name}; write the bundle to a new directory")
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).exists())):
         raise ValueError(f"--out {out} exists and is not a leader-edge bundle; choose a new path or remove it")
-    model, encoder, config = load_run(run_dir)
+    key = load_signing_key(Path(sign)) if sign is not None else None
+    student, encoder, config = load_run(run_dir, model)
     threshold = float(config["threshold"])
     ds = load_dataset(_data_dir(run_dir, config))
     seed = int(config.get("seed", 42))
@@ -171,38 +378,52 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, int8: bool = False, c
     y_true = encoder.multi_hot(val) > 0
     encoded = encode_batches(encoder, val, batch_size)
     with torch.no_grad():
-        reference = np.concatenate([model.predict_proba(*(torch.from_numpy(b[n]) for n in b)).numpy() for b in encoded])
-    singles = [encoder.encode([v]).inputs() for v in val[:200]]
+        reference = np.concatenate([student.predict_proba(*(torch.from_numpy(b[n]) for n in b)).numpy() for b in encoded])
+    invariance = (val + [s.visits for s in splits["train"]])[:INVARIANCE_VISITS]
+    batched, singles = encode_batches(encoder, invariance, batch_size), encode_batches(encoder, invariance, 1)
 
     with tempfile.TemporaryDirectory(prefix=".export-", dir=out.parent if out.parent.exists() else None) as tmp:
         work = Path(tmp)
         example = onnx_export.example_inputs(encoder.n_codes, encoder.n_profile_ids, len(encoder.profile_fields))
-        fp32 = onnx_export.export_onnx(model, work / "fp32.onnx", example)
-        candidates = [_candidate("fp32", fp32, encoded, singles, y_true, threshold)]
-        log.info("fp32: max |dp| %.2e vs torch", np.abs(candidates[0].y_prob - reference).max())
+        fp32 = onnx_export.export_onnx(student, work / "fp32.onnx", example)
+
+        def score(name: str, path: Path) -> Candidate:
+            return _candidate(name, path, encoded, batched, singles, y_true, threshold)
+
+        candidates = [score("fp32", fp32)]
+        log.info("fp32: max |dp| %.2e vs torch, %.2e batch 1 vs batched", np.abs(candidates[0].y_prob - reference).max(),
+                 candidates[0].max_batch_dp)
+        tried: list[Candidate] = []
         if int8:
             rng = np.random.default_rng(seed)
             train = [s.visits for s in splits["train"]]
             pick = rng.choice(len(train), size=min(calibration_samples, len(train)), replace=False)
             calibration = encode_batches(encoder, [train[i] for i in pick], 64)
             quantized = [
+                ("int8-weights", lambda p: quantize_weights_int8(fp32, p)),
                 ("int8-dynamic", lambda p: onnx_export.quantize_dynamic_int8(fp32, p)),
                 ("int8-static", lambda p: onnx_export.quantize_static_int8(fp32, p, calibration)),
             ]
-            tried = []
             for name, make in quantized:
                 path = make(work / f"{name}.onnx")
-                onnx_export.quantize_embeddings(path)
-                tried.append(_candidate(name, path, encoded, singles, y_true, threshold))
+                if name != "int8-weights":  # the weights variant quantizes its tables itself
+                    onnx_export.quantize_embeddings(path)
+                tried.append(score(name, path))
             for c in tried:
-                log.info("%s: Jaccard %.4f PRAUC %.4f, %.3f ms/patient at batch 1, %.0f KiB", c.name, c.jaccard,
-                         c.prauc, c.ms_per_patient, c.path.stat().st_size / 1024)
+                log.info("%s: Jaccard %.4f PRAUC %.4f, batch 1 vs batched %.2e (%s), %.0f KiB", c.name, c.jaccard, c.prauc,
+                         c.max_batch_dp, "invariant" if c.batch_invariant else "REFUSED", c.path.stat().st_size / 1024)
             chosen = choose_int8(tried)
         else:
-            tried, chosen = [], candidates[0]
+            chosen = candidates[0]
+            if not chosen.batch_invariant:
+                raise RuntimeError(f"the fp32 model's probabilities depend on the batch (max |dp| {chosen.max_batch_dp:.2e} "
+                                   f"> {BATCH_ATOL:g} between batch 1 and {batch_size}); report this as an export bug")
         validation = gate(reference, chosen.y_prob, y_true, threshold)
-        validation["candidates"] = {c.name: {"jaccard": c.jaccard, "prauc": c.prauc, "ms_per_patient": c.ms_per_patient,
-                                             "bytes": c.path.stat().st_size} for c in candidates + tried}
+        validation["batch_invariance"] = {"max_abs_dp": chosen.max_batch_dp, "batch_sizes": [1, batch_size],
+                                          "n_visits": len(singles), "atol": BATCH_ATOL}
+        validation["candidates"] = {c.name: {"jaccard": c.jaccard, "prauc": c.prauc, "max_batch_dp": c.max_batch_dp,
+                                             "batch_invariant": c.batch_invariant, "bytes": c.path.stat().st_size}
+                                    for c in candidates + tried}
         if -validation["jaccard_delta"] > MAX_JACCARD_DROP:
             text = (f"{chosen.name} drops validation Jaccard by {-validation['jaccard_delta']:.4f} "
                     f"(> {MAX_JACCARD_DROP}) against the torch student")
@@ -211,28 +432,71 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, int8: bool = False, c
                                    "or pass --force to write it anyway")
             log.warning("!!! --force: %s; writing the bundle anyway !!!", text)
             validation["forced"] = True
+        # No creation time and no timing anywhere: the same run gives a byte-identical bundle.
         manifest = {
             "format_version": BUNDLE_FORMAT,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "model": {"file": MODEL, "sha256": sha256(chosen.path), "bytes": chosen.path.stat().st_size,
-                      "variant": chosen.name, "fp32_bytes": fp32.stat().st_size, "inputs": list(singles[0]),
-                      "output": "probabilities float32 [B, n_meds]", "opset": onnx_export.OPSET},
+            "model": {"file": MODEL, "variant": chosen.name, "fp32_bytes": fp32.stat().st_size,
+                      "inputs": list(singles[0]), "output": "probabilities float32 [B, n_meds]", "opset": onnx_export.OPSET},
             "threshold": threshold,
             "profile_fields": encoder.profile_fields,
             "encoder": encoder.to_json(),
-            "ddi_pairs": [list(p) for p in ds.ddi],
-            "validation": validation,
-            "source": {"run": str(run_dir), "student": config.get("student"), "seed": seed},
+            "ddi_pairs": _ddi_pairs(ds.ddi, encoder),
+            "selftest": {"file": SELFTEST, "patients": SELFTEST_PATIENTS,
+                         "atol": SELFTEST_ATOL[chosen.name.split("-")[0]]},
+            "validation": _finite(validation),
+            "source": {"run": str(run_dir), "model": model, "student": config.get("student"), "seed": seed,
+                       "train_seed": config.get("train_seed", seed)},
             "packages": _packages(),
         }
+        sizes = {"n_codes": student.config.n_codes, "n_meds": student.config.n_meds,
+                 "n_profile_ids": student.config.n_profile_ids, "max_visits": student.config.max_visits}
         with atomic_directory(out, marker=MANIFEST, what="leader-edge bundle") as tmp_out:
-            (tmp_out / MODEL).write_bytes(chosen.path.read_bytes())
-            (tmp_out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+            write_bundle(tmp_out, stamp_sizes(chosen.path, work / "stamped.onnx", sizes), manifest, encoder, key=key)
+            _verify_written(tmp_out, key, work)
     return manifest
 
 
-def _candidate(name: str, path: Path, encoded, singles, y_true: np.ndarray, threshold: float) -> Candidate:
+def write_bundle(directory: Path, model_file: Path, manifest: dict, encoder: Encoder, *, key=None) -> dict:
+    """Fill `directory` with model.onnx, selftest.json, manifest.json (+ signature.json with `key`).
+
+    `manifest` gets its `files` and `digest`; the self-test probabilities come from the runtime's own
+    scoring path, so the exporting machine reproduces them exactly. Returns the manifest."""
+    (directory / MODEL).write_bytes(model_file.read_bytes())
+    patients = selftest_patients(encoder, manifest["selftest"]["patients"])
+    scorer = Bundle(directory, manifest, open_session(directory / MODEL, threads=1))
+    prob, _ = scorer.predict_proba([[RawVisit(**v) for v in p] for p in patients])
+    if not np.isfinite(prob).all():
+        raise RuntimeError("the exported model gives NaN or infinite probabilities on the self-test patients; "
+                           "the student's weights are not finite - train it again")
+    test = {"medications": scorer.med_codes, "patients": patients,
+            "probabilities": [[float(x) for x in row] for row in prob]}
+    (directory / SELFTEST).write_text(json.dumps(test, separators=(",", ":")) + "\n", encoding="utf-8")
+    manifest["files"] = {name: {"sha256": sha256(directory / name), "bytes": (directory / name).stat().st_size}
+                         for name in (MODEL, SELFTEST)}
+    manifest.pop("digest", None)
+    manifest["digest"] = manifest_digest(manifest)
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    if key is not None:
+        sign_bundle(directory, manifest["digest"]["sha256"], key)
+    return manifest
+
+
+def _verify_written(directory: Path, key, work: Path) -> None:
+    """Load the new bundle as `predict` will (with its signature when signed) before it replaces --out."""
+    trust = None
+    if key is not None:
+        from cryptography.hazmat.primitives import serialization
+
+        trust = work / "public.pem"
+        trust.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                        serialization.PublicFormat.SubjectPublicKeyInfo))
+    Bundle.load(directory, threads=1, trust=trust)
+
+
+def _candidate(name: str, path: Path, encoded, batched, singles, y_true: np.ndarray, threshold: float) -> Candidate:
+    """Score a model file: validation metrics (`encoded`), and batch invariance (`batched` vs `singles`,
+    the same visits)."""
     y_prob = ort_proba(path, encoded)
+    dp = float(np.abs(ort_proba(path, batched) - ort_proba(path, singles)).max())
     score = metrics.score(y_true, y_prob, threshold)
-    p50, _ = batch1_ms(ort_runner(path), singles)
-    return Candidate(name, path, y_prob, p50, score["jaccard"], score["prauc"])
+    return Candidate(name, path, y_prob, dp, score["jaccard"], score["prauc"])

@@ -1,9 +1,10 @@
-"""The torch-free runtime: bundle loading and checksum, streaming reader, formatting, imports.
+"""The torch-free runtime: bundle loading, streaming reader, formatting, imports.
 
 The bundle here holds a hand-built ONNX graph (no torch export, so these tests take ~1 s):
-probability = sigmoid(w * known diagnoses of the patient + b), columns in vocabulary order."""
+probability = sigmoid(w * known diagnoses of the patient + b), columns in vocabulary order. It is
+written by the export's own `write_bundle` (self-test, file list, digest), so it proves itself the
+same way; tests/test_faults_bundle.py alters it in every way a bundle can be altered."""
 
-import hashlib
 import io
 import json
 import subprocess
@@ -25,12 +26,12 @@ ENCODER = Encoder({"diagnosis": ["D1", "D2", "D3", "D4", "D5"], "procedure": ["P
 HEADER = "patient_id,visit_id,visit_time,diagnoses,procedures,medications,profile_insurance\n"
 
 
-def write_fake_bundle(directory: Path) -> Path:
-    """A valid bundle whose model scores medications by the number of known diagnoses."""
+def write_fake_model(path: Path, *, bias: float = 1.0, sizes: dict | None = None, m: int = len(MEDS)) -> Path:
+    """The fake model: sigmoid(w * known diagnoses + b * `bias`) ([B, m]); `bias=nan` outputs NaN.
+    `sizes`: the table sizes stamped in its metadata (default: ENCODER's)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    m = len(MEDS)
     dims = {"diagnoses": ["B", "K", "Ld"], "procedures": ["B", "K", "Lp"], "medications": ["B", "K", "Lm"],
             "profile": ["B", 1], "visit_mask": ["B", "K"]}
     inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, dims[n]) for n in INPUT_NAMES]
@@ -48,17 +49,28 @@ def write_fake_bundle(directory: Path) -> Path:
         numpy_helper.from_array(np.array([1, 2], dtype=np.int64), "axes"),
         numpy_helper.from_array(np.array([1], dtype=np.int64), "one"),
         numpy_helper.from_array(np.linspace(-0.5, 1.0, m, dtype=np.float32)[None], "w"),
-        numpy_helper.from_array(np.linspace(-2.0, 1.0, m, dtype=np.float32)[None], "b"),
+        numpy_helper.from_array(np.linspace(-2.0, 1.0, m, dtype=np.float32)[None] * np.float32(bias), "b"),
     ]
     graph = helper.make_graph(nodes, "fake", inputs, [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["B", m])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 9  # onnxruntime 1.32 reads IR <= 11; 9 is the opset-18 era default
+    sizes = sizes if sizes is not None else {"n_codes": ENCODER.n_codes, "n_meds": m, "n_profile_ids": ENCODER.n_profile_ids, "max_visits": 8}
+    helper.set_model_props(model, {f"leader_edge.{k}": str(v) for k, v in sizes.items()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def write_fake_bundle(directory: Path, *, key=None) -> Path:
+    """A valid bundle of the fake model, written by the export's `write_bundle` (signed with `key`,
+    an Ed25519 private key, if given)."""
+    from leader_edge.export.bundle import write_bundle
+
+    manifest = {"format_version": BUNDLE_FORMAT, "model": {"file": "model.onnx", "variant": "fp32"}, "threshold": 0.5,
+                "encoder": ENCODER.to_json(), "profile_fields": ["insurance"], "ddi_pairs": [["M5", "M6"]],
+                "selftest": {"file": "selftest.json", "patients": 6, "atol": 1e-4}}
     directory.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(directory / "model.onnx"))
-    digest = hashlib.sha256((directory / "model.onnx").read_bytes()).hexdigest()
-    manifest = {"format_version": BUNDLE_FORMAT, "model": {"file": "model.onnx", "sha256": digest}, "threshold": 0.5,
-                "encoder": ENCODER.to_json(), "profile_fields": ["insurance"], "ddi_pairs": [["M5", "M6"]]}
-    (directory / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    write_bundle(directory, write_fake_model(directory / "model.onnx"), manifest, ENCODER, key=key)
     return directory
 
 
@@ -155,20 +167,29 @@ def test_runtime_csv_text_matches_per_row_reference(bundle, ids):
 
 def test_runtime_bundle_sha256_mismatch_refused(tmp_path):
     d = write_fake_bundle(tmp_path / "b")
-    with open(d / "model.onnx", "ab") as f:
-        f.write(b"\0")
-    with pytest.raises(RuntimeError, match="sha256"):
+    data = bytearray((d / "model.onnx").read_bytes())
+    data[-1] ^= 1  # same size, one bit flipped
+    (d / "model.onnx").write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"model.onnx: has sha256 .*field 'files.model.onnx.sha256'"):
         Bundle.load(d)
 
 
 def test_runtime_not_a_bundle_refused(tmp_path):
-    with pytest.raises(RuntimeError, match="not a leader-edge bundle"):
+    with pytest.raises(DataError, match="not a leader-edge bundle"):
         Bundle.load(tmp_path)
     d = write_fake_bundle(tmp_path / "b")
     manifest = json.loads((d / "manifest.json").read_text())
     (d / "manifest.json").write_text(json.dumps({**manifest, "format_version": 99}))
-    with pytest.raises(RuntimeError, match="format 99"):
+    with pytest.raises(DataError, match="field 'format_version' is 99"):
         Bundle.load(d)
+
+
+def test_runtime_bundle_self_test_reproduced_exactly(tmp_path):
+    d = write_fake_bundle(tmp_path / "b")
+    bundle = Bundle.load(d)
+    assert bundle.self_test() == 0.0  # same machine, same runtime: the recorded probabilities exactly
+    assert sorted(p.name for p in d.iterdir()) == ["manifest.json", "model.onnx", "selftest.json"]
+    assert set(bundle.manifest["files"]) == {"model.onnx", "selftest.json"}
 
 
 def test_runtime_reader_refuses_reappearing_patient():

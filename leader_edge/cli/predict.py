@@ -20,24 +20,29 @@ from leader_edge.cli import user_errors
 @click.option("--top-k", type=click.IntRange(min=1), help="Recommend the K most probable medications instead of thresholding.")
 @click.option("--threshold", type=click.FloatRange(0, 1), help="Decision threshold [default: the bundle's, tuned on validation].")
 @click.option("--batch-size", default=1024, show_default=True, type=click.IntRange(min=1), help="Patients per model call.")
+@click.option("--trust", envvar="LEADER_EDGE_TRUST", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Ed25519 public key (PEM): refuse a bundle that is not signed by it (`export --sign`).")
 @user_errors
 def predict(bundle: Path, input_path: str, output: str, fmt: str, all_visits: bool, top_k: int | None,
-            threshold: float | None, batch_size: int) -> None:
+            threshold: float | None, batch_size: int, trust: Path | None) -> None:
     """Recommend medications for each patient's last visit of a visits CSV.
 
     Output columns: patient_id, visit_id, medications (';'-joined, most probable first), scores
     (code:prob;...), ddi_warnings (interacting pairs A+B within the recommendation), unknown_codes
     (codes the model never saw: counted and ignored). The CSV is a --predictions file for
-    `leader-edge evaluate`. Nothing is written unless the whole input is valid.
+    `leader-edge evaluate`. Nothing is written unless the whole input is valid. The bundle is
+    refused unless it proves itself: every file and manifest field against its digest, the manifest's
+    meaning against the model, and a self-test batch recorded at export.
 
     \b
     Examples:
       leader-edge predict --bundle bundle --input visits.csv --output recs.csv
       cat visits.csv | leader-edge predict --bundle bundle --input - --format jsonl --top-k 10
+      leader-edge predict --bundle bundle --trust key.pub.pem --input visits.csv --output recs.csv
     """
     from leader_edge.runtime import Bundle, predict_file
 
-    model = Bundle.load(bundle)
+    model = Bundle.load(bundle, trust=trust)
     stats = predict_file(model, input_path, output, fmt=fmt, all_visits=all_visits, top_k=top_k,
                          threshold=threshold, batch_size=batch_size)
     click.echo(f"{stats['visits']:,} visit(s) of {stats['patients']:,} patient(s) predicted; "

@@ -1,7 +1,9 @@
-"""Export: ONNX round trip vs torch, int8 gate (pass, refuse, --force), bundle refusals, manifest.
+"""Export: ONNX round trip vs torch, int8 gate (pass, refuse, --force), batch invariance, one run one
+bundle, --model, --sign, bundle refusals, manifest.
 
-One torch->ONNX export per module (~20 s on the shared VM); the other exports reuse its file by
-replacing `export_onnx` with a copy, so they cost only quantization and validation."""
+Two torch->ONNX exports per module (~15 s each on the shared VM): the fp32 bundle's, and the
+determinism test's, which must run the whole export again. The other exports reuse the first one's
+raw ONNX file by replacing `export_onnx` with a copy, so they cost only quantization and validation."""
 
 import json
 import shutil
@@ -16,8 +18,10 @@ from leader_edge.cli import main
 from leader_edge.dataset import dataset_splits, load_dataset, write_dataset
 from leader_edge.encoding import KINDS, Encoder
 from leader_edge.export import bundle as bundle_module
-from leader_edge.export.bundle import export_bundle
-from leader_edge.runtime import Bundle, sha256
+from leader_edge.export.bundle import BATCH_ATOL, Candidate, choose_int8, export_bundle
+from leader_edge.runtime import Bundle, manifest_digest, sha256
+
+BUNDLE_FILES = ["manifest.json", "model.onnx", "selftest.json"]
 
 
 @pytest.fixture(scope="module")
@@ -42,19 +46,44 @@ def run_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def fp32_bundle(run_dir) -> Path:
-    out = run_dir.parent / "bundle-fp32"
-    export_bundle(run_dir, out)
+    """The module's one real export; its raw ONNX file is kept as run/../raw.onnx for `reuse_export`."""
+    out, raw = run_dir.parent / "bundle-fp32", run_dir.parent / "raw.onnx"
+    export_onnx = bundle_module.onnx_export.export_onnx
+
+    def keep(model, path, inputs):
+        shutil.copy(export_onnx(model, path, inputs), raw)
+        return Path(path)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(bundle_module.onnx_export, "export_onnx", keep)
+        export_bundle(run_dir, out)
     return out
+
+
+def _copy_raw(fp32_bundle):
+    def copy(model, path, inputs):
+        shutil.copy(fp32_bundle.parent / "raw.onnx", path)
+        return Path(path)
+    return copy
 
 
 @pytest.fixture
 def reuse_export(fp32_bundle, monkeypatch):
-    """Skip the torch export: copy the module's fp32 model instead."""
-    def copy(model, path, inputs):
-        shutil.copy(fp32_bundle / "model.onnx", path)
-        return Path(path)
+    """Skip the torch export: copy the module's raw fp32 model instead."""
+    monkeypatch.setattr(bundle_module.onnx_export, "export_onnx", _copy_raw(fp32_bundle))
 
-    monkeypatch.setattr(bundle_module.onnx_export, "export_onnx", copy)
+
+@pytest.fixture(scope="module")
+def int8_bundle(run_dir, fp32_bundle) -> Path:
+    out = run_dir.parent / "bundle-int8"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(bundle_module.onnx_export, "export_onnx", _copy_raw(fp32_bundle))
+        export_bundle(run_dir, out, int8=True, calibration_samples=64)
+    return out
+
+
+def _val(run_dir: Path) -> list:
+    return [s.visits for s in dataset_splits(load_dataset(run_dir.parent / "data"), seed=42)["val"]]
 
 
 def test_export_onnx_round_trip_matches_torch(run_dir, fp32_bundle):
@@ -63,8 +92,7 @@ def test_export_onnx_round_trip_matches_torch(run_dir, fp32_bundle):
     manifest = json.loads((fp32_bundle / "manifest.json").read_text())
     assert manifest["validation"]["max_abs_dp"] < 1e-5
     model, encoder, _ = load_student(run_dir / "student", backend="torch")
-    ds = load_dataset(run_dir.parent / "data")
-    val = [s.visits for s in dataset_splits(ds, seed=42)["val"]]
+    val = _val(run_dir)
     bundle = Bundle.load(fp32_bundle)
     for histories in (val, val[:1], [val[0][-1:]]):  # every dynamic axis at several sizes, down to 1
         got, _ = bundle.predict_proba(histories)
@@ -74,24 +102,75 @@ def test_export_onnx_round_trip_matches_torch(run_dir, fp32_bundle):
         assert np.abs(got - want).max() < 1e-5
 
 
-def test_export_manifest_checksum_and_fields(fp32_bundle):
+def test_export_manifest_digest_files_and_fields(fp32_bundle):
     manifest = json.loads((fp32_bundle / "manifest.json").read_text())
-    assert manifest["model"]["sha256"] == sha256(fp32_bundle / "model.onnx")
+    assert sorted(p.name for p in fp32_bundle.iterdir()) == BUNDLE_FILES
+    assert manifest["files"] == {n: {"sha256": sha256(fp32_bundle / n), "bytes": (fp32_bundle / n).stat().st_size}
+                                 for n in ("model.onnx", "selftest.json")}
+    assert manifest["digest"] == manifest_digest(manifest)
     assert manifest["model"]["variant"] == "fp32" and manifest["threshold"] == 0.5
-    for key in ("format_version", "created", "encoder", "profile_fields", "ddi_pairs", "validation", "packages"):
+    assert manifest["source"]["model"] == "student" and "created" not in manifest
+    for key in ("format_version", "encoder", "profile_fields", "ddi_pairs", "validation", "packages", "selftest"):
         assert manifest[key], key
     assert manifest["packages"]["onnxruntime"] and manifest["ddi_pairs"][0][0] < manifest["ddi_pairs"][0][1]
-    assert sorted(p.name for p in fp32_bundle.iterdir()) == ["manifest.json", "model.onnx"]
+    bundle = Bundle.load(fp32_bundle)
+    assert bundle.self_test() == 0.0
+    test = json.loads((fp32_bundle / "selftest.json").read_text())
+    assert test["medications"] == bundle.med_codes and len(test["patients"]) == manifest["selftest"]["patients"]
+    assert "<selftest-unknown>" in test["patients"][0][0]["diagnoses"]
+    recorded = {tuple(v.diagnoses) for v in load_dataset(fp32_bundle.parent / "data").visits}
+    synthetic = [tuple(v["diagnoses"]) for p in test["patients"] for v in p]
+    assert set(synthetic[1]) <= set(bundle.encoder.codes["diagnosis"]) and not recorded & set(synthetic)  # no patient record
 
 
-def test_export_int8_passes_gate_and_shrinks(run_dir, fp32_bundle, reuse_export, tmp_path):
-    manifest = export_bundle(run_dir, tmp_path / "int8", int8=True, calibration_samples=64)
+def test_export_int8_weights_kept_batch_invariant_and_shrinks(run_dir, int8_bundle):
+    manifest = json.loads((int8_bundle / "manifest.json").read_text())
     v = manifest["validation"]
-    assert manifest["model"]["variant"] in ("int8-dynamic", "int8-static")
-    assert set(v["candidates"]) == {"fp32", "int8-dynamic", "int8-static"}
+    assert manifest["model"]["variant"] == "int8-weights"
+    assert set(v["candidates"]) == {"fp32", "int8-weights", "int8-dynamic", "int8-static"}
+    # dynamic int8 scales activations per batch: refused; fp32 and int8 weights (fp32 arithmetic) pass
+    assert not v["candidates"]["int8-dynamic"]["batch_invariant"] and v["candidates"]["int8-dynamic"]["max_batch_dp"] > BATCH_ATOL
+    assert v["candidates"]["int8-weights"]["max_batch_dp"] < 1e-5 and v["candidates"]["fp32"]["max_batch_dp"] < 1e-5
+    assert v["batch_invariance"]["max_abs_dp"] <= BATCH_ATOL and v["batch_invariance"]["batch_sizes"] == [1, 1024]
     assert -v["jaccard_delta"] <= bundle_module.MAX_JACCARD_DROP and v["max_abs_dp"] < 0.1
-    assert manifest["model"]["bytes"] <= 0.4 * manifest["model"]["fp32_bytes"]
+    assert manifest["files"]["model.onnx"]["bytes"] <= 0.4 * manifest["model"]["fp32_bytes"]
     assert "forced" not in v
+    bundle = Bundle.load(int8_bundle)  # end to end through the runtime: batch 1 vs one batch of all
+    val = _val(run_dir)
+    one, _ = bundle.predict_proba(val, batch_size=1)
+    every, _ = bundle.predict_proba(val, batch_size=1024)
+    assert np.abs(one - every).max() <= BATCH_ATOL
+
+
+def test_export_same_run_twice_byte_identical(run_dir, int8_bundle, tmp_path):
+    export_bundle(run_dir, tmp_path / "again", int8=True, calibration_samples=64)  # a whole second export, torch included
+    assert sorted(p.name for p in (tmp_path / "again").iterdir()) == BUNDLE_FILES
+    for name in BUNDLE_FILES:
+        assert (tmp_path / "again" / name).read_bytes() == (int8_bundle / name).read_bytes(), name
+
+
+def _candidate(name: str, jaccard: float, max_batch_dp: float) -> Candidate:
+    return Candidate(name, Path(name), np.zeros((1, 1), np.float32), max_batch_dp, jaccard, 0.5)
+
+
+def test_export_choose_int8_deterministic_and_batch_invariant():
+    weights, static, dynamic = (_candidate("int8-weights", 0.3995, 0.0), _candidate("int8-static", 0.400, 0.0),
+                                _candidate("int8-dynamic", 0.401, 0.0))
+    assert choose_int8([dynamic, static, weights]).name == "int8-weights"  # a tie: the fixed order, not the clock
+    assert choose_int8([dynamic, static]).name == "int8-static"
+    assert choose_int8([_candidate("int8-dynamic", 0.41, 0.0), static]).name == "int8-dynamic"
+    assert choose_int8([_candidate("int8-dynamic", 0.41, 0.016), static]).name == "int8-static"
+    with pytest.raises(RuntimeError, match="no int8 variant is batch-invariant.*int8-dynamic 1.60e-02"):
+        choose_int8([_candidate("int8-dynamic", 0.41, 0.016)])
+
+
+def test_export_batch_variant_refused(run_dir, reuse_export, monkeypatch, tmp_path):
+    monkeypatch.setattr(bundle_module, "BATCH_ATOL", -1.0)  # every candidate now "depends on the batch"
+    for extra, what in ((["--int8", "--calibration-samples", "16"], "no int8 variant is batch-invariant"),
+                        ([], "the fp32 model's probabilities depend on the batch")):
+        result = CliRunner().invoke(main, ["export", str(run_dir), "--out", str(tmp_path / "b"), *extra])
+        assert result.exit_code == 2 and what in result.output and "Traceback" not in result.output, result.output
+        assert list(tmp_path.iterdir()) == []
 
 
 def test_export_gate_failure_refused_then_forced(run_dir, reuse_export, monkeypatch, tmp_path):
@@ -107,7 +186,7 @@ def test_export_gate_failure_refused_then_forced(run_dir, reuse_export, monkeypa
 
 
 def test_export_refuses_run_dir_and_foreign_directory(run_dir, fp32_bundle, reuse_export, tmp_path):
-    for dst in (run_dir, run_dir / "student"):
+    for dst in (run_dir, run_dir / "student", run_dir / "student" / "bundle"):
         with pytest.raises(ValueError, match="run directory"):
             export_bundle(run_dir, dst)
     foreign = tmp_path / "notes"
@@ -120,4 +199,71 @@ def test_export_refuses_run_dir_and_foreign_directory(run_dir, fp32_bundle, reus
     shutil.copytree(fp32_bundle, again)
     (again / "model.onnx").write_bytes(b"stale")
     export_bundle(run_dir, again)  # an older bundle is replaced
-    assert Bundle.load(again).manifest["model"]["sha256"] == sha256(again / "model.onnx")
+    assert Bundle.load(again).manifest["files"]["model.onnx"]["sha256"] == sha256(again / "model.onnx")
+
+
+def test_export_model_option_any_student_of_the_run(run_dir, reuse_export, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    shutil.copytree(run / "student", run / "student.seed-43")
+    (run / "notes").mkdir()  # a directory that is not a student
+    runner = CliRunner()
+    result = runner.invoke(main, ["export", str(run), "--model", "student.seed-43", "--out", str(tmp_path / "b")])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["model"] == "student.seed-43"
+    assert json.loads((tmp_path / "b" / "manifest.json").read_text())["source"]["model"] == "student.seed-43"
+    for name in ("student-nodistill", "notes", "../run", "/etc", ""):
+        result = runner.invoke(main, ["export", str(run), "--model", name, "--out", str(tmp_path / "c")])
+        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+        assert "is not a trained student directory" in result.output
+        assert "--model one of ['student', 'student.seed-43']" in result.output, result.output
+    assert not (tmp_path / "c").exists()
+
+
+def _keys(tmp_path: Path) -> dict[str, Path]:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+    key = ed25519.Ed25519PrivateKey.generate()
+    paths = {name: tmp_path / f"{name}.pem" for name in ("key", "pub", "encrypted", "rsa")}
+    pkcs8 = serialization.PrivateFormat.PKCS8
+    paths["key"].write_bytes(key.private_bytes(serialization.Encoding.PEM, pkcs8, serialization.NoEncryption()))
+    paths["pub"].write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                           serialization.PublicFormat.SubjectPublicKeyInfo))
+    paths["encrypted"].write_bytes(key.private_bytes(serialization.Encoding.PEM, pkcs8,
+                                                     serialization.BestAvailableEncryption(b"secret")))
+    paths["rsa"].write_bytes(rsa.generate_private_key(public_exponent=65537, key_size=1024).private_bytes(
+        serialization.Encoding.PEM, pkcs8, serialization.NoEncryption()))
+    return paths
+
+
+def test_export_sign_then_predict_trust(run_dir, reuse_export, tmp_path):
+    keys = _keys(tmp_path)
+    runner = CliRunner()
+    for bad, what in (("encrypted", "is an encrypted private key"), ("rsa", "not an Ed25519 key")):
+        result = runner.invoke(main, ["export", str(run_dir), "--out", str(tmp_path / "b"), "--sign", str(keys[bad])])
+        assert result.exit_code == 2 and f"{keys[bad]}: " in result.output and what in result.output, result.output
+        assert "Fix:" in result.output and not (tmp_path / "b").exists()
+    result = runner.invoke(main, ["export", str(run_dir), "--out", str(tmp_path / "b"), "--sign", str(keys["key"])])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["signed"] is True
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == sorted(BUNDLE_FILES + ["signature.json"])
+    visits = run_dir.parent / "data" / "visits.csv"
+    result = runner.invoke(main, ["predict", "--bundle", str(tmp_path / "b"), "--input", str(visits), "--trust", str(keys["pub"])])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("patient_id,visit_id")
+
+
+def test_export_reordered_diagnoses_refused_by_self_test(fp32_bundle, tmp_path):
+    """Digest recomputed, so only the self-test can tell: its raw codes now encode to other ids."""
+    d = tmp_path / "b"
+    shutil.copytree(fp32_bundle, d)
+    manifest = json.loads((d / "manifest.json").read_text())
+    manifest["encoder"]["codes"]["diagnosis"].reverse()
+    manifest["digest"] = manifest_digest(manifest)
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    visits = fp32_bundle.parent / "data" / "visits.csv"
+    result = CliRunner().invoke(main, ["predict", "--bundle", str(d), "--input", str(visits)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert f"{d / 'model.onnx'}: scores the self-test patients of selftest.json" in result.output, result.output
+    assert "manifest.json field 'encoder'" in result.output and "export the bundle again" in result.output
