@@ -371,7 +371,8 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, model: str = DEFAULT_
     threshold = float(config["threshold"])
     ds = load_dataset(_data_dir(run_dir, config))
     seed = int(config.get("seed", 42))
-    splits = dataset_splits(ds, seed=seed, train_per_visit=True)
+    protocol = config.get("protocol", "leader")  # the split the student was tuned and scored on
+    splits = dataset_splits(ds, seed=seed, train_per_visit=True, protocol=protocol)
     val = [s.visits for s in splits["val"]]
     if not val:
         raise RuntimeError(f"the validation split of {ds.meta.get('source', 'the dataset')} is empty; the gate needs visits")
@@ -445,7 +446,7 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, model: str = DEFAULT_
                          "atol": SELFTEST_ATOL[chosen.name.split("-")[0]]},
             "validation": _finite(validation),
             "source": {"run": str(run_dir), "model": model, "student": config.get("student"), "seed": seed,
-                       "train_seed": config.get("train_seed", seed)},
+                       "train_seed": config.get("train_seed", seed), "protocol": protocol},
             "packages": _packages(),
         }
         sizes = {"n_codes": student.config.n_codes, "n_meds": student.config.n_meds,
