@@ -32,9 +32,13 @@ import numpy as np
 
 VARIANTS = {
     "base": {},  # the shipped DistillConfig
-    "prior": {"prior": "frequency"},  # counting as a prior the student corrects
-    "prior-kd": {"prior": "frequency", "kd": 0.5},  # + the teacher's probabilities as soft targets
+    "prior": {"prior": "frequency", "prior_rule": "chosen"},  # counting (validation's rule) as a prior the student corrects
+    "prior-kd": {"prior": "frequency", "prior_rule": "chosen", "kd": 0.5},  # + the teacher's probabilities as soft targets
     "kd": {"kd": 0.5},
+    "prior-nowide": {"prior": "frequency", "prior_rule": "chosen", "wide": "none"},  # the deep head alone corrects it
+    "prior-slow": {"prior": "frequency", "prior_rule": "chosen", "lr": 1e-4},  # corrections learned 5x slower
+    "stack": {"prior": "frequency", "prior_rule": "stack"},  # all four counting rules mixed (fitted before training)
+    "stack-nowide": {"prior": "frequency", "prior_rule": "stack", "wide": "none"},
 }
 GROUPS = ("overall", "single_visit", "multi_visit", "rare_diagnosis")
 

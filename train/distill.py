@@ -34,7 +34,7 @@ from leader_edge.recs import write_predictions
 from leader_edge.train.student import Student, StudentConfig
 from leader_edge.train.code_embeddings import pca_init
 from leader_edge.train.student_init import (
-    cooc_log_odds, frequency_prior, low_rank, name_neighbour_prior, teacher_name_vectors, train_code_rows, wide_rank,
+    cooc_log_odds, fit_prior_mix, frequency_prior, low_rank, name_neighbour_prior, teacher_name_vectors, train_code_rows, wide_rank,
 )
 
 log = logging.getLogger(__name__)
@@ -85,6 +85,7 @@ class DistillConfig:
     # samples) and starts the learned terms at 0, so training starts AT counting; validation
     # before the first epoch is a candidate, so early stopping can keep the baseline itself.
     prior: str = "none"
+    prior_rule: str = "stack"  # "stack": all four counting rules mixed (see StudentConfig); "chosen": validation's one rule
     # Output-level distillation: weight of BCE(student logits, teacher probabilities) on training
     # samples (the teacher's head applied to its cached features); 0 = off (LEADER has none).
     kd: float = 0.0
@@ -101,7 +102,8 @@ class DistillConfig:
             raise ValueError(f"DistillConfig.lr={self.lr} must be > 0")
         for name, allowed in (("wide", ("max", "mean", "none")), ("wide_init", ("cooc", "zero")),
                               ("code_init", ("none", "input", "hidden")),
-                              ("set_encoder", ("transformer", "mean")), ("prior", ("none", "frequency"))):
+                              ("set_encoder", ("transformer", "mean")), ("prior", ("none", "frequency")),
+                              ("prior_rule", ("stack", "chosen"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"DistillConfig.{name}={getattr(self, name)!r}; use one of {allowed}")
 
@@ -281,7 +283,8 @@ def train_student(
     )
     prior_tables, prior_train = None, None
     if config.prior != "none":
-        prior_tables, prior_train = frequency_prior(ds, samples, encoder, seed=seed)
+        prior_tables, prior_train = frequency_prior(ds, samples, encoder, seed=seed,
+                                                    rule="stack" if config.prior_rule == "stack" else None)
         student_config = StudentConfig(**{**student_config.to_json(), "prior_rule": prior_tables["rule"]})
     if config.wide != "none":
         deep = Student(StudentConfig(**{**student_config.to_json(), "wide": "none"})).n_params()
@@ -296,6 +299,12 @@ def train_student(
             model.set_prior(prior_tables["table"], prior_tables["weight"], prior_tables["global"], prior_tables["global_weight"])
             model.head_bias.zero_()
             model.head_weight.zero_()
+            if prior_tables["rule"] == "stack":  # the rules' mix and a per-medication bias, fitted before training
+                from leader_edge.train.student import PRIOR_RULES
+
+                mix, bias = fit_prior_mix(prior_train, labels["train"], PRIOR_RULES.index(prior_tables["chosen"]))
+                model.prior_mix.copy_(torch.from_numpy(mix))
+                model.head_bias.copy_(torch.from_numpy(bias))
         names = None
         if teacher is not None and (config.code_init != "none" or config.wide_neighbours > 0):
             names = teacher_name_vectors(ds, encoder, Path(run_dir or "."), method=config.code_init if config.code_init != "none"

@@ -89,19 +89,23 @@ def frequency_prior(ds: Dataset, samples: dict[str, list], encoder: Encoder, *, 
     The frequency baseline is fitted on the training samples with its rule and smoothing chosen on
     validation (as `evaluate --baseline` does) and laid out over the encoder's shared code ids.
 
+    Args:
+        rule: None (the validation-chosen rule), one of `PRIOR_RULES`, or "stack" (all four).
+
     Returns:
-        (tables, train_logits): tables = {"rule", "table" [n_codes, n_meds], "weight" [n_codes],
-        "global" [n_meds], "global_weight"} for `Student.set_prior`; train_logits float32 [N train,
-        n_meds], the baseline's logit for each training sample from a baseline fitted WITHOUT that
-        patient (`baselines.out_of_fold_proba`), so the student learns the baseline's held-out
-        error instead of trusting in-sample counts that already contain the target.
-        `rule` overrides the validation-chosen combination rule (smoothing stays the chosen one).
+        (tables, train_logits): tables = {"rule", "chosen", "smoothing", "table" [n_codes, n_meds],
+        "weight" [n_codes] (specificity weights, 0 = unseen), "global" [n_meds], "global_weight"}
+        for `Student.set_prior`; train_logits float32 [N train, n_meds, R]: each training sample's
+        rule logits (R = 4 for "stack", else 1) from a baseline fitted WITHOUT that patient
+        (`baselines.out_of_fold_proba`), so the student learns the baseline's held-out error
+        instead of trusting in-sample counts that already contain the target.
     """
     from leader_edge.baselines import PRIOR, fit_frequency_baseline, out_of_fold_proba
+    from leader_edge.train.student import PRIOR_RULES
 
     base, _, _ = fit_frequency_baseline(ds, samples)
-    if rule is not None:
-        base.set_rule(rule, base.smoothing)
+    chosen = base.rule
+    rule = rule or chosen
     if base.med_codes != list(encoder.codes["medication"]):
         raise ValueError("the baseline's medication order differs from the encoder's; both must use ds.vocab('medication')")
     index = {f: i for i, f in enumerate(base.features)}
@@ -112,17 +116,41 @@ def frequency_prior(ds: Dataset, samples: dict[str, list], encoder: Encoder, *, 
     table = np.zeros((len(rows), cond.shape[1]), dtype=np.float32)
     table[seen] = cond[rows[seen]]
     g = index[PRIOR]
-    if base.rule == "specificity":
-        w = np.log1p(base.n_visits / np.maximum(base.count, 1))  # [F], as FrequencyBaseline.predict_proba
-        weight, global_weight = np.where(seen, w[np.maximum(rows, 0)], 0.0), float(w[g])
-    else:
-        weight, global_weight = seen.astype(np.float64), 1.0
-    oof = out_of_fold_proba(ds, samples["train"], rule=base.rule, smoothing=base.smoothing, seed=seed)
+    spec = np.log1p(base.n_visits / np.maximum(base.count, 1))  # [F] > 0, as FrequencyBaseline.predict_proba
+    weight = np.where(seen, spec[np.maximum(rows, 0)], 0.0)
+    rules = PRIOR_RULES if rule == "stack" else (rule,)
+    oof = np.stack([out_of_fold_proba(ds, samples["train"], rule=r, smoothing=base.smoothing, seed=seed) for r in rules], -1)
     oof = np.clip(oof, 1e-4, 1 - 1e-4)
-    tables = {"rule": base.rule, "smoothing": base.smoothing, "table": table, "weight": weight.astype(np.float32),
-              "global": cond[g].astype(np.float32), "global_weight": global_weight}
-    log.info("counting prior: frequency baseline rule %s, a=%s; %d of %d codes seen", base.rule, base.smoothing, int(seen.sum()), len(rows))
+    tables = {"rule": rule, "chosen": chosen, "smoothing": base.smoothing, "table": table,
+              "weight": weight.astype(np.float32), "global": cond[g].astype(np.float32), "global_weight": float(spec[g])}
+    log.info("counting prior: rule %s (validation chose %s), a=%s; %d of %d codes seen", rule, chosen, base.smoothing,
+             int(seen.sum()), len(rows))
     return tables, np.log(oof / (1 - oof)).astype(np.float32)
+
+
+def fit_prior_mix(train_logits: np.ndarray, labels: np.ndarray, chosen: int, *, l2: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:
+    """(mix [R], bias [n_meds]): logistic stacking of the rules' out-of-fold logits [N, M, R] -
+    one weight per rule shared by every medication (per-medication weights overfit: validation
+    PRAUC 0.586 on default synth) and a per-medication bias; starts at the validation-chosen rule.
+    Deterministic (L-BFGS on a convex loss)."""
+    import torch
+
+    x = torch.from_numpy(train_logits).double()
+    y = torch.from_numpy(labels).double()
+    mix = torch.zeros(x.shape[-1], dtype=torch.float64)
+    mix[chosen] = 1.0
+    mix.requires_grad_(True)
+    bias = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([mix, bias], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits((x * mix).sum(-1) + bias, y) + l2 * (mix ** 2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return mix.detach().numpy().astype(np.float32), bias.detach().numpy().astype(np.float32)
 
 
 def low_rank(table: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:

@@ -66,7 +66,7 @@ def test_export_onnx_every_wide_variant_matches_the_student(wide, rank, tmp_path
     np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("rule", ["max", "mean", "noisy_or", "specificity"])
+@pytest.mark.parametrize("rule", ["max", "mean", "noisy_or", "specificity", "stack"])
 def test_export_onnx_counting_prior_matches_the_student(rule, tmp_path):
     import onnxruntime as ort
 
@@ -81,6 +81,8 @@ def test_export_onnx_counting_prior_matches_the_student(rule, tmp_path):
     model.set_prior(rng.uniform(0.01, 0.9, (20, 6)), weight, rng.uniform(0.05, 0.5, 6), 0.7)
     with torch.no_grad():
         model.wide_codes.normal_(0, 0.3)
+        if rule == "stack":
+            model.prior_mix.copy_(torch.tensor([0.7, 1.3, 0.1, 0.6]))
     path = export_onnx(model, tmp_path / "m.onnx", example_inputs(20, 4, 1))
     inputs = example_inputs(20, 4, 1, batch=5, visits=3, widths=(2, 6, 1), seed=1)
     got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, inputs)[0]

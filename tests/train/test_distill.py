@@ -134,7 +134,7 @@ def test_counting_prior_alone_is_the_frequency_baseline(data, rule):
     from leader_edge.baselines import fit_frequency_baseline
     from leader_edge.encoding import KINDS, Encoder
     from leader_edge.train.distill import predict
-    from leader_edge.train.student import Student, StudentConfig
+    from leader_edge.train.student import PRIOR_RULES, Student, StudentConfig
     from leader_edge.train.student_init import frequency_prior
 
     ds = load_dataset(data)
@@ -142,19 +142,34 @@ def test_counting_prior_alone_is_the_frequency_baseline(data, rule):
     train_ids = {s.patient_id for s in splits["train"]}
     enc = Encoder.from_visits({k: ds.vocab(k) for k in KINDS}, [v for v in ds.visits if v.patient_id in train_ids])
     tables, oof = frequency_prior(ds, splits, enc, seed=0)
-    assert oof.shape == (len(splits["train"]), enc.n_meds) and np.isfinite(oof).all()
+    assert oof.shape == (len(splits["train"]), enc.n_meds, 1) and np.isfinite(oof).all()
     base, _, _ = fit_frequency_baseline(ds, splits)
     base.set_rule(rule, base.smoothing)
     tables, _ = frequency_prior(ds, splits, enc, seed=0, rule=rule)
-    model = Student(StudentConfig(enc.n_codes, enc.n_meds, enc.n_profile_ids, enc.med_offset, prior="frequency",
-                                  prior_rule=rule, wide="none"))
-    model.set_prior(tables["table"], tables["weight"], tables["global"], tables["global_weight"])
-    with torch.no_grad():
-        model.head_weight.zero_()
-        model.head_bias.zero_()
-    got = predict(model, enc.encode([s.visits for s in splits["test"]]), torch.device("cpu"))
+    encoded = enc.encode([s.visits for s in splits["test"]])
     want = np.clip(base.predict_proba(splits["test"]), 1e-4, 1 - 1e-4)
-    np.testing.assert_allclose(got, want, atol=2e-6)
+    for as_rule in (rule, "stack"):  # the rule alone, and the stack with all weight on it
+        model = Student(StudentConfig(enc.n_codes, enc.n_meds, enc.n_profile_ids, enc.med_offset, prior="frequency",
+                                      prior_rule=as_rule, wide="none"))
+        model.set_prior(tables["table"], tables["weight"], tables["global"], tables["global_weight"])
+        with torch.no_grad():
+            model.head_weight.zero_()
+            model.head_bias.zero_()
+            if as_rule == "stack":
+                model.prior_mix.copy_(torch.tensor([float(r == rule) for r in PRIOR_RULES]))
+        got = predict(model, encoded, torch.device("cpu"))
+        np.testing.assert_allclose(got, want, atol=2e-6)
+
+
+def test_prior_mix_fit_moves_off_the_chosen_rule_only_when_it_helps():
+    from leader_edge.train.student_init import fit_prior_mix
+
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(400, 5, 4)).astype(np.float32)
+    y = (rng.random((400, 5)) < 1 / (1 + np.exp(-(2 * z[..., 3] - 1)))).astype(np.float32)  # only rule 3 matters
+    mix, bias = fit_prior_mix(z, y, chosen=1)
+    assert abs(mix[3] - 2) < 0.4 and np.abs(mix[:3]).max() < 0.3 and np.allclose(bias, -1, atol=0.4)
+    assert np.array_equal(fit_prior_mix(z, y, chosen=1)[0], mix)  # deterministic
 
 
 def test_train_refuses_splits_too_small_before_any_stage(tmp_path):
