@@ -443,7 +443,7 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, model: str = DEFAULT_
             "encoder": encoder.to_json(),
             "ddi_pairs": _ddi_pairs(ds.ddi, encoder),
             "selftest": {"file": SELFTEST, "patients": SELFTEST_PATIENTS,
-                         "atol": SELFTEST_ATOL[chosen.name.split("-")[0]]},
+                         "atol": SELFTEST_ATOL[chosen.name]},
             "validation": _finite(validation),
             "source": {"run": str(run_dir), "model": model, "student": config.get("student"), "seed": seed,
                        "train_seed": config.get("train_seed", seed), "protocol": protocol},
