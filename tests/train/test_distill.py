@@ -48,7 +48,9 @@ def test_run_student_stage_writes_a_loadable_student_and_reproduces(data, tmp_pa
     assert {p.name for p in out.iterdir()} == {"model.safetensors", "config.json", "metrics.json", "history.json", "predictions-test.csv"}
     assert results[0]["test"] == results[1]["test"] and results[0]["threshold"] == results[1]["threshold"]
     history = json.loads((out / "history.json").read_text())
-    assert len(history) == 2 and history[0]["train_mse"] > 0 and history[0]["train_nce"] > 0
+    # epoch 0 = the counting prior alone (a selection candidate), then the trained epochs
+    assert history[0]["epoch"] == 0 and "train_loss" not in history[0]
+    assert history[1]["epoch"] == 1 and history[1]["train_mse"] > 0 and history[1]["train_nce"] > 0
     assert results[0]["n_params"] < results[0]["n_params_training"]  # the projection is not shipped
     model, encoder, threshold = load_student(out)
     assert threshold == results[0]["threshold"] and model.config.teacher_dim == HIDDEN
@@ -56,14 +58,15 @@ def test_run_student_stage_writes_a_loadable_student_and_reproduces(data, tmp_pa
     assert len(preds) == results[0]["test_groups"]["overall"]["n"][0]
     assert set(results[0]["test"]) == {"jaccard", "prauc", "f1", "ddi_rate", "n_med"}
     assert (tmp_path / "a" / "teacher" / "code-embeddings.safetensors").is_file()  # teacher name embeddings
-    assert model.config.wide == "max" and model.wide_codes.abs().sum() > 0  # co-occurrence init
+    assert model.config.wide == "max" and model.config.prior == "frequency" and model.config.prior_rule == "stack"
+    assert model.prior_table.sum() > 0 and model.prior_mix.abs().sum() > 0  # counting tables and the fitted rule mix
 
 
 def test_run_student_stage_without_distillation_needs_no_teacher(data, tmp_path):
     result = run_student_stage(data, tmp_path, distill=False, config=FAST, epochs=1)
     assert result["epochs_run"] == 1 and result["model"] == "student-nodistill"
     history = json.loads((tmp_path / "student-nodistill" / "history.json").read_text())
-    assert history[0]["train_mse"] == 0
+    assert history[-1]["epoch"] == 1 and history[-1]["train_mse"] == 0
     assert not (tmp_path / "teacher").exists()  # label-only: never reads or caches teacher embeddings
 
 
