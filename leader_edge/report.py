@@ -299,7 +299,7 @@ def summary_table(result: dict) -> str:
     lines += ["", "paired differences (95% interval), overall and single-visit:"]
     for c in result["comparisons"]:
         if c["group"] in ("overall", "single_visit") and c["metric"] in ("prauc", "jaccard"):
-            lines.append(f"  {c['a']} - {c['b']:<18} {c['group']:<13} {c['metric']:<8} {c['diff']:+.4f} "
+            lines.append(f"  {c['a'] + ' - ' + c['b']:<38} {c['group']:<13} {c['metric']:<8} {c['diff']:+.4f} "
                          f"[{c['low']:+.4f}, {c['high']:+.4f}]  {c['verdict']}")
     return "\n".join(lines)
 
