@@ -102,6 +102,10 @@ def train(data_dir, run_dir, teacher, stage, no_distill, show_prompt, resume, se
                            f"({train_seed - seed + 1} of {seeds})", err=True)
             run_student_stage(data_dir, run_dir, distill=distill, seed=seed, epochs=student_epochs, device=device,
                               train_seed=train_seed, protocol=protocol)
+    from leader_edge.train.baseline_student import write_frequency_student
+
+    # The frequency baseline as RUN/frequency: `export --model frequency` serves counting like a model.
+    write_frequency_student(data_dir, run_dir, seed=seed, protocol=protocol)
 
 
 def _write_run_json(run_dir: Path, data_dir: Path, seed: int, config, *, seeds: list[int]) -> None:

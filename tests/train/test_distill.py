@@ -198,3 +198,26 @@ def test_stage_outputs_are_checked_before_reuse(data, tmp_path):
     weights.write_bytes(bytes(raw))
     with pytest.raises(RuntimeError, match="--stage student"):
         load_student(tmp_path / "student-nodistill")
+
+
+def test_frequency_student_is_the_baseline_and_exports_as_a_bundle(data, tmp_path):
+    from leader_edge.baselines import fit_frequency_baseline
+    from leader_edge.export.bundle import export_bundle
+    from leader_edge.runtime import Bundle
+    from leader_edge.train.baseline_student import write_frequency_student
+
+    result = write_frequency_student(data, tmp_path, seed=42)
+    ds = load_dataset(data)
+    splits = dataset_splits(ds, seed=42, train_per_visit=True)
+    base, threshold, _ = fit_frequency_baseline(ds, splits)
+    assert result["threshold"] == threshold and result["rule"] == base.rule
+    model, encoder, t = load_student(tmp_path / "frequency")
+    test = [s.visits for s in splits["test"]]
+    with torch.no_grad():
+        got = model.predict_proba(*(torch.from_numpy(a) for a in encoder.encode(test).inputs().values())).numpy()
+    want = np.clip(base.predict_proba(splits["test"]), 1e-4, 1 - 1e-4)
+    np.testing.assert_allclose(got, want, atol=2e-6)
+    manifest = export_bundle(tmp_path, tmp_path / "bundle", model="frequency")  # counting served like a model
+    prob, _ = Bundle.load(tmp_path / "bundle").predict_proba(test)
+    np.testing.assert_allclose(prob, want, atol=1e-5)
+    assert manifest["threshold"] == threshold
