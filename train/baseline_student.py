@@ -12,10 +12,6 @@ when validation prefers it.
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -24,7 +20,7 @@ from leader_edge import metrics
 from leader_edge.baselines import fit_frequency_baseline
 from leader_edge.dataset import dataset_splits, load_dataset
 from leader_edge.encoding import KINDS, Encoder
-from leader_edge.train.distill import DistillConfig, predict, save_student
+from leader_edge.train.distill import DistillConfig, predict, write_student_dir
 from leader_edge.train.student import Student, StudentConfig
 from leader_edge.train.student_init import frequency_prior
 
@@ -47,8 +43,6 @@ def frequency_student(ds, splits, encoder: Encoder, *, seed: int) -> tuple[Stude
 def write_frequency_student(data_dir: Path, run_dir: Path, *, seed: int = 42, protocol: str = "leader",
                             config: DistillConfig | None = None) -> dict:
     """Write RUN/frequency (config.json, model.safetensors, metrics.json with digests); returns the metrics."""
-    from leader_edge.runtime import sha256
-
     config = config or DistillConfig()
     data_dir, run_dir = Path(data_dir).resolve(), Path(run_dir)
     ds = load_dataset(data_dir)
@@ -64,18 +58,7 @@ def write_frequency_student(data_dir: Path, run_dir: Path, *, seed: int = 42, pr
         prob = predict(model, encoder.encode([s.visits for s in splits[split]]), torch.device("cpu"))
         truth = encoder.multi_hot([s.visits for s in splits[split]]) > 0
         result[split] = metrics.score(truth, prob, threshold, ddi)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{NAME}.", dir=run_dir))
-    try:
-        save_student(tmp, model, encoder, threshold, {"distill": False, "seed": seed, "protocol": protocol,
-                                                      "data": str(data_dir), "baseline": "frequency"})
-        result["files"] = {n: sha256(tmp / n) for n in ("model.safetensors", "config.json")}
-        (tmp / "metrics.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        if (run_dir / NAME).exists():
-            shutil.rmtree(run_dir / NAME)
-        os.replace(tmp, run_dir / NAME)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    write_student_dir(run_dir / NAME, model, encoder, threshold, {"distill": False, "seed": seed, "protocol": protocol,
+                                                                  "data": str(data_dir), "baseline": "frequency"}, result)
     return result
 

@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from leader_edge import metrics
-from leader_edge.dataset import Dataset, Sample, dataset_splits, load_dataset
+from leader_edge.dataset import Dataset, Sample, atomic_directory, dataset_splits, load_dataset
 from leader_edge.encoding import INPUT_NAMES, KINDS, Batch, Encoder
 from leader_edge.recs import write_predictions
 from leader_edge.train.student import Student, StudentConfig
@@ -395,6 +392,21 @@ def save_student(out: Path, model: Student, encoder: Encoder, threshold: float, 
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
+def write_student_dir(out: Path, model: Student, encoder: Encoder, threshold: float, extra: dict, result: dict,
+                      more=None) -> None:
+    """Write a student directory all at once: weights and config (`save_student`), `more(tmp)`'s
+    files, then metrics.json (`result` + the sha256 of the weights and config, checked before
+    reuse). Built in a hidden temp directory beside `out` and renamed over it: never half-written."""
+    from leader_edge.runtime import sha256
+
+    with atomic_directory(out, marker="config.json", what="student") as tmp:
+        save_student(tmp, model, encoder, threshold, extra)
+        if more is not None:
+            more(tmp)
+        result["files"] = {n: sha256(tmp / n) for n in ("model.safetensors", "config.json")}
+        (tmp / "metrics.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+
+
 def load_student(directory: str | Path, *, backend: str = "auto") -> tuple[Student, Encoder, float]:
     """(model in eval mode on CPU, encoder, threshold) from a RUN/student* directory."""
     from safetensors.torch import load_file
@@ -495,24 +507,13 @@ def _run(data_dir: Path, run_dir: Path, *, distill: bool, seed: int, device: tor
         "config": asdict(config),
     }
     name = student_dir_name(distill, seed, train_seed)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=run_dir))
-    try:
-        save_student(tmp, model, encoder, threshold, {"distill": distill, "seed": seed, "train_seed": train_seed,
-                                                      "protocol": protocol, "data": str(data_dir)})
-        from leader_edge.runtime import sha256
-
-        result["files"] = {n: sha256(tmp / n) for n in ("model.safetensors", "config.json")}
-        (tmp / "metrics.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    def extra_files(tmp: Path) -> None:
         (tmp / "history.json").write_text(json.dumps(history, indent=2) + "\n", encoding="utf-8")
         write_predictions(tmp / "predictions-test.csv", [s.patient_id for s in samples["test"]],
                           [s.target.visit_id for s in samples["test"]], prob["test"], encoder.codes["medication"], threshold)
-        if (run_dir / name).exists():
-            shutil.rmtree(run_dir / name)
-        os.replace(tmp, run_dir / name)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_student_dir(run_dir / name, model, encoder, threshold, {"distill": distill, "seed": seed, "train_seed": train_seed,
+                                                                  "protocol": protocol, "data": str(data_dir)}, result, extra_files)
     log.info("%s: test Jaccard %.4f PRAUC %.4f F1 %.4f (threshold %.2f, %d params, %.1f s)", name,
              result["test"]["jaccard"], result["test"]["prauc"], result["test"]["f1"], threshold, result["n_params"], train_seconds)
     return result
