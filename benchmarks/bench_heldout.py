@@ -39,6 +39,8 @@ VARIANTS = {
     "prior-slow": {"prior": "frequency", "prior_rule": "chosen", "lr": 1e-4},  # corrections learned 5x slower
     "stack": {"prior": "frequency", "prior_rule": "stack"},  # all four counting rules mixed (fitted before training)
     "stack-nowide": {"prior": "frequency", "prior_rule": "stack", "wide": "none"},
+    "stack-kd": {"prior": "frequency", "prior_rule": "stack", "kd": 0.5},  # + the teacher's probabilities as soft targets
+    "stack-names": {"prior": "frequency", "prior_rule": "stack", "code_init": "input"},  # codes start from the teacher's name embeddings
 }
 GROUPS = ("overall", "single_visit", "multi_visit", "rare_diagnosis")
 
