@@ -60,6 +60,15 @@ def _distributed() -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
+def rank0_value(value: float, device: torch.device) -> float:
+    """Rank 0's `value` on every rank (unchanged without a process group)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    torch.distributed.broadcast(t, src=0)
+    return float(t.item())
+
+
 def _lr_factor(step: int, total: int, warmup: float) -> float:
     """Linear warm-up over `warmup * total` steps, then linear decay to 0 at `total`."""
     w = max(1, int(round(warmup * total)))
@@ -176,7 +185,7 @@ def run_teacher_stage(
 
     batches_per_epoch = len(length_batches(tune.lengths, config.batch_size))
     if world > 1:  # equal step counts on every rank, or DDP's all-reduce waits forever
-        n = torch.tensor(batches_per_epoch)
+        n = torch.tensor(batches_per_epoch, device=device)  # NCCL only reduces tensors on the rank's GPU
         torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MIN)
         batches_per_epoch = int(n)
     steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum)
@@ -219,6 +228,9 @@ def run_teacher_stage(
         bar.close()
         prob, _ = predict(model, val_states, offsets["val"], batch_size=config.batch_size * 2, device=device)
         val = metrics.score(y_val, prob, 0.5)
+        # Early stopping and the best epoch follow rank 0's score on every rank: ranks whose scores
+        # differ by float noise would otherwise stop at different epochs and hang in a collective.
+        val["prauc"] = rank0_value(val["prauc"], device)
         state["epoch"] = epoch + 1
         state["history"].append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "val_prauc": val["prauc"],
                                  "val_jaccard": val["jaccard"], "tokens_per_s": seen / (time.perf_counter() - t0)})
