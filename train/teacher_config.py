@@ -92,3 +92,25 @@ class TeacherConfig:
         if unknown:
             raise ValueError(f"unknown teacher config field(s) {unknown}; known: {sorted(known)}")
         return cls(**d)
+
+
+def load_run_config(path) -> tuple[dict, dict]:
+    """(teacher fields, student fields) of a TOML run config: a `[teacher]` table of TeacherConfig
+    fields and a `[student]` table of `leader_edge.train.distill.DistillConfig` fields. Comments
+    carry the reasons; the first comment line is the command that uses the file.
+
+    Raises:
+        ValueError: not TOML (with line and column), or a table other than [teacher] / [student].
+    """
+    import tomllib
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{path}: not valid TOML ({e}); see configs/*.toml for the layout") from None
+    unknown = sorted(set(data) - {"teacher", "student"})
+    if unknown:
+        raise ValueError(f"{path}: unknown table(s) {unknown}; a run config has [teacher] and [student] tables")
+    return dict(data.get("teacher", {})), dict(data.get("student", {}))

@@ -34,7 +34,9 @@ STAGES = ("teacher", "student", "all")
 @click.option("--protocol", type=click.Choice(["leader", "safedrug"]), default="leader", show_default=True,
               help="leader: 8:1:1 seeded split, last visit scored; safedrug: 2/3:1/6:1/6 in file order, every test visit scored.")
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Teacher config JSON (TeacherConfig fields, e.g. configs/teacher-gpu.json); flags override it.")
+              envvar="LEADER_EDGE_CONFIG",
+              help="Run config TOML: [teacher] TeacherConfig fields, [student] DistillConfig fields "
+                   "(e.g. configs/teacher-gpu.toml); flags override it.")
 @click.option("--epochs", type=click.IntRange(min=1), help="Teacher epochs (upper bound; early stopping).")
 @click.option("--backbone-layers", type=click.IntRange(min=1),
               help=f"Keep the first N layers of the teacher [default: {CPU_BACKBONE_LAYERS} for smollm2 on CPU, all otherwise].")
@@ -58,8 +60,9 @@ def train(data_dir, run_dir, teacher, stage, no_distill, show_prompt, resume, se
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from leader_edge.train.teacher_config import TeacherConfig
 
-    conf = json.loads(config_file.read_text(encoding="utf-8")) if config_file else {}
-    conf = {k: v for k, v in conf.items() if not k.startswith("_")}  # "_command", "_why": notes
+    from leader_edge.train.teacher_config import load_run_config
+
+    conf, student_conf = load_run_config(config_file) if config_file else ({}, {})
     conf.update({"teacher": teacher, "seed": seed, "protocol": protocol})
     for name, value in (("epochs", epochs), ("backbone_layers", backbone_layers), ("lora_layers", lora_layers)):
         if value is not None:
@@ -74,6 +77,7 @@ def train(data_dir, run_dir, teacher, stage, no_distill, show_prompt, resume, se
     if "backbone_layers" not in conf and teacher == "smollm2" and not torch.cuda.is_available():
         conf["backbone_layers"] = CPU_BACKBONE_LAYERS
     config = TeacherConfig.from_dict(conf)
+    student_config = _student_config(student_conf, config_file)  # checked before any stage runs
     from leader_edge.dataset import check_splits, dataset_splits, load_dataset
 
     # Before any stage: a split with no patient would train a teacher with NaN metrics that later runs reuse.
@@ -91,21 +95,31 @@ def train(data_dir, run_dir, teacher, stage, no_distill, show_prompt, resume, se
         return
     if not teacher_done(run_dir):
         raise click.ClickException(f"{run_dir}/teacher has no finished teacher stage; run with --stage teacher (or all) first")
-    try:
-        from leader_edge.train.distill import run_student_stage
-    except ImportError as e:
-        raise click.ClickException(f"the student stage is not available in this install ({e}); run with --stage teacher") from None
+    from leader_edge.train.distill import run_student_stage
     for train_seed in range(seed, seed + seeds):
         for distill in ([False] if no_distill else [True, False]):
             if seeds > 1:
                 click.echo(f"student{'' if distill else '-nodistill'}, training seed {train_seed} "
                            f"({train_seed - seed + 1} of {seeds})", err=True)
             run_student_stage(data_dir, run_dir, distill=distill, seed=seed, epochs=student_epochs, device=device,
-                              train_seed=train_seed, protocol=protocol)
+                              train_seed=train_seed, protocol=protocol, config=student_config)
     from leader_edge.train.baseline_student import write_frequency_student
 
     # The frequency baseline as RUN/frequency: `export --model frequency` serves counting like a model.
-    write_frequency_student(data_dir, run_dir, seed=seed, protocol=protocol)
+    write_frequency_student(data_dir, run_dir, seed=seed, protocol=protocol, config=student_config)
+
+
+def _student_config(fields_: dict, path: Path | None):
+    """DistillConfig from a run config's [student] table; an unknown field is named with the known ones."""
+    from dataclasses import fields
+
+    from leader_edge.train.distill import DistillConfig
+
+    known = {f.name for f in fields(DistillConfig)}
+    unknown = sorted(set(fields_) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown [student] field(s) {unknown}; known: {sorted(known)}")
+    return DistillConfig(**fields_)
 
 
 def _write_run_json(run_dir: Path, data_dir: Path, seed: int, config, *, seeds: list[int]) -> None:

@@ -221,3 +221,37 @@ def test_frequency_student_is_the_baseline_and_exports_as_a_bundle(data, tmp_pat
     prob, _ = Bundle.load(tmp_path / "bundle").predict_proba(test)
     np.testing.assert_allclose(prob, want, atol=1e-5)
     assert manifest["threshold"] == threshold
+
+
+def test_run_config_toml_reaches_teacher_and_student_and_names_bad_fields(tmp_path):
+    from pathlib import Path
+
+    from leader_edge.train.distill import DistillConfig
+    from leader_edge.train.teacher_config import TeacherConfig, load_run_config
+
+    root = Path(__file__).resolve().parents[2] / "configs"
+    for path in sorted(root.glob("*.toml")):  # every shipped config builds both stage configs
+        teacher, student = load_run_config(path)
+        TeacherConfig.from_dict(teacher)
+        DistillConfig(**student)
+        assert path.read_text().startswith("# ") and " train " in path.read_text().splitlines()[0]  # opens with its command
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[teacher]\nepochs = 2\n[students]\nalpha = 1\n")
+    with pytest.raises(ValueError, match=r"unknown table\(s\) \['students'\]"):
+        load_run_config(bad)
+    bad.write_text("[teacher\n")
+    with pytest.raises(ValueError, match="not valid TOML"):
+        load_run_config(bad)
+
+
+def test_train_refuses_an_unknown_student_field_before_any_stage(data, tmp_path):
+    from click.testing import CliRunner
+
+    from leader_edge.cli import main
+
+    config = tmp_path / "run.toml"
+    config.write_text("[student]\nalpah = 0.4\n")
+    r = CliRunner().invoke(main, ["train", "--data", str(data), "--out", str(tmp_path / "r"), "--teacher", "tiny",
+                                  "--config", str(config)])
+    assert r.exit_code == 2 and "unknown [student] field(s) ['alpah']" in r.output
+    assert not (tmp_path / "r").exists()

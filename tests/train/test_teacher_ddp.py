@@ -11,8 +11,8 @@ from leader_edge.synth import synth_dataset
 
 def test_teacher_ddp_two_processes_identical_adapters(tmp_path):
     data = write_dataset(synth_dataset(patients=30, seed=5), tmp_path / "synth", source="synth")
-    config = tmp_path / "tiny.json"
-    config.write_text(json.dumps({"max_tokens": 300, "batch_size": 4, "grad_accum": 2, "timing_patients": 1}))
+    config = tmp_path / "tiny.toml"
+    config.write_text("[teacher]\nmax_tokens = 300\nbatch_size = 4\ngrad_accum = 2\ntiming_patients = 1\n")
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "leader_edge", "train", "--data", str(data), "--out", str(run), "--stage", "teacher",
