@@ -179,9 +179,21 @@ def decoder_layers(model) -> torch.nn.ModuleList:
     raise ValueError(f"{type(model).__name__} has no `layers`/`h` decoder list; use a Llama-, Qwen- or GPT-2-style model")
 
 
+# Model types whose decoder layer `teacher_model._last_token_layer` and the cached split reproduce,
+# each tested split == full forward on a tiny random config (tests/train/test_teacher.py). Others
+# (Gemma2's extra norms and soft-capping, sliding-window variants, ...) take the plain path.
+EXACT_SPLIT_TYPES = ("llama", "qwen2", "mistral")
+
+
 def is_llama_style(model) -> bool:
-    """True when the body can be split between layers exactly: embed_tokens, layers, rotary_emb, norm."""
-    return all(hasattr(model, a) for a in ("embed_tokens", "layers", "rotary_emb", "norm"))
+    """True when the body can be split between layers exactly: a model type in `EXACT_SPLIT_TYPES`
+    with embed_tokens, layers, rotary_emb and norm. Otherwise the log says the plain path is used."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    shaped = all(hasattr(model, a) for a in ("embed_tokens", "layers", "rotary_emb", "norm"))
+    if shaped and model_type not in EXACT_SPLIT_TYPES:
+        log.warning("model type %r is not one the exact layer split is tested for (%s): using the plain path "
+                    "(every layer runs every step; slower, never wrong)", model_type, ", ".join(EXACT_SPLIT_TYPES))
+    return shaped and model_type in EXACT_SPLIT_TYPES
 
 
 def load_tokenizer(spec: str):

@@ -71,6 +71,52 @@ def test_teacher_split_equals_full_forward(data_dir):
     torch.testing.assert_close(a[:1], one, atol=1e-5, rtol=1e-5)
 
 
+def _tiny_family_dir(tmp_path, family: str) -> str:
+    """A local Hugging Face directory: a tiny random `family` model (3 layers) + the byte tokenizer."""
+    import transformers
+
+    from leader_edge.train.backbone import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    n = len(tok)
+    common = dict(vocab_size=n, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=4096, pad_token_id=n - 2, eos_token_id=n - 1)
+    config = {"qwen2": transformers.Qwen2Config, "mistral": transformers.MistralConfig,
+              "gemma2": transformers.Gemma2Config}[family](**common)
+    torch.manual_seed(0)
+    model = transformers.AutoModel.from_config(config)
+    out = tmp_path / family
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral"])
+def test_teacher_split_equals_full_forward_other_families(data_dir, tmp_path, family):
+    meds = load_dataset(data_dir).vocab("medication")
+    spec = _tiny_family_dir(tmp_path, family)
+    split = TeacherModel(TeacherConfig(teacher=spec, lora_layers=1), meds).eval()
+    plain = TeacherModel(TeacherConfig(teacher=spec, lora_layers=1, plain=True), meds).eval()
+    with torch.no_grad():
+        for n, p in split.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    plain.load_trainable_state(split.trainable_state())
+    ids, lengths, _ = _batch(split, data_dir)
+    assert split.exact_split and split.split == 2
+    with torch.no_grad():
+        a = split.features(split.lower(ids, lengths), lengths)
+        b = plain.features(plain.lower(ids, lengths), lengths)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_teacher_untested_family_takes_the_plain_path(data_dir, tmp_path, caplog):
+    meds = load_dataset(data_dir).vocab("medication")
+    model = TeacherModel(TeacherConfig(teacher=_tiny_family_dir(tmp_path, "gemma2"), lora_layers=1), meds)
+    assert not model.exact_split and model.split == 0
+    assert "plain path" in caplog.text
+
+
 def test_teacher_lora_moves_and_backbone_does_not(data_dir):
     meds = load_dataset(data_dir).vocab("medication")
     model = TeacherModel(TeacherConfig(teacher="tiny", lora_layers=1), meds)
