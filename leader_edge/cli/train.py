@@ -42,11 +42,18 @@ STAGES = ("teacher", "student", "all")
               help=f"Keep the first N layers of the teacher [default: {CPU_BACKBONE_LAYERS} for smollm2 on CPU, all otherwise].")
 @click.option("--lora-layers", type=click.IntRange(min=1), help="LoRA on the top N layers [default: 1].")
 @click.option("--student-epochs", type=click.IntRange(min=1), help="Student epochs (upper bound; early stopping).")
+@click.option("--dry-run", is_flag=True,
+              help="Print prompts and tokens per split, parameters, memory per GPU and host, and time per epoch for "
+                   "this config and world size, without loading any weights (config.json is enough); then exit.")
+@click.option("--world-size", type=click.IntRange(min=1), envvar="WORLD_SIZE", default=1, show_default=True,
+              help="GPUs the run will use (--dry-run; torchrun sets WORLD_SIZE).")
+@click.option("--assume-tflops", type=click.FloatRange(min=0.001), default=400.0, show_default=True,
+              help="Sustained bf16 TFLOP/s per GPU that --dry-run's time estimate assumes (H100 SXM: ~400 at 40% MFU).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Student device (the teacher uses CUDA when present).")
 @user_errors
 def train(data_dir, run_dir, teacher, stage, no_distill, show_prompt, resume, seed, seeds, protocol, config_file, epochs,
-          backbone_layers, lora_layers, student_epochs, device) -> None:
+          backbone_layers, lora_layers, student_epochs, dry_run, world_size, assume_tflops, device) -> None:
     """Train the teacher LLM and distil the student (LEADER).
 
     \b
@@ -55,6 +62,7 @@ def train(data_dir, run_dir, teacher, stage, no_distill, show_prompt, resume, se
       leader-edge train --data data/synth --out runs/r3 --seeds 3 --protocol safedrug
       leader-edge train --data data/synth --out runs/r1 --stage teacher --resume
       leader-edge train --data data/synth --show-prompt 0
+      leader-edge train --data data/m3 --teacher /models/llama-2-7b --config configs/leader-7b.toml --dry-run --world-size 4
       torchrun --nproc_per_node 2 -m leader_edge train --data data/synth --out runs/r1 --stage teacher
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -69,6 +77,11 @@ def train(data_dir, run_dir, teacher, stage, no_distill, show_prompt, resume, se
             conf[name] = value
     if show_prompt is not None:
         _show_prompt(data_dir, TeacherConfig.from_dict(conf), show_prompt)
+        return
+    if dry_run:
+        from leader_edge.train.dry_run import dry_run as plan_run, format_plan
+
+        click.echo(format_plan(plan_run(data_dir, TeacherConfig.from_dict(conf), world_size=world_size, tflops=assume_tflops)))
         return
     if run_dir is None:
         raise click.UsageError("--out is required (except with --show-prompt)")

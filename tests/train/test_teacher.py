@@ -231,3 +231,24 @@ def test_teacher_frequency_prior_reloads_with_its_offsets(data_dir, tmp_path):
 def test_teacher_config_rejects_an_unknown_prior():
     with pytest.raises(ValueError, match="prior"):
         TeacherConfig(prior="cooc")
+
+
+def test_dry_run_needs_only_config_json_and_counts_parameters(data_dir, tmp_path):
+    import transformers
+
+    from leader_edge.cli import main
+
+    config = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    model_dir = tmp_path / "model"
+    config.save_pretrained(model_dir)  # config.json only: no weights, no tokenizer
+    assert [p.name for p in model_dir.iterdir()] == ["config.json"]
+    want = sum(p.numel() for p in transformers.AutoModel.from_config(config).parameters())
+    r = CliRunner().invoke(main, ["train", "--data", str(data_dir), "--teacher", str(model_dir), "--dry-run",
+                                  "--world-size", "2", "--lora-layers", "3"])
+    assert r.exit_code == 0, r.output
+    assert f"parameters {want:,}" in r.output and "ESTIMATED" in r.output and "world size 2" in r.output
+    n_meds = len(load_dataset(data_dir).vocab("medication"))
+    # LoRA r=8 on q,k,v,o (64->64, 64->32 for k/v) and gate/up/down (64<->128) in 3 layers + the head
+    lora = 3 * 8 * (2 * (64 + 64) + 2 * (64 + 32) + 3 * (64 + 128))
+    assert f"trainable {lora + 64 * n_meds + n_meds:,}" in r.output
