@@ -60,6 +60,31 @@ def _distributed() -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
+def _store(out: Path, name: str, n: int, config: TeacherConfig):
+    """A disk store for one set of frozen states (`config.state_cache == "disk"`), else None (in memory)."""
+    if config.state_cache != "disk":
+        return None
+    from leader_edge.train.state_store import StateStore
+
+    return StateStore.create(out / ".cache" / name, n, dtype=torch.bfloat16 if config.bf16 else torch.float32)
+
+
+def _drop_cache(out: Path, rank: int) -> None:
+    """Remove this rank's frozen-state shards (rank 0: also the shared ones and the empty directory)."""
+    import shutil
+
+    cache = out / ".cache"
+    for d in cache.glob(f"*-rank{rank}"):
+        shutil.rmtree(d, ignore_errors=True)
+    if rank == 0:
+        for name in ("rest", "test"):
+            shutil.rmtree(cache / name, ignore_errors=True)
+        try:
+            cache.rmdir()
+        except OSError:  # other ranks' shards still there, or no cache at all
+            pass
+
+
 def rank0_value(value: float, device: torch.device) -> float:
     """Rank 0's `value` on every rank (unchanged without a process group)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
@@ -104,8 +129,10 @@ def predict(model: TeacherModel, states: list[torch.Tensor], offsets: np.ndarray
             device: torch.device) -> tuple[np.ndarray, np.ndarray]:
     """(probabilities [N, M], features [N, hidden]) from cached lower states and the prior's logit
     offsets [N, M], in row order."""
+    from leader_edge.train.state_store import lengths_of
+
     model.eval()
-    lengths = np.array([s.shape[0] for s in states])
+    lengths = lengths_of(states)
     probs = np.zeros((len(states), len(model.med_codes)), dtype=np.float32)
     feats = np.zeros((len(states), model.hidden_size), dtype=np.float32)
     for batch in length_batches(lengths, batch_size):
@@ -159,8 +186,8 @@ def run_teacher_stage(
     n_lower = int(sum(tune.lengths)) + int(enc["val"].lengths.sum())
     bar = _progress(n_lower, f"frozen layers 0-{model.split - 1}" if model.exact_split else "tokenize", rank)
     cache_args = dict(batch_tokens=config.cache_batch_tokens, device=device, progress=bar.update)
-    tune_states = lower_cache(model, tune, **cache_args)
-    val_states = lower_cache(model, enc["val"], **cache_args)
+    tune_states = lower_cache(model, tune, **cache_args, store=_store(out, f"tune-rank{rank}", len(tune.ids), config))
+    val_states = lower_cache(model, enc["val"], **cache_args, store=_store(out, f"val-rank{rank}", len(enc["val"].ids), config))
     bar.close()
 
     # Head bias = logit of each medication's training frequency: the first steps then refine a
@@ -244,6 +271,7 @@ def run_teacher_stage(
         if rank == 0:
             save_checkpoint(ckpt, model, opt, state, best)
         if stop_after_epoch is not None and state["epoch"] >= stop_after_epoch:
+            _drop_cache(out, rank)
             return {}
     model.load_trainable_state(best)
     if world > 1:  # every rank must end with the same adapter; say so if they do not
@@ -253,8 +281,12 @@ def run_teacher_stage(
             raise RuntimeError(f"DDP ranks ended with different adapters (sha256 {digests}); report this as a bug")
         state["ddp"] = {"world_size": world, "backend": torch.distributed.get_backend(), "adapter_sha256_by_rank": digests}
     if rank != 0:
+        _drop_cache(out, rank)
         return {}
-    return _finish(model, ds, enc, offsets, tune_states, val_states, mine, out, state, config, device, t_start)
+    try:
+        return _finish(model, ds, enc, offsets, tune_states, val_states, mine, out, state, config, device, t_start)
+    finally:
+        _drop_cache(out, rank)
 
 
 def _digest(state: dict[str, torch.Tensor]) -> str:
@@ -276,15 +308,20 @@ def _finish(model, ds, enc, offsets, tune_states, val_states, mine, out: Path, s
     from leader_edge.recs import write_predictions
 
     model.save(out, extra={"best_epoch": state["best_epoch"]})
-    train_states: list = [None] * len(enc["train"].ids)
+    from leader_edge.train.state_store import Pick
+
+    where: list = [None] * len(enc["train"].ids)  # training sample -> (0, row in tune_states) or (1, row in rest)
     for r, i in enumerate(mine):
-        train_states[i] = tune_states[r]
-    rest = [i for i, s in enumerate(train_states) if s is None]
+        where[i] = (0, r)
+    rest = [i for i, w in enumerate(where) if w is None]
+    for j, i in enumerate(rest):
+        where[i] = (1, j)
     need = enc["train"].subset(rest)
     bar = _progress(int(need.lengths.sum()) + int(enc["test"].lengths.sum()), "frozen layers (rest)", 0)
-    for i, s in zip(rest, lower_cache(model, need, batch_tokens=config.cache_batch_tokens, device=device, progress=bar.update)):
-        train_states[i] = s
-    test_states = lower_cache(model, enc["test"], batch_tokens=config.cache_batch_tokens, device=device, progress=bar.update)
+    args = dict(batch_tokens=config.cache_batch_tokens, device=device, progress=bar.update)
+    rest_states = lower_cache(model, need, **args, store=_store(out, "rest", len(need.ids), config))
+    train_states = Pick([tune_states, rest_states], where)
+    test_states = lower_cache(model, enc["test"], **args, store=_store(out, "test", len(enc["test"].ids), config))
     bar.close()
     bs = config.batch_size * 2
     _, f_train = predict(model, train_states, offsets["train"], batch_size=bs, device=device)

@@ -47,6 +47,10 @@ class TeacherConfig:
     seed: int = 42  # split seed and the teacher's training seed
     protocol: str = "leader"  # split and test samples: "leader" or "safedrug" (leader_edge.dataset.PROTOCOLS)
     cache_batch_tokens: int = 4096  # tokens per batch of the one-off frozen-layer pass
+    # Where the frozen-layer states live: "disk" (safetensors shards under RUN/teacher/.cache, read per
+    # batch; host memory bounded by a shard: train/state_store.py) or "memory" (a list; fastest on
+    # small data). States are stored in bf16 when the run is bf16.
+    state_cache: str = "disk"
     bf16: bool = False  # autocast on CUDA only; measured 2x slower on this CPU
     plain: bool = False  # benchmark baseline: no cache, full forward every step (LoRA on lora_layers)
     timing_patients: int = 20  # test patients timed one at a time (50 cost 78 s at load ~5)
@@ -75,6 +79,8 @@ class TeacherConfig:
             raise ValueError(f"TeacherConfig.warmup={self.warmup} must be a fraction in [0, 1)")
         if self.prior not in ("none", "frequency"):
             raise ValueError(f"TeacherConfig.prior={self.prior!r}; use 'none' or 'frequency'")
+        if self.state_cache not in ("disk", "memory"):
+            raise ValueError(f"TeacherConfig.state_cache={self.state_cache!r}; use 'disk' or 'memory'")
         if self.protocol not in ("leader", "safedrug"):
             raise ValueError(f"TeacherConfig.protocol={self.protocol!r}; use 'leader' or 'safedrug'")
         if self.max_history < 0:

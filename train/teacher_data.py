@@ -114,10 +114,13 @@ def pad_states(states: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def lower_cache(model, enc: Encoded, *, batch_tokens: int, device: torch.device, progress=None) -> list[torch.Tensor]:
-    """The frozen lower part of every sample, unpadded: list of [L_i, hidden] (CPU, float32).
+def lower_cache(model, enc: Encoded, *, batch_tokens: int, device: torch.device, progress=None, store=None):
+    """The frozen lower part of every sample, unpadded: [L_i, hidden] per sample (CPU), or [L_i]
+    token ids when nothing is frozen.
 
     Computed once per sample (exact, see teacher_model); `progress(n_tokens)` is called per batch.
+    With `store` (a `state_store.StateStore` of len(enc.ids)), the states go to its disk shards and
+    the closed store is returned, so host memory stays bounded by a shard; else a list in memory.
     """
     out: list[torch.Tensor | None] = [None] * len(enc.ids)
     pad = model.tokenizer.pad_token_id
@@ -126,8 +129,11 @@ def lower_cache(model, enc: Encoded, *, batch_tokens: int, device: torch.device,
         ids, lengths = pad_batch([enc.ids[i] for i in batch], pad)
         states = model.lower(ids.to(device), lengths.to(device)).cpu()
         for r, i in enumerate(batch):
-            out[i] = states[r, : lengths[r]].clone()
+            if store is not None:
+                store.put(i, states[r, : lengths[r]])
+            else:
+                out[i] = states[r, : lengths[r]].clone()
         if progress is not None:
             progress(int(lengths.sum()))
     log.info("lower-layer cache: %d samples, %d tokens in %.1f s", len(out), int(enc.lengths.sum()), time.perf_counter() - start)
-    return out  # type: ignore[return-value]
+    return store.close() if store is not None else out

@@ -83,11 +83,12 @@ class TeacherModel(nn.Module):
             lengths: [B] int64 number of real tokens.
 
         Returns:
-            [B, T, hidden] float32 (pad positions hold garbage; slice [:length]). For a body that
+            [B, T, hidden] float32 (pad positions hold garbage; slice [:length]). With every layer
+            adapted (split 0), the ids themselves. For a body that
             is not split, the ids themselves as [B, T] (the upper part embeds them).
         """
-        if not self.exact_split:
-            return ids
+        if not self.exact_split or self.split == 0:
+            return ids  # nothing frozen: caching embeddings would cost T x hidden floats per prompt for nothing
         inner = self.inner
         hidden = inner.embed_tokens(ids)
         return self._layers(hidden, lengths, 0, self.split)
@@ -130,6 +131,8 @@ class TeacherModel(nn.Module):
             valid = (torch.arange(t, device=lower.device).unsqueeze(0) < lengths.unsqueeze(1)).long()
             out = self.body(input_ids=lower, attention_mask=valid).last_hidden_state
             return out[rows, lengths - 1]
+        if not lower.is_floating_point():  # token ids: every layer is adapted (split 0)
+            lower = self.inner.embed_tokens(lower)
         hidden = self._layers(lower, lengths, self.split, self.n_layers - 1)
         _, _, rope = self._mask_and_positions(hidden, lengths)
         last = _last_token_layer(self.inner.layers[self.n_layers - 1], hidden, lengths, rope)

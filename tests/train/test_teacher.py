@@ -252,3 +252,16 @@ def test_dry_run_needs_only_config_json_and_counts_parameters(data_dir, tmp_path
     # LoRA r=8 on q,k,v,o (64->64, 64->32 for k/v) and gate/up/down (64<->128) in 3 layers + the head
     lora = 3 * 8 * (2 * (64 + 64) + 2 * (64 + 32) + 3 * (64 + 128))
     assert f"trainable {lora + 64 * n_meds + n_meds:,}" in r.output
+
+
+def test_teacher_disk_and_memory_state_caches_give_the_same_features(data_dir, tmp_path):
+    from safetensors.numpy import load_file
+
+    feats = {}
+    for cache in ("disk", "memory"):
+        run = tmp_path / cache
+        run_teacher_stage(data_dir, run, TeacherConfig(**{**TINY, "epochs": 1, "state_cache": cache}))
+        feats[cache] = load_file(str(run / "teacher" / "features.safetensors"))
+        assert not (run / "teacher" / ".cache").exists()  # shards removed when the stage ends
+    for split in ("train", "val", "test"):
+        np.testing.assert_allclose(feats["disk"][split], feats["memory"][split], atol=1e-6)
