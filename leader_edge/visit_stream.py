@@ -5,6 +5,18 @@ grouped by patient as they arrive and handed on in chunks (`CHUNK_PATIENTS`), so
 chunk size, except for the file-wide checks: repeated visit ids and split patients are found through
 64-bit hashes (`_SeenIds`, ~60 bytes per row). A patient's visits must therefore be contiguous and
 in time order; the canonical `visits.csv` written by `leader-edge synth/prepare` is.
+
+Refused with the file, line, column and fix, besides the format checks of `read_patients`:
+- a file that is not UTF-8: UTF-16 (a byte-order mark FF FE / FE FF, or NULs between the characters
+  of the header), gzip and ZIP are named as such; another encoding at the first line that does not
+  decode;
+- a NUL byte in any field (it would pass into the ids of the output);
+- a field over `MAX_FIELD` characters: named as a field too long when it sits on one line (a
+  50,000-code visit), as an unclosed quote when the field runs over several lines;
+- an id that begins with `=`, `+`, `-` or `@` (`FORMULA_START`). A spreadsheet opening the
+  recommendations would run such an id as a formula (CSV injection), and rewriting it (a leading
+  `'`) would break the join with the truth file in `leader-edge evaluate`, so it is refused rather
+  than escaped; ordinary ids are written unchanged.
 """
 
 from __future__ import annotations
@@ -34,7 +46,11 @@ _CODES_OK = re.compile(r"[^\s,;]+(?:;[^\s,;]+)*")  # the common case, checked in
 _COLUMN_OK = re.compile(r"(?:[^\s,;]+(?:;[^\s,;]+)*)?(?:\n(?:[^\s,;]+(?:;[^\s,;]+)*)?)*")
 _ASCII_BAD = (",", ";;", ";\n", "\n;", " ", "\t", "\r", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x1f")  # \s but \n
 BLOCK_BYTES = 1 << 19  # lines read, decoded and validated together: ~2,700 synth rows per block
-
+# First characters that make a spreadsheet read a cell as a formula (OWASP "CSV injection"; tab
+# and CR too, but ids are stripped of them).
+FORMULA_START = "=+-@"
+_FORMULA_AFTER_NEWLINE = tuple("\n" + c for c in FORMULA_START)
+UTF16_BOMS = {b"\xff\xfe": "UTF-16 little-endian", b"\xfe\xff": "UTF-16 big-endian"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,17 +104,32 @@ def read_patients(stream: IO[bytes], path: str, *, chunk_patients: int = CHUNK_P
 
     Raises:
         DataError: empty file, bad header, wrong field count, a field over MAX_FIELD characters,
-            non-UTF-8 bytes, empty ids, a repeated visit id, a patient whose rows are not
-            contiguous, visits out of time order, bad times or code lists.
+            non-UTF-8 bytes (UTF-16 named as such), a NUL byte, empty ids, an id that begins like
+            a spreadsheet formula, a repeated visit id, a patient whose rows are not contiguous,
+            visits out of time order, bad times or code lists.
     """
     csv.field_size_limit(MAX_FIELD)
     source = _Lines(stream, path)
     try:
         yield from _Reader(source, path, chunk_patients).chunks()
-    except csv.Error as e:
-        fix = (f"a field is longer than {MAX_FIELD:,} characters: look for an unclosed '\"' quote on or above this line"
-               if "field larger" in str(e) else "check the quoting on this line")
-        raise DataError(path, f"malformed CSV: {e}", line=source.number, fix=fix) from None
+    except csv.Error as e:  # in the header (the rows' errors are named in `_Reader.chunks`)
+        raise _csv_error(e, source, path, start=1) from None
+
+
+def _csv_error(e: csv.Error, source: _Lines, path: str, *, start: int) -> DataError:
+    """csv.reader's error on the record that began on line `start` (the reader is on `source.number`)."""
+    if "field larger" not in str(e):
+        return DataError(path, f"malformed CSV: {e}", line=source.number, fix="check the quoting on this line")
+    if start == source.number:
+        codes = source.last.count(";") + 1
+        return DataError(path, f"a field is longer than the limit of {MAX_FIELD:,} characters (the line has "
+                               f"{len(source.last):,} characters, ~{codes:,} codes if it is a code list; a visit "
+                               "lists tens of codes)", line=start,
+                         fix="shorten this row's code lists (the model reads the first few dozen codes of a visit), "
+                             "or check that the file is a visits CSV")
+    return DataError(path, f"a quoted field runs from line {start} to line {source.number} and is longer than "
+                           f"{MAX_FIELD:,} characters: a '\"' quote is not closed", line=start,
+                     fix=f"close the '\"' quote opened on line {start} (or remove it)")
 
 
 class _Lines:
@@ -109,6 +140,8 @@ class _Lines:
         self.stream, self.path = stream, path
         self.pending: deque[str] = deque()  # decoded lines, each with its '\n'
         self.number = 0  # line number of the last line taken
+        self.last = ""  # the last line taken by csv.reader
+        self.nul = False  # a NUL byte was read: every row goes through the row checks from then on
         self._error: DataError | None = None
 
     def fill(self) -> bool:
@@ -119,6 +152,10 @@ class _Lines:
         if not raw:
             return False
         first = self.number + len(self.pending) + 1
+        if first == 1:
+            _refuse_not_text(raw[0], self.path)
+        if not self.nul and b"\0" in b"".join(raw):
+            self.nul = True
         try:
             lines = list(map(bytes.decode, raw))
         except UnicodeDecodeError:
@@ -129,7 +166,8 @@ class _Lines:
                 except UnicodeDecodeError as e:
                     self._error = DataError(
                         self.path, f"not valid UTF-8 (byte 0x{line[e.start]:02x} at byte {e.start + 1} of the line)",
-                        line=first + i, fix="re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)")
+                        line=first + i, fix="re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8` for a "
+                                            "latin-1 file)")
                     break
             if not lines:
                 raise self._error
@@ -142,7 +180,8 @@ class _Lines:
         """Line by line, for csv.reader (a quoted field may continue into the next block)."""
         while self.pending or self.fill():
             self.number += 1
-            yield self.pending.popleft()
+            self.last = self.pending.popleft()
+            yield self.last
 
     def take_plain(self) -> list[list[str]] | None:
         """The pending lines split on ',' when csv.reader would split them the same way: no quote,
@@ -171,7 +210,7 @@ class _Reader:
         header = next(self.reader, None)
         check_header(header, VISIT_COLUMNS, Path(path), extra_prefix=PROFILE_PREFIX)
         col = {c: i for i, c in enumerate(header)}
-        self.width = len(header)
+        self.header, self.width = header, len(header)
         self.i_pid, self.i_vid, self.i_time = col["patient_id"], col["visit_id"], col["visit_time"]
         self.i_codes = [col[c] for c in CODE_COLUMNS]
         self.profile = [(c[len(PROFILE_PREFIX):], i) for c, i in col.items() if c.startswith(PROFILE_PREFIX)]
@@ -203,8 +242,11 @@ class _Reader:
                     while source.pending:
                         lines.append(source.number + 1)
                         rows.append(next(self.reader))
-                except (csv.Error, DataError):
+                except csv.Error as e:
                     self._block(rows, lines[: len(rows)])  # the rows above the error are checked first
+                    raise _csv_error(e, source, self.path, start=lines[len(rows)]) from None
+                except DataError:
+                    self._block(rows, lines[: len(rows)])
                     raise
                 self._block(rows, lines)
             while len(self.patient_starts) > self.chunk_patients:
@@ -215,7 +257,8 @@ class _Reader:
             raise DataError(self.path, "no visits after the header", line=2, fix="write one row per visit below the header")
 
     def _block(self, rows: list[list[str]], lines: list[int]) -> None:
-        if rows and not self._fast(rows, lines):
+        # `_fast` does not look for NUL: once the file has shown one, every row goes through `_slow`.
+        if rows and (self.source.nul or not self._fast(rows, lines)):
             self._slow(rows, lines)
 
     def _fast(self, rows: list[list[str]], lines: list[int]) -> bool:
@@ -226,6 +269,10 @@ class _Reader:
         pids, vids = list(map(str.strip, cols[self.i_pid])), list(map(str.strip, cols[self.i_vid]))
         if "" in pids or "" in vids:
             return False
+        for ids in (pids, vids):  # one scan of the joined ids, ~1 ms per 100k rows
+            text = "\n" + "\n".join(ids)
+            if any(map(text.__contains__, _FORMULA_AFTER_NEWLINE)):
+                return False
         try:
             times = list(map(datetime.fromisoformat, map(str.strip, cols[self.i_time])))
             prev_pid = [self.pid, *pids[:-1]]
@@ -256,10 +303,19 @@ class _Reader:
             if len(row) != self.width:
                 raise DataError(path, f"{len(row)} fields where the header has {self.width}", line=line,
                                 fix="quote fields that contain ',' and check the row for missing or extra values")
+            if "\0" in "".join(row):
+                column = self.header[next(i for i, f in enumerate(row) if "\0" in f)]
+                raise DataError(path, "NUL byte (0x00) in the field", line=line, column=column,
+                                fix="remove the NUL bytes; a file full of them is UTF-16 or binary: re-save it as "
+                                    "UTF-8 text")
             pid, vid = row[self.i_pid].strip(), row[self.i_vid].strip()
             for name, value in (("patient_id", pid), ("visit_id", vid)):
                 if not value:
                     raise DataError(path, f"empty {name}", line=line, column=name, fix=f"every row needs a {name}")
+                if value[0] in FORMULA_START:
+                    raise DataError(path, f"{name} {value!r} begins with {value[0]!r}: a spreadsheet opening the "
+                                          "recommendations would run it as a formula", line=line, column=name,
+                                    fix="give ids that begin with a letter or a digit (e.g. prefix them with 'id')")
             text = row[self.i_time].strip()
             try:
                 time = datetime.fromisoformat(text)
@@ -308,6 +364,23 @@ class _Reader:
         self.pids, self.vids, self.lines, self.codes, self.values, self.patient_starts = rest
         _check_ids(table, self.seen_visits, self.seen_patients, self.path)
         return table
+
+
+def _refuse_not_text(first: bytes, path: str) -> None:
+    """Refuse a file whose first line shows it is not UTF-8 text: UTF-16 (a byte-order mark, or a NUL
+    beside every other byte), gzip or ZIP (an Excel workbook)."""
+    if first.startswith(b"\x1f\x8b"):
+        raise DataError(path, "the file is gzip-compressed", line=1,
+                        fix=f"decompress it first (`gunzip -k {path}`), or pipe it: `zcat FILE | leader-edge predict --input -`")
+    if first.startswith(b"PK\x03\x04"):
+        raise DataError(path, "the file is a ZIP archive (an Excel workbook?), not a CSV", line=1,
+                        fix="save the sheet as \"CSV UTF-8\"")
+    kind = UTF16_BOMS.get(first[:2])
+    if kind is None and first.count(b"\0") * 3 >= len(first) > 3:  # an ASCII header in UTF-16: every other byte
+        kind = "UTF-16 without a byte-order mark"
+    if kind is not None:
+        raise DataError(path, f"the file is {kind}, not UTF-8", line=1,
+                        fix="re-save it as UTF-8 (e.g. `iconv -f UTF-16 -t UTF-8`, or \"CSV UTF-8\" in a spreadsheet)")
 
 
 def _column_ok(text: str) -> bool:

@@ -70,9 +70,11 @@ class VisitTable(Sequence):
         return (self[p] for p in range(len(self)))
 
 
-def _kind_ids(index: dict[str, int], texts: list[str], max_codes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _kind_ids(index: dict[str, int], texts: list[str], max_codes: int
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """One code column -> (int64 [R, W] known ids, first occurrence, first `max_codes`, -1 padded;
-    int64 [R] kept lengths; int64 [R] unknown codes; int64 [R] codes as written), as `Encoder._ids`."""
+    int64 [R] kept lengths; int64 [R] unknown codes; int64 [R] codes as written; int64 [R] distinct
+    known codes beyond `max_codes`, which the model never reads), as `Encoder._ids`."""
     r = len(texts)
     tokens = ";".join(texts).split(";")  # an empty text still leaves one "" token
     per_row = np.fromiter(map(str.count, texts, repeat(";")), dtype=np.int64, count=r) + 1
@@ -94,7 +96,7 @@ def _kind_ids(index: dict[str, int], texts: list[str], max_codes: int) -> tuple[
     lengths = np.minimum(count, max_codes)
     out = np.full((r, max(1, int(lengths.max(initial=0)))), PAD, dtype=np.int64)
     out[row[keep], pos[keep]] = ids[keep]
-    return out, lengths, unknown, written
+    return out, lengths, unknown, written, count - lengths
 
 
 @dataclass
@@ -111,6 +113,9 @@ class TableCodes:
     unknown: list[np.ndarray]  # per kind int64 [R + 1]
     written: np.ndarray  # int64 [R] diagnoses + procedures as written (`runtime.size_order`'s cost)
     profile: np.ndarray  # int64 [R, F]
+    written_meds: np.ndarray  # int64 [R] medications as written
+    over: np.ndarray  # int64 [R] diagnoses + procedures beyond `max_codes` (per kind), never read
+    over_meds: np.ndarray  # int64 [R] medications beyond `max_codes`
 
     def kept(self, ends: np.ndarray) -> np.ndarray:
         """int64 [N] visits kept for targets whose current visit is row `ends`."""
@@ -121,6 +126,17 @@ class TableCodes:
         kept = self.kept(ends)
         total = np.concatenate([[0], np.cumsum(self.written)])
         return np.lexsort((total[ends + 1] - total[ends + 1 - kept], kept))
+
+    def read_counts(self, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(int64 [N] codes as written, int64 [N] codes beyond `max_codes`) in what the model reads for
+        targets ending at rows `ends`: the diagnoses and procedures of the kept visits and the
+        medications of all of them but the current one (the scope of `Batch.unknown`)."""
+        first = ends + 1 - self.kept(ends)
+        out = []
+        for both, meds in ((self.written, self.written_meds), (self.over, self.over_meds)):
+            a, m = np.concatenate([[0], np.cumsum(both)]), np.concatenate([[0], np.cumsum(meds)])
+            out.append(a[ends + 1] - a[first] + m[ends] - m[first])
+        return out[0], out[1]
 
     def batch(self, ends: np.ndarray) -> Batch:
         """The `Batch` of `Encoder.encode` for the histories ending at rows `ends` (int64 [B])."""
@@ -147,13 +163,14 @@ class TableCodes:
 def encode_table(encoder: Encoder, table: VisitTable) -> TableCodes:
     """Encode every visit of `table` once (ids per kind, profile ids per row)."""
     r = len(table.visit_ids)
-    ids, lengths, unknown, written = [], [], [], []
+    ids, lengths, unknown, written, over = [], [], [], [], []
     for kind, column in zip(KINDS, CODE_COLUMNS):
-        a, n, u, w = _kind_ids(encoder._index[kind], table.codes[column], encoder.max_codes)
+        a, n, u, w, o = _kind_ids(encoder._index[kind], table.codes[column], encoder.max_codes)
         ids.append(np.vstack([a, np.full((1, a.shape[1]), PAD, dtype=np.int64)]))
         lengths.append(np.append(n, 0))
         unknown.append(np.append(u, 0))
         written.append(w)
+        over.append(o)
     fields = encoder.profile_fields
     profile = np.full((r, max(len(fields), 1)), PAD, dtype=np.int64)
     for j, f in enumerate(fields):  # a field the file lacks reads as "" for every row, as `profile_ids`
@@ -161,4 +178,5 @@ def encode_table(encoder: Encoder, table: VisitTable) -> TableCodes:
         profile[:, j] = np.fromiter(map(encoder._profile_index[f].get, values, repeat(encoder._profile_offset[f])),
                                     dtype=np.int64, count=r)
     starts = np.repeat(table.starts[:-1], np.diff(table.starts))
-    return TableCodes(encoder, starts, ids, lengths, unknown, written[0] + written[1], profile)
+    return TableCodes(encoder, starts, ids, lengths, unknown, written[0] + written[1], profile, written[2],
+                      over[0] + over[1], over[2])

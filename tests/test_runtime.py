@@ -61,16 +61,17 @@ def write_fake_model(path: Path, *, bias: float = 1.0, sizes: dict | None = None
     return path
 
 
-def write_fake_bundle(directory: Path, *, key=None) -> Path:
+def write_fake_bundle(directory: Path, *, key=None, max_codes: int | None = None) -> Path:
     """A valid bundle of the fake model, written by the export's `write_bundle` (signed with `key`,
-    an Ed25519 private key, if given)."""
+    an Ed25519 private key, if given; `max_codes`: the encoder's per-visit limit, default ENCODER's)."""
     from leader_edge.export.bundle import write_bundle
 
+    encoder = ENCODER if max_codes is None else Encoder.from_json({**ENCODER.to_json(), "max_codes": max_codes})
     manifest = {"format_version": BUNDLE_FORMAT, "model": {"file": "model.onnx", "variant": "fp32"}, "threshold": 0.5,
-                "encoder": ENCODER.to_json(), "profile_fields": ["insurance"], "ddi_pairs": [["M5", "M6"]],
+                "encoder": encoder.to_json(), "profile_fields": ["insurance"], "ddi_pairs": [["M5", "M6"]],
                 "selftest": {"file": "selftest.json", "patients": 6, "atol": 1e-4}}
     directory.mkdir(parents=True, exist_ok=True)
-    write_bundle(directory, write_fake_model(directory / "model.onnx"), manifest, ENCODER, key=key)
+    write_bundle(directory, write_fake_model(directory / "model.onnx"), manifest, encoder, key=key)
     return directory
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from leader_edge import visit_stream
 from leader_edge.encoding import INPUT_NAMES, Encoder
-from leader_edge.runtime import size_order
+from leader_edge.runtime import read_counts, size_order
 from leader_edge.visit_stream import read_patients
 from leader_edge.visit_table import encode_table
 
@@ -55,6 +55,8 @@ def test_visit_table_batch_matches_encoder_encode(seed):
             for name in (*INPUT_NAMES, "target_medications", "unknown"):
                 np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
             assert codes.size_order(ends).tolist() == size_order(histories, ENCODER.max_visits)
+            for table_count, patient_count in zip(codes.read_counts(ends), read_counts(ENCODER, histories)):
+                np.testing.assert_array_equal(table_count, patient_count)
             sub = ends[::3]  # a batch of some targets only: widths pad to that batch's longest row
             np.testing.assert_array_equal(codes.batch(sub).diagnoses, ENCODER.encode(histories[::3]).diagnoses)
         assert want.unknown.sum() > 0 and want.diagnoses.shape[2] == ENCODER.max_codes
@@ -103,3 +105,17 @@ def test_visit_table_column_check_equals_regex():
     for _ in range(5000):
         text = "".join(rng.choice(alphabet, size=int(rng.integers(0, 8))))
         assert visit_stream._column_ok(text) == (visit_stream._COLUMN_OK.fullmatch(text) is not None), repr(text)
+
+
+def test_visit_table_counts_codes_beyond_the_limit():
+    """A 7-code visit under a 4-code limit: 3 codes beyond it (repeats and unknown codes are not),
+    in the history of the next visit too, but not the current visit's own medications."""
+    text = HEADER + ("p1,v1,2100-01-01,D1;D2;D3;D4;D5;D6;D7;D1;X9,P1,M1;M22;M3;M4444;M5,\n"
+                     "p1,v2,2100-01-02,D1,,M1;M22;M3;M4444;M5,\n")
+    (table,) = _tables(text, chunk_patients=10)
+    codes = encode_table(ENCODER, table)
+    written, over = codes.read_counts(np.array([0, 1]))
+    assert over.tolist() == [3, 3 + 1]  # v2 reads v1's diagnoses and medications (5 > 4) and its own D1
+    assert written.tolist() == [9 + 1, 9 + 1 + 5 + 1]
+    histories = [p.visits[:e] for p in table for e in (1, 2)]
+    assert [a.tolist() for a in read_counts(ENCODER, histories)] == [written.tolist(), over.tolist()]

@@ -22,17 +22,24 @@ from leader_edge.cli import user_errors
 @click.option("--batch-size", default=1024, show_default=True, type=click.IntRange(min=1), help="Patients per model call.")
 @click.option("--trust", envvar="LEADER_EDGE_TRUST", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Ed25519 public key (PEM): refuse a bundle that is not signed by it (`export --sign`).")
+@click.option("--allow-unknown", is_flag=True,
+              help="Write the recommendations even when more than half of the codes are unknown to the bundle.")
 @user_errors
 def predict(bundle: Path, input_path: str, output: str, fmt: str, all_visits: bool, top_k: int | None,
-            threshold: float | None, batch_size: int, trust: Path | None) -> None:
+            threshold: float | None, batch_size: int, trust: Path | None, allow_unknown: bool) -> None:
     """Recommend medications for each patient's last visit of a visits CSV.
 
     Output columns: patient_id, visit_id, medications (';'-joined, most probable first), scores
     (code:prob;...), ddi_warnings (interacting pairs A+B within the recommendation), unknown_codes
-    (codes the model never saw: counted and ignored). The CSV is a --predictions file for
-    `leader-edge evaluate`. Nothing is written unless the whole input is valid. The bundle is
-    refused unless it proves itself: every file and manifest field against its digest, the manifest's
-    meaning against the model, and a self-test batch recorded at export.
+    (codes the model did not read, counted and ignored: codes it never saw, and codes beyond its
+    per-visit limit - the bundle's encoder.max_codes diagnoses, procedures and medications). The CSV
+    is a --predictions file for `leader-edge evaluate`.
+
+    Nothing is written unless the whole input is valid; an --output that is the input file is
+    refused; SIGTERM/SIGINT leave no temp file (exit 143/130). A file whose codes are mostly
+    (> 50%) unknown to the bundle is refused unless --allow-unknown. The bundle is refused unless it
+    proves itself: every file and manifest field against its digest, the manifest's meaning against
+    the model, and a self-test batch recorded at export.
 
     \b
     Examples:
@@ -40,11 +47,24 @@ def predict(bundle: Path, input_path: str, output: str, fmt: str, all_visits: bo
       cat visits.csv | leader-edge predict --bundle bundle --input - --format jsonl --top-k 10
       leader-edge predict --bundle bundle --trust key.pub.pem --input visits.csv --output recs.csv
     """
-    from leader_edge.runtime import Bundle, predict_file
+    from leader_edge.runtime import MAX_UNKNOWN_SHARE, Bundle, Interrupted, predict_file
 
     model = Bundle.load(bundle, trust=trust)
-    stats = predict_file(model, input_path, output, fmt=fmt, all_visits=all_visits, top_k=top_k,
-                         threshold=threshold, batch_size=batch_size)
-    click.echo(f"{stats['visits']:,} visit(s) of {stats['patients']:,} patient(s) predicted; "
-               f"{stats['unknown_codes']:,} unknown code(s) ignored in {stats['visits_with_unknown']:,} visit(s)"
-               + ("" if output == "-" else f"; wrote {output}"), err=True)
+    try:
+        stats = predict_file(model, input_path, output, fmt=fmt, all_visits=all_visits, top_k=top_k,
+                             threshold=threshold, batch_size=batch_size,
+                             max_unknown=None if allow_unknown else MAX_UNKNOWN_SHARE)
+    except Interrupted as e:
+        click.echo(f"predict: stopped by {e.name}; nothing written (the temp file is removed)", err=True)
+        raise
+    summary = (f"{stats['visits']:,} visit(s) of {stats['patients']:,} patient(s) predicted; "
+               f"{stats['unknown_codes']:,} unknown code(s) ignored in {stats['visits_with_unknown']:,} visit(s)")
+    if stats["codes_over_limit"]:
+        cap = model.encoder.max_codes
+        summary += (f"; {stats['codes_over_limit']:,} code(s) beyond the model's limit of {cap} per visit and kind "
+                    f"ignored in {stats['visits_over_limit']:,} visit(s) (it reads the first {cap}; counted in "
+                    "unknown_codes)")
+    click.echo(summary + ("" if output == "-" else f"; wrote {output}"), err=True)
+    if stats["unknown_codes"] > MAX_UNKNOWN_SHARE * stats["codes"]:
+        click.echo(f"warning: {stats['unknown_codes'] / stats['codes']:.0%} of the codes are unknown to the bundle: "
+                   "its recommendations rest on the few codes it knows and the profile", err=True)
