@@ -1,6 +1,8 @@
 """MIMIC-III / MIMIC-IV tables -> canonical dataset, by the GAMENet/SafeDrug pipeline (docs/MIMIC.md).
 
 Order of steps (each recorded in `ds.meta["filters"]` with what it removed and why):
+  0. Find every table (one file each) and check it against a SHA256SUMS.txt beside them, before
+     any is read (`tables.sha256`, nothing removed; see `leader_edge.sources.tables`).
   1. ADMISSIONS: admission time and profile fields per visit; optional random patient sample.
   2. PRESCRIPTIONS: drop NDC "0"/empty, NDC -> RXCUI (-> ATC4 -> ATC-3 = first 4 characters),
      one row per (visit, medication), keep the `top_medications` most frequent.
@@ -28,6 +30,7 @@ from leader_edge.icd import icd_name
 from leader_edge.sources import maps
 from leader_edge.sources.tables import (
     column_ids, column_text, encode, find_optional, find_table, nearest_century, parse_times, read_header, read_table,
+    verify_checksum,
 )
 
 log = logging.getLogger(__name__)
@@ -36,6 +39,8 @@ SOURCES = ("mimic3", "mimic4")
 MED_LEVELS = ("atc3", "rxcui")
 # ADMISSIONS columns used as profile fields, when present (MIMIC-IV has race, no religion).
 PROFILE_COLUMNS = ("insurance", "language", "religion", "marital_status", "ethnicity", "race")
+TABLES = ("ADMISSIONS", "PRESCRIPTIONS", "DIAGNOSES_ICD", "PROCEDURES_ICD")  # required
+NAME_TABLES = ("D_ICD_DIAGNOSES", "D_ICD_PROCEDURES")  # optional: code names, else the ICD package
 # A medication class is named by its most frequent DRUG strings: WHO ATC names may not be
 # redistributed, and two names ("Metoprolol Tartrate / Metoprolol Succinate") tell the LLM the class.
 MED_NAME_DRUGS = 2
@@ -104,8 +109,7 @@ class _Admissions:
         return self.index.get_indexer(hadm)
 
 
-def _read_admissions(cfg: PrepareConfig, flog: FilterLog) -> _Admissions:
-    path = find_table(cfg.root, "ADMISSIONS", source=cfg.source)
+def _read_admissions(cfg: PrepareConfig, path: Path, flog: FilterLog) -> _Admissions:
     table = read_table(path, ["subject_id", "hadm_id", "admittime"], PROFILE_COLUMNS)
     hadm = column_ids(table, "hadm_id", path)
     subject = column_ids(table, "subject_id", path)
@@ -166,14 +170,13 @@ def _top(visit: np.ndarray, code: np.ndarray, values: list[str], n: int, flog: F
     return visit[keep], code[keep]
 
 
-def _read_icd(cfg: PrepareConfig, stem: str, adm: _Admissions, flog: FilterLog
+def _read_icd(stem: str, path: Path, adm: _Admissions, flog: FilterLog
               ) -> tuple[np.ndarray, np.ndarray, list[str], dict[str, int]]:
     """(visit row, code index) pairs of DIAGNOSES_ICD / PROCEDURES_ICD, codes, and code -> ICD version.
 
     MIMIC-IV mixes ICD-9 and ICD-10 (icd_version column): its codes are stored as ICD9_<code> and
     ICD10_<code> so that the two never collide; MIMIC-III's ICD9_CODE is stored as is.
     """
-    path = find_table(cfg.root, stem, source=cfg.source)
     header = {h.strip().lower() for h in read_header(path)}
     versioned = "icd9_code" not in header
     cols = ["hadm_id", "icd_code", "icd_version"] if versioned else ["hadm_id", "icd9_code"]
@@ -204,10 +207,10 @@ def _read_icd(cfg: PrepareConfig, stem: str, adm: _Admissions, flog: FilterLog
     return visit, code, values, versions
 
 
-def _icd_names(cfg: PrepareConfig, stem: str, kind: str, codes: set[str], versions: dict[str, int]) -> tuple[dict[str, str], int]:
+def _icd_names(cfg: PrepareConfig, stem: str, path: Path | None, kind: str, codes: set[str], versions: dict[str, int]
+               ) -> tuple[dict[str, str], int]:
     """Names from D_ICD_* (SHORT_TITLE, else LONG_TITLE), then the ICD package; (names, codes without one)."""
     names: dict[str, str] = {}
-    path = find_optional(cfg.root, stem, source=cfg.source)
     if path is not None:
         header = {h.strip().lower() for h in read_header(path)}
         versioned = "icd9_code" not in header
@@ -227,10 +230,9 @@ def _icd_names(cfg: PrepareConfig, stem: str, kind: str, codes: set[str], versio
     return names, len(codes - names.keys())
 
 
-def _read_prescriptions(cfg: PrepareConfig, adm: _Admissions, flog: FilterLog
+def _read_prescriptions(cfg: PrepareConfig, path: Path, adm: _Admissions, flog: FilterLog
                         ) -> tuple[np.ndarray, np.ndarray, list[str], dict[str, str]]:
     """(visit row, medication index) pairs after mapping and top-N, medication codes, code -> name."""
-    path = find_table(cfg.root, "PRESCRIPTIONS", source=cfg.source)
     # Start dates only serve to anchor two-digit admission years: skip 4M date strings otherwise.
     table = read_table(path, ["hadm_id", "ndc", "drug"], ("startdate", "starttime") if adm.two_digit.any() else ())
     visit = _visit_rows(table, path, adm, flog, "prescriptions")
@@ -307,6 +309,26 @@ def _drug_names(med: np.ndarray, drug_idx: np.ndarray, drugs: list[str], meds: l
     return names
 
 
+def _find_tables(cfg: PrepareConfig, flog: FilterLog) -> dict[str, Path | None]:
+    """Every table the pipeline reads (None: an absent optional one), found before any is read and
+    checked against a SHA256SUMS.txt beside them (`tables.verify_checksum`), recorded in the log.
+
+    Raises:
+        DataError: a required table missing, a table in two files, a checksum that does not match.
+    """
+    tables = {stem: find_table(cfg.root, stem, source=cfg.source) for stem in TABLES}
+    tables |= {stem: find_optional(cfg.root, stem, source=cfg.source) for stem in NAME_TABLES}
+    checked: dict[Path, list[str]] = {}
+    for path in tables.values():
+        sums = verify_checksum(path) if path is not None else None
+        if sums is not None:
+            checked.setdefault(sums, []).append(path.name)
+    for sums, names in checked.items():
+        log.info("%s match their sha256 in %s", ", ".join(names), sums)
+        flog.record("tables.sha256", f"nothing removed: {len(names)} table files match their sha256 in {sums}")
+    return tables
+
+
 def prepare_mimic(cfg: PrepareConfig) -> Dataset:
     """Run the pipeline on MIMIC-III or MIMIC-IV tables and return the dataset (not yet written).
 
@@ -315,12 +337,13 @@ def prepare_mimic(cfg: PrepareConfig) -> Dataset:
         DDI pairs, and `meta["filters"]`: every step with the rows/visits/patients/codes it removed.
     """
     flog = FilterLog()
-    adm = _read_admissions(cfg, flog)
+    tables = _find_tables(cfg, flog)
+    adm = _read_admissions(cfg, tables["ADMISSIONS"], flog)
     n_adm = len(adm.hadm)
-    mv, mc, meds, med_names = _read_prescriptions(cfg, adm, flog)
-    dv, dc, dx, dx_versions = _read_icd(cfg, "DIAGNOSES_ICD", adm, flog)
+    mv, mc, meds, med_names = _read_prescriptions(cfg, tables["PRESCRIPTIONS"], adm, flog)
+    dv, dc, dx, dx_versions = _read_icd("DIAGNOSES_ICD", tables["DIAGNOSES_ICD"], adm, flog)
     dv, dc = _top(dv, dc, dx, cfg.top_diagnoses, flog, "diagnoses_icd.top_n", "diagnoses")
-    pv, pc_, px, px_versions = _read_icd(cfg, "PROCEDURES_ICD", adm, flog)
+    pv, pc_, px, px_versions = _read_icd("PROCEDURES_ICD", tables["PROCEDURES_ICD"], adm, flog)
 
     present = np.ones(n_adm, dtype=bool)
     for name, v in (("PRESCRIPTIONS", mv), ("DIAGNOSES_ICD", dv), ("PROCEDURES_ICD", pv)):
@@ -353,8 +376,8 @@ def prepare_mimic(cfg: PrepareConfig) -> Dataset:
     ds = Dataset(visits=visits)
     vocab = {k: set(ds.vocab(k)) for k in KINDS}
     unnamed = {}
-    ds.names["diagnosis"], unnamed["diagnosis"] = _icd_names(cfg, "D_ICD_DIAGNOSES", "diagnosis", vocab["diagnosis"], dx_versions)
-    ds.names["procedure"], unnamed["procedure"] = _icd_names(cfg, "D_ICD_PROCEDURES", "procedure", vocab["procedure"], px_versions)
+    for kind, stem, versions in (("diagnosis", "D_ICD_DIAGNOSES", dx_versions), ("procedure", "D_ICD_PROCEDURES", px_versions)):
+        ds.names[kind], unnamed[kind] = _icd_names(cfg, stem, tables[stem], kind, vocab[kind], versions)
     ds.names["medication"] = {m: n for m, n in med_names.items() if m in vocab["medication"]}
     unnamed["medication"] = len(vocab["medication"] - ds.names["medication"].keys())
     if cfg.ddi is not None:

@@ -5,14 +5,25 @@ pyarrow's multi-threaded CSV reader, which reads MIMIC-III's 4M-row PRESCRIPTION
 the columns a step needs are materialised. Row numbers are reported as physical lines (header = 1,
 first row = 2); this is exact unless an earlier row holds a quoted line break, which the MIMIC
 tables we read (no free-text notes) do not.
+
+A table is one file: with both `X.csv` and `X.csv.gz` (or `X.csv` and `x.csv`, or one in --root and
+one in hosp/) nothing is picked; every candidate is named and the user keeps one. PhysioNet ships a
+`SHA256SUMS.txt` beside each release (`hosp/x.csv.gz` entries at the version root for MIMIC-IV,
+`X.csv.gz` in the folder for MIMIC-III): when one lies in the table's folder or the folder above,
+a file it lists is checked against it before it is read (`verify_checksum`), and a mismatch is
+refused naming the file. A truncated or corrupt `.csv.gz` and a non-UTF-8 byte are named by file
+(and line and column).
 """
 
 from __future__ import annotations
 
 import csv
 import gzip
+import hashlib
 import io
+import logging
 import re
+import zlib
 from datetime import datetime
 from pathlib import Path
 
@@ -24,43 +35,114 @@ import pyarrow.csv as pacsv
 
 from leader_edge.errors import DataError
 
+log = logging.getLogger(__name__)
+
 # MIMIC-IV keeps its hospital tables in hosp/; MIMIC-III puts everything in one folder.
 SUBDIRS = ("", "hosp")
+CHECKSUMS = "SHA256SUMS.txt"  # PhysioNet's name; lines `<sha256 hex> <path relative to its folder>`
+_CHECKSUM_LINE = re.compile(r"^([0-9a-fA-F]{64})\s+\*?(.+)$")  # one or two spaces, `*` for binary mode
 # M/D/YY HH:MM, as a spreadsheet re-saves MIMIC-III's ADMISSIONS (the MIMIC-III demo ships so).
 _SPREADSHEET_TIME = re.compile(r"^\s*(\d{1,2})/(\d{1,2})/(\d{2}|\d{4})(?:\s+(\d{1,2}):(\d{2})(?::(\d{2}))?)?\s*$")
 
 
 def find_table(root: Path, stem: str, *, source: str) -> Path:
-    """The file for table `stem` (e.g. "ADMISSIONS") under `root` or `root/hosp`, any case, .csv or .csv.gz."""
-    wanted = {f"{stem.lower()}.csv", f"{stem.lower()}.csv.gz"}
-    for sub in SUBDIRS:
-        d = root / sub if sub else root
-        if d.is_dir():
-            for p in sorted(d.iterdir()):
-                if p.name.lower() in wanted and p.is_file():
-                    return p
-    where = f"{root} or {root / 'hosp'}" if source == "mimic4" else str(root)
-    raise DataError(
-        root / f"{stem}.csv", f"table {stem} not found in {where}",
-        fix=f"pass the {source.upper()} folder as --root; it must hold {stem}.csv or {stem}.csv.gz (upper- or lower-case)",
-    )
+    """The file for table `stem` (e.g. "ADMISSIONS") under `root` or `root/hosp`, any case, .csv or .csv.gz.
+
+    Raises:
+        DataError: no such file, or more than one (each named: nothing is picked silently).
+    """
+    path = find_optional(root, stem, source=source)
+    if path is None:
+        where = f"{root} or {root / 'hosp'}" if source == "mimic4" else str(root)
+        raise DataError(
+            root / f"{stem}.csv", f"table {stem} not found in {where}",
+            fix=f"pass the {source.upper()} folder as --root; it must hold {stem}.csv or {stem}.csv.gz (upper- or lower-case)",
+        )
+    return path
 
 
 def find_optional(root: Path, stem: str, *, source: str) -> Path | None:
-    try:
-        return find_table(root, stem, source=source)
-    except DataError:
-        return None
+    """`find_table`, or None when the table is absent (more than one file is still refused)."""
+    wanted = {f"{stem.lower()}.csv", f"{stem.lower()}.csv.gz"}
+    found = []
+    for sub in SUBDIRS:
+        d = root / sub if sub else root
+        if d.is_dir():
+            found += [p for p in sorted(d.iterdir()) if p.name.lower() in wanted and p.is_file()]
+    if len(found) > 1:
+        names = " and ".join(str(p) for p in found)
+        raise DataError(found[0], f"table {stem} is in {len(found)} files: {names}; leader-edge does not guess which "
+                                  "one is current", fix="keep one of them in --root (move or delete the others)")
+    return found[0] if found else None
+
+
+def verify_checksum(path: Path) -> Path | None:
+    """Check `path` against a `SHA256SUMS.txt` in its folder or the folder above, where one lists it.
+
+    Returns:
+        The SHA256SUMS.txt that listed the file (its sha256 matched), or None when none lists it.
+
+    Raises:
+        DataError: the file's sha256 differs from the listed one (names the file and the list).
+    """
+    for folder in (path.parent, path.parent.parent):
+        sums = folder / CHECKSUMS
+        if not sums.is_file():
+            continue
+        name = path.relative_to(folder).as_posix()
+        want = _read_checksums(sums).get(name)
+        if want is None:
+            log.warning("%s is not listed in %s: not checked", path, sums)
+            return None
+        got = _sha256(path)
+        if got != want:
+            raise DataError(path, f"has sha256 {got[:16]}..., but {sums} lists {want[:16]}... for {name}: the file is "
+                                  "damaged, truncated or altered", fix="download it again from PhysioNet")
+        return sums
+    return None
+
+
+def _read_checksums(path: Path) -> dict[str, str]:
+    out = {}
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        m = _CHECKSUM_LINE.match(line.strip())
+        if m:
+            out[m.group(2).removeprefix("./")] = m.group(1).lower()
+    return out
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _gz(path: Path) -> bool:
+    return path.name.lower().endswith(".gz")
+
+
+def _damaged(path: Path, e: Exception) -> DataError:
+    """A table that cannot be decompressed or read (pyarrow and gzip raise OSError, EOFError, zlib.error)."""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if _gz(path):
+        return DataError(path, f"is truncated or corrupt: it does not decompress ({first})",
+                         fix=f"download it again (or test a copy with `gzip -t {path.name}`)")
+    return DataError(path, f"cannot be read ({first})", fix="check the file and its permissions")
 
 
 def read_header(path: Path) -> list[str]:
     """The header fields of a plain or gzip CSV."""
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    opener = gzip.open if _gz(path) else open
     try:
         with opener(path, "rt", encoding="utf-8-sig", newline="") as f:
             header = next(csv.reader(io.StringIO(f.readline())), None)
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(path, f"cannot read the header ({e})", line=1, fix="check that the file is a UTF-8 CSV, plain or gzip") from None
+    except UnicodeDecodeError as e:
+        raise DataError(path, f"not valid UTF-8 ({e.reason} at byte {e.start + 1} of the header)", line=1,
+                        fix="use the table as released by PhysioNet (UTF-8 CSV, plain or gzip)") from None
+    except (OSError, EOFError, zlib.error) as e:
+        raise _damaged(path, e) from None
     if not header:
         raise DataError(path, "file is empty", line=1, fix="re-extract the table from the MIMIC release")
     return header
@@ -94,12 +176,40 @@ def read_table(path: Path, required: list[str], optional: tuple[str, ...] = ()) 
             ),
         )
     except pa.ArrowInvalid as e:
+        column = re.search(r"CSV column #(\d+)", str(e))
+        if "invalid UTF8" in str(e) and column:
+            raise _not_utf8(path, header, int(column.group(1))) from None
         line = re.search(r"[Rr]ow #?(\d+)", str(e))
         raise DataError(
             path, f"malformed CSV: {str(e).splitlines()[0]}", line=int(line.group(1)) if line else None,
             fix="check quoting and the number of fields on this line",
         ) from None
+    except (OSError, EOFError, zlib.error) as e:
+        raise _damaged(path, e) from None
     return table.rename_columns(wanted)
+
+
+def _not_utf8(path: Path, header: list[str], column: int) -> DataError:
+    """The first line whose field `column` (0-based) is not UTF-8, found by a second pass (error path only)."""
+    name = header[column].strip() if column < len(header) else column + 1
+    opener = gzip.open if _gz(path) else open
+    with opener(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                raw.decode("utf-8")
+                continue
+            except UnicodeDecodeError:
+                pass
+            fields = next(csv.reader([raw.decode("utf-8", errors="surrogateescape")]), [])
+            if column < len(fields) and not fields[column].isascii():
+                bad = fields[column].encode("utf-8", errors="surrogateescape")
+                try:
+                    bad.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    return DataError(path, f"{bad!r} is not valid UTF-8 (byte 0x{bad[e.start]:02x})", line=number,
+                                     column=name, fix="re-save the table as UTF-8 (e.g. `iconv -f latin1 -t utf-8`), "
+                                                      "or use it as released by PhysioNet")
+    return DataError(path, "not valid UTF-8", column=name, fix="re-save the table as UTF-8, or use it as released by PhysioNet")
 
 
 def column_text(table: pa.Table, name: str) -> pa.Array:
