@@ -118,7 +118,8 @@ def format_rows(bundle: Bundle, scored: Scored, *, fmt: str = "csv", threshold: 
 
     `medications` and `scores` list codes highest probability first; `scores` holds every code whose
     probability rounds to >= 0.0001 (as `recs.write_predictions`), `ddi_warnings` the interacting
-    pairs inside the recommendation as `A+B`, `unknown_codes` the count of codes outside the vocabulary.
+    pairs inside the recommendation as `A+B`, `unknown_codes` the count of codes the model did not read
+    (`Scored.unknown`: outside the vocabulary, or beyond the per-visit limit `encoder.max_codes`).
     """
     n = len(scored.visit_ids)
     if fmt == "jsonl":
