@@ -611,22 +611,32 @@ def predict_file(bundle: Bundle, input_path: str, output: str, *, fmt: str = "cs
         try:
             directory.mkdir(parents=True, exist_ok=True)
             _remove_stale_temps(directory, stem)
-            fd, tmp = tempfile.mkstemp(prefix=f".{stem}.{_temp_tag()}", suffix=".tmp", dir=directory)
+            try:
+                fd, tmp = tempfile.mkstemp(prefix=f".{stem}.{_temp_tag()}", suffix=".tmp", dir=directory)
+            except OSError as e:
+                raise _write_error(e, target, directory) from None
             if target is not None:  # mkstemp creates 0600
                 os.fchmod(fd, _output_mode(target))
-            with os.fdopen(fd, "wb") as out:
-                def put(data: bytes) -> None:
-                    try:
-                        out.write(data)
-                    except OSError as e:
-                        raise _write_error(e, target, directory) from None
+            out = os.fdopen(fd, "wb")
 
-                _stream(bundle, stream, name, put, stats, fmt=fmt, all_visits=all_visits, top_k=top_k,
-                        threshold=threshold, batch_size=batch_size)
+            def put(data: bytes | None) -> None:
+                """Write `data`, or (None) flush and close; a failure names the output."""
                 try:
-                    out.flush()
+                    if data is None:
+                        out.close()  # flushes: a full disk may only show here (or, on NFS, only at close)
+                    else:
+                        out.write(data)
                 except OSError as e:
                     raise _write_error(e, target, directory) from None
+
+            try:
+                _stream(bundle, stream, name, put, stats, fmt=fmt, all_visits=all_visits, top_k=top_k,
+                        threshold=threshold, batch_size=batch_size)
+                put(None)
+            finally:
+                if not out.closed:  # after a failure: the buffer cannot be written either
+                    with contextlib.suppress(OSError):
+                        out.close()
             share = stats["unknown_codes"] / max(stats["codes"], 1)
             if max_unknown is not None and share > max_unknown:
                 raise DataError(name, f"{stats['unknown_codes']:,} of the {stats['codes']:,} codes the model read "

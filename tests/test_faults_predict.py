@@ -171,10 +171,14 @@ def test_faults_predict_output_mode_follows_umask(bundle, tmp_path, umask, mode)
 
 
 class _FullDisk(io.RawIOBase):
-    """A temp file on a full disk: every write raises ENOSPC (as a real full disk does, after buffering)."""
+    """The raw temp file on a full disk: every write raises ENOSPC. Under a BufferedWriter, as
+    `os.fdopen` gives, a small output fails at the flush and a large one at the write."""
 
     def __init__(self, f) -> None:
         self.f = f
+
+    def writable(self) -> bool:
+        return True
 
     def write(self, data) -> int:
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -184,10 +188,12 @@ class _FullDisk(io.RawIOBase):
         super().close()
 
 
-def test_faults_predict_disk_full_names_the_output(bundle, tmp_path, monkeypatch):
+@pytest.mark.parametrize("rows", [3, 3000])
+def test_faults_predict_disk_full_names_the_output(bundle, tmp_path, monkeypatch, rows):
     real = os.fdopen
-    monkeypatch.setattr(runtime.os, "fdopen", lambda fd, *a, **k: _FullDisk(real(fd, *a, **k)))
-    result, out = _predict(bundle, tmp_path, GOOD)
+    monkeypatch.setattr(runtime.os, "fdopen", lambda fd, *a, **k: io.BufferedWriter(_FullDisk(real(fd, *a, **k))))
+    data = HEADER + "".join(f"p{i},v{i},2100-01-01,D1;D2,P1,M1,Private\n" for i in range(rows))
+    result, out = _predict(bundle, tmp_path, data)
     _assert_refused(result, out, f"{out}: cannot be written: No space left on device (ENOSPC)",
                     f"free space on the disk that holds {out.parent}")
     result = CliRunner().invoke(main, ["predict", "--bundle", str(bundle), "--input", str(tmp_path / "visits.csv")])
