@@ -219,10 +219,24 @@ def iter_csv_rows(path: Path) -> Iterator[tuple[int, dict[str, str]]]:
                     )
                 yield start, dict(zip(header, row))
                 start = reader.line_num + 1
-        except UnicodeDecodeError as e:
-            raise DataError(path, f"not valid UTF-8 ({e.reason} at byte {e.start})", fix="re-save the file as UTF-8") from None
+        except UnicodeDecodeError:
+            line, column, byte = _first_bad_utf8(path)
+            raise DataError(path, f"not valid UTF-8 (byte 0x{byte:02x})", line=line, column=column,
+                            fix="re-save the file as UTF-8 (it looks like latin-1 or cp1252 if the byte is >= 0x80)") from None
         except csv.Error as e:
             raise DataError(path, f"malformed CSV: {e}", line=reader.line_num, fix="check quoting on this line") from None
+
+
+def _first_bad_utf8(path: Path) -> tuple[int, int, int]:
+    """(line, 1-based character column, byte) of the first byte that is not UTF-8: the text decoder
+    works in blocks and only knows an offset inside one, so the file is re-read line by line."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return number, len(raw[: e.start].decode("utf-8", errors="replace")) + 1, raw[e.start]
+    return 1, 1, 0
 
 
 def check_visit_ids(row: dict[str, str], seen: dict[str, int], *, path: Path, line: int) -> tuple[str, str]:

@@ -158,3 +158,15 @@ def test_filter_log_records_counts() -> None:
     f = FilterLog()
     f.record("top-diagnoses", "keep the 2000 most frequent", rows=12, visits=0)
     assert f.steps == [{"step": "top-diagnoses", "reason": "keep the 2000 most frequent", "removed_rows": 12, "removed_visits": 0}]
+
+
+def test_read_visits_names_the_line_of_a_latin1_byte(tmp_path) -> None:
+    rows = "".join(f"p{i},v{i},2130-01-01,d1,,A\n" for i in range(70))
+    raw = ("patient_id,visit_id,visit_time,diagnoses,procedures,medications\n" + rows).encode()
+    lines = raw.split(b"\n")
+    lines[59] = lines[59].replace(b"d1", b"d\xe91")  # line 60 of the file: 'é' in latin-1
+    path = tmp_path / "visits.csv"
+    path.write_bytes(b"\n".join(lines))
+    with pytest.raises(DataError) as e:
+        read_visits(path)
+    assert e.value.line == 60 and "0xe9" in str(e.value) and "latin-1" in str(e.value)
