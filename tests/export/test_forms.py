@@ -66,7 +66,8 @@ def test_export_onnx_every_wide_variant_matches_the_student(wide, rank, tmp_path
     np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("rule", ["max", "mean", "noisy_or", "specificity", "stack"])
+# "stack" computes all four rules in one graph; "max" is the single-rule path (each export costs ~20 s)
+@pytest.mark.parametrize("rule", ["max", "stack"])
 def test_export_onnx_counting_prior_matches_the_student(rule, tmp_path):
     import onnxruntime as ort
 
