@@ -12,7 +12,7 @@ Steps, each a subprocess of the installed CLI or a script, timed, its tail kept:
   6. export (int8), predict on the test patients' visits, then `evaluate --truth` against them.
 Writes OUT/acceptance.json: per step the command, exit code, seconds and output tail, the device
 name, and the report's metrics. Exits non-zero when a step fails (later steps are still listed,
-as skipped). A step's budget is its share of the 8 minutes; the whole run is bounded by --timeout.
+as skipped). Each step may use what is left of --timeout (8 minutes): the whole run is bounded by it.
 """
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _device() -> str:
+def _device(smoke: bool) -> str:
+    if smoke:  # the smoke run hides CUDA from every step (CUDA_VISIBLE_DEVICES=""), so it is a CPU run anywhere
+        return "cpu"
     try:
         import torch
 
@@ -72,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    results = {"device": _device(), "smoke": a.smoke, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "steps": []}
+    results = {"device": _device(a.smoke), "smoke": a.smoke, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "steps": []}
     failed = False
     for name, cmd, env in steps(a.out, a.smoke):
         left = a.timeout - (time.perf_counter() - started)
@@ -81,8 +83,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         t = time.perf_counter()
         try:
-            proc = subprocess.run(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1", **env}, capture_output=True, text=True,
-                                  timeout=left, cwd=ROOT)
+            hide = {"CUDA_VISIBLE_DEVICES": ""} if a.smoke else {}
+            proc = subprocess.run(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1", **hide, **env}, capture_output=True,
+                                  text=True, timeout=left, cwd=ROOT)
             rc, tail = proc.returncode, (proc.stdout + proc.stderr)[-3000:]
         except subprocess.TimeoutExpired:
             rc, tail = 124, f"over the {a.timeout:.0f} s budget"
@@ -92,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<18} {'ok' if rc == 0 else f'FAILED ({rc})':<12} {seconds:7.1f} s", file=sys.stderr, flush=True)
         failed = rc != 0
     metrics = a.out / "run" / "metrics.json"
-    if metrics.is_file():
+    reported = any(st["step"] == "report" and st["status"] == "ok" for st in results["steps"])
+    if reported and metrics.is_file():  # this run's report only, never a stale file in a reused OUT
         report = json.loads(metrics.read_text())
         results["report"] = {name: {g: {k: m["groups"][g][k]["mean"] for k in ("jaccard", "prauc", "f1")}
                                     for g in ("overall", "single_visit")} for name, m in report["models"].items()}

@@ -72,8 +72,10 @@ def _atomic_write(path: Path, text: str) -> None:
         raise
 
 
-def seed_dirs(run_dir: Path, name: str, first_seed: int) -> dict[int, Path]:
-    """training seed -> directory of one model's runs: RUN/<name> (the run's seed) and RUN/<name>.seed-N."""
+def seed_dirs(run_dir: Path, name: str, first_seed: int, seeds: list[int] | None = None) -> dict[int, Path]:
+    """training seed -> directory of one model's runs: RUN/<name> (the run's seed) and RUN/<name>.seed-N,
+    only the `seeds` the run was trained with (RUN/run.json) when given: directories of an earlier
+    run with other seeds are left out (and logged), never pooled."""
     out = {}
     if (run_dir / name).is_dir():
         out[int(_read_json(run_dir / name / "metrics.json").get("train_seed", first_seed))] = run_dir / name
@@ -81,6 +83,11 @@ def seed_dirs(run_dir: Path, name: str, first_seed: int) -> dict[int, Path]:
         m = re.fullmatch(re.escape(name) + r"\.seed-(-?\d+)", d.name)
         if m and d.is_dir():
             out[int(m.group(1))] = d
+    if seeds is not None:
+        stale = sorted(set(out) - set(seeds))
+        if stale:
+            log.warning("%s: seed(s) %s are not in this run's seeds %s (an earlier run?); left out", name, stale, seeds)
+        out = {k: v for k, v in out.items() if k in seeds}
     return dict(sorted(out.items()))
 
 
@@ -130,7 +137,7 @@ def score_models(run_dir: Path, ds: Dataset, splits: dict[str, list[Sample]], *,
         size/speed info}; per_unit[name][group][metric] = [S, U] per-patient values for pairing.
     """
     med_codes = ds.vocab("medication")
-    ddi = metrics.ddi_matrix(ds.ddi, med_codes)
+    ddi = metrics.ddi_matrix(ds.ddi, med_codes) if ds.ddi else None  # no ddi.csv pairs: DDI rate NaN, not 0
     test = splits["test"]
     index = {c: j for j, c in enumerate(med_codes)}
     y_true = np.zeros((len(test), len(med_codes)), dtype=bool)
@@ -147,7 +154,7 @@ def score_models(run_dir: Path, ds: Dataset, splits: dict[str, list[Sample]], *,
             prob = model.predict_proba(test)
             runs.append((None, prob >= threshold, prob, {"n_params": int(model.cooc.size + model.count.size), "threshold": threshold}))
         else:
-            dirs = seed_dirs(run_dir, name, seeds[0]) if name != "teacher" else (
+            dirs = seed_dirs(run_dir, name, seeds[0], seeds) if name != "teacher" else (
                 {seeds[0]: run_dir / "teacher"} if (run_dir / "teacher").is_dir() else {})
             for seed, d in dirs.items():
                 if not (d / "predictions-test.csv").exists():
@@ -264,7 +271,7 @@ def render_markdown(models: dict[str, dict], comparisons: list[dict], goal: list
               "| model | threshold | Jaccard | F1 | #Med |", "|---|---|---|---|---|"]
     for name, m in models.items():
         for t, v in m["thresholds"].items():
-            label = f"{m.get('threshold') or 0:.2f} (tuned on validation)" if t == "tuned" else t
+            label = "tuned on validation (per seed)" if t == "tuned" else t
             lines.append(f"| {name} | {label} | {v['jaccard']:.4f} | {v['f1']:.4f} | {v['n_med']:.2f} |")
     lines += ["", f"## The {protocol.name} protocol's figure (first seed)", "",
               "| model | group | Jaccard | PRAUC | F1 | DDI rate | #Med |", "|---|---|---|---|---|---|---|"]

@@ -217,3 +217,13 @@ def test_evaluate_rejects_mixed_modes(data_dir, tmp_path):
 def test_evaluate_run_without_run_json_is_clear(tmp_path):
     r = CliRunner().invoke(main, ["evaluate", "--run", str(tmp_path)])
     assert r.exit_code == 2 and "not a trained run" in r.output
+
+
+def test_evaluate_visits_give_history_but_truth_gives_the_scored_rows(tmp_path):
+    truth, recs, _ = _two_predictions(tmp_path)
+    last_only = tmp_path / "last.csv"  # a visits file holding only p1's last visit b and p2's c
+    last_only.write_text("patient_id,visit_id,visit_time,diagnoses,procedures,medications\n"
+                         "p1,b,2130-02-01,d,,A\np2,c,2130-01-01,d,,B;C\n")
+    got, _ = _eval_json(tmp_path, "--truth", last_only, "--visits", truth, "--predictions", recs, "--protocol", "safedrug")
+    assert got["visits_scored"] == 2  # the truth's rows, not every visit of --visits
+    assert got["groups"]["multi_visit"]["n"] == 1  # p1's history comes from --visits

@@ -101,3 +101,11 @@ def test_goals_need_the_interval_above_zero():
              for b in ("frequency", "student-nodistill") for g in ("overall", "single_visit") for k in ("prauc", "jaccard")]
     assert [c["passed"] for c in goals(comps)] == [True] * 4 + [False] * 4
     assert all(c["passed"] is None for c in goals([]))
+
+
+def test_write_report_leaves_out_seeds_of_an_earlier_run(data, tmp_path):
+    (tmp_path / "run.json").write_text(json.dumps({"data": str(data), "seed": 42, "seeds": [42]}))
+    fabricate(tmp_path, data, "student", noise=0.8, seed=1)
+    fabricate(tmp_path, data, "student.seed-43", noise=0.8, seed=2, train_seed=43)  # left by a --seeds 2 run
+    result = write_report(tmp_path)
+    assert result["models"]["student"]["seeds"] == [42]

@@ -20,7 +20,7 @@ from leader_edge import metrics
 from leader_edge.baselines import fit_frequency_baseline
 from leader_edge.dataset import dataset_splits, load_dataset
 from leader_edge.encoding import KINDS, Encoder
-from leader_edge.train.distill import DistillConfig, predict, write_student_dir
+from leader_edge.train.distill import DistillConfig, code_limit, predict, write_student_dir
 from leader_edge.train.student import Student, StudentConfig
 from leader_edge.train.student_init import frequency_prior
 
@@ -49,7 +49,7 @@ def write_frequency_student(data_dir: Path, run_dir: Path, *, seed: int = 42, pr
     splits = dataset_splits(ds, seed=seed, train_per_visit=config.per_visit, protocol=protocol)
     train_ids = {s.patient_id for s in splits["train"]}
     encoder = Encoder.from_visits({k: ds.vocab(k) for k in KINDS}, [v for v in ds.visits if v.patient_id in train_ids],
-                                  max_visits=config.max_visits, max_codes=config.max_codes)
+                                  max_visits=config.max_visits, max_codes=code_limit(ds, config))
     model, threshold = frequency_student(ds, splits, encoder, seed=seed)
     ddi = metrics.ddi_matrix(ds.ddi, encoder.codes["medication"])
     result = {"model": NAME, "threshold": threshold, "seed": seed, "protocol": protocol,

@@ -54,7 +54,7 @@ class DistillConfig:
     info_nce: float = 0.005  # profile/medication InfoNCE weight (LEADER MIMIC-III)
     ddi_weight: float = 0.0  # off: LEADER has no DDI term
     max_visits: int = 8
-    max_codes: int = 32
+    max_codes: int = 32  # per visit and kind; raised to the dataset's longest visit (`code_limit`)
     timing_patients: int = 100  # test patients timed one at a time for the per-patient latency
     code_groups: bool = True  # ICD/ATC parent embeddings: test Jaccard 0.4635 -> 0.4691 (earlier synth; within noise)
     threads: int = 1  # torch CPU threads; on the shared 2-core VM 2 threads ran epochs 1.1-9x SLOWER (contention)
@@ -422,6 +422,15 @@ def load_student(directory: str | Path, *, backend: str = "auto") -> tuple[Stude
     return model.eval(), Encoder.from_json(config["encoder"]), float(config["threshold"])
 
 
+def code_limit(ds: Dataset, config: DistillConfig) -> int:
+    """The encoder's per-visit, per-kind code limit: `config.max_codes` or, when a visit of the dataset
+    has more codes of a kind, that many - so no code of the data is cut, and the counting prior
+    (which reads every code) sees the same codes in training, validation, test and the bundle.
+    A longer visit at the bedside is cut at this limit and counted by `predict`."""
+    longest = max((len(set(v.codes(k))) for v in ds.visits for k in KINDS), default=0)
+    return max(config.max_codes, longest)
+
+
 def student_dir_name(distill: bool, seed: int, train_seed: int | None = None) -> str:
     """RUN/<name>: "student" / "student-nodistill" for the run's own seed, "<that>.seed-N" for
     another training seed of the same split (`leader-edge train --seeds K`)."""
@@ -470,7 +479,7 @@ def _run(data_dir: Path, run_dir: Path, *, distill: bool, seed: int, device: tor
     samples = dataset_splits(ds, seed=seed, train_per_visit=config.per_visit, protocol=protocol)
     train_patients = {s.patient_id for s in samples["train"]}
     encoder = Encoder.from_visits({k: ds.vocab(k) for k in KINDS}, [v for v in ds.visits if v.patient_id in train_patients],
-                                  max_visits=config.max_visits, max_codes=config.max_codes)
+                                  max_visits=config.max_visits, max_codes=code_limit(ds, config))
     teacher = load_teacher_features(run_dir, samples) if distill else None
     model, history, best_epoch = train_student(ds, samples, encoder, config, teacher=teacher, seed=train_seed, device=dev,
                                                  run_dir=run_dir)

@@ -14,7 +14,9 @@ formulas below, not measurements; users decide how many GPUs to rent from them.
     trainable state          trainable x 16 bytes                             (fp32 weight, grad, Adam m and v)
     activations per rank     batch x longest prompt x hidden x adapted layers x 34 bytes
                              (bf16, per layer per token; Korthikanti et al. 2022, no recomputation)
-    host cache               0 when every layer is adapted, else tokens x hidden x 4 bytes (fp32 frozen states)
+    cache on disk            0 when every layer is adapted (token ids only), else tokens x hidden x (2 | 4) bytes
+                             (`state_cache="disk"`, the default; host memory then holds one 256 MiB shard;
+                             with `state_cache="memory"` this is host memory)
     time per epoch           6 x adapted-part params x training tokens / (tflops x 1e12 x world size)
                              + 2 x frozen-part params x tokens once (the frozen pass)
 """
@@ -105,12 +107,12 @@ def dry_run(data_dir: Path, config, *, world_size: int = 1, tflops: float = 400.
         "activations_gib": micro * longest * hidden * lora_layers * ACT_BYTES_PER_TOKEN_LAYER / gib,
     }
     mem["gpu_per_rank_gib"] = sum(mem.values())
-    mem["host_cache_gib"] = 0.0 if lora_layers == n_layers else all_tokens * hidden * 4 / gib
+    mem["cache_gib"] = 0.0 if lora_layers == n_layers else all_tokens * hidden * bytes_w / gib
     flops_epoch = 6 * adapted * train_tokens
     flops_frozen = 2 * frozen * all_tokens
     rate = tflops * 1e12 * world_size
     return {
-        "teacher": config.teacher, "world_size": world_size, "layers": n_layers, "lora_layers": lora_layers,
+        "teacher": config.teacher, "state_cache": config.state_cache, "world_size": world_size, "layers": n_layers, "lora_layers": lora_layers,
         "hidden_size": hidden, "medications": n_meds, "tokenizer": tok is not None, "splits": tokens,
         "parameters": params, "trainable_parameters": trainable,
         "effective_batch": config.batch_size * config.grad_accum * world_size,
@@ -136,7 +138,8 @@ def format_plan(plan: dict) -> str:
     lines += [f"parameters {plan['parameters']:,}; trainable {plan['trainable_parameters']:,} (LoRA + head)",
               f"GPU memory per rank (estimate): {m['gpu_per_rank_gib']:.2f} GiB = weights {m['weights_gib']:.2f} + trainable "
               f"state {m['trainable_state_gib']:.2f} + activations {m['activations_gib']:.2f} (micro-batch, no recomputation)",
-              f"host memory for cached frozen states: {m['host_cache_gib']:.2f} GiB",
+              f"frozen-state cache: {m['cache_gib']:.2f} GiB "
+              + ("on disk (host memory: one shard)" if plan["state_cache"] == "disk" else "in host memory"),
               f"time at {plan['assumed_tflops_per_gpu']:g} TFLOP/s per GPU (assumed): frozen pass {plan['frozen_pass_minutes']:.1f} min, "
               f"{plan['epoch_minutes']:.1f} min per epoch, up to {plan['epochs']} epochs"]
     return "\n".join(lines)

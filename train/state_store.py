@@ -97,7 +97,8 @@ class Pick(Sequence):
 
     def __init__(self, sources: list[Sequence], where: list[tuple[int, int]]) -> None:
         self.sources, self.where = sources, list(where)
-        self.lengths = np.array([lengths_of(sources[s])[j] for s, j in self.where], dtype=np.int64)
+        lens = [lengths_of(src) for src in sources]  # once per source: an in-memory list is walked once
+        self.lengths = np.array([lens[s][j] for s, j in self.where], dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.where)

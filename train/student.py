@@ -76,7 +76,7 @@ class StudentConfig:
     # co-occurrence tables are buffers, set with `set_prior`) to every logit, so a student whose
     # learned terms are 0 IS the baseline. `prior_rule` is the baseline's combination rule, or
     # "stack": a learned weighted sum of all four rules' logits (`prior_mix`, fitted on out-of-fold
-    # scores before training; default synth validation PRAUC 0.6489 vs 0.6403 for "max" alone).
+    # scores before training; default synth validation PRAUC 0.6494 vs 0.6403 for "max" alone).
     prior: str = "none"
     prior_rule: str = "max"
     backend: str = "auto"  # kernels backend; export forces "torch" (the reference ops)

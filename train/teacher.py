@@ -164,6 +164,13 @@ def run_teacher_stage(
     Returns:
         The metrics dict written to RUN/teacher/metrics.json (rank 0; {} on other ranks or when stopped early).
     """
+    try:
+        return _teacher_stage(data_dir, run_dir, config, resume=resume, stop_after_epoch=stop_after_epoch)
+    finally:  # the frozen-state shards (GBs at MIMIC scale) never outlive the stage, whatever ends it
+        _drop_cache(Path(run_dir) / "teacher", int(os.environ.get("RANK", "0")))
+
+
+def _teacher_stage(data_dir: Path, run_dir: Path, config: TeacherConfig, *, resume: bool, stop_after_epoch: int | None) -> dict:
     t_start = time.perf_counter()
     rank, world, device = _distributed()
     out = Path(run_dir) / "teacher"
@@ -271,7 +278,6 @@ def run_teacher_stage(
         if rank == 0:
             save_checkpoint(ckpt, model, opt, state, best)
         if stop_after_epoch is not None and state["epoch"] >= stop_after_epoch:
-            _drop_cache(out, rank)
             return {}
     model.load_trainable_state(best)
     if world > 1:  # every rank must end with the same adapter; say so if they do not
@@ -281,12 +287,8 @@ def run_teacher_stage(
             raise RuntimeError(f"DDP ranks ended with different adapters (sha256 {digests}); report this as a bug")
         state["ddp"] = {"world_size": world, "backend": torch.distributed.get_backend(), "adapter_sha256_by_rank": digests}
     if rank != 0:
-        _drop_cache(out, rank)
         return {}
-    try:
-        return _finish(model, ds, enc, offsets, tune_states, val_states, mine, out, state, config, device, t_start)
-    finally:
-        _drop_cache(out, rank)
+    return _finish(model, ds, enc, offsets, tune_states, val_states, mine, out, state, config, device, t_start)
 
 
 def _digest(state: dict[str, torch.Tensor]) -> str:

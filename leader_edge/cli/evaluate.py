@@ -34,8 +34,10 @@ from leader_edge.cli import user_errors
 @click.option("--protocol", type=click.Choice(["leader", "safedrug"]),
               help="leader: last visit per patient, mean +- std over 10 x 80% of visits; safedrug: every visit, "
                    "averaged per patient, 10 x 80% of patients [default: leader; --run: the run's].")
-@click.option("--seed", type=int, default=42, show_default=True, help="Split seed (--baseline) and subsample seed.")
-@click.option("--rounds", type=click.IntRange(min=1), help="Subsamples for mean +- std [default: the protocol's, 10].")
+@click.option("--seed", type=int, default=42, show_default=True,
+              help="Split seed (--baseline) and subsample seed (--baseline, --truth; --run takes the run's).")
+@click.option("--rounds", type=click.IntRange(min=1),
+              help="Subsamples for mean +- std [default: the protocol's, 10; --run: the protocol's].")
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), help="Also write the metrics as JSON here.")
 @user_errors
 def evaluate(truth, predictions, visits, label_space, skip_missing, ddi, baseline, data, run_dir, protocol, seed, rounds,
@@ -133,15 +135,15 @@ def _evaluate_file(truth: Path, predictions: Path, visits_path: Path | None, lab
     from leader_edge.metrics import by_group, ddi_matrix, per_visit_metrics
     from leader_edge.recs import Prediction, prediction_matrices, predicted_codes, read_predictions
 
-    rows, visits = _read_targets(truth)
-    if visits_path is not None:
-        visits = read_visits(visits_path)
+    rows, truth_visits = _read_targets(truth)
+    # --visits gives the patients' histories (groups, known ids); the scored rows always come from --truth.
+    visits = read_visits(visits_path) if visits_path is not None else truth_visits
     if rows is None:
         # A visits file: LEADER scores each patient's last visit, SafeDrug every visit.
         last: dict[str, object] = {}
-        for v in visits:
+        for v in truth_visits:
             last[v.patient_id] = v
-        scored = visits if proto.eval_per_visit else list(last.values())
+        scored = truth_visits if proto.eval_per_visit else list(last.values())
         rows = [Prediction(v.patient_id, v.visit_id, v.medications) for v in scored]
     n_visits: dict[str, int] = {}
     for v in visits or ():

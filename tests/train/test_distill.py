@@ -255,3 +255,15 @@ def test_train_refuses_an_unknown_student_field_before_any_stage(data, tmp_path)
                                   "--config", str(config)])
     assert r.exit_code == 2 and "unknown [student] field(s) ['alpah']" in r.output
     assert not (tmp_path / "r").exists()
+
+
+def test_code_limit_covers_the_longest_visit_of_the_data():
+    from datetime import datetime
+
+    from leader_edge.dataset import Dataset, Visit
+    from leader_edge.train.distill import code_limit
+
+    long = Visit("p", "v", datetime(2130, 1, 1), tuple(f"d{i}" for i in range(40)), (), ("A",))
+    short = Visit("q", "w", datetime(2130, 1, 1), ("d1",), (), ("A",))
+    assert code_limit(Dataset([long, short]), DistillConfig()) == 40  # no code of the data is cut
+    assert code_limit(Dataset([short]), DistillConfig()) == 32
