@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 
 from leader_edge import metrics
-from leader_edge.baselines import fit_frequency_baseline
 from leader_edge.dataset import dataset_splits, load_dataset
 from leader_edge.encoding import KINDS, Encoder
 from leader_edge.train.distill import DistillConfig, code_limit, predict, write_student_dir
@@ -29,8 +28,8 @@ NAME = "frequency"
 
 def frequency_student(ds, splits, encoder: Encoder, *, seed: int) -> tuple[Student, float]:
     """(the baseline as a Student in eval mode, the baseline's validation-tuned threshold)."""
-    _, threshold, _ = fit_frequency_baseline(ds, splits)
-    tables, _ = frequency_prior(ds, splits, encoder, seed=seed)
+    tables, _ = frequency_prior(ds, splits, encoder, seed=seed, out_of_fold=False)  # one baseline fit, no refits
+    threshold = tables["threshold"]
     model = Student(StudentConfig(encoder.n_codes, encoder.n_meds, encoder.n_profile_ids, encoder.med_offset,
                                   max_visits=encoder.max_visits, prior="frequency", prior_rule=tables["rule"], wide="none"))
     model.set_prior(tables["table"], tables["weight"], tables["global"], tables["global_weight"])

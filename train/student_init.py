@@ -83,7 +83,7 @@ def name_neighbour_prior(batch: Batch, labels: np.ndarray, vectors: np.ndarray, 
 
 
 def frequency_prior(ds: Dataset, samples: dict[str, list], encoder: Encoder, *, seed: int,
-                    rule: str | None = None) -> tuple[dict, np.ndarray]:
+                    rule: str | None = None, out_of_fold: bool = True) -> tuple[dict, np.ndarray | None]:
     """The counting prior of a student with `prior="frequency"`.
 
     The frequency baseline is fitted on the training samples with its rule and smoothing chosen on
@@ -103,7 +103,7 @@ def frequency_prior(ds: Dataset, samples: dict[str, list], encoder: Encoder, *, 
     from leader_edge.baselines import PRIOR, fit_frequency_baseline, out_of_fold_proba
     from leader_edge.train.student import PRIOR_RULES
 
-    base, _, _ = fit_frequency_baseline(ds, samples)
+    base, threshold, _ = fit_frequency_baseline(ds, samples)
     chosen = base.rule
     rule = rule or chosen
     if base.med_codes != list(encoder.codes["medication"]):
@@ -119,12 +119,14 @@ def frequency_prior(ds: Dataset, samples: dict[str, list], encoder: Encoder, *, 
     spec = np.log1p(base.n_visits / np.maximum(base.count, 1))  # [F] > 0, as FrequencyBaseline.predict_proba
     weight = np.where(seen, spec[np.maximum(rows, 0)], 0.0)
     rules = PRIOR_RULES if rule == "stack" else (rule,)
-    oof = np.stack([out_of_fold_proba(ds, samples["train"], rule=r, smoothing=base.smoothing, seed=seed) for r in rules], -1)
-    oof = np.clip(oof, 1e-4, 1 - 1e-4)
-    tables = {"rule": rule, "chosen": chosen, "smoothing": base.smoothing, "table": table,
+    tables = {"rule": rule, "chosen": chosen, "smoothing": base.smoothing, "threshold": threshold, "table": table,
               "weight": weight.astype(np.float32), "global": cond[g].astype(np.float32), "global_weight": float(spec[g])}
     log.info("counting prior: rule %s (validation chose %s), a=%s; %d of %d codes seen", rule, chosen, base.smoothing,
              int(seen.sum()), len(rows))
+    if not out_of_fold:
+        return tables, None
+    oof = np.stack([out_of_fold_proba(ds, samples["train"], rule=r, smoothing=base.smoothing, seed=seed) for r in rules], -1)
+    oof = np.clip(oof, 1e-4, 1 - 1e-4)
     return tables, np.log(oof / (1 - oof)).astype(np.float32)
 
 
