@@ -1,13 +1,13 @@
-"""The bedside runtime: a validated bundle + a visits CSV -> recommendations. No torch.
+"""The bedside runtime: a bundle loaded, proven and scored. No torch.
 
 Imports only onnxruntime, numpy, the standard library and torch-free leader_edge modules
-(`encoding`, `visit_stream`, `visit_table`, `formatting`, `dataset`'s parsing helpers, `errors`),
-so `leader-edge predict` starts in ~0.3 s.
+(`encoding`, `visit_stream`, `visit_table`, `errors`), so `leader-edge predict` starts in ~0.3 s.
+Streaming a visits file through a bundle into an output file is `leader_edge.predict_file`, which
+imports this module (never the reverse).
 
     bundle = Bundle.load("bundle/")                      # proves the bundle (below) or refuses it
-    for chunk in read_patients(open("visits.csv", "rb"), "visits.csv"):   # VisitTable chunks
+    for chunk in read_patients(open("visits.csv", "rb"), "visits.csv"):   # visit_stream: VisitTable chunks
         result = bundle.predict(chunk)                   # one row per predicted visit
-        text = csv_chunk(bundle, result, plain_codes=plain_codes(bundle.med_codes))
 
 A bundle proves itself at load (`read_manifest`, then `Bundle.load`), and every refusal is a
 `DataError` naming the file, the manifest field and the fix (export again):
@@ -25,28 +25,19 @@ A bundle proves itself at load (`read_manifest`, then `Bundle.load`), and every 
 6. The self-test: patients recorded at export (raw codes, so a reordered vocabulary shows) are
    scored and must give finite probabilities equal to the recorded ones within `SELFTEST_ATOL`.
 
-Streaming (`leader_edge.visit_stream`): patients arrive in chunks, so memory is set by the chunk
-and batch sizes (~0.5 GB peak for the whole CLI on 100k synth patients, most of it onnxruntime's
-arena) plus the file-wide duplicate checks, measured at ~60 bytes per row of peak growth (155 MB
-after 1M rows against 97 MB after 20k; ~0.6 GB more at 10M rows).
+At ~540 lines this file is past the house ~400: the seam left inside it, the manifest proof
+(steps 1-4: `read_manifest`, its `_check_*`, `verify_signature`, the digest helpers; ~220 lines),
+would move names that export/bundle.py imports from here, so it waits for a change that updates
+that file too.
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import hashlib
 import json
-import logging
 import math
 import os
-import shutil
-import signal
-import socket
 import stat
-import sys
-import tempfile
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,11 +45,8 @@ import numpy as np
 
 from leader_edge.encoding import INPUT_NAMES, Batch, Encoder, RawVisit
 from leader_edge.errors import DataError
-from leader_edge.formatting import OUTPUT_COLUMNS, csv_chunk, format_rows, plain_codes
-from leader_edge.visit_stream import Patient, read_patients
+from leader_edge.visit_stream import Patient
 from leader_edge.visit_table import VisitTable, encode_table
-
-log = logging.getLogger(__name__)
 
 BUNDLE_FORMAT = 2  # 2: digest over every field and file, self-test, vocabulary sizes in the model
 MANIFEST = "manifest.json"
@@ -77,12 +65,6 @@ SELFTEST_ATOL = {"fp32": 1e-4, "int8-weights": 1e-4, "int8-static": 5e-3, "int8-
 MODEL_SIZES = ("n_codes", "n_meds", "n_profile_ids", "max_visits")
 METADATA_PREFIX = "leader_edge."
 SIGNED_PREFIX = b"leader-edge bundle digest v2\n"  # what is signed: this + the hex digest
-# `predict` refuses a file when more than this share of the codes the model reads are unknown to it
-# (--allow-unknown writes it anyway). A few new codes are expected (rare codes outside the training
-# vocabulary; 0 on the 100k synth patients of the benchmark); half of them unknown is another
-# vocabulary (MIMIC-IV's ICD9_/ICD10_ codes against a MIMIC-III bundle: 100%), whose
-# recommendations would rest on the profile and the few codes the model knows.
-MAX_UNKNOWN_SHARE = 0.5
 REEXPORT = "export the bundle again with `leader-edge export RUN --out DIR` (and --sign KEY if it was signed)"
 
 
@@ -558,254 +540,3 @@ def _installed(package: str) -> str:
     except metadata.PackageNotFoundError:
         return "not installed"
 
-
-def predict_file(bundle: Bundle, input_path: str, output: str, *, fmt: str = "csv", all_visits: bool = False,
-                 top_k: int | None = None, threshold: float | None = None, batch_size: int = 1024,
-                 max_unknown: float | None = MAX_UNKNOWN_SHARE) -> dict:
-    """Stream `input_path` ("-" = stdin) through the bundle into `output` ("-" = stdout).
-
-    Nothing is lost or left behind:
-    - an `output` that is the input file (by any path: a symlink, `./x` for `x`, a hard link), lies
-      in the bundle directory or is a directory is refused before anything is written;
-    - the output goes to a hidden temp file first (beside `output`, or in the temp dir for stdout),
-      renamed (or copied to stdout) only when the whole input was read without error; the rename
-      is atomic, so `output` is either the old file or the complete new one;
-    - SIGTERM and SIGINT raise `Interrupted` (exit 128 + signal) and the temp file is removed; the
-      temp file of a run killed outright (SIGKILL, power loss) carries the host and process id in
-      its name (`.NAME.leader-edge.HOST.PID.XXXX.tmp`) and is removed by the next run once that
-      process is gone, or else ignored;
-    - a new output gets the mode the umask gives (0644 under umask 022), a replaced one keeps its mode;
-    - a failed write (disk full, quota) names the output and what to do.
-
-    Args:
-        max_unknown: refuse the file when more than this share of the codes the model reads are
-            outside its vocabulary (None: never). See `MAX_UNKNOWN_SHARE`.
-
-    Returns:
-        {"patients", "visits", "codes" (as written, in what the model read), "unknown_codes",
-        "visits_with_unknown", "codes_over_limit", "visits_over_limit"}: the unknown counts are
-        codes outside the vocabulary, the over-limit ones known codes beyond `encoder.max_codes`
-        per visit and kind; the output's `unknown_codes` column holds both.
-
-    Raises:
-        DataError: a bad input row (file, line, column), an output refused above, a failed write,
-            or more than `max_unknown` of the codes unknown.
-        Interrupted: SIGTERM or SIGINT arrived; nothing was written.
-    """
-    target = None if output == "-" else Path(output)
-    if target is not None:
-        _check_output(target, input_path, bundle.path)
-    if input_path == "-":
-        stream, name = sys.stdin.buffer, "<stdin>"
-    else:
-        try:
-            stream, name = open(input_path, "rb", buffering=1 << 20), input_path
-        except (FileNotFoundError, IsADirectoryError):
-            raise DataError(input_path, "no such file", fix="pass a visits CSV, or - to read standard input") from None
-    directory = target.parent if target is not None else Path(tempfile.gettempdir())
-    stem = target.name if target is not None else "predict"
-    stats = {"patients": 0, "visits": 0, "codes": 0, "unknown_codes": 0, "visits_with_unknown": 0,
-             "codes_over_limit": 0, "visits_over_limit": 0}
-    tmp = None
-    with stream, _signals_raise():
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-            _remove_stale_temps(directory, stem)
-            try:
-                fd, tmp = tempfile.mkstemp(prefix=f".{stem}.{_temp_tag()}", suffix=".tmp", dir=directory)
-            except OSError as e:
-                raise _write_error(e, target, directory) from None
-            if target is not None:  # mkstemp creates 0600
-                os.fchmod(fd, _output_mode(target))
-            out = os.fdopen(fd, "wb")
-
-            def put(data: bytes | None) -> None:
-                """Write `data`, or (None) flush and close; a failure names the output."""
-                try:
-                    if data is None:
-                        out.close()  # flushes: a full disk may only show here (or, on NFS, only at close)
-                    else:
-                        out.write(data)
-                except OSError as e:
-                    raise _write_error(e, target, directory) from None
-
-            try:
-                _stream(bundle, stream, name, put, stats, fmt=fmt, all_visits=all_visits, top_k=top_k,
-                        threshold=threshold, batch_size=batch_size)
-                put(None)
-            finally:
-                if not out.closed:  # after a failure: the buffer cannot be written either
-                    with contextlib.suppress(OSError):
-                        out.close()
-            share = stats["unknown_codes"] / max(stats["codes"], 1)
-            if max_unknown is not None and share > max_unknown:
-                raise DataError(name, f"{stats['unknown_codes']:,} of the {stats['codes']:,} codes the model read "
-                                      f"({share:.0%}) are not in the vocabulary of the bundle ({bundle.path}): the visits "
-                                      "use other codes than it was trained on (e.g. MIMIC-IV codes, ICD9_/ICD10_ "
-                                      "prefixed, for a MIMIC-III bundle); nothing was written",
-                                fix="score them with a bundle trained on this vocabulary, or map the codes to it; "
-                                    "--allow-unknown writes the recommendations anyway")
-            if target is None:
-                with open(tmp, "rb") as f:
-                    shutil.copyfileobj(f, sys.stdout.buffer)
-                sys.stdout.buffer.flush()
-                os.unlink(tmp)
-            else:
-                try:
-                    os.replace(tmp, target)
-                except OSError as e:
-                    raise _write_error(e, target, directory) from None
-        except BaseException:
-            if tmp is not None:
-                Path(tmp).unlink(missing_ok=True)
-            raise
-    return stats
-
-
-def _stream(bundle: Bundle, stream, name: str, put, stats: dict, *, fmt: str, all_visits: bool, top_k: int | None,
-            threshold: float | None, batch_size: int) -> None:
-    """Read, score and `put` the formatted chunks, counting into `stats`."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    if fmt == "csv":
-        put(",".join(OUTPUT_COLUMNS).encode() + b"\n")  # no column name needs quoting
-    plain = plain_codes(bundle.med_codes)
-
-    def emit(scored: Scored, n_patients: int) -> None:
-        if fmt == "csv":
-            put(csv_chunk(bundle, scored, plain_codes=plain, threshold=threshold, top_k=top_k))
-        else:
-            rows = format_rows(bundle, scored, fmt=fmt, threshold=threshold, top_k=top_k)
-            put("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in rows).encode())
-        over = scored.over_limit if scored.over_limit is not None else np.zeros_like(scored.unknown)
-        unknown = scored.unknown - over
-        stats["patients"] += n_patients
-        stats["visits"] += len(scored.visit_ids)
-        stats["codes"] += int(scored.codes.sum()) if scored.codes is not None else 0
-        stats["unknown_codes"] += int(unknown.sum())
-        stats["visits_with_unknown"] += int((unknown > 0).sum())
-        stats["codes_over_limit"] += int(over.sum())
-        stats["visits_over_limit"] += int((over > 0).sum())
-
-    # onnxruntime releases the GIL: the model scores chunk i while this thread reads chunk
-    # i + 1 and formats chunk i - 1. No gain on the 2-core VM at load ~3, where the process
-    # gets about one core (100k patients: 6.98-7.00 s vs 6.45-6.80 s in one thread); it is
-    # for idle multi-core bedside machines.
-    with ThreadPoolExecutor(1) as pool:
-        pending = None
-        for chunk in read_patients(stream, name):
-            future = pool.submit(bundle.predict, chunk, all_visits=all_visits, batch_size=batch_size)
-            if pending is not None:
-                emit(pending[0].result(), pending[1])
-            pending = (future, len(chunk))
-        if pending is not None:
-            emit(pending[0].result(), pending[1])
-
-
-# ---------------------------------------------------------------------------------------------
-# The output file: never the input, never left half-written
-
-
-class Interrupted(SystemExit):
-    """SIGTERM or SIGINT during `predict_file`: raised in the main thread so that the temp file is
-    removed on the way out. Exits 128 + the signal number (143 for SIGTERM, 130 for SIGINT)."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(128 + signum)
-        self.signum = signum
-        self.name = signal.Signals(signum).name
-
-
-@contextlib.contextmanager
-def _signals_raise():
-    """While the block runs, SIGTERM and SIGINT raise `Interrupted` (the default SIGTERM action ends
-    the process at once, leaving the temp file). Only the main thread can take signals."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupted(signum, frame):
-        raise Interrupted(signum)
-
-    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    for s in before:
-        signal.signal(s, interrupted)
-    try:
-        yield
-    finally:
-        for s, handler in before.items():
-            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
-
-
-def _check_output(target: Path, input_path: str, bundle_dir: Path) -> None:
-    """Refuse an output path that is the input file, lies in the bundle or is a directory."""
-    if input_path != "-" and (target.resolve() == Path(input_path).resolve()
-                              or target.exists() and Path(input_path).exists() and os.path.samefile(target, input_path)):
-        raise DataError(target, f"is the --input file ({input_path}): writing the recommendations there would "
-                                "replace the visits; nothing was written", fix="pass another --output path")
-    inside = target.resolve()
-    if bundle_dir.resolve() in (inside, *inside.parents):
-        raise DataError(target, f"is inside the bundle directory {bundle_dir}; a bundle holds only its own files",
-                        fix="write the recommendations outside the bundle")
-    if target.is_dir():
-        raise DataError(target, "is a directory", fix="pass a file path as --output, e.g. recs.csv")
-
-
-def _temp_tag() -> str:
-    """`leader-edge.HOST.PID.`: whose temp file it is (see `_remove_stale_temps`)."""
-    return f"leader-edge.{socket.gethostname().replace('/', '_')}.{os.getpid()}."
-
-
-def _remove_stale_temps(directory: Path, stem: str) -> None:
-    """Remove this host's temp files for `stem` whose process is gone (a run killed outright)."""
-    prefix, host = f".{stem}.leader-edge.", socket.gethostname().replace("/", "_")
-    try:
-        names = os.listdir(directory)
-    except OSError:
-        return
-    for entry in names:
-        if not (entry.startswith(prefix) and entry.endswith(".tmp")):
-            continue
-        parts = entry[len(prefix):].rsplit(".", 3)  # HOST, PID, random, "tmp"
-        if len(parts) != 4 or parts[0] != host or not parts[1].isdigit() or _alive(int(parts[1])):
-            continue
-        try:
-            os.unlink(directory / entry)
-            log.warning("removed %s, left by an earlier run that was killed (process %s)", directory / entry, parts[1])
-        except OSError:
-            pass  # another run removed it first, or no permission: it is ignored either way
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
-def _output_mode(target: Path) -> int:
-    """Permission bits for the output: the replaced file's, or what the umask gives a new file."""
-    try:
-        return stat.S_IMODE(os.stat(target).st_mode)
-    except FileNotFoundError:
-        umask = os.umask(0o022)  # the only way to read it; set back at once
-        os.umask(umask)
-        return 0o666 & ~umask
-
-
-def _write_error(e: OSError, target: Path | None, directory: Path) -> DataError:
-    """A failed write or rename of the output, naming it (the temp file is removed by the caller)."""
-    what = f"{e.strerror or e}" + (f" ({errno.errorcode.get(e.errno, e.errno)})" if e.errno else "")
-    full = e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-    if target is None:
-        fix = "free space there, or set TMPDIR to a directory on a disk with space" if full else \
-            "set TMPDIR to a writable directory"
-        return DataError(directory, f"cannot hold the recommendations before they go to standard output: {what}; "
-                                    "nothing was written", fix=fix)
-    fix = f"free space on the disk that holds {directory}, or pass an --output on another disk" if full else \
-        f"check that {directory} is writable, or pass another --output"
-    return DataError(target, f"cannot be written: {what}; nothing was written (the temp file in {directory} is removed)",
-                     fix=fix)

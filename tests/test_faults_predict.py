@@ -19,7 +19,7 @@ import pytest
 from click.testing import CliRunner
 from test_runtime import HEADER, write_fake_bundle
 
-from leader_edge import runtime
+from leader_edge import predict_file as runtime  # the output half of the runtime (split from runtime.py)
 from leader_edge.cli import main
 
 GOOD = HEADER + "p1,v1,2100-01-01,D1;D2,P1,M1,Private\np1,v2,2100-02-01,D1;X9,,,Private\np2,v3,2100-01-01,D1;D2;D3,P2,M5,\n"

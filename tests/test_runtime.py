@@ -204,7 +204,9 @@ def test_runtime_imports_no_torch(tmp_path):
     code = (
         "import sys, io\n"
         "import leader_edge.cli.predict\n"
-        "from leader_edge.runtime import Bundle, read_patients\n"
+        "import leader_edge.predict_file\n"
+        "from leader_edge.runtime import Bundle\n"
+        "from leader_edge.visit_stream import read_patients\n"
         f"b = Bundle.load({str(d)!r})\n"
         f"chunk, = read_patients(io.BytesIO({(HEADER + 'p1,v1,2100-01-01,D1,,,' + chr(10)).encode()!r}), 'x')\n"
         "b.predict(chunk)\n"

@@ -47,7 +47,8 @@ def predict(bundle: Path, input_path: str, output: str, fmt: str, all_visits: bo
       cat visits.csv | leader-edge predict --bundle bundle --input - --format jsonl --top-k 10
       leader-edge predict --bundle bundle --trust key.pub.pem --input visits.csv --output recs.csv
     """
-    from leader_edge.runtime import MAX_UNKNOWN_SHARE, Bundle, Interrupted, predict_file
+    from leader_edge.predict_file import MAX_UNKNOWN_SHARE, Interrupted, predict_file
+    from leader_edge.runtime import Bundle
 
     model = Bundle.load(bundle, trust=trust)
     try:
