@@ -20,6 +20,7 @@ import errno
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -100,11 +101,14 @@ def predict_file(bundle: Bundle, input_path: str, output: str, *, fmt: str = "cs
         try:
             directory.mkdir(parents=True, exist_ok=True)
             _remove_stale_temps(directory, stem)
+            # The name is known before the file exists: a SIGINT between creating it and learning its
+            # name (inside mkstemp) left it behind; now the cleanup below always knows what to remove.
+            tmp = str(directory / f".{stem}.{_temp_tag()}{secrets.token_hex(4)}.tmp")
             try:
-                fd, tmp = tempfile.mkstemp(prefix=f".{stem}.{_temp_tag()}", suffix=".tmp", dir=directory)
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             except OSError as e:
                 raise _write_error(e, target, directory) from None
-            if target is not None:  # mkstemp creates 0600
+            if target is not None:  # created 0600, as mkstemp would
                 os.fchmod(fd, _output_mode(target))
             out = os.fdopen(fd, "wb")
 
