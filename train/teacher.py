@@ -77,7 +77,7 @@ def _drop_cache(out: Path, rank: int) -> None:
     for d in cache.glob(f"*-rank{rank}"):
         shutil.rmtree(d, ignore_errors=True)
     if rank == 0:
-        for name in ("rest", "test"):
+        for name in ("rest", "val-rest", "test"):
             shutil.rmtree(cache / name, ignore_errors=True)
         try:
             cache.rmdir()
@@ -190,11 +190,15 @@ def _teacher_stage(data_dir: Path, run_dir: Path, config: TeacherConfig, *, resu
     offsets = prior_logits(ds, splits, config)
     tune_offsets = offsets["train"][mine]
 
-    n_lower = int(sum(tune.lengths)) + int(enc["val"].lengths.sum())
+    # Validation is sharded like training: each rank scores its rows, the rows are gathered, and every
+    # rank then decides on rank 0's score (`rank0_value`).
+    val_mine = list(range(rank, len(enc["val"].ids), world))
+    val = enc["val"].subset(val_mine)
+    n_lower = int(sum(tune.lengths)) + int(val.lengths.sum())
     bar = _progress(n_lower, f"frozen layers 0-{model.split - 1}" if model.exact_split else "tokenize", rank)
     cache_args = dict(batch_tokens=config.cache_batch_tokens, device=device, progress=bar.update)
     tune_states = lower_cache(model, tune, **cache_args, store=_store(out, f"tune-rank{rank}", len(tune.ids), config))
-    val_states = lower_cache(model, enc["val"], **cache_args, store=_store(out, f"val-rank{rank}", len(enc["val"].ids), config))
+    val_states = lower_cache(model, val, **cache_args, store=_store(out, f"val-rank{rank}", len(val.ids), config))
     bar.close()
 
     # Head bias = logit of each medication's training frequency: the first steps then refine a
@@ -260,7 +264,8 @@ def _teacher_stage(data_dir: Path, run_dir: Path, config: TeacherConfig, *, resu
                 opt.zero_grad(set_to_none=True)
                 state["step"] += 1
         bar.close()
-        prob, _ = predict(model, val_states, offsets["val"], batch_size=config.batch_size * 2, device=device)
+        mine_prob, _ = predict(model, val_states, offsets["val"][val_mine], batch_size=config.batch_size * 2, device=device)
+        prob = _gather_rows(mine_prob, val_mine, len(enc["val"].ids), world)
         val = metrics.score(y_val, prob, 0.5)
         # Early stopping and the best epoch follow rank 0's score on every rank: ranks whose scores
         # differ by float noise would otherwise stop at different epochs and hang in a collective.
@@ -288,7 +293,7 @@ def _teacher_stage(data_dir: Path, run_dir: Path, config: TeacherConfig, *, resu
         state["ddp"] = {"world_size": world, "backend": torch.distributed.get_backend(), "adapter_sha256_by_rank": digests}
     if rank != 0:
         return {}
-    return _finish(model, ds, enc, offsets, tune_states, val_states, mine, out, state, config, device, t_start)
+    return _finish(model, ds, enc, offsets, tune_states, val_states, mine, val_mine, out, state, config, device, t_start)
 
 
 def _digest(state: dict[str, torch.Tensor]) -> str:
@@ -302,32 +307,51 @@ def _digest(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _finish(model, ds, enc, offsets, tune_states, val_states, mine, out: Path, state: dict, config: TeacherConfig,
-            device: torch.device, t_start: float) -> dict:
+def _gather_rows(mine: np.ndarray, rows: list[int], n: int, world: int) -> np.ndarray:
+    """[n, ...] on every rank from each rank's rows (`rows` of a rank-strided shard)."""
+    if world == 1:
+        return mine
+    parts: list = [None] * world
+    torch.distributed.all_gather_object(parts, (rows, mine))
+    out = np.zeros((n, *mine.shape[1:]), dtype=mine.dtype)
+    for r, m in parts:
+        out[r] = m
+    return out
+
+
+def _complete(model, encoded: Encoded, have: list[int], states, name: str, out: Path, config: TeacherConfig, args: dict):
+    """Every row's frozen states of one split: rows `have` from `states`, the others computed now."""
+    from leader_edge.train.state_store import Pick
+
+    where: list = [None] * len(encoded.ids)  # sample -> (0, row in states) or (1, row in the rest)
+    for r, i in enumerate(have):
+        where[i] = (0, r)
+    rest = [i for i, w in enumerate(where) if w is None]
+    for j, i in enumerate(rest):
+        where[i] = (1, j)
+    need = encoded.subset(rest)
+    return Pick([states, lower_cache(model, need, **args, store=_store(out, name, len(need.ids), config))], where)
+
+
+def _finish(model, ds, enc, offsets, tune_states, val_states, mine, val_mine, out: Path, state: dict,
+            config: TeacherConfig, device: torch.device, t_start: float) -> dict:
     """Rank 0 after tuning: save the model, the features of every sample, metrics, test predictions."""
     from safetensors.torch import save_file
 
     from leader_edge.recs import write_predictions
 
     model.save(out, extra={"best_epoch": state["best_epoch"]})
-    from leader_edge.train.state_store import Pick
-
-    where: list = [None] * len(enc["train"].ids)  # training sample -> (0, row in tune_states) or (1, row in rest)
-    for r, i in enumerate(mine):
-        where[i] = (0, r)
-    rest = [i for i, w in enumerate(where) if w is None]
-    for j, i in enumerate(rest):
-        where[i] = (1, j)
-    need = enc["train"].subset(rest)
-    bar = _progress(int(need.lengths.sum()) + int(enc["test"].lengths.sum()), "frozen layers (rest)", 0)
+    left = int(enc["train"].lengths.sum() - enc["train"].subset(mine).lengths.sum())
+    left += int(enc["val"].lengths.sum() - enc["val"].subset(val_mine).lengths.sum()) + int(enc["test"].lengths.sum())
+    bar = _progress(left, "frozen layers (rest)", 0)
     args = dict(batch_tokens=config.cache_batch_tokens, device=device, progress=bar.update)
-    rest_states = lower_cache(model, need, **args, store=_store(out, "rest", len(need.ids), config))
-    train_states = Pick([tune_states, rest_states], where)
+    train_states = _complete(model, enc["train"], mine, tune_states, "rest", out, config, args)
+    val_all = _complete(model, enc["val"], val_mine, val_states, "val-rest", out, config, args)
     test_states = lower_cache(model, enc["test"], **args, store=_store(out, "test", len(enc["test"].ids), config))
     bar.close()
     bs = config.batch_size * 2
     _, f_train = predict(model, train_states, offsets["train"], batch_size=bs, device=device)
-    p_val, f_val = predict(model, val_states, offsets["val"], batch_size=bs, device=device)
+    p_val, f_val = predict(model, val_all, offsets["val"], batch_size=bs, device=device)
     p_test, f_test = predict(model, test_states, offsets["test"], batch_size=bs, device=device)
     med_codes = model.med_codes
     ddi = metrics.ddi_matrix(ds.ddi, med_codes)
