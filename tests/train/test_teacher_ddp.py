@@ -49,3 +49,36 @@ def test_ranks_with_different_validation_scores_decide_on_rank0s(tmp_path):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)  # a hang fails the test
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["0.5", "0.5"]
+
+
+def test_teacher_ddp_killed_after_an_epoch_resumes_to_the_uninterrupted_adapter(tmp_path):
+    import signal
+    import time
+
+    data = write_dataset(synth_dataset(patients=30, seed=5), tmp_path / "synth", source="synth")
+    config = tmp_path / "tiny.toml"
+    config.write_text("[teacher]\nmax_tokens = 300\nbatch_size = 4\ngrad_accum = 2\ntiming_patients = 1\npatience = 5\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+    def cmd(run, *extra):
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "leader_edge",
+                "train", "--data", str(data), "--out", str(run), "--stage", "teacher", "--teacher", "tiny", "--epochs", "3",
+                "--config", str(config), *extra]
+
+    whole = subprocess.run(cmd(tmp_path / "whole"), env=env, capture_output=True, text=True, timeout=240)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(cmd(run), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    state = run / "teacher" / "checkpoint" / "state.json"
+    deadline = time.monotonic() + 200
+    while not state.is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # every rank and the launcher, right after the first checkpoint
+    proc.wait(timeout=30)
+    assert not (run / "teacher" / "metrics.json").exists()  # killed before the stage finished
+    if state.is_file():  # (absent only if the kill fell inside a checkpoint swap: the resume then starts over)
+        assert json.loads(state.read_text())["epoch"] < 3
+    resumed = subprocess.run(cmd(run, "--resume"), env=env, capture_output=True, text=True, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    digests = [json.loads((r / "teacher" / "metrics.json").read_text())["ddp"]["adapter_sha256_by_rank"] for r in (tmp_path / "whole", run)]
+    assert digests[0] == digests[1]  # same adapter on both ranks as the uninterrupted run
