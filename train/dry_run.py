@@ -13,7 +13,8 @@ formulas below, not measurements; users decide how many GPUs to rent from them.
     weights per rank         params x (2 bytes bf16 | 4 bytes fp32)           (DDP: a full copy per rank)
     trainable state          trainable x 16 bytes                             (fp32 weight, grad, Adam m and v)
     activations per rank     batch x longest prompt x hidden x adapted layers x 34 bytes
-                             (bf16, per layer per token; Korthikanti et al. 2022, no recomputation)
+                             (bf16, per layer per token; Korthikanti et al. 2022, no recomputation);
+                             with gradient checkpointing: batch x longest x hidden x (2 x layers + 34) bytes
     cache on disk            0 when every layer is adapted (token ids only), else tokens x hidden x (2 | 4) bytes
                              (`state_cache="disk"`, the default; host memory then holds one 256 MiB shard;
                              with `state_cache="memory"` this is host memory)
@@ -103,8 +104,11 @@ def dry_run(data_dir: Path, config, *, world_size: int = 1, tflops: float = 400.
     mem = {
         "weights_gib": params * bytes_w / gib,
         "trainable_state_gib": trainable * 16 / gib,
-        # batches are length-bucketed: the longest prompt (within max_tokens) bounds a micro-batch
-        "activations_gib": micro * longest * hidden * lora_layers * ACT_BYTES_PER_TOKEN_LAYER / gib,
+        # batches are length-bucketed: the longest prompt (within max_tokens) bounds a micro-batch;
+        # with recomputation only each layer's bf16 input stays, plus one layer's full activations
+        "activations_gib": micro * longest * hidden * (
+            (2 * lora_layers + ACT_BYTES_PER_TOKEN_LAYER) if config.gradient_checkpointing
+            else lora_layers * ACT_BYTES_PER_TOKEN_LAYER) / gib,
     }
     mem["gpu_per_rank_gib"] = sum(mem.values())
     mem["cache_gib"] = 0.0 if lora_layers == n_layers else all_tokens * hidden * bytes_w / gib
@@ -112,7 +116,8 @@ def dry_run(data_dir: Path, config, *, world_size: int = 1, tflops: float = 400.
     flops_frozen = 2 * frozen * all_tokens
     rate = tflops * 1e12 * world_size
     return {
-        "teacher": config.teacher, "state_cache": config.state_cache, "world_size": world_size, "layers": n_layers, "lora_layers": lora_layers,
+        "teacher": config.teacher, "state_cache": config.state_cache, "world_size": world_size,
+        "gradient_checkpointing": config.gradient_checkpointing, "layers": n_layers, "lora_layers": lora_layers,
         "hidden_size": hidden, "medications": n_meds, "tokenizer": tok is not None, "splits": tokens,
         "parameters": params, "trainable_parameters": trainable,
         "effective_batch": config.batch_size * config.grad_accum * world_size,
@@ -137,7 +142,8 @@ def format_plan(plan: dict) -> str:
                      f"{t['max_tokens_seen']}; {how})")
     lines += [f"parameters {plan['parameters']:,}; trainable {plan['trainable_parameters']:,} (LoRA + head)",
               f"GPU memory per rank (estimate): {m['gpu_per_rank_gib']:.2f} GiB = weights {m['weights_gib']:.2f} + trainable "
-              f"state {m['trainable_state_gib']:.2f} + activations {m['activations_gib']:.2f} (micro-batch, no recomputation)",
+              f"state {m['trainable_state_gib']:.2f} + activations {m['activations_gib']:.2f} (micro-batch, "
+              + ("gradient checkpointing)" if plan["gradient_checkpointing"] else "no recomputation)"),
               f"frozen-state cache: {m['cache_gib']:.2f} GiB "
               + ("on disk (host memory: one shard)" if plan["state_cache"] == "disk" else "in host memory"),
               f"time at {plan['assumed_tflops_per_gpu']:g} TFLOP/s per GPU (assumed): frozen pass {plan['frozen_pass_minutes']:.1f} min, "

@@ -52,6 +52,10 @@ class TeacherConfig:
     # small data). States are stored in bf16 when the run is bf16.
     state_cache: str = "disk"
     bf16: bool = False  # autocast on CUDA only; measured 2x slower on this CPU
+    # Recompute each adapted layer's activations in backward (torch.utils.checkpoint): activation
+    # memory per rank drops from ~34 x hidden bytes per token and layer to ~2 x hidden (bf16 layer
+    # inputs) at ~1/3 more compute. For 7B-class teachers with all layers adapted (configs/leader-7b.toml).
+    gradient_checkpointing: bool = False
     plain: bool = False  # benchmark baseline: no cache, full forward every step (LoRA on lora_layers)
     timing_patients: int = 20  # test patients timed one at a time (50 cost 78 s at load ~5)
     # "frequency": logits = head(feature) + logit(frequency baseline), the baseline fitted on the

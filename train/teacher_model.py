@@ -108,8 +108,15 @@ class TeacherModel(nn.Module):
         if stop <= start:
             return hidden
         mask, pos, rope = self._mask_and_positions(hidden, lengths)
+        recompute = self.config.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.inner.layers[start:stop]:
-            hidden = layer(hidden, attention_mask=mask, position_embeddings=rope, position_ids=pos)
+            if recompute:  # keep only each layer's input; its activations are recomputed in backward
+                from torch.utils.checkpoint import checkpoint
+
+                hidden = checkpoint(layer, hidden, attention_mask=mask, position_embeddings=rope, position_ids=pos,
+                                    use_reentrant=False)
+            else:
+                hidden = layer(hidden, attention_mask=mask, position_embeddings=rope, position_ids=pos)
         return hidden
 
     # -----------------------------------------------------------------------------------------

@@ -265,3 +265,23 @@ def test_teacher_disk_and_memory_state_caches_give_the_same_features(data_dir, t
         assert not (run / "teacher" / ".cache").exists()  # shards removed when the stage ends
     for split in ("train", "val", "test"):
         np.testing.assert_allclose(feats["disk"][split], feats["memory"][split], atol=1e-6)
+
+
+def test_teacher_gradient_checkpointing_gives_the_same_gradients(data_dir):
+    meds = load_dataset(data_dir).vocab("medication")
+    grads = []
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        model = TeacherModel(TeacherConfig(teacher="tiny", lora_layers=2, lora_dropout=0.0, gradient_checkpointing=recompute), meds)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.1)
+        model.train()
+        ids, lengths, y = _batch(model, data_dir)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(model.lower(ids, lengths), lengths), y)
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 2
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-5)
