@@ -11,6 +11,7 @@ The exported graph is `Student.predict_proba` (probabilities): the runtime thres
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import types
 import warnings
@@ -107,7 +108,7 @@ def export_onnx(model, path: str | Path, inputs: dict[str, np.ndarray]) -> Path:
         if diff > 1e-6:
             raise RuntimeError(f"the export forms differ from the student by {diff:.2e} on the example batch; "
                                "Student changed - update leader_edge/export/forms.py to match it")
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _quiet_third_party():
             warnings.simplefilter("ignore")  # the exporter's deprecation chatter; failures still raise
             program = torch.onnx.export(
                 wrapper, args, input_names=list(INPUT_NAMES), output_names=["probabilities"],
@@ -119,13 +120,39 @@ def export_onnx(model, path: str | Path, inputs: dict[str, np.ndarray]) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def _quiet_third_party():
+    """Silence, at their source, messages that say nothing to a user of an export: onnxruntime's
+    "Please consider pre-processing before quantization" (root logger; the model is already
+    shape-inferred and constant-folded) and torch.onnx's "torchvision is not installed" (we export
+    no torchvision ops). Real warnings and errors of other loggers pass."""
+    class _Drop(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            text = record.getMessage()
+            return not ("pre-processing before quantization" in text or "torchvision is not installed" in text)
+
+    drop, loggers = _Drop(), [logging.getLogger(), logging.getLogger("torch.onnx._internal.exporter._registration")]
+    for lg in loggers:
+        lg.addFilter(drop)
+        for handler in lg.handlers:
+            handler.addFilter(drop)
+    try:
+        yield
+    finally:
+        for lg in loggers:
+            lg.removeFilter(drop)
+            for handler in lg.handlers:
+                handler.removeFilter(drop)
+
+
 def quantize_dynamic_int8(src: str | Path, dst: str | Path) -> Path:
     """Dynamic int8: weights of MatMul/Gemm quantized per channel, activations at run time."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     _refuse_same(src, dst)
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True,
-                     op_types_to_quantize=["MatMul", "Gemm", "Gather"])
+    with _quiet_third_party():
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True,
+                         op_types_to_quantize=["MatMul", "Gemm", "Gather"])
     return Path(dst)
 
 
@@ -152,12 +179,13 @@ def quantize_static_int8(src: str | Path, dst: str | Path, calibration: list[dic
     _refuse_same(src, dst)
     if not calibration:
         raise ValueError("static quantization needs at least one calibration batch; raise --calibration-samples")
-    quantize_static(
-        str(src), str(dst), _Calibration(calibration), quant_format=QuantFormat.QDQ,
-        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,
-        op_types_to_quantize=["MatMul", "Gemm", "Gather"], calibrate_method=CalibrationMethod.MinMax,
-        extra_options={"ActivationSymmetric": True},
-    )
+    with _quiet_third_party():
+        quantize_static(
+            str(src), str(dst), _Calibration(calibration), quant_format=QuantFormat.QDQ,
+            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,
+            op_types_to_quantize=["MatMul", "Gemm", "Gather"], calibrate_method=CalibrationMethod.MinMax,
+            extra_options={"ActivationSymmetric": True},
+        )
     return Path(dst)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from pathlib import Path
 
 import torch
@@ -62,7 +63,9 @@ class TeacherModel(nn.Module):
         )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)  # LoRA A matrices: same init on every rank and rerun
-            self.body = get_peft_model(body, lora)
+            with warnings.catch_warnings():  # transformers' deprecation of a name peft still calls: nothing to act on
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+                self.body = get_peft_model(body, lora)
             self.hidden_size = int(body.config.hidden_size)
             self.head = nn.Linear(self.hidden_size, len(self.med_codes))  # bias: medication priors
 
