@@ -282,16 +282,50 @@ def by_group(
     multi_visit = np.asarray(multi_visit, dtype=bool)
     if multi_visit.shape != per_visit["jaccard"].shape:
         raise ValueError(f"multi_visit has shape {multi_visit.shape}, per-visit metrics {per_visit['jaccard'].shape}")
-    groups = {"overall": np.ones_like(multi_visit), "single_visit": ~multi_visit, "multi_visit": multi_visit}
+    masks = {"overall": np.ones_like(multi_visit), "single_visit": ~multi_visit, "multi_visit": multi_visit}
+    return by_masks(per_visit, masks, rounds=rounds, frac=frac, seed=seed, units=units)
+
+
+def by_masks(
+    per_visit: dict[str, np.ndarray], masks: dict[str, np.ndarray], *, rounds: int = 10, frac: float = 0.8, seed: int = 0,
+    units: np.ndarray | None = None,
+) -> dict[str, dict]:
+    """`subsample_mean_std` and `point_estimate` for each group of visits.
+
+    Args:
+        masks: group name -> [N] bool over the visits of `per_visit`.
+        units: [N] patient unit of each visit; re-indexed within each group. None: visits are units.
+
+    Returns:
+        group -> metric -> (mean, std), plus "n" (units, 0.0) and "point" (metric -> float).
+    """
     out = {}
-    for name, mask in groups.items():
+    for name, mask in masks.items():
+        mask = np.asarray(mask, dtype=bool)
         sub = {k: v[mask] for k, v in per_visit.items()}
-        sub_units = None if units is None else np.unique(np.asarray(units)[mask], return_inverse=True)[1]
+        group_units = None if units is None else np.asarray(units)[mask]
+        sub_units = None if group_units is None else np.unique(group_units, return_inverse=True)[1]
         stats: dict = subsample_mean_std(sub, rounds, frac, seed, units=sub_units)
-        stats["n"] = (float(mask.sum() if units is None else len(np.unique(np.asarray(units)[mask]))), 0.0)
+        stats["n"] = (float(mask.sum() if group_units is None else len(np.unique(group_units))), 0.0)
         stats["point"] = point_estimate(sub, sub_units)
         out[name] = stats
     return out
+
+
+def json_ready(x):
+    """A metrics structure as JSON values: (mean, std) pairs -> {"mean", "std"}, a group's "n"
+    -> int, numpy scalars -> Python, NaN -> null."""
+    if isinstance(x, dict):
+        return {str(k): int(v[0]) if k == "n" and isinstance(v, tuple) else json_ready(v) for k, v in x.items()}
+    if isinstance(x, tuple) and len(x) == 2 and all(isinstance(v, float) for v in x):
+        return {"mean": json_ready(x[0]), "std": json_ready(x[1])}
+    if isinstance(x, (list, tuple)):
+        return [json_ready(v) for v in x]
+    if isinstance(x, (float, np.floating)):
+        return None if np.isnan(x) else float(x)
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
 
 
 def tune_threshold(

@@ -114,19 +114,6 @@ def group_masks(ds: Dataset, splits: dict[str, list[Sample]], test: list[Sample]
     return {"overall": np.ones(len(test), dtype=bool), "single_visit": ~multi, "multi_visit": multi, "rare_diagnosis": rare}
 
 
-def _groups(per_visit: dict, masks: dict[str, np.ndarray], units: np.ndarray, protocol, seed: int) -> dict:
-    """group -> {"n", "point": metric -> float, metric -> (mean, std) over the protocol's draws}."""
-    out = {}
-    for g, mask in masks.items():
-        sub = {k: v[mask] for k, v in per_visit.items()}
-        u = np.unique(units[mask], return_inverse=True)[1] if mask.any() else np.zeros(0, dtype=np.int64)
-        stats: dict = metrics.subsample_mean_std(sub, protocol.rounds, protocol.frac, seed, units=u)
-        stats["point"] = metrics.point_estimate(sub, u)
-        stats["n"] = int(len(np.unique(units[mask])))
-        out[g] = stats
-    return out
-
-
 def score_models(run_dir: Path, ds: Dataset, splits: dict[str, list[Sample]], *, protocol, seeds: list[int],
                  rounds_seed: int = 0) -> tuple[dict[str, dict], dict[str, dict]]:
     """Score every model and seed of RUN on the test split.
@@ -171,7 +158,8 @@ def score_models(run_dir: Path, ds: Dataset, splits: dict[str, list[Sample]], *,
         by_seed, fixed, values = [], {t: [] for t in ("tuned", *FIXED_THRESHOLDS)}, []
         for seed, y_pred, y_prob, _ in runs:
             pv = metrics.per_visit_metrics(y_true, y_prob, y_pred, ddi)
-            by_seed.append(_groups(pv, masks, units, protocol, rounds_seed))
+            by_seed.append(metrics.by_masks(pv, masks, rounds=protocol.rounds, frac=protocol.frac, seed=rounds_seed,
+                                            units=units))
             values.append({g: {k: metrics.unit_values(pv[k][mask], np.unique(units[mask], return_inverse=True)[1])
                                for k in COMPARED} for g, mask in masks.items()})
             fixed["tuned"].append(metrics.point_estimate(pv, units))
@@ -180,7 +168,7 @@ def score_models(run_dir: Path, ds: Dataset, splits: dict[str, list[Sample]], *,
                 fixed[t].append(metrics.point_estimate(at, units))
         groups = {}
         for g in GROUPS:
-            groups[g] = {"n": by_seed[0][g]["n"]}
+            groups[g] = {"n": int(by_seed[0][g]["n"][0])}
             for k in metrics.METRICS:
                 pts = [b[g]["point"][k] for b in by_seed]
                 groups[g][k] = {"mean": float(np.mean(pts)), "std": float(np.std(pts)) if len(pts) > 1 else None,
@@ -311,20 +299,6 @@ def summary_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _json_ready(x):
-    if isinstance(x, dict):
-        return {str(k): _json_ready(v) for k, v in x.items()}
-    if isinstance(x, tuple) and len(x) == 2 and all(isinstance(v, float) for v in x):
-        return {"mean": _json_ready(x[0]), "std": _json_ready(x[1])}
-    if isinstance(x, (list, tuple)):
-        return [_json_ready(v) for v in x]
-    if isinstance(x, (float, np.floating)):
-        return None if np.isnan(x) else float(x)
-    if isinstance(x, np.integer):
-        return int(x)
-    return x
-
-
 def write_report(run_dir: Path, data_dir: Path | None = None, *, protocol: str | None = None) -> dict:
     """Score every model of RUN on the test split; write report.md, metrics.json and two PNGs.
 
@@ -364,7 +338,7 @@ def write_report(run_dir: Path, data_dir: Path | None = None, *, protocol: str |
     models, per_unit = score_models(run_dir, ds, splits, protocol=proto, seeds=seeds)
     comparisons = compare(per_unit)
     goal = goals(comparisons)
-    result = _json_ready({"data": str(data_dir.resolve()), "seed": seed, "seeds": seeds,
+    result = metrics.json_ready({"data": str(data_dir.resolve()), "seed": seed, "seeds": seeds,
                           "protocol": {"name": proto.name, "description": proto.describe()},
                           "models": models, "comparisons": comparisons, "goal": goal})
     plot_training_curves(run_dir, run_dir / "training-curves.png")

@@ -262,24 +262,14 @@ def _evaluate_run(run_dir: Path, data: Path | None, protocol: str | None) -> dic
 
 
 def _write_json(path: Path, result: dict) -> None:
-    """Atomic JSON: (mean, std) pairs become {"mean", "std"}, NaN becomes null."""
-
-    def clean(x):
-        if isinstance(x, dict):
-            return {k: int(v[0]) if k == "n" and isinstance(v, tuple) else clean(v) for k, v in x.items()}
-        if isinstance(x, tuple) and len(x) == 2 and all(isinstance(v, float) for v in x):
-            return {"mean": clean(x[0]), "std": clean(x[1])}
-        if isinstance(x, (list, tuple)):
-            return [clean(v) for v in x]
-        if isinstance(x, float) and x != x:
-            return None
-        return x
+    """Atomic JSON (`metrics.json_ready`: (mean, std) pairs become {"mean", "std"}, NaN becomes null)."""
+    from leader_edge.metrics import json_ready
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(clean(result), f, indent=2, default=str)
+            json.dump(json_ready(result), f, indent=2, default=str)
             f.write("\n")
         os.replace(tmp, path)
     except BaseException:
