@@ -168,6 +168,10 @@ def run_teacher_stage(
         return _teacher_stage(data_dir, run_dir, config, resume=resume, stop_after_epoch=stop_after_epoch)
     finally:  # the frozen-state shards (GBs at MIMIC scale) never outlive the stage, whatever ends it
         _drop_cache(Path(run_dir) / "teacher", int(os.environ.get("RANK", "0")))
+        # Each rank leaves the process group itself: a rank that exits with the group still open
+        # (rank 1 while rank 0 writes features) can abort in the backend's teardown.
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def _teacher_stage(data_dir: Path, run_dir: Path, config: TeacherConfig, *, resume: bool, stop_after_epoch: int | None) -> dict:
