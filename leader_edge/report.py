@@ -38,6 +38,7 @@ import numpy as np
 from leader_edge import metrics
 from leader_edge.baselines import fit_frequency_baseline
 from leader_edge.dataset import Dataset, Sample, dataset_splits, get_protocol, load_dataset
+from leader_edge.errors import StateError
 from leader_edge.recs import prediction_matrices, read_predictions
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ def _read_json(path: Path) -> dict:
     except FileNotFoundError:
         return {}
     except json.JSONDecodeError as e:
-        raise RuntimeError(f"{path} is not valid JSON ({e.msg}, line {e.lineno}); re-run the stage that wrote it") from None
+        raise StateError(f"{path} is not valid JSON ({e.msg}, line {e.lineno}); re-run the stage that wrote it") from None
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -96,7 +97,7 @@ def _model_matrices(path: Path, test: list[Sample], med_codes: list[str]) -> tup
     preds = {(p.patient_id, p.visit_id): p for p in read_predictions(path)}
     missing = [s for s in test if (s.patient_id, s.target.visit_id) not in preds]
     if missing:
-        raise RuntimeError(f"{path} lacks {len(missing)} test visit(s) (e.g. {missing[0].patient_id}/{missing[0].target.visit_id}); "
+        raise StateError(f"{path} lacks {len(missing)} test visit(s) (e.g. {missing[0].patient_id}/{missing[0].target.visit_id}); "
                            "it was written for another dataset, split seed or protocol - retrain, or pass the run's --data")
     return prediction_matrices([preds[(s.patient_id, s.target.visit_id)] for s in test], med_codes)
 
@@ -319,15 +320,15 @@ def write_report(run_dir: Path, data_dir: Path | None = None, *, protocol: str |
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise RuntimeError(f"{run_dir} is not a run directory; train one with `leader-edge train --data DIR --out {run_dir}`")
+        raise StateError(f"{run_dir} is not a run directory; train one with `leader-edge train --data DIR --out {run_dir}`")
     run = _read_json(run_dir / "run.json")
     if data_dir is None:
         if "data" not in run:
-            raise RuntimeError(f"{run_dir}/run.json names no data directory; pass --data DIR")
+            raise StateError(f"{run_dir}/run.json names no data directory; pass --data DIR")
         data_dir = Path(run["data"])
     run_protocol = run.get("protocol", "leader")
     if protocol is not None and protocol != run_protocol:
-        raise RuntimeError(f"{run_dir} was trained under the {run_protocol} protocol (its splits and test samples); "
+        raise StateError(f"{run_dir} was trained under the {run_protocol} protocol (its splits and test samples); "
                            f"evaluate it with --protocol {run_protocol}, or retrain with `leader-edge train --protocol {protocol}`")
     proto = get_protocol(run_protocol)
     data_dir = Path(data_dir)

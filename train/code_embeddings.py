@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from leader_edge.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 CODE_EMBEDDINGS = "code-embeddings.safetensors"
@@ -45,7 +47,7 @@ def name_vectors(names: list[str], spec: str, *, method: str = "input", layers: 
     from leader_edge.train.backbone import load_backbone
 
     if method not in METHODS:
-        raise ValueError(f"code embedding method {method!r}; use one of {METHODS}")
+        raise ConfigError(f"code embedding method {method!r}; use one of {METHODS}")
     model, tok = load_backbone(spec, num_layers=1 if method == "input" else layers)
     table = model.get_input_embeddings().weight
     out = []
@@ -92,7 +94,7 @@ def pca_init(vectors: np.ndarray, fit_rows: np.ndarray, dim: int, scale: float) 
     """
     fit = vectors[fit_rows].astype(np.float64)
     if len(fit) < 2:
-        raise ValueError(f"PCA needs at least 2 training codes, got {len(fit)}")
+        raise ConfigError(f"PCA needs at least 2 training codes, got {len(fit)}")
     mean = fit.mean(0)
     _, _, vt = np.linalg.svd(fit - mean, full_matrices=False)  # rows of vt: principal axes
     k = min(dim, vt.shape[0])

@@ -18,7 +18,8 @@ import numpy as np
 
 from leader_edge.dataset import Dataset
 from leader_edge.encoding import KINDS, Batch, Encoder
-from leader_edge.train.code_embeddings import CODE_EMBEDDINGS, cached_name_vectors, pca_init
+from leader_edge.errors import StateError
+from leader_edge.train.code_embeddings import CODE_EMBEDDINGS, cached_name_vectors
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +183,7 @@ def teacher_spec(run_dir: Path) -> str:
     try:
         return json.loads(path.read_text(encoding="utf-8"))["teacher"]["teacher"]
     except (FileNotFoundError, KeyError, json.JSONDecodeError):
-        raise RuntimeError(f"{path} names no teacher backbone; run the teacher stage, set DistillConfig.teacher_spec, "
+        raise StateError(f"{path} names no teacher backbone; run the teacher stage, set DistillConfig.teacher_spec, "
                            "or use code_init='none'") from None
 
 

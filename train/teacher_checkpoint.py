@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from leader_edge.dataset import atomic_directory
+from leader_edge.errors import StateError
 
 
 def save_checkpoint(directory: Path, model, opt: torch.optim.Optimizer, state: dict, best: dict[str, torch.Tensor]) -> None:
@@ -47,7 +48,7 @@ def load_checkpoint(directory: Path, model, opt: torch.optim.Optimizer) -> tuple
         opt_state.setdefault(int(idx), {})[name] = v
     saved = opt.state_dict()
     if opt_state and len(opt_state) != sum(len(g["params"]) for g in saved["param_groups"]):
-        raise ValueError(f"checkpoint {directory} was written with a different set of trained parameters; "
+        raise StateError(f"checkpoint {directory} was written with a different set of trained parameters; "
                          "start without --resume or use the same teacher options")
     saved["state"] = opt_state
     opt.load_state_dict(saved)

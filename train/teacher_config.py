@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
+from leader_edge.errors import ConfigError
+
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CPU_BACKBONE_LAYERS = 9  # see the module docstring: the depth that fits 10 minutes on 2 cores
 
@@ -68,27 +70,27 @@ class TeacherConfig:
         self.lora_targets = tuple(self.lora_targets)
         for name in ("lora_layers", "lora_r", "lora_alpha", "epochs", "patience", "batch_size", "grad_accum", "max_tokens"):
             if getattr(self, name) < 1:
-                raise ValueError(f"TeacherConfig.{name}={getattr(self, name)} must be >= 1")
+                raise ConfigError(f"TeacherConfig.{name}={getattr(self, name)} must be >= 1")
         if self.backbone_layers is not None and self.backbone_layers < 1:
-            raise ValueError(f"TeacherConfig.backbone_layers={self.backbone_layers} must be >= 1 (or None for all)")
+            raise ConfigError(f"TeacherConfig.backbone_layers={self.backbone_layers} must be >= 1 (or None for all)")
         if self.backbone_layers is not None and self.lora_layers > self.backbone_layers:
-            raise ValueError(
+            raise ConfigError(
                 f"lora_layers={self.lora_layers} > backbone_layers={self.backbone_layers}; adapt at most all kept layers"
             )
         if not 0 <= self.lora_dropout < 1:
-            raise ValueError(f"TeacherConfig.lora_dropout={self.lora_dropout} must be in [0, 1)")
+            raise ConfigError(f"TeacherConfig.lora_dropout={self.lora_dropout} must be in [0, 1)")
         if self.lr <= 0 or self.head_lr <= 0:
-            raise ValueError(f"learning rates must be > 0, got lr={self.lr}, head_lr={self.head_lr}")
+            raise ConfigError(f"learning rates must be > 0, got lr={self.lr}, head_lr={self.head_lr}")
         if not 0 <= self.warmup < 1:
-            raise ValueError(f"TeacherConfig.warmup={self.warmup} must be a fraction in [0, 1)")
+            raise ConfigError(f"TeacherConfig.warmup={self.warmup} must be a fraction in [0, 1)")
         if self.prior not in ("none", "frequency"):
-            raise ValueError(f"TeacherConfig.prior={self.prior!r}; use 'none' or 'frequency'")
+            raise ConfigError(f"TeacherConfig.prior={self.prior!r}; use 'none' or 'frequency'")
         if self.state_cache not in ("disk", "memory"):
-            raise ValueError(f"TeacherConfig.state_cache={self.state_cache!r}; use 'disk' or 'memory'")
+            raise ConfigError(f"TeacherConfig.state_cache={self.state_cache!r}; use 'disk' or 'memory'")
         if self.protocol not in ("leader", "safedrug"):
-            raise ValueError(f"TeacherConfig.protocol={self.protocol!r}; use 'leader' or 'safedrug'")
+            raise ConfigError(f"TeacherConfig.protocol={self.protocol!r}; use 'leader' or 'safedrug'")
         if self.max_history < 0:
-            raise ValueError(f"TeacherConfig.max_history={self.max_history} must be >= 0")
+            raise ConfigError(f"TeacherConfig.max_history={self.max_history} must be >= 0")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -100,7 +102,7 @@ class TeacherConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"unknown teacher config field(s) {unknown}; known: {sorted(known)}")
+            raise ConfigError(f"unknown teacher config field(s) {unknown}; known: {sorted(known)}")
         return cls(**d)
 
 
@@ -119,8 +121,8 @@ def load_run_config(path) -> tuple[dict, dict]:
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:
-        raise ValueError(f"{path}: not valid TOML ({e}); see configs/*.toml for the layout") from None
+        raise ConfigError(f"{path}: not valid TOML ({e}); see configs/*.toml for the layout") from None
     unknown = sorted(set(data) - {"teacher", "student"})
     if unknown:
-        raise ValueError(f"{path}: unknown table(s) {unknown}; a run config has [teacher] and [student] tables")
+        raise ConfigError(f"{path}: unknown table(s) {unknown}; a run config has [teacher] and [student] tables")
     return dict(data.get("teacher", {})), dict(data.get("student", {}))

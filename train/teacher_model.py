@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from leader_edge.errors import ConfigError, StateError
 from leader_edge.train.backbone import decoder_layers, is_llama_style, load_backbone
 from leader_edge.train.teacher_config import TeacherConfig
 
@@ -49,13 +50,13 @@ class TeacherModel(nn.Module):
         layers = decoder_layers(body)
         self.n_layers = len(layers)
         if config.lora_layers > self.n_layers:
-            raise ValueError(f"lora_layers={config.lora_layers} but the backbone has {self.n_layers} layers")
+            raise ConfigError(f"lora_layers={config.lora_layers} but the backbone has {self.n_layers} layers")
         self.exact_split = is_llama_style(body) and not config.plain
         self.split = self.n_layers - config.lora_layers if self.exact_split else 0
         present = {n.rsplit(".", 1)[-1] for n, m in body.named_modules() if isinstance(m, nn.Linear)}
         targets = [t for t in config.lora_targets if t in present]
         if not targets:
-            raise ValueError(f"none of the LoRA targets {list(config.lora_targets)} exist in {config.teacher}; its linear layers are {sorted(present)}")
+            raise ConfigError(f"none of the LoRA targets {list(config.lora_targets)} exist in {config.teacher}; its linear layers are {sorted(present)}")
         lora = LoraConfig(
             r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, target_modules=targets,
             layers_to_transform=list(range(self.n_layers - config.lora_layers, self.n_layers)),
@@ -169,7 +170,7 @@ class TeacherModel(nn.Module):
         lora = {k[len("lora."):]: v for k, v in state.items() if k.startswith("lora.")}
         result = set_peft_model_state_dict(self.body, lora)
         if getattr(result, "unexpected_keys", None):
-            raise ValueError(f"adapter has unexpected LoRA tensors {result.unexpected_keys[:3]}; was it saved by a different config?")
+            raise StateError(f"adapter has unexpected LoRA tensors {result.unexpected_keys[:3]}; was it saved by a different config?")
         self.head.load_state_dict({k[len("head."):]: v for k, v in state.items() if k.startswith("head.")})
 
     def save(self, directory: Path, extra: dict | None = None) -> None:
@@ -193,7 +194,7 @@ class TeacherModel(nn.Module):
 
         directory = Path(directory)
         if not (directory / ADAPTER).is_file():
-            raise ValueError(f"{directory} has no {ADAPTER}; run `leader-edge train --stage teacher` first")
+            raise StateError(f"{directory} has no {ADAPTER}; run `leader-edge train --stage teacher` first")
         meta = json.loads((directory / CONFIG).read_text(encoding="utf-8"))
         model = cls(TeacherConfig.from_dict(meta["teacher"]), meta["med_codes"])
         model.load_trainable_state(load_file(str(directory / ADAPTER)))

@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from leader_edge.cli import user_errors
+from leader_edge.errors import ConfigError
 from leader_edge.train.teacher_config import CPU_BACKBONE_LAYERS  # dataclasses only: no torch at import
 
 STAGES = ("teacher", "student", "all")
@@ -131,7 +132,7 @@ def _student_config(fields_: dict, path: Path | None):
     known = {f.name for f in fields(DistillConfig)}
     unknown = sorted(set(fields_) - known)
     if unknown:
-        raise ValueError(f"{path}: unknown [student] field(s) {unknown}; known: {sorted(known)}")
+        raise ConfigError(f"{path}: unknown [student] field(s) {unknown}; known: {sorted(known)}")
     return DistillConfig(**fields_)
 
 
@@ -154,7 +155,7 @@ def _show_prompt(data_dir: Path, config, n: int) -> None:
     ds = load_dataset(data_dir)
     train = dataset_splits(ds, seed=config.seed, train_per_visit=True, protocol=config.protocol)["train"]
     if not 0 <= n < len(train):
-        raise ValueError(f"--show-prompt {n}: the training split has {len(train)} samples; choose 0..{len(train) - 1}")
+        raise ConfigError(f"--show-prompt {n}: the training split has {len(train)} samples; choose 0..{len(train) - 1}")
     tok = load_tokenizer(config.teacher)
     ids = encode_prompt(ds, train[n], tok, max_history=config.max_history, max_tokens=config.max_tokens)
     click.echo(f"# sample {n} ({sample_key(train[n])}): {len(ids)} tokens with the appended EOS")

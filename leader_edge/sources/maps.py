@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.compute as pc
 
-from leader_edge.errors import DataError
+from leader_edge.errors import ConfigError, DataError
 from leader_edge.sources.tables import column_text, encode, read_header, read_table
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ def read_twosides(path: Path, *, side_effects: str = "least", top_k: int = DDI_T
         (distinct (cid_a, cid_b) pairs, {"rows", "rows_kept", "side_effect_types", "types_kept"}).
     """
     if side_effects not in DDI_SIDE_EFFECTS:
-        raise ValueError(f"side_effects={side_effects!r}; use one of {', '.join(DDI_SIDE_EFFECTS)}")
+        raise ConfigError(f"side_effects={side_effects!r}; use one of {', '.join(DDI_SIDE_EFFECTS)}")
     table = read_table(path, TWOSIDES_COLUMNS)
     effect, effects = encode(pc.binary_join_element_wise(
         column_text(table, "polypharmacy side effect"), column_text(table, "side effect name"), "\t"))

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from leader_edge.dataset import KINDS, Dataset, FilterLog, Visit
-from leader_edge.errors import DataError
+from leader_edge.errors import ConfigError, DataError
 from leader_edge.icd import icd_name
 from leader_edge.sources import maps
 from leader_edge.sources.tables import (
@@ -69,23 +69,23 @@ class PrepareConfig:
     def __post_init__(self) -> None:
         self.root = Path(self.root)
         if self.source not in SOURCES:
-            raise ValueError(f"source={self.source!r}; use one of {', '.join(SOURCES)}")
+            raise ConfigError(f"source={self.source!r}; use one of {', '.join(SOURCES)}")
         if self.med_level not in MED_LEVELS:
-            raise ValueError(f"med_level={self.med_level!r}; use one of {', '.join(MED_LEVELS)}")
+            raise ConfigError(f"med_level={self.med_level!r}; use one of {', '.join(MED_LEVELS)}")
         if self.ndc_rxcui is None:
-            raise ValueError("an NDC -> RXCUI map is required: add --ndc-rxcui FILE (GAMENet/SafeDrug ndc2rxnorm_mapping.txt)")
+            raise ConfigError("an NDC -> RXCUI map is required: add --ndc-rxcui FILE (GAMENet/SafeDrug ndc2rxnorm_mapping.txt)")
         if self.med_level == "atc3" and self.rxcui_atc is None:
-            raise ValueError("--med-level atc3 needs an RXCUI -> ATC4 map: add --rxcui-atc FILE (RXCUI2atc4.csv), "
+            raise ConfigError("--med-level atc3 needs an RXCUI -> ATC4 map: add --rxcui-atc FILE (RXCUI2atc4.csv), "
                              "or pass --med-level rxcui to keep RXCUI codes")
         if self.ddi_side_effects not in maps.DDI_SIDE_EFFECTS:
-            raise ValueError(f"ddi_side_effects={self.ddi_side_effects!r}; use one of {', '.join(maps.DDI_SIDE_EFFECTS)}")
+            raise ConfigError(f"ddi_side_effects={self.ddi_side_effects!r}; use one of {', '.join(maps.DDI_SIDE_EFFECTS)}")
         for name in ("top_diagnoses", "top_medications", "ddi_top_k"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 0 (0 keeps all)")
+                raise ConfigError(f"{name}={getattr(self, name)} must be >= 0 (0 keeps all)")
         if self.min_visits < 1:
-            raise ValueError(f"min_visits={self.min_visits} must be >= 1")
+            raise ConfigError(f"min_visits={self.min_visits} must be >= 1")
         if not 0 < self.sample_frac <= 1:
-            raise ValueError(f"sample_frac={self.sample_frac} must be in (0, 1]; LEADER used 0.15 on MIMIC-IV")
+            raise ConfigError(f"sample_frac={self.sample_frac} must be in (0, 1]; LEADER used 0.15 on MIMIC-IV")
         if not self.root.is_dir():
             raise DataError(self.root, "not a directory", fix=f"pass the folder holding the {self.source.upper()} tables as --root")
 
@@ -361,7 +361,7 @@ def prepare_mimic(cfg: PrepareConfig) -> Dataset:
                     patients=int((counts < cfg.min_visits).sum()))
         present &= ~few
     if not present.any():
-        raise RuntimeError(f"no visit of {cfg.root} survived the filters ({flog.steps}); check the map files and options")
+        raise ConfigError(f"no visit of {cfg.root} survived the filters ({flog.steps}); check the map files and options")
 
     order = [r for r in np.lexsort((adm.hadm, adm.time, adm.subject)) if present[r]]
     lists = {key: _lists(v, c, vals, n_adm) for key, v, c, vals in
@@ -405,7 +405,7 @@ def _ddi(cfg: PrepareConfig, vocab: set[str], flog: FilterLog) -> list[tuple[str
         flog.record("ddi.unmapped", "pair with a medication outside the dataset", rows=lost)
         return pairs
     if cfg.med_level != "atc3" or cfg.cid_atc is None:
-        raise ValueError(f"{cfg.ddi} is a TWOSIDES file (PubChem CIDs): it needs --med-level atc3 and --cid-atc FILE "
+        raise ConfigError(f"{cfg.ddi} is a TWOSIDES file (PubChem CIDs): it needs --med-level atc3 and --cid-atc FILE "
                          "(SafeDrug drug-atc.csv); or pass a med_a,med_b pairs file at your medication level")
     raw, stats = maps.read_twosides(cfg.ddi, side_effects=cfg.ddi_side_effects, top_k=cfg.ddi_top_k)
     flog.record("ddi.side_effects", f"side-effect type outside the kept {stats['types_kept']} of "
