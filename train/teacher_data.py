@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from leader_edge.dataset import Dataset, Sample
-from leader_edge.prompts import build_prompt
+from leader_edge.train.prompts import build_prompt
 
 log = logging.getLogger(__name__)
 

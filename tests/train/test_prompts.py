@@ -5,7 +5,7 @@ from datetime import datetime
 import pytest
 
 from leader_edge.dataset import Dataset, Sample, Visit
-from leader_edge.prompts import build_prompt, prompt_parts
+from leader_edge.train.prompts import build_prompt, prompt_parts
 
 
 def _visit(i: int, diag, proc, meds) -> Visit:
