@@ -9,6 +9,18 @@ imports this module (never the reverse).
     for chunk in read_patients(open("visits.csv", "rb"), "visits.csv"):   # visit_stream: VisitTable chunks
         result = bundle.predict(chunk)                   # one row per predicted visit
 
+In memory (a service): `Bundle.recommend` takes patients as lists of visit records (dicts or objects
+with patient_id, visit_id, visit_time, diagnoses, procedures, medications, profile), checks them
+with the reader's own contract (`visit_stream.read_records`: errors at the line each record would
+have in a visits file), encodes and scores them as `predict` does and returns what
+`predict --format jsonl` writes, one dict per visit:
+
+    bundle.recommend([[{"patient_id": "p1", "visit_id": "v1", "visit_time": "2100-01-01",
+                        "diagnoses": ["4019"], "procedures": [], "medications": [],
+                        "profile": {"insurance": "Medicare"}}]], top_k=10)
+    -> [{"patient_id": "p1", "visit_id": "v1", "medications": [...], "scores": {code: prob},
+         "ddi_warnings": [[a, b], ...], "unknown_codes": 0}]
+
 A bundle proves itself at load (`read_manifest`, then `Bundle.load`), and every refusal is a
 `DataError` naming the file, the manifest field and the fix (export again):
 1. manifest.json: a regular file, JSON, format `BUNDLE_FORMAT`; its `digest.sha256` is the sha256
@@ -326,6 +338,33 @@ class Bundle:
         prob, unknown = self.predict_proba(histories, batch_size=batch_size)
         written, over = read_counts(self.encoder, histories)
         return Scored(pids, vids, prob, unknown + over, over, written)
+
+
+    def recommend(self, patients, *, all_visits: bool = False, threshold: float | None = None,
+                  top_k: int | None = None, source: str = "request") -> list[dict]:
+        """The in-memory scoring API: what `predict --format jsonl` writes for these patients.
+
+        Args:
+            patients: lists of visit records (see `visit_stream.read_records`), one list per patient,
+                oldest visit first; checked by the same reader contract as a visits file.
+            all_visits: one record per visit (each with the visits before it), not per patient.
+            threshold, top_k: the recommended set (default: the bundle's threshold).
+            source: the name errors give instead of a file name.
+
+        Returns:
+            One dict per scored visit, in input order: patient_id, visit_id, medications (the
+            recommended codes, most probable first), scores ({code: probability at 4 decimals} for
+            every code that rounds above 0, most probable first), ddi_warnings ([[a, b], ...] pairs
+            inside the recommendation), unknown_codes (codes the model did not read).
+
+        Raises:
+            DataError: a record the reader refuses, located at the line it would have in a visits file.
+        """
+        from leader_edge.formatting import format_rows
+        from leader_edge.visit_stream import read_records
+
+        scored = self.predict(read_records(patients, source), all_visits=all_visits)
+        return list(format_rows(self, scored, fmt="jsonl", threshold=threshold, top_k=top_k))
 
 
 def read_counts(encoder: Encoder, histories: list[list[RawVisit]]) -> tuple[np.ndarray, np.ndarray]:

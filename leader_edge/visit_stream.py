@@ -1,6 +1,7 @@
 """Streaming reader of a visits CSV for `predict`: rows grouped into patients, validated as they pass.
 
-Torch-free and Dataset-free: the bedside runtime (`leader_edge.runtime`) reads through this. Rows are
+Torch-free and Dataset-free: the bedside runtime (`leader_edge.runtime`) reads through this, and
+`read_records` puts in-memory visit records (a service's request) through the same checks. Rows are
 grouped by patient as they arrive and handed on in chunks (`CHUNK_PATIENTS`), so memory is set by the
 chunk size, except for the file-wide checks: repeated visit ids and split patients are found through
 64-bit hashes (`_SeenIds`, ~60 bytes per row). A patient's visits must therefore be contiguous and
@@ -25,10 +26,10 @@ import csv
 import operator
 import re
 from collections import deque
-from collections.abc import Iterator
-from datetime import datetime
+from collections.abc import Iterator, Mapping, Sequence
+from datetime import date, datetime
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import numpy as np
 
@@ -111,9 +112,102 @@ def read_patients(stream: IO[bytes], path: str, *, chunk_patients: int = CHUNK_P
     csv.field_size_limit(MAX_FIELD)
     source = _Lines(stream, path)
     try:
-        yield from _Reader(source, path, chunk_patients).chunks()
+        reader = csv.reader(source)
+        yield from _Reader(next(reader, None), path, chunk_patients).chunks(source, reader)
     except csv.Error as e:  # in the header (the rows' errors are named in `_Reader.chunks`)
         raise _csv_error(e, source, path, start=1) from None
+
+
+def read_records(patients: Sequence[Sequence[Any]], source: str = "request") -> VisitTable:
+    """In-memory patients through the checks of `read_patients`: one `VisitTable` of them all.
+
+    Args:
+        patients: P lists of visit records, each a mapping or an object (`RawVisit`, `dataset.Visit`)
+            with `patient_id`, `visit_id`, `visit_time` (ISO text, or a datetime/date; `time` on a
+            `dataset.Visit`), `diagnoses`, `procedures`, `medications` (lists of codes, or the
+            file's `a;b;c` text) and optionally `profile` (a mapping or (field, value) pairs). A
+            patient's records share its id and are in time order, as rows of a visits file.
+        source: the name errors give instead of a file name.
+
+    Raises:
+        DataError: what `read_patients` refuses in a file, at the line the record would have in the
+            equivalent visits CSV (header on line 1: patients[i][j] is line 2 + the number of records
+            before it), and records that are not visit records: a missing field, a value that is not
+            text, a code holding ';', a list that mixes patient ids or repeats the previous patient's.
+    """
+    rows: list[list[str]] = []
+    profiles: list[dict[str, str]] = []
+    fields: dict[str, None] = {}
+    previous = None
+    for number, visits in enumerate(patients, start=1):
+        first = len(rows) + 2
+        if not visits:
+            raise DataError(source, f"patient {number} of the list has no visits", line=first,
+                            fix="give every patient at least its current visit")
+        for record in visits:
+            line = len(rows) + 2
+            row, profile = _record_row(record, source, line)
+            if rows and line > first and row[0] != rows[first - 2][0]:
+                raise DataError(source, f"patient_id {row[0]!r} differs from {rows[first - 2][0]!r}, the id of the "
+                                        f"patient's first visit on line {first}", line=line, column="patient_id",
+                                fix="give one patient's visits in one list")
+            if line == first and row[0] == previous:
+                raise DataError(source, f"patient_id {row[0]!r} is also the previous patient's", line=line,
+                                column="patient_id", fix="give each patient's visits in one list")
+            rows.append(row)
+            profiles.append(profile)
+            fields.update(dict.fromkeys(profile))
+        previous = rows[-1][0]
+    if not rows:
+        raise DataError(source, "no patients", fix="pass at least one patient with its current visit")
+    for row, profile in zip(rows, profiles):
+        row.extend(profile.get(f, "") for f in fields)
+    reader = _Reader([*VISIT_COLUMNS, *(PROFILE_PREFIX + f for f in fields)], source, len(rows))
+    reader.nul = any("\0" in field for row in rows for field in row)
+    long = next((i for i, row in enumerate(rows) if max(map(len, row)) > MAX_FIELD), None)
+    if long is not None:
+        raise DataError(source, f"a field is longer than the limit of {MAX_FIELD:,} characters", line=long + 2,
+                        fix="shorten this visit's code lists (the model reads the first few dozen codes of a visit)")
+    reader._block(rows, list(range(2, len(rows) + 2)))
+    return reader._take(len(rows))
+
+
+def _record_row(record: Any, source: str, line: int) -> tuple[list[str], dict[str, str]]:
+    """A visit record as the text fields of a visits-file row (`VISIT_COLUMNS` order) and its profile."""
+    def get(name: str, default: Any = None) -> Any:
+        if isinstance(record, Mapping):
+            return record.get(name, default)
+        return getattr(record, name, default)
+
+    def text(name: str, value: Any) -> str:
+        if isinstance(value, (datetime, date)) and name == "visit_time":
+            return value.isoformat()
+        if isinstance(value, int) and not isinstance(value, bool) and name != "visit_time":
+            return str(value)
+        if not isinstance(value, str):
+            raise DataError(source, f"{name} is {type(value).__name__} {value!r}, not text", line=line, column=name,
+                            fix=f"give every visit record a {name}" if value is None else f"write the {name} as text")
+        return value
+
+    time = get("visit_time")
+    row = [text("patient_id", get("patient_id")), text("visit_id", get("visit_id")),
+           text("visit_time", get("time") if time is None else time)]
+    for column in CODE_COLUMNS:
+        codes = get(column, ())
+        if isinstance(codes, str):
+            row.append(codes)
+            continue
+        if not all(isinstance(c, str) for c in codes):
+            raise DataError(source, f"{column} holds a code that is not text", line=line, column=column,
+                            fix="give codes as strings")
+        bad = next((c for c in codes if ";" in c), None)
+        if bad is not None:
+            raise DataError(source, f"code {bad!r} contains ';'", line=line, column=column,
+                            fix="give one code per list element")
+        row.append(";".join(codes))
+    profile = get("profile") or {}
+    items = profile.items() if isinstance(profile, Mapping) else profile
+    return row, {str(k): text(PROFILE_PREFIX + str(k), v) for k, v in items}
 
 
 def _csv_error(e: csv.Error, source: _Lines, path: str, *, start: int) -> DataError:
@@ -204,11 +298,10 @@ class _Reader:
     them goes through the row-by-row checks (`_slow`), which name the first bad row exactly as a
     row-at-a-time reader would. Valid rows accumulate as columns until a chunk is full."""
 
-    def __init__(self, source: _Lines, path: str, chunk_patients: int) -> None:
-        self.source, self.path, self.chunk_patients = source, path, chunk_patients
-        self.reader = csv.reader(source)
-        header = next(self.reader, None)
+    def __init__(self, header: list[str] | None, path: str, chunk_patients: int) -> None:
+        self.path, self.chunk_patients = path, chunk_patients
         check_header(header, VISIT_COLUMNS, Path(path), extra_prefix=PROFILE_PREFIX)
+        self.nul = False  # a NUL byte was seen: every row goes through `_slow` from then on
         col = {c: i for i, c in enumerate(header)}
         self.header, self.width = header, len(header)
         self.i_pid, self.i_vid, self.i_time = col["patient_id"], col["visit_id"], col["visit_time"]
@@ -229,9 +322,10 @@ class _Reader:
         self.values: list[list[str]] = [[] for _ in self.profile]
         self.patient_starts: list[int] = []
 
-    def chunks(self) -> Iterator[VisitTable]:
-        source = self.source
+    def chunks(self, source: _Lines, reader) -> Iterator[VisitTable]:
+        """The rows of `source` (after the header `reader`, a csv.reader over it, has taken) as chunks."""
         while source.pending or source.fill():
+            self.nul = source.nul
             first = source.number + 1
             rows = source.take_plain()
             if rows is not None:
@@ -241,7 +335,7 @@ class _Reader:
                 try:
                     while source.pending:
                         lines.append(source.number + 1)
-                        rows.append(next(self.reader))
+                        rows.append(next(reader))
                 except csv.Error as e:
                     self._block(rows, lines[: len(rows)])  # the rows above the error are checked first
                     raise _csv_error(e, source, self.path, start=lines[len(rows)]) from None
@@ -258,7 +352,7 @@ class _Reader:
 
     def _block(self, rows: list[list[str]], lines: list[int]) -> None:
         # `_fast` does not look for NUL: once the file has shown one, every row goes through `_slow`.
-        if rows and (self.source.nul or not self._fast(rows, lines)):
+        if rows and (self.nul or not self._fast(rows, lines)):
             self._slow(rows, lines)
 
     def _fast(self, rows: list[list[str]], lines: list[int]) -> bool:

@@ -215,3 +215,61 @@ def test_runtime_imports_no_torch(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def _records(text: str) -> list[list[dict]]:
+    """A visits CSV as in-memory patients: lists of visit dicts, codes as lists."""
+    import csv
+
+    patients: dict[str, list[dict]] = {}
+    for row in csv.DictReader(io.StringIO(text)):
+        patients.setdefault(row["patient_id"], []).append(
+            {**{k: row[k] for k in ("patient_id", "visit_id", "visit_time")},
+             **{k: row[k].split(";") if row[k] else [] for k in ("diagnoses", "procedures", "medications")},
+             "profile": {"insurance": row["profile_insurance"]}})
+    return list(patients.values())
+
+
+@pytest.mark.parametrize("options", [{}, {"all_visits": True, "top_k": 2}, {"threshold": 0.9}])
+def test_runtime_recommend_equals_predict_jsonl(bundle, tmp_path, options):
+    from leader_edge.predict_file import predict_file
+
+    text = HEADER + ("p1,v1,2100-01-01,D1;D2,P1,M1,Private\np1,v2,2100-02-01T08:00:00,D1;X9,,,Private\n"
+                     "p2,v3,2100-01-01,D1;D2;D3,P2,M5,Medicare\np3,v4,2100-01-01,,,,\n")
+    (tmp_path / "v.csv").write_text(text)
+    predict_file(bundle, str(tmp_path / "v.csv"), str(tmp_path / "r.jsonl"), fmt="jsonl", **options)
+    written = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    got = bundle.recommend(_records(text), **options)
+    assert got == written and len(got) == (4 if options.get("all_visits") else 3)
+    assert got[0]["unknown_codes"] == (0 if options.get("all_visits") else 1)
+
+
+@pytest.mark.parametrize("change, line, column, message", [
+    ({"visit_time": "2099-12-31"}, 3, "visit_time", "earlier than the patient's previous visit"),
+    ({"visit_time": "01/02/2100"}, 3, "visit_time", "ISO 8601"),
+    ({"diagnoses": ["D1", "D2;D3"]}, 3, "diagnoses", "contains ';'"),
+    ({"diagnoses": ["D1", ""]}, 3, "diagnoses", "empty element"),
+    ({"diagnoses": ["D 1"]}, 3, "diagnoses", "whitespace"),
+    ({"visit_id": "v1"}, 3, "visit_id", "already used on line 2"),
+    ({"visit_id": "=cmd()"}, 3, "visit_id", "formula"),
+    ({"patient_id": "p2"}, 3, "patient_id", "differs from 'p1'"),
+    ({"visit_id": None}, 3, "visit_id", "not text"),
+])
+def test_runtime_recommend_refuses_what_the_reader_refuses(bundle, change, line, column, message):
+    patients = _records(HEADER + "p1,v1,2100-01-01,D1,,,Private\np1,v2,2100-02-01,D2,,,Private\np2,v3,2100-01-01,D1,,,\n")
+    patients[0][1].update(change)
+    with pytest.raises(DataError, match=message) as e:
+        bundle.recommend(patients)
+    assert (e.value.path, e.value.line, e.value.column) == ("request", line, column) and e.value.fix
+
+
+def test_runtime_recommend_refuses_empty_and_split_patients(bundle):
+    visit = {"patient_id": "p1", "visit_id": "v1", "visit_time": "2100-01-01"}
+    with pytest.raises(DataError, match="no patients"):
+        bundle.recommend([])
+    with pytest.raises(DataError, match="patient 2 of the list has no visits"):
+        bundle.recommend([[visit], []])
+    with pytest.raises(DataError, match="also the previous patient's"):
+        bundle.recommend([[visit], [{**visit, "visit_id": "v2", "visit_time": "2100-01-02"}]])
+    (one,) = bundle.recommend([[visit]])  # no codes, no profile: scored on the bias alone
+    assert one["visit_id"] == "v1" and one["unknown_codes"] == 0
