@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -144,9 +143,10 @@ def predict(model: TeacherModel, states: list[torch.Tensor], offsets: np.ndarray
 
 
 def _progress(total: int, desc: str, rank: int):
-    from tqdm import tqdm
+    """Token progress of the teacher's passes: drawn by rank 0 only (`leader_edge.progress`)."""
+    from leader_edge.progress import progress
 
-    return tqdm(total=total, desc=desc, unit="tok", unit_scale=True, file=sys.stderr, disable=rank != 0, dynamic_ncols=True)
+    return progress(total, desc=desc, unit="tok", enabled=rank == 0)
 
 
 def run_teacher_stage(
@@ -239,7 +239,6 @@ def _teacher_stage(data_dir: Path, run_dir: Path, config: TeacherConfig, *, resu
         state, best = load_checkpoint(ckpt, model, opt)
         log.info("resumed after epoch %d (best validation PRAUC %.4f)", state["epoch"], state["best_prauc"])
     y_val = enc["val"].labels.astype(bool)
-    pad = model.tokenizer.pad_token_id
     autocast = config.bf16 and device.type == "cuda"
     while state["epoch"] < config.epochs and state["bad"] < config.patience:
         epoch = state["epoch"]

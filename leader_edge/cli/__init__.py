@@ -62,7 +62,9 @@ class LazyGroup(click.Group):
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", prog_name="leader-edge")
 @click.option("-v", "--verbose", count=True, help="More log output on stderr (-vv for debug).")
-def main(verbose: int) -> None:
+@click.option("-q", "--quiet", is_flag=True, envvar="LEADER_EDGE_QUIET",
+              help="No progress bars (they are drawn only on a terminal anyway).")
+def main(verbose: int, quiet: bool) -> None:
     """Medication recommendation distilled from an LLM, runnable at the bedside.
 
     \b
@@ -73,5 +75,9 @@ def main(verbose: int) -> None:
       leader-edge export runs/r1 --out bundle --int8
       leader-edge predict --bundle bundle --input visits.csv --output recs.csv
     """
+    if quiet:
+        from leader_edge.progress import QUIET_ENV
+
+        os.environ[QUIET_ENV] = "1"  # read by every progress bar, in this process and its children
     level = os.environ.get("LEADER_EDGE_LOG_LEVEL") or ("DEBUG" if verbose > 1 else "INFO" if verbose else "WARNING")
     logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
