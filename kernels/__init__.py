@@ -31,7 +31,7 @@ import torch
 from . import reference
 from .reference import EMBEDDING_BAG_MODES
 
-__all__ = ["BACKENDS", "EMBEDDING_BAG_MODES", "EmbeddingBag", "LinearSigmoid", "embedding_bag", "linear_bce_with_logits", "linear_sigmoid", "reference"]
+__all__ = ["BACKENDS", "EMBEDDING_BAG_MODES", "EmbeddingBag", "LinearSigmoid", "embedding_bag", "linear_bce_with_logits", "linear_sigmoid", "reference", "WideMaxHead", "wide_max_head", "wide_max_head_loss"]
 
 BACKENDS = ("auto", "triton", "torch")
 _log = logging.getLogger(__name__)
@@ -77,6 +77,19 @@ def _check_same_device(*tensors: torch.Tensor | None) -> torch.device:
     return devices.pop()
 
 
+def _check_codes(op: str, codes: torch.Tensor, num_rows: int) -> None:
+    """Refuse a code >= num_rows, the same ValueError on every device.
+
+    Checked on the host before any launch: an unchecked code would read out of bounds in the kernel
+    (it skips such codes) but raise in the CPU reference, so CPU and CUDA would disagree. On CUDA the
+    check is one max-reduction and one host sync per call (a few microseconds of launch-queue stall);
+    Triton's device_assert would need TRITON_DEBUG=1 and kills the CUDA context instead of raising.
+    """
+    if codes.numel() and int(codes.max()) >= num_rows:
+        raise ValueError(f"{op}: code {int(codes.max())} is out of range for a table with V = {num_rows} "
+                         "rows; encode codes against the same vocabulary as the table")
+
+
 def embedding_bag(weight: torch.Tensor, codes: torch.Tensor, mode: str = "sum", backend: str = "auto") -> torch.Tensor:
     """Sum or mean of the rows of `weight` named by each bag of `codes`, in one pass.
 
@@ -93,7 +106,7 @@ def embedding_bag(weight: torch.Tensor, codes: torch.Tensor, mode: str = "sum", 
         which switches to a sorted, bit-reproducible segment reduction.
 
     Raises:
-        ValueError: bad shapes, dtypes, mode or backend, or (CPU tensors) a code >= V.
+        ValueError: bad shapes, dtypes, mode or backend, or a code >= V (on every device).
     """
     if mode not in EMBEDDING_BAG_MODES:
         raise ValueError(f"mode={mode!r} is not one of {EMBEDDING_BAG_MODES}")
@@ -103,13 +116,7 @@ def embedding_bag(weight: torch.Tensor, codes: torch.Tensor, mode: str = "sum", 
         raise ValueError(f"codes must be int64 [B, L] padded with -1, got {codes.dtype} {tuple(codes.shape)}; "
                          "convert with codes.long()")
     device = _check_same_device(weight, codes)
-    num_rows = weight.shape[0]
-    # Checked on CPU only: on CUDA, reading codes.max() is a host sync per call that stalls the launch
-    # queue. There the reference's gather raises a device-side assert, and the kernel reads nothing
-    # for such a code (and asserts under TRITON_DEBUG=1).
-    if device.type == "cpu" and codes.numel() and int(codes.max()) >= num_rows:
-        raise ValueError(f"embedding_bag: code {int(codes.max())} is out of range for weight with V = {num_rows} "
-                         "rows; encode codes against the same vocabulary as the table")
+    _check_codes("embedding_bag", codes, weight.shape[0])
     op = _triton_op("embedding_bag", backend, device)
     if op is None:
         return reference.embedding_bag(weight, codes, mode)
@@ -172,4 +179,73 @@ def linear_bce_with_logits(
     return op.LinearBCEWithLogitsFunction.apply(x, weight.to(x.dtype), bias, target.detach())
 
 
-from .modules import EmbeddingBag, LinearSigmoid  # noqa: E402 - the modules call the functions above
+def _check_head(h, weight, bias, table, codes, extra, target=None) -> torch.device:
+    """Shapes, dtypes, devices and codes of a wide_max_head call (see `wide_max_head`)."""
+    _check_linear(h, weight, bias)
+    b, m = h.shape[0], weight.shape[0]
+    if table is not None:
+        if table.dim() != 2 or table.shape[1] != m or not table.is_floating_point():
+            raise ValueError(f"table must be float [V, M] with M = {m}, got {table.dtype} {tuple(table.shape)}")
+        if codes is None or codes.dim() != 2 or codes.shape[0] != b or codes.dtype != torch.int64:
+            raise ValueError(f"codes must be int64 [B, L] with B = {b}, padded with -1, got "
+                             f"{None if codes is None else (codes.dtype, tuple(codes.shape))}; convert with codes.long()")
+        _check_codes("wide_max_head", codes, table.shape[0])
+    for name, t in (("extra", extra), ("target", target)):
+        if t is not None and (tuple(t.shape) != (b, m) or not t.is_floating_point()):
+            raise ValueError(f"{name} must be float [B, M] = [{b}, {m}], got {t.dtype} {tuple(t.shape)}")
+    return _check_same_device(h, weight, bias, table, codes if table is not None else None, extra, target)
+
+
+def wide_max_head(
+    h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, table: torch.Tensor | None,
+    codes: torch.Tensor | None, extra: torch.Tensor | None = None, sigmoid: bool = False, backend: str = "auto",
+) -> torch.Tensor:
+    """The student's scoring head in one pass: h @ weight.T + bias + (max over each bag's codes of
+    their `table` rows) + extra, logits or (`sigmoid`) probabilities, all in fp32 registers.
+
+    Args:
+        h: float [B, D] hidden states. weight: [M, D] (cast to h.dtype by the Triton path). bias: [M] or None.
+        table: float [V, M] per-code logit rows (the wide path; it gets the gradient of the max's
+            slots, split evenly among ties as torch's amax does), or None for the linear head alone.
+        codes: int64 [B, L] rows of `table`, -1 padded; a bag without a code adds 0.
+        extra: float [B, M] per-row logits (the counting prior), or None; differentiable.
+        sigmoid: return probabilities (inference) instead of logits.
+        backend: "auto", "triton" or "torch".
+
+    Returns:
+        [B, M] in `h.dtype`; differentiable in h, weight, bias, table and extra.
+
+    Raises:
+        ValueError: bad shapes or dtypes, or a code >= V (on every device).
+    """
+    op = _triton_op("wide_max_head", backend, _check_head(h, weight, bias, table, codes, extra))
+    if op is None:
+        return reference.wide_max_head(h, weight, bias, table, codes, extra, sigmoid)
+    return op.WideMaxHeadFunction.apply(h, weight.to(h.dtype), bias, table, codes, extra, sigmoid)
+
+
+def wide_max_head_loss(
+    h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, table: torch.Tensor | None,
+    codes: torch.Tensor | None, extra: torch.Tensor | None, target: torch.Tensor, backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training form of `wide_max_head`: mean BCE-with-logits against `target`, without the logits.
+
+    The Triton path keeps, per [B, M] element, the fp32 probability (returned: the batch's y_prob)
+    and, when the table needs a gradient, the max and its tie count; backward derives
+    dlogits = p - y from them. Nothing [B, L, M] is built in either direction.
+
+    Args:
+        as `wide_max_head`; target: float [B, M] in [0, 1] (no gradient flows to it).
+
+    Returns:
+        (fp32 scalar loss, mean over all B * M elements (NaN when B * M == 0, as in torch);
+        fp32 [B, M] probabilities, not differentiable).
+    """
+    device = _check_head(h, weight, bias, table, codes, extra, target)
+    op = _triton_op("wide_max_head", backend, device)
+    if op is None:
+        return reference.wide_max_head_loss(h, weight, bias, table, codes, extra, target)
+    return op.WideMaxHeadLossFunction.apply(h, weight.to(h.dtype), bias, table, codes, extra, target.detach())
+
+
+from .modules import EmbeddingBag, LinearSigmoid, WideMaxHead  # noqa: E402 - the modules call the functions above

@@ -15,6 +15,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from leader_edge.kernels import triton_embedding_bag as bag  # noqa: E402
 from leader_edge.kernels import triton_linear_bce_with_logits as bce  # noqa: E402
 from leader_edge.kernels import triton_linear_sigmoid as sig  # noqa: E402
+from leader_edge.kernels import triton_wide_max_head as head  # noqa: E402
 
 I, C = "i32", "constexpr"
 MATMUL = dict(B=I, M=I, D=I, B_BUCKET=I)
@@ -47,6 +48,17 @@ def cases(p: str):
         stride_x_b=I, stride_weight_m=I, stride_target_b=I, stride_dlogits_b=I,
         HAS_BIAS=C, WRITE_GRAD=C, UPCAST=C, BLOCK_B=C, BLOCK_M=C, BLOCK_K=C),\
         dict(HAS_BIAS=True, WRITE_GRAD=True, UPCAST=False, **TILES)
+    head_args = dict(h_ptr=p, weight_ptr=p, bias_ptr=p, table_ptr=p, codes_ptr="*i64", extra_ptr=p, target_ptr="*fp32",
+                     out_ptr=p, best_ptr="*fp32", ties_ptr="*fp32", partial_ptr="*fp32", B=I, M=I, D=I, L=I, B_BUCKET=I,
+                     stride_h_b=I, stride_weight_m=I, stride_table_v=I, stride_codes_b=I, HAS_BIAS=C, HAS_WIDE=C,
+                     HAS_EXTRA=C, SIGMOID=C, LOSS=C, SAVE_WIDE=C, UPCAST=C, BLOCK_B=C, BLOCK_M=C, BLOCK_K=C)
+    for loss in (False, True):  # inference (sigmoid, nothing saved) and training (loss, max and ties saved)
+        yield head._wide_max_head_forward_kernel, {**head_args, "out_ptr": "*fp32" if loss else p}, dict(
+            HAS_BIAS=True, HAS_WIDE=True, HAS_EXTRA=True, SIGMOID=not loss, LOSS=loss, SAVE_WIDE=loss, UPCAST=False, **TILES)
+    yield head._wide_max_head_backward_kernel, dict(
+        dlogits_ptr="*fp32", scale_ptr="*fp32", table_ptr=p, codes_ptr="*i64", best_ptr="*fp32", ties_ptr="*fp32",
+        grad_table_ptr="*fp32", B=I, M=I, L=I, stride_table_v=I, stride_codes_b=I, BLOCK_B=C, BLOCK_M=C),\
+        dict(BLOCK_B=32, BLOCK_M=64)
 
 
 def main() -> None:
