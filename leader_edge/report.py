@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -39,6 +37,7 @@ from leader_edge import metrics
 from leader_edge.baselines import fit_frequency_baseline
 from leader_edge.dataset import Dataset, Sample, dataset_splits, get_protocol, load_dataset
 from leader_edge.errors import StateError
+from leader_edge.files import atomic_write_text
 from leader_edge.recs import prediction_matrices, read_predictions
 
 log = logging.getLogger(__name__)
@@ -60,17 +59,6 @@ def _read_json(path: Path) -> dict:
         return {}
     except json.JSONDecodeError as e:
         raise StateError(f"{path} is not valid JSON ({e.msg}, line {e.lineno}); re-run the stage that wrote it") from None
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def seed_dirs(run_dir: Path, name: str, first_seed: int, seeds: list[int] | None = None) -> dict[int, Path]:
@@ -344,6 +332,6 @@ def write_report(run_dir: Path, data_dir: Path | None = None, *, protocol: str |
                           "models": models, "comparisons": comparisons, "goal": goal})
     plot_training_curves(run_dir, run_dir / "training-curves.png")
     plot_metrics_by_group(result["models"], run_dir / "metrics-by-group.png", GROUPS)
-    _atomic_write(run_dir / "report.md", render_markdown(models, comparisons, goal, run_dir, data_dir, proto, seeds))
-    _atomic_write(run_dir / "metrics.json", json.dumps(result, indent=2) + "\n")
+    atomic_write_text(run_dir / "report.md", render_markdown(models, comparisons, goal, run_dir, data_dir, proto, seeds))
+    atomic_write_text(run_dir / "metrics.json", json.dumps(result, indent=2) + "\n")
     return result

@@ -7,10 +7,11 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
+
+from leader_edge.files import atomic_file
 
 # Fixed per model so a reader can match bars to curves across figures and runs.
 MODEL_COLORS = {"frequency": "#7f7f7f", "student-nodistill": "#1f77b4", "student": "#d62728", "teacher": "#2ca02c"}
@@ -85,10 +86,8 @@ def plot_metrics_by_group(models: dict[str, dict], path: Path, groups: tuple[str
 def save_figure(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    tmp = path.with_name(f".{path.name}.tmp.png")
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, dpi=110)
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)

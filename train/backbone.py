@@ -11,20 +11,16 @@ train/teacher_config.py for why the CPU default needs it).
 
 from __future__ import annotations
 
-import fcntl
 import importlib.util
 import json
 import logging
 import os
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
-from leader_edge.dataset import atomic_directory
 from leader_edge.errors import ConfigError, StateError
-from leader_edge.runtime import sha256
+from leader_edge.files import atomic_directory, file_lock, sha256
 
 log = logging.getLogger(__name__)
 
@@ -52,18 +48,6 @@ def smollm2_gguf() -> Path:
     return path
 
 
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive lock file, so concurrent runs convert once and never read a half-written dir."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def smollm2_dir() -> Path:
     """SmolLM2 as a safetensors directory under the cache, converted from the GGUF on first use (~20 s).
 
@@ -74,7 +58,7 @@ def smollm2_dir() -> Path:
     root = cache_dir()
     out = root / SMOLLM2_DIR
     stamp = out / "leader-edge.json"
-    with _locked(root / f"{SMOLLM2_DIR}.lock"):
+    with file_lock(root / f"{SMOLLM2_DIR}.lock"):  # concurrent runs convert once, never read a half-written dir
         digest = sha256(gguf)  # 0.3 s for the 98 MB file
         if stamp.is_file() and json.loads(stamp.read_text()).get("gguf_sha256") == digest:
             return out

@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from leader_edge.errors import ConfigError
+from leader_edge.files import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -74,14 +73,8 @@ def cached_name_vectors(path: Path, keys: list[str], names: list[str], spec: str
                 return f.get_tensor("vectors")
         log.info("%s was computed for other codes or another teacher; recomputing", path)
     vectors = name_vectors(names, spec, method=method, layers=layers).astype(np.float32)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({"vectors": vectors}, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp:
+        save_file({"vectors": vectors}, str(tmp), metadata=meta)
     return vectors
 
 

@@ -382,7 +382,7 @@ def _finish(model, ds, enc, offsets, tune_states, val_states, mine, val_mine, ou
     save_file({"train": torch.from_numpy(f_train), "val": torch.from_numpy(f_val), "test": torch.from_numpy(f_test)},
               str(tmp), metadata={"keys": json.dumps(keys), "hidden_size": str(model.hidden_size)})
     tmp.replace(out / FEATURES)
-    from leader_edge.runtime import sha256
+    from leader_edge.files import sha256
 
     # Checked before reuse (`distill.load_teacher_features`): a damaged or swapped file is refused.
     result["files"] = {name: sha256(out / name) for name in (FEATURES, ADAPTER)}

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from leader_edge.dataset import atomic_directory
+from leader_edge.files import atomic_directory
 from leader_edge.errors import StateError
 
 
