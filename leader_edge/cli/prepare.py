@@ -14,7 +14,7 @@ _FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 
 @click.command()
 @click.argument("source", type=click.Choice(["mimic3", "mimic4"]))
-@click.option("--root", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path), envvar="LEADER_EDGE_MIMIC_ROOT",
+@click.option("--root", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Folder with the MIMIC tables (MIMIC-IV: the folder holding hosp/, or hosp/ itself).")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Dataset directory to write (replaced only if it already holds a leader-edge dataset).")

@@ -13,7 +13,7 @@ from leader_edge.cli import user_errors
 @click.command()
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Directory to write (replaced only if an earlier synth run wrote it).")
-@click.option("--patients", default=2000, show_default=True, type=click.IntRange(min=1), envvar="LEADER_EDGE_PATIENTS",
+@click.option("--patients", default=2000, show_default=True, type=click.IntRange(min=1),
               help="Number of patients (MIMIC-III has ~46,000).")
 @click.option("--seed", default=42, show_default=True, type=click.IntRange(min=0), help="Same seed, same files.")
 @click.option("--format", "fmt", default="dataset", show_default=True, type=click.Choice(["dataset", "mimic3"]),
