@@ -59,7 +59,11 @@ class LazyGroup(click.Group):
             formatter.write_dl(list(COMMANDS.items()))
 
 
-@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+# Environment fallbacks, one rule: every option of every command reads LEADER_EDGE_<COMMAND>_<OPTION>
+# (e.g. LEADER_EDGE_SYNTH_PATIENTS=500, LEADER_EDGE_PREDICT_TOP_K=5); an option naming the same thing in
+# several commands has one shared name instead: LEADER_EDGE_BUNDLE, _TRUST, _DATA, _CONFIG, _TEACHER.
+# Process-wide settings: LEADER_EDGE_QUIET, LEADER_EDGE_LOG_LEVEL, LEADER_EDGE_CACHE (the model cache).
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "LEADER_EDGE"})
 @click.version_option(__version__, "--version", prog_name="leader-edge")
 @click.option("-v", "--verbose", count=True, help="More log output on stderr (-vv for debug).")
 @click.option("-q", "--quiet", is_flag=True, envvar="LEADER_EDGE_QUIET",
