@@ -22,6 +22,7 @@ COMMANDS = {
     "evaluate": "Score recommendations (a file, a baseline, or a trained run).",
     "export": "Export a trained student to a validated (int8) ONNX bundle.",
     "predict": "Recommend medications from a bundle and a visits CSV (torch-free).",
+    "serve": "Serve a bundle over HTTP: JSON and FHIR input, metrics, bundle swap (torch-free).",
 }
 
 

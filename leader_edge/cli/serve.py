@@ -1,0 +1,68 @@
+"""`leader-edge serve`: the bundle behind HTTP (Starlette on uvicorn), without torch."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+
+from leader_edge.cli import user_errors
+
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+@click.command()
+@click.option("--bundle", required=True, envvar="LEADER_EDGE_BUNDLE",
+              type=click.Path(exists=True, file_okay=False, path_type=Path), help="Bundle directory from `leader-edge export`.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback unless you say otherwise).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--token-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="File holding the bearer token every route but /healthz and /readyz requires (or set "
+                   "LEADER_EDGE_SERVE_TOKEN; never on the command line, where `ps` shows it).")
+@click.option("--trust", envvar="LEADER_EDGE_TRUST", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Ed25519 public key (PEM): serve, and swap to, only bundles signed by it.")
+@click.option("--max-body-bytes", default=1 << 20, show_default=True, type=click.IntRange(min=1024), help="Largest request body.")
+@click.option("--max-batch", default=256, show_default=True, type=click.IntRange(min=1), help="Most patients per request.")
+@click.option("--threads", default=1, show_default=True, type=click.IntRange(min=0),
+              help="onnxruntime threads per model call (0: all cores).")
+@user_errors
+def serve(bundle: Path, host: str, port: int, token_file: Path | None, trust: Path | None, max_body_bytes: int,
+          max_batch: int, threads: int) -> None:
+    """Serve recommendations over HTTP: POST /v1/recommend (JSON visits), POST /v1/recommend/fhir
+    (a FHIR R4 Bundle), GET /healthz /readyz /metrics /openapi.json, POST /admin/reload.
+
+    The bundle proves itself at start (as for `predict`). SIGHUP (or POST /admin/reload with the
+    token) swaps to the bundle now at --bundle, or at {"bundle": PATH}, without dropping a request;
+    a bundle that fails its proof is refused and the old one serves on. SIGTERM/SIGINT stop taking
+    connections, finish the requests in flight, then exit.
+
+    \b
+    Examples:
+      leader-edge serve --bundle bundle
+      LEADER_EDGE_SERVE_TOKEN=s3cret leader-edge serve --bundle bundle --host 0.0.0.0 --port 8080
+      curl -s localhost:8000/v1/recommend -H 'Content-Type: application/json' -d '{"patient": {"patient_id": "p1",
+        "visits": [{"visit_id": "v1", "visit_time": "2100-01-01", "diagnoses": ["4019"]}]}}'
+    """
+    import logging
+
+    import uvicorn
+
+    from leader_edge.serve.app import ServeConfig, create_app
+    from leader_edge.serve.model import Model
+
+    token = token_file.read_text(encoding="utf-8").strip() if token_file else os.environ.get("LEADER_EDGE_SERVE_TOKEN") or None
+    if token_file and not token:
+        raise click.ClickException(f"{token_file} is empty; write the bearer token in it")
+    if host not in LOOPBACK and token is None:
+        click.echo(f"warning: listening on {host} without a token: anyone who reaches it can call it "
+                   "(--token-file or LEADER_EDGE_SERVE_TOKEN)", err=True)
+    model = Model.load(bundle, trust=trust, threads=threads)
+    config = ServeConfig(bundle=bundle, token=token, trust=trust, max_body_bytes=max_body_bytes, max_patients=max_batch,
+                         threads=threads)
+    app = create_app(config, model)
+    click.echo(f"leader-edge serve: bundle {model.id} ({bundle}) on http://{host}:{port}", err=True)
+    logging.getLogger("leader_edge.serve").setLevel(logging.INFO)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                                           timeout_graceful_shutdown=30, server_header=False))
+    server.run()

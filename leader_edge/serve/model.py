@@ -1,0 +1,186 @@
+"""The service's one door into the core: load a bundle, check and score request patients, format them.
+
+Every call into the core's reading, encoding, scoring and formatting API is in this module, so the
+service follows the core when it changes. It is `Bundle.recommend` taken apart: each request's
+patients go through the visits reader's contract on their own (`visit_stream.read_records`: one
+validator for files and requests, whose errors name the line a record would have in a file, mapped
+back here to the request field), so one bad request fails alone; the tables of all requests queued
+meanwhile are scored in ONE `Bundle.predict` call (one onnxruntime run for 32 concurrent patients
+instead of 32), and each request's rows are formatted with its own options by
+`formatting.format_rows(fmt="jsonl")`: a patient gets what `predict --format jsonl` writes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from leader_edge.dataset import PROFILE_PREFIX
+from leader_edge.errors import DataError
+from leader_edge.formatting import format_rows
+from leader_edge.runtime import Bundle, Scored
+from leader_edge.serve.schema import PatientIn
+from leader_edge.visit_stream import read_records
+from leader_edge.visit_table import VisitTable
+
+REQUEST = "request"  # the "file name" the reader sees; errors are re-addressed to request fields
+_KINDS = (("diagnosis", "diagnoses"), ("procedure", "procedures"), ("medication", "medications"))
+
+
+class RequestError(ValueError):
+    """A request the service refuses, naming the field (`patients[0].visits[1].visit_time`)."""
+
+    def __init__(self, field: str, message: str, status: int = 422) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field, self.message, self.status = field, message, status
+
+
+@dataclass
+class Model:
+    """A proven bundle ready to score request patients. Immutable once built: a swap builds a new one."""
+
+    bundle: Bundle
+    path: Path
+
+    def __post_init__(self) -> None:
+        self.vocab = {k: frozenset(self.bundle.encoder.codes[k]) for k, _ in _KINDS}
+
+    @classmethod
+    def load(cls, path: str | Path, *, trust: str | Path | None = None, threads: int = 1) -> "Model":
+        """Load and prove a bundle (`Bundle.load`: digest, meaning, self-test). Raises `DataError`.
+
+        threads: onnxruntime intra-op threads per call. 1: a single patient is ~0.1 ms of model
+        time, so the service runs many calls at once rather than one call on many cores."""
+        return cls(Bundle.load(path, threads=threads, trust=trust), Path(path))
+
+    @property
+    def id(self) -> str:
+        """The bundle's identity: the first 16 hex digits of its manifest digest (covers every file)."""
+        return self.bundle.manifest["digest"]["sha256"][:16]
+
+    @property
+    def codes(self) -> dict[str, list[str]]:
+        """kind -> the bundle's codes (vocabulary order)."""
+        return self.bundle.encoder.codes
+
+    @property
+    def profile_fields(self) -> list[str]:
+        return self.bundle.encoder.profile_fields
+
+    def describe(self) -> dict:
+        return {"id": self.id, "threshold": self.bundle.threshold, "variant": self.bundle.manifest["model"]["variant"],
+                "medications": len(self.bundle.med_codes), "profile_fields": self.bundle.encoder.profile_fields}
+
+    def recommend(self, patients: list[PatientIn], **options) -> list[dict]:
+        """`score` for one job; raises its `RequestError`."""
+        (result,) = self.score([Job(patients, **options)])
+        if isinstance(result, RequestError):
+            raise result
+        return result
+
+    def score(self, jobs: list["Job"]) -> list[list[dict] | RequestError]:
+        """Score several requests' patients in one model call (each request read and checked on its
+        own, so one bad request fails alone). Per patient, for its last visit: the
+        `predict --format jsonl` fields (`medications` most probable first, `scores`, `ddi_warnings`,
+        `unknown_codes`) and `unknown`: the codes outside the bundle's vocabulary by kind, in the
+        visits the model reads, and profile fields the bundle does not have.
+
+        Returns:
+            Per job, its records in patient order, or the `RequestError` naming its bad field.
+        """
+        tables: list[VisitTable | RequestError] = []
+        for job in jobs:
+            try:
+                tables.append(self._read(job.patients))
+            except RequestError as e:
+                tables.append(e)
+        good = [t for t in tables if isinstance(t, VisitTable)]
+        if not good:
+            return tables
+        scored = self.bundle.predict(_concat(good))
+        out, start = [], 0
+        for job, table in zip(jobs, tables):
+            if isinstance(table, RequestError):
+                out.append(table)
+                continue
+            rows = slice(start, start + len(table))
+            start = rows.stop
+            part = Scored(scored.patient_ids[rows], scored.visit_ids[rows], scored.y_prob[rows], scored.unknown[rows])
+            records = list(format_rows(self.bundle, part, fmt="jsonl", threshold=job.threshold, top_k=job.top_k))
+            for record, patient in zip(records, job.patients):
+                if not job.all_scores:
+                    record["scores"] = {c: record["scores"].get(c, 0.0) for c in record["medications"]}
+                record["unknown"] = self._unknown(patient)
+            out.append(records)
+        return out
+
+    def _read(self, patients: list[PatientIn]) -> VisitTable:
+        """The patients through the core's visits-reader contract (`read_records`), or a `RequestError`."""
+        fields = set(self.bundle.encoder.profile_fields)  # others are not read (listed in `unknown`)
+        records, where = [], []  # where[line - 2]: (patient, visit) of the record on that line
+        for i, p in enumerate(patients):
+            records.append([{"patient_id": p.patient_id, "visit_id": v.visit_id, "visit_time": v.visit_time,
+                             "diagnoses": v.diagnoses, "procedures": v.procedures, "medications": v.medications,
+                             "profile": {f: x for f, x in v.profile.items() if f in fields}} for v in p.visits])
+            where += [(i, j) for j in range(len(p.visits))]
+        try:
+            return read_records(records, REQUEST)
+        except DataError as e:
+            raise _request_error(e, where) from None
+
+    def _unknown(self, patient: PatientIn) -> dict[str, list[str]]:
+        vocab = self.vocab
+        kept = patient.visits[-self.bundle.encoder.max_visits:]
+        out = {}
+        for kind, name in _KINDS:
+            visits = kept[:-1] if kind == "medication" else kept  # the current visit's medications are never read
+            codes = [c for v in visits for c in getattr(v, name) if c not in vocab[kind]]
+            if codes:
+                out[name] = list(dict.fromkeys(codes))
+        fields = set(self.bundle.encoder.profile_fields)
+        extra = [f for f in patient.visits[-1].profile if f not in fields]
+        if extra:
+            out["profile"] = extra  # fields this bundle was not trained with: not read
+        return out
+
+
+@dataclass
+class Job:
+    """One request's patients and its decision options (see `schema.RecommendRequest`)."""
+
+    patients: list[PatientIn]
+    threshold: float | None = None
+    top_k: int | None = None
+    all_scores: bool = False
+    explain: bool = False
+
+
+def _concat(tables: list[VisitTable]) -> VisitTable:
+    """Requests' tables as one; a profile field one request lacks reads as "" (as a file without the column)."""
+    if len(tables) == 1:
+        return tables[0]
+    fields = list(dict.fromkeys(f for t in tables for f in t.profile))
+    offsets = np.cumsum([0, *(len(t.visit_ids) for t in tables)])
+    starts = np.concatenate([tables[0].starts[:1], *(t.starts[1:] + o for t, o in zip(tables, offsets))])
+    return VisitTable([p for t in tables for p in t.patient_ids], starts, [v for t in tables for v in t.visit_ids],
+                      np.concatenate([t.lines for t in tables]),
+                      {c: [x for t in tables for x in t.codes[c]] for c in tables[0].codes},
+                      {f: [x for t in tables for x in t.profile.get(f, [""] * len(t.visit_ids))] for f in fields})
+
+
+def _request_error(e: DataError, where: list[tuple[int, int]]) -> RequestError:
+    """A reader error at (line, column) of the in-memory CSV -> the request field it came from."""
+    message = e.message + (f"; fix: {e.fix}" if e.fix else "")
+    if e.line is None or not 2 <= e.line < len(where) + 2:
+        return RequestError("patients", message)
+    i, j = where[e.line - 2]
+    column = e.column if isinstance(e.column, str) else None
+    if column == "patient_id":
+        return RequestError(f"patients[{i}].patient_id", message)
+    if column is None:
+        return RequestError(f"patients[{i}].visits[{j}]", message)
+    if column.startswith(PROFILE_PREFIX):
+        column = f"profile.{column[len(PROFILE_PREFIX):]}"
+    return RequestError(f"patients[{i}].visits[{j}].{column}", message)
