@@ -106,17 +106,17 @@ def model_speed(visits: Path, fp32: Path, int8: Path, run: Path, n_single: int =
     import torch
 
     from leader_edge.export.bundle import batch1_ms, ort_runner
-    from leader_edge.runtime import size_order
-    from leader_edge.visit_stream import read_patients
     from leader_edge.train.distill import load_student
+    from leader_edge.visit_stream import read_patients
 
     model, encoder, _ = load_student(run / "student", backend="torch")
     with open(visits, "rb") as f:
         chunk = next(read_patients(f, str(visits), chunk_patients=8192))
-    histories = [p.visits for p in chunk]
-    singles = [encoder.encode([h]).inputs() for h in histories[:n_single]]  # file order: a mix of sizes
-    histories = [histories[i] for i in size_order(histories, encoder.max_visits)]  # as the runtime batches them
-    big = [encoder.encode(histories[i : i + 1024]).inputs() for i in range(0, 8192, 1024)]
+    encoded = encoder.encode_table(chunk)
+    ends = encoded.last_rows()
+    singles = [encoded.batch(ends[i : i + 1]).inputs() for i in range(n_single)]  # file order: a mix of sizes
+    ends = ends[encoded.size_order(ends)]  # as the runtime batches them
+    big = [encoded.batch(ends[i : i + 1024]).inputs() for i in range(0, 8192, 1024)]
 
     def torch_run(inputs):
         with torch.inference_mode():

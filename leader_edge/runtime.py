@@ -55,17 +55,16 @@ from pathlib import Path
 
 import numpy as np
 
-from leader_edge.encoding import INPUT_NAMES, Batch, Encoder, RawVisit
+from leader_edge.encoding import INPUT_NAMES, EncodedVisits, Encoder, RawVisit
 from leader_edge.errors import DataError
-from leader_edge.visit_stream import Patient
-from leader_edge.visit_table import VisitTable, encode_table
+from leader_edge.visit_table import VisitTable
 
 BUNDLE_FORMAT = 2  # 2: digest over every field and file, self-test, vocabulary sizes in the model
 MANIFEST = "manifest.json"
 MODEL = "model.onnx"
 SELFTEST = "selftest.json"
 SIGNATURE = "signature.json"  # beside the listed files: it signs the digest, so it cannot be in it
-VISIT_SLOTS = 2048  # padded visit slots per model call (see Bundle.predict_proba)
+VISIT_SLOTS = 2048  # padded visit slots per model call (see Bundle._score)
 MAX_MANIFEST_BYTES = 64 << 20  # a 150k-code vocabulary is ~3 MB; anything larger is not ours
 # max |p - p_recorded| of the self-test, by model variant. On the exporting machine every variant
 # reproduces the recorded probabilities exactly (0 measured). Another CPU may take other MLAS
@@ -276,69 +275,53 @@ class Bundle:
         return diff
 
     def predict_proba(self, patients: list[list[RawVisit]], *, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-        """Probabilities for each patient's last visit.
+        """Probabilities for each patient's last visit, the visits taken as given (no reader checks:
+        the self-test's and the export's own patients; a user's visits go through `predict`).
 
-        Patients are sorted by size before batching so that a batch pads to similar lengths, and a
-        batch holds at most `batch_size` patients and `VISIT_SLOTS` padded visit slots (B x K), which
-        bounds onnxruntime's memory arena: 1024 patients x 8 visits made it grow to ~800 MB.
-        Rows come back in input order.
+        Returns:
+            (float32 [N, M] probabilities, int64 [N] unknown-code counts), rows in input order.
+        """
+        visits = self.encoder.encode_visits(patients)
+        return self._score(visits, visits.last_rows(), batch_size)
+
+    def predict(self, chunk: VisitTable, *, all_visits: bool = False, batch_size: int = 1024) -> Scored:
+        """Score each patient's last visit of a reader's chunk, or every visit (`all_visits`, each
+        with its own history)."""
+        visits = self.encoder.encode_table(chunk)
+        if all_visits:
+            ends = np.arange(len(chunk.visit_ids))
+            pids, vids = chunk.row_patients(), list(chunk.visit_ids)
+        else:
+            ends = chunk.starts[1:] - 1
+            pids, vids = list(chunk.patient_ids), [chunk.visit_ids[e] for e in ends.tolist()]
+        prob, unknown = self._score(visits, ends, batch_size)
+        written, over = visits.read_counts(ends)
+        return Scored(pids, vids, prob, unknown + over, over, written)
+
+    def _score(self, visits: EncodedVisits, ends: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """Run the model over the targets whose current visits are rows `ends`, sorted by size so
+        that a batch pads to similar lengths; a batch holds at most `batch_size` targets and
+        `VISIT_SLOTS` padded visit slots (B x K), which bounds onnxruntime's memory arena: 1024
+        patients x 8 visits made it grow to ~800 MB. Rows come back in `ends` order.
 
         Returns:
             (float32 [N, M] probabilities, int64 [N] unknown-code counts).
         """
-        k = self.encoder.max_visits
-        order = np.array(size_order(patients, k), dtype=np.int64)
-        kept = np.array([min(len(p), k) for p in patients], dtype=np.int64)
-        return self._score(order, kept, lambda idx: self.encoder.encode([patients[i] for i in idx]), batch_size)
-
-    def _score(self, order: np.ndarray, kept: np.ndarray, encode, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-        """Run the model over targets in `order`, batched as `predict_proba` says; `encode(indices)`
-        gives a target subset's `Batch`, `kept[i]` target i's visit slots."""
+        order = visits.size_order(ends)
         n = len(order)
         prob = np.empty((n, len(self.med_codes)), dtype=np.float32)
         unknown = np.empty(n, dtype=np.int64)
-        widths = kept[order].tolist()
+        widths = visits.kept(ends)[order].tolist()
         start = 0
         while start < n:
             width = widths[min(start + batch_size, n) - 1]  # sorted: the last is the widest
             size = max(1, min(batch_size, VISIT_SLOTS // width))
             idx = order[start : start + size]
-            batch: Batch = encode(idx)
+            batch = visits.batch(ends[idx])
             prob[idx] = self.session.run(None, batch.inputs())[0]
             unknown[idx] = batch.unknown
             start += size
         return prob, unknown
-
-    def predict(self, chunk: VisitTable | list[Patient], *, all_visits: bool = False, batch_size: int = 1024) -> Scored:
-        """Score each patient's last visit, or every visit (`all_visits`, each with its own history).
-
-        A `VisitTable` (what `read_patients` yields) is encoded in whole-chunk passes
-        (`visit_table.encode_table`); a list of `Patient`s through `Encoder.encode`, the same arrays."""
-        if isinstance(chunk, VisitTable):
-            codes = encode_table(self.encoder, chunk)
-            counts = np.diff(chunk.starts)
-            if all_visits:
-                ends = np.arange(len(chunk.visit_ids))
-                pids = [chunk.patient_ids[i] for i in np.repeat(np.arange(len(chunk)), counts).tolist()]
-                vids = list(chunk.visit_ids)
-            else:
-                ends = chunk.starts[1:] - 1
-                pids, vids = list(chunk.patient_ids), [chunk.visit_ids[e] for e in ends.tolist()]
-            prob, unknown = self._score(codes.size_order(ends), codes.kept(ends), lambda idx: codes.batch(ends[idx]),
-                                        batch_size)
-            written, over = codes.read_counts(ends)
-            return Scored(pids, vids, prob, unknown + over, over, written)
-        pids, vids, histories = [], [], []
-        for p in chunk:
-            ends = range(1, len(p.visits) + 1) if all_visits else (len(p.visits),)
-            for e in ends:
-                pids.append(p.patient_id)
-                vids.append(p.visit_ids[e - 1])
-                histories.append(p.visits[:e])
-        prob, unknown = self.predict_proba(histories, batch_size=batch_size)
-        written, over = read_counts(self.encoder, histories)
-        return Scored(pids, vids, prob, unknown + over, over, written)
-
 
     def recommend(self, patients, *, all_visits: bool = False, threshold: float | None = None,
                   top_k: int | None = None, source: str = "request") -> list[dict]:
@@ -365,32 +348,6 @@ class Bundle:
 
         scored = self.predict(read_records(patients, source), all_visits=all_visits)
         return list(format_rows(self, scored, fmt="jsonl", threshold=threshold, top_k=top_k))
-
-
-def read_counts(encoder: Encoder, histories: list[list[RawVisit]]) -> tuple[np.ndarray, np.ndarray]:
-    """(int64 [N] codes as written, int64 [N] distinct known codes beyond `encoder.max_codes` per
-    visit and kind) in what the model reads of each history: `TableCodes.read_counts`, per patient."""
-    k, cap = encoder.max_visits, encoder.max_codes
-    written, over = np.zeros(len(histories), dtype=np.int64), np.zeros(len(histories), dtype=np.int64)
-    for i, history in enumerate(histories):
-        kept = history[-k:]
-        for j, v in enumerate(kept):
-            lists = [("diagnosis", v.diagnoses), ("procedure", v.procedures)]
-            if j + 1 < len(kept):  # the current visit's medications are never read
-                lists.append(("medication", v.medications))
-            for kind, codes in lists:
-                index = encoder._index[kind]
-                written[i] += len(codes)
-                over[i] += max(0, len({c for c in codes if c in index}) - cap)
-    return written, over
-
-
-def size_order(patients: list[list[RawVisit]], max_visits: int) -> list[int]:
-    """Patient indices sorted by (kept visits, diagnoses + procedures): batches of neighbours pad
-    to similar widths. Unsorted batches of 1024 synth patients pad to ~8 visits x 32 codes and run
-    ~4x slower than sorted ones (ORT fp32 531 vs 1,969 patients/s, benchmarks/results/predict.md)."""
-    cost = [(min(len(p), max_visits), sum(len(v.diagnoses) + len(v.procedures) for v in p[-max_visits:])) for p in patients]
-    return sorted(range(len(patients)), key=cost.__getitem__)
 
 
 def read_manifest(directory: Path) -> dict:

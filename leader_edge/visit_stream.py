@@ -35,7 +35,8 @@ import numpy as np
 
 from leader_edge.dataset import PROFILE_PREFIX, VISIT_COLUMNS, check_header, parse_code_list
 from leader_edge.errors import DataError
-from leader_edge.visit_table import CODE_COLUMNS, Patient, VisitTable
+from leader_edge.encoding import CODE_COLUMNS
+from leader_edge.visit_table import VisitTable
 
 # 100,000 characters per field: a MIMIC visit's longest code list is ~400 characters (39 diagnoses),
 # so anything this long is a broken quote swallowing the rest of the file, not a visit.
@@ -101,7 +102,7 @@ def read_patients(stream: IO[bytes], path: str, *, chunk_patients: int = CHUNK_P
         chunk_patients: patients per yielded chunk (the last one may be smaller).
 
     Yields:
-        `VisitTable`s of `chunk_patients` patients (a sequence of `Patient`s too).
+        `VisitTable`s of `chunk_patients` whole patients.
 
     Raises:
         DataError: empty file, bad header, wrong field count, a field over MAX_FIELD characters,
@@ -318,6 +319,7 @@ class _Reader:
         self.pids: list[str] = []  # one per row (the table keeps one per patient)
         self.vids: list[str] = []
         self.lines: list[int] = []
+        self.times: list[datetime] = []
         self.codes: list[list[str]] = [[] for _ in CODE_COLUMNS]
         self.values: list[list[str]] = [[] for _ in self.profile]
         self.patient_starts: list[int] = []
@@ -381,14 +383,14 @@ class _Reader:
             if text.count("\n") != len(rows) - 1 or not _column_ok(text):
                 return False  # whitespace, a stray ';' or ',' somewhere: the row checks say where
             codes.append(cols[i])
-        self._append(pids, vids, lines, codes, [list(map(str.strip, cols[i])) for _, i in self.profile])
+        self._append(pids, vids, lines, times, codes, [list(map(str.strip, cols[i])) for _, i in self.profile])
         self.last_time, self.last_line = times[-1], lines[-1]
         return True
 
     def _slow(self, rows: list[list[str]], lines: list[int]) -> None:
         """Row-by-row validation: raises on the first bad row; appends the rows of a valid block."""
         path = self.path
-        pids, vids, kept, codes = [], [], [], [[] for _ in CODE_COLUMNS]
+        pids, vids, kept, times, codes = [], [], [], [], [[] for _ in CODE_COLUMNS]
         values: list[list[str]] = [[] for _ in self.profile]
         pid_before = self.pid
         for row, line in zip(rows, lines):
@@ -427,12 +429,14 @@ class _Reader:
             pids.append(pid)
             vids.append(vid)
             kept.append(line)
+            times.append(time)
             self.pid, self.last_time, self.last_line = pid, time, line
         self.pid = pid_before  # `_append` moves it
         if pids:
-            self._append(pids, vids, kept, codes, values)
+            self._append(pids, vids, kept, times, codes, values)
 
-    def _append(self, pids: list[str], vids: list[str], lines: list[int], codes: list, values: list) -> None:
+    def _append(self, pids: list[str], vids: list[str], lines: list[int], times: list[datetime], codes: list,
+                values: list) -> None:
         base = len(self.pids)
         prev = [self.pid, *pids[:-1]]
         self.patient_starts.extend(base + i for i, new in enumerate(map(operator.ne, pids, prev)) if new)
@@ -440,6 +444,7 @@ class _Reader:
         self.pids.extend(pids)
         self.vids.extend(vids)
         self.lines.extend(lines)
+        self.times.extend(times)
         for out, column in zip(self.codes, codes):
             out.extend(column)
         for out, column in zip(self.values, values):
@@ -452,10 +457,10 @@ class _Reader:
         table = VisitTable([self.pids[s] for s in self.patient_starts[:n_patients]], starts, self.vids[:end],
                            np.array(self.lines[:end], dtype=np.int64),
                            {c: list(col[:end]) for c, col in zip(CODE_COLUMNS, self.codes)},
-                           {f: col[:end] for (f, _), col in zip(self.profile, self.values)})
-        rest = (self.pids[end:], self.vids[end:], self.lines[end:], [c[end:] for c in self.codes],
+                           {f: col[:end] for (f, _), col in zip(self.profile, self.values)}, self.times[:end])
+        rest = (self.pids[end:], self.vids[end:], self.lines[end:], self.times[end:], [c[end:] for c in self.codes],
                 [v[end:] for v in self.values], [s - end for s in self.patient_starts[n_patients:]])
-        self.pids, self.vids, self.lines, self.codes, self.values, self.patient_starts = rest
+        self.pids, self.vids, self.lines, self.times, self.codes, self.values, self.patient_starts = rest
         _check_ids(table, self.seen_visits, self.seen_patients, self.path)
         return table
 

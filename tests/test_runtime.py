@@ -18,7 +18,7 @@ from leader_edge.encoding import INPUT_NAMES, Encoder
 from leader_edge.errors import DataError
 from leader_edge.formatting import csv_text, format_rows, plain_codes, recommend
 from leader_edge.runtime import BUNDLE_FORMAT, Bundle, Scored
-from leader_edge.visit_stream import _SeenIds, read_patients
+from leader_edge.visit_stream import read_patients
 
 MEDS = ["M1", "M2", "M3", "M4", "M5", "M6"]
 ENCODER = Encoder({"diagnosis": ["D1", "D2", "D3", "D4", "D5"], "procedure": ["P1", "P2"], "medication": MEDS},
@@ -106,21 +106,6 @@ def test_runtime_sorted_batches_return_input_order(bundle):
     assert np.argsort(one.y_prob[:, -1]).tolist() != list(range(23))  # rows genuinely differ
 
 
-def test_runtime_read_patients_chunks_whole_patients():
-    rows = "".join(f"p{i // 2},v{i},2100-01-0{i % 2 + 1},D1,,,\n" for i in range(10))
-    chunks = _chunks(HEADER + rows, chunk_patients=2)
-    assert [len(c) for c in chunks] == [2, 2, 1]
-    assert all(len(p.visits) == 2 for c in chunks for p in c)
-
-
-def test_runtime_seen_ids_reports_repeat_across_runs():
-    seen = _SeenIds()
-    for start in range(0, 1000, 100):
-        assert seen.add([f"v{i}" for i in range(start, start + 100)], list(range(start + 2, start + 102))) is None
-    assert len(seen._runs) < 10  # runs were merged
-    assert seen.add(["new", "v417"], [5000, 5001]) == (5001, 419)
-
-
 def test_runtime_format_rows_threshold_top_k_and_ddi(bundle):
     (chunk,) = _chunks(HEADER + "p1,v1,2100-01-01,D1;D2;D3;D4;D5,,,\n")
     scored = bundle.predict(chunk)
@@ -191,12 +176,6 @@ def test_runtime_bundle_self_test_reproduced_exactly(tmp_path):
     assert bundle.self_test() == 0.0  # same machine, same runtime: the recorded probabilities exactly
     assert sorted(p.name for p in d.iterdir()) == ["manifest.json", "model.onnx", "selftest.json"]
     assert set(bundle.manifest["files"]) == {"model.onnx", "selftest.json"}
-
-
-def test_runtime_reader_refuses_reappearing_patient():
-    rows = "p1,v1,2100-01-01,D1,,,\np2,v2,2100-01-01,D1,,,\np1,v3,2100-01-02,D1,,,\n"
-    with pytest.raises(DataError, match="line 4.*reappears"):
-        _chunks(HEADER + rows, chunk_patients=1)
 
 
 def test_runtime_imports_no_torch(tmp_path):
