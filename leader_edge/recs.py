@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from leader_edge.dataset import SEP, check_header, check_visit_ids, iter_csv_rows, parse_code_list
+from leader_edge.csv_checks import SEP, check_header, check_visit_ids, iter_csv_rows, parse_code_list
 from leader_edge.errors import DataError
 
 PREDICTION_COLUMNS = ("patient_id", "visit_id", "medications", "scores")

@@ -33,7 +33,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from leader_edge.dataset import PROFILE_PREFIX, VISIT_COLUMNS, check_header, parse_code_list
+from leader_edge.csv_checks import PROFILE_PREFIX, VISIT_COLUMNS, check_header, parse_code_list
 from leader_edge.errors import DataError
 from leader_edge.encoding import CODE_COLUMNS
 from leader_edge.visit_table import VisitTable

@@ -58,9 +58,21 @@ def test_dataset_write_refuses_foreign_directory_and_leaves_no_temp(tmp_path: Pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
 
 
-def test_read_visits_orders_by_time_within_patient(tmp_path: Path) -> None:
-    p = _write(tmp_path, HEADER + "p1,b,2130-02-01,1,,,M\np2,c,2130-01-01,,,,M\np1,a,2130-01-01T08:00,2,,,M\n")
-    assert [v.visit_id for v in read_visits(p)] == ["a", "b", "c"]
+def test_read_visits_keeps_file_order_and_refuses_another(tmp_path: Path) -> None:
+    p = _write(tmp_path, HEADER + "p1,a,2130-01-01T08:00,2,,,M\np1,b,2130-01-01T08:00,1,,,M\np2,c,2130-01-01,,,,M\n")
+    assert [v.visit_id for v in read_visits(p)] == ["a", "b", "c"]  # equal times keep file order
+    with pytest.raises(DataError, match="earlier than the patient's previous visit on line 2") as e:
+        read_visits(_write(tmp_path, HEADER + "p1,b,2130-02-01,1,,,M\np1,a,2130-01-01T08:00,2,,,M\n"))
+    assert (e.value.line, e.value.column) == (3, "visit_time") and "sort each patient's visits" in e.value.fix
+    with pytest.raises(DataError, match="reappears after other patients' rows") as e:
+        read_visits(_write(tmp_path, HEADER + "p1,b,2130-02-01,1,,,M\np2,c,2130-01-01,,,,M\np1,d,2130-03-01,2,,,M\n"))
+    assert (e.value.line, e.value.column) == (4, "patient_id")
+
+
+def test_write_dataset_writes_the_reader_order(tmp_path: Path) -> None:
+    late, other, early = _visit("p1", "b", 9), _visit("p2", "c", 1), _visit("p1", "a", 2)
+    write_dataset(Dataset([late, other, early]), tmp_path / "d", source="test")
+    assert [v.visit_id for v in load_dataset(tmp_path / "d").visits] == ["a", "b", "c"]
 
 
 @pytest.mark.parametrize(

@@ -93,7 +93,8 @@ def evaluate(truth, predictions, visits, label_space, skip_missing, ddi, baselin
 def _read_targets(truth: Path):
     """(targets, visits or None): the scored rows of a truth file. A visits file gives visits too;
     a patient_id,visit_id,medications file gives its rows as Prediction tuples."""
-    from leader_edge.dataset import iter_csv_rows, read_visits
+    from leader_edge.csv_checks import iter_csv_rows
+    from leader_edge.dataset import read_visits
     from leader_edge.recs import read_predictions
 
     header = next(iter_csv_rows(truth))[1]["__header__"]
