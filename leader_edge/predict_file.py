@@ -2,7 +2,7 @@
 
 `leader_edge.runtime` loads, proves and scores a bundle; this module is what `leader-edge predict`
 does with one: read the visits in patient chunks (`leader_edge.visit_stream`), score each with
-`Bundle.predict`, format it (`leader_edge.formatting`) and write it so that nothing is lost or left
+`Bundle.predict`, format it (`leader_edge.recs`) and write it so that nothing is lost or left
 behind (see `predict_file`). `runtime` never imports this module.
 
     bundle = Bundle.load("bundle/")                      # leader_edge.runtime: proves it or refuses it
@@ -33,8 +33,8 @@ from pathlib import Path
 import numpy as np
 
 from leader_edge.errors import DataError
-from leader_edge.formatting import OUTPUT_COLUMNS, csv_chunk, format_rows, plain_codes
-from leader_edge.runtime import Bundle, Scored
+from leader_edge.recs import Scored, csv_lines, header, json_records
+from leader_edge.runtime import Bundle
 from leader_edge.visit_stream import read_patients
 
 # The name its warnings carried before this module left runtime.py: the CLI's stderr shows it
@@ -161,14 +161,14 @@ def _stream(bundle: Bundle, stream, name: str, put, stats: dict, *, fmt: str, al
     from concurrent.futures import ThreadPoolExecutor
 
     if fmt == "csv":
-        put(",".join(OUTPUT_COLUMNS).encode() + b"\n")  # no column name needs quoting
-    plain = plain_codes(bundle.med_codes)
+        put(header())
+    decide = {"threshold": bundle.threshold if threshold is None else threshold, "top_k": top_k, "ddi": bundle.ddi}
 
     def emit(scored: Scored, n_patients: int) -> None:
         if fmt == "csv":
-            put(csv_chunk(bundle, scored, plain_codes=plain, threshold=threshold, top_k=top_k))
+            put(csv_lines(bundle.med_codes, scored, **decide))
         else:
-            rows = format_rows(bundle, scored, fmt=fmt, threshold=threshold, top_k=top_k)
+            rows = json_records(bundle.med_codes, scored, **decide)
             put("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in rows).encode())
         over = scored.over_limit if scored.over_limit is not None else np.zeros_like(scored.unknown)
         unknown = scored.unknown - over

@@ -1,7 +1,7 @@
 """The bedside runtime: a bundle loaded, proven and scored. No torch.
 
 Imports only onnxruntime, numpy, the standard library and torch-free leader_edge modules
-(`encoding`, `visit_stream`, `visit_table`, `errors`), so `leader-edge predict` starts in ~0.3 s.
+(`encoding`, `visit_stream`, `visit_table`, `recs`, `errors`), so `leader-edge predict` starts in ~0.3 s.
 Streaming a visits file through a bundle into an output file is `leader_edge.predict_file`, which
 imports this module (never the reverse).
 
@@ -50,13 +50,14 @@ import json
 import math
 import os
 import stat
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from leader_edge.encoding import INPUT_NAMES, EncodedVisits, Encoder, RawVisit
 from leader_edge.errors import DataError
+from leader_edge.recs import Scored, json_records
+from leader_edge.visit_stream import read_records
 from leader_edge.visit_table import VisitTable
 
 BUNDLE_FORMAT = 2  # 2: digest over every field and file, self-test, vocabulary sizes in the model
@@ -145,21 +146,6 @@ def _regular_file(path: Path, field: str | None = None) -> os.stat_result:
 
 # ---------------------------------------------------------------------------------------------
 # The bundle and the model
-
-
-@dataclass
-class Scored:
-    """Predicted visits of one chunk: N rows, M medications (bundle order)."""
-
-    patient_ids: list[str]
-    visit_ids: list[str]
-    y_prob: np.ndarray  # float32 [N, M]
-    # int64 [N] codes the model did not read, in the visits it read: outside its vocabulary, or beyond
-    # its per-visit limit (`encoder.max_codes` per kind; those also in `over_limit`). The output's
-    # `unknown_codes` column.
-    unknown: np.ndarray
-    over_limit: np.ndarray | None = None  # int64 [N] known codes beyond the per-visit limit (None: 0)
-    codes: np.ndarray | None = None  # int64 [N] codes as written in the visits the model read
 
 
 class Bundle:
@@ -343,11 +329,9 @@ class Bundle:
         Raises:
             DataError: a record the reader refuses, located at the line it would have in a visits file.
         """
-        from leader_edge.formatting import format_rows
-        from leader_edge.visit_stream import read_records
-
         scored = self.predict(read_records(patients, source), all_visits=all_visits)
-        return list(format_rows(self, scored, fmt="jsonl", threshold=threshold, top_k=top_k))
+        return list(json_records(self.med_codes, scored, threshold=self.threshold if threshold is None else threshold,
+                                 top_k=top_k, ddi=self.ddi))
 
 
 def read_manifest(directory: Path) -> dict:

@@ -14,6 +14,7 @@ Refused with the file, line, column and fix, besides the format checks of `read_
 - a NUL byte in any field (it would pass into the ids of the output);
 - a field over `MAX_FIELD` characters: named as a field too long when it sits on one line (a
   50,000-code visit), as an unclosed quote when the field runs over several lines;
+- an id holding a line break (it would split its row of the recommendations);
 - an id that begins with `=`, `+`, `-` or `@` (`FORMULA_START`). A spreadsheet opening the
   recommendations would run such an id as a formula (CSV injection), and rewriting it (a leading
   `'`) would break the join with the truth file in `leader-edge evaluate`, so it is refused rather
@@ -367,7 +368,7 @@ class _Reader:
             return False
         for ids in (pids, vids):  # one scan of the joined ids, ~1 ms per 100k rows
             text = "\n" + "\n".join(ids)
-            if any(map(text.__contains__, _FORMULA_AFTER_NEWLINE)):
+            if any(map(text.__contains__, _FORMULA_AFTER_NEWLINE)) or text.count("\n") != len(ids) or "\r" in text:
                 return False
         try:
             times = list(map(datetime.fromisoformat, map(str.strip, cols[self.i_time])))
@@ -412,6 +413,10 @@ class _Reader:
                     raise DataError(path, f"{name} {value!r} begins with {value[0]!r}: a spreadsheet opening the "
                                           "recommendations would run it as a formula", line=line, column=name,
                                     fix="give ids that begin with a letter or a digit (e.g. prefix them with 'id')")
+                if "\n" in value or "\r" in value:
+                    raise DataError(path, f"{name} {value!r} holds a line break: it would split its row of the "
+                                          "recommendations", line=line, column=name,
+                                    fix="remove the line break (a quoted id spans two lines of the file)")
             text = row[self.i_time].strip()
             try:
                 time = datetime.fromisoformat(text)

@@ -1,4 +1,4 @@
-"""The torch-free runtime: bundle loading, streaming reader, formatting, imports.
+"""The torch-free runtime: bundle loading and proof, scoring, the in-memory API, imports.
 
 The bundle here holds a hand-built ONNX graph (no torch export, so these tests take ~1 s):
 probability = sigmoid(w * known diagnoses of the patient + b), columns in vocabulary order. It is
@@ -16,8 +16,7 @@ import pytest
 
 from leader_edge.encoding import INPUT_NAMES, Encoder
 from leader_edge.errors import DataError
-from leader_edge.formatting import csv_text, format_rows, plain_codes, recommend
-from leader_edge.runtime import BUNDLE_FORMAT, Bundle, Scored
+from leader_edge.runtime import BUNDLE_FORMAT, Bundle
 from leader_edge.visit_stream import read_patients
 
 MEDS = ["M1", "M2", "M3", "M4", "M5", "M6"]
@@ -104,51 +103,6 @@ def test_runtime_sorted_batches_return_input_order(bundle):
     small = bundle.predict(chunk, batch_size=4)
     np.testing.assert_allclose(one.y_prob, small.y_prob, rtol=1e-6)
     assert np.argsort(one.y_prob[:, -1]).tolist() != list(range(23))  # rows genuinely differ
-
-
-def test_runtime_format_rows_threshold_top_k_and_ddi(bundle):
-    (chunk,) = _chunks(HEADER + "p1,v1,2100-01-01,D1;D2;D3;D4;D5,,,\n")
-    scored = bundle.predict(chunk)
-    (row,) = format_rows(bundle, scored)
-    prob = scored.y_prob[0]
-    assert row[2].split(";") == [MEDS[j] for j in np.argsort(-prob) if prob[j] >= 0.5]
-    assert row[4] == "M5+M6" and row[5] == 0
-    assert [s.split(":")[0] for s in row[3].split(";")] == [MEDS[j] for j in np.argsort(-prob)]
-    (top,) = format_rows(bundle, scored, fmt="jsonl", top_k=1)
-    assert top["medications"] == ["M6"] and top["ddi_warnings"] == []
-    assert recommend(np.array([[0.2, 0.9, 0.5]]), threshold=0.5).tolist() == [[False, True, True]]
-
-
-def _reference_csv(codes: list[str], ddi: np.ndarray, scored: Scored, threshold: float) -> str:
-    """The per-row formatting `format_rows` replaced (recs.py's format), written out plainly."""
-    import csv
-
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    for i, prob in enumerate(scored.y_prob):
-        order = np.argsort(-prob, kind="stable")
-        q = np.rint(prob[order].astype(np.float64) * 10_000).astype(np.int64)
-        rec = [codes[j] for j in order if prob[j] >= threshold]
-        chosen = set(rec)
-        pairs = [f"{codes[a]}+{codes[b]}" for a, b in ddi if codes[a] in chosen and codes[b] in chosen]
-        scores = [f"{codes[j]}:{v / 10_000:.4f}" for j, v in zip(order, q) if v > 0]
-        writer.writerow([scored.patient_ids[i], scored.visit_ids[i], ";".join(rec), ";".join(scores), ";".join(pairs),
-                         int(scored.unknown[i])])
-    return out.getvalue()
-
-
-@pytest.mark.parametrize("ids", [["p1", "p2", "p3", "p4"], ["p 1", 'p"2', "p,3", "p4"]])
-def test_runtime_csv_text_matches_per_row_reference(bundle, ids):
-    rng = np.random.default_rng(0)
-    prob = rng.random((4, len(MEDS))).astype(np.float32) ** 4
-    prob[1] = [0.5, 0.5, 0.00004, 0.00005, 1.0, 0.0]  # ties, the threshold itself, rounding edges
-    prob[2] = 0.0  # nothing listed at all
-    prob[3, 4:] = 0.9  # the M5+M6 interaction
-    scored = Scored(ids, ["v1", "v2", "v3", "v4"], prob, np.array([0, 2, 0, 1]))
-    text = csv_text(list(format_rows(bundle, scored)), plain_codes=plain_codes(MEDS))
-    assert text == _reference_csv(MEDS, bundle.ddi, scored, bundle.threshold)
-    assert "M5+M6" in text.splitlines()[3] and text.splitlines()[2].endswith("v3,,,,0")
-    assert not plain_codes(["A", "B,C"])
 
 
 def test_runtime_bundle_sha256_mismatch_refused(tmp_path):

@@ -100,3 +100,9 @@ def test_visit_stream_seen_ids_reports_repeat_across_runs():
         assert seen.add([f"v{i}" for i in range(start, start + 100)], list(range(start + 2, start + 102))) is None
     assert len(seen._runs) < 10  # runs were merged
     assert seen.add(["new", "v417"], [5000, 5001]) == (5001, 419)
+
+
+def test_visit_stream_refuses_an_id_with_a_line_break():
+    text = HEADER + 'p1,v1,2100-01-01,D1,,,\n"p\n2",v2,2100-01-01,D1,,,\n'
+    with pytest.raises(visit_stream.DataError, match="line 3, column 'patient_id'.*line break"):
+        _tables(text, chunk_patients=10)
