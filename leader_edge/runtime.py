@@ -37,111 +37,42 @@ A bundle proves itself at load (`read_manifest`, then `Bundle.load`), and every 
 6. The self-test: patients recorded at export (raw codes, so a reordered vocabulary shows) are
    scored and must give finite probabilities equal to the recorded ones within `SELFTEST_ATOL`.
 
-At ~540 lines this file is past the house ~400: the seam left inside it, the manifest proof
-(steps 1-4: `read_manifest`, its `_check_*`, `verify_signature`, the digest helpers; ~220 lines),
-would move names that export/bundle.py imports from here, so it waits for a change that updates
-that file too.
+Steps 1-4 are `leader_edge.manifest` (re-exported here, where the export imports them); 5-6 and the
+scoring are this module.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
-import os
-import stat
 from pathlib import Path
 
 import numpy as np
 
 from leader_edge.encoding import INPUT_NAMES, EncodedVisits, Encoder, RawVisit
 from leader_edge.errors import DataError
+from leader_edge.files import sha256  # noqa: F401 - imported from here by export and training
+from leader_edge.manifest import (  # noqa: F401 - BUNDLE_FORMAT .. signed_message: imported from here by the export
+    BUNDLE_FORMAT,
+    MANIFEST,
+    MODEL,
+    REEXPORT,
+    SELFTEST,
+    SELFTEST_ATOL,
+    SIGNATURE,
+    field_error,
+    manifest_digest,
+    read_manifest,
+    signed_message,
+    verify_signature,
+)
 from leader_edge.recs import Scored, json_records
 from leader_edge.visit_stream import read_records
 from leader_edge.visit_table import VisitTable
 
-BUNDLE_FORMAT = 2  # 2: digest over every field and file, self-test, vocabulary sizes in the model
-MANIFEST = "manifest.json"
-MODEL = "model.onnx"
-SELFTEST = "selftest.json"
-SIGNATURE = "signature.json"  # beside the listed files: it signs the digest, so it cannot be in it
 VISIT_SLOTS = 2048  # padded visit slots per model call (see Bundle._score)
-MAX_MANIFEST_BYTES = 64 << 20  # a 150k-code vocabulary is ~3 MB; anything larger is not ours
-# max |p - p_recorded| of the self-test, by model variant. On the exporting machine every variant
-# reproduces the recorded probabilities exactly (0 measured). Another CPU may take other MLAS
-# kernels: fp32 arithmetic (fp32, int8-weights) then sums in another order (~1e-6), and int8
-# activations may round to the neighbouring step (~1e-3 in a probability). The altered bundles of
-# tests/test_faults_bundle.py move them by 0.1-0.98.
-SELFTEST_ATOL = {"fp32": 1e-4, "int8-weights": 1e-4, "int8-static": 5e-3, "int8-dynamic": 5e-3}
 # ONNX metadata keys stamped by the export: the sizes of the model's own tables.
 MODEL_SIZES = ("n_codes", "n_meds", "n_profile_ids", "max_visits")
 METADATA_PREFIX = "leader_edge."
-SIGNED_PREFIX = b"leader-edge bundle digest v2\n"  # what is signed: this + the hex digest
-REEXPORT = "export the bundle again with `leader-edge export RUN --out DIR` (and --sign KEY if it was signed)"
-
-
-def sha256(path: str | Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def canonical_json(value) -> bytes:
-    """The one byte form the digest is taken of: sorted keys, no spaces, ASCII. NaN is written as
-    `NaN` here so that a manifest holding one is reported by field, not by a parse error."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
-
-
-def manifest_digest(manifest: dict) -> dict:
-    """`{"sha256": digest of every field but "digest", "fields": {dotted path: sha256}}`.
-
-    The digest is taken of the whole canonical manifest (unambiguous); `fields` (values down to
-    three levels, e.g. `encoder.codes.medication`) only names what changed when it fails."""
-    body = {k: v for k, v in manifest.items() if k != "digest"}
-    return {"sha256": hashlib.sha256(canonical_json(body)).hexdigest(), "fields": _field_digests(body)}
-
-
-def _field_digests(value: dict, prefix: str = "", depth: int = 3) -> dict[str, str]:
-    out = {}
-    for key, v in value.items():
-        path = f"{prefix}{key}"
-        if isinstance(v, dict) and v and depth > 1:
-            out.update(_field_digests(v, path + ".", depth - 1))
-        else:
-            out[path] = hashlib.sha256(canonical_json(v)).hexdigest()[:16]
-    return out
-
-
-def signed_message(digest: str) -> bytes:
-    """The bytes an Ed25519 bundle signature signs (domain-separated: no other message matches)."""
-    return SIGNED_PREFIX + digest.encode("ascii")
-
-
-def _field_error(path: Path, field: str, problem: str, fix: str = REEXPORT) -> DataError:
-    return DataError(path, f"field '{field}' {problem}", fix=fix)
-
-
-def _bare_name(name) -> bool:
-    """A file name with no directory part: what `files`, `model.file` and `selftest.file` hold."""
-    return (isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\\0:")
-            and Path(name).name == name)
-
-
-def _regular_file(path: Path, field: str | None = None) -> os.stat_result:
-    """lstat of a bundle file that must be a regular file (never followed, never opened otherwise);
-    `field`: the manifest field that lists it."""
-    listed = f" ({MANIFEST} field '{field}')" if field else ""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        raise DataError(path, f"is missing{listed}", fix=REEXPORT) from None
-    if not stat.S_ISREG(st.st_mode):
-        kind = "a symlink" if stat.S_ISLNK(st.st_mode) else "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
-        raise DataError(path, f"is {kind}; a bundle holds regular files only{listed}", fix=REEXPORT)
-    return st
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,7 +147,7 @@ class Bundle:
                                        "written by `leader-edge export`", fix=REEXPORT)
             if name == "max_visits":
                 if self.encoder.max_visits > int(got):
-                    raise _field_error(self.path / MANIFEST, "encoder.max_visits", f"is {self.encoder.max_visits}, more "
+                    raise field_error(self.path / MANIFEST, "encoder.max_visits", f"is {self.encoder.max_visits}, more "
                                        f"visits than the model's position table ({got})")
             elif int(got) != want[name]:
                 source = {"n_codes": "encoder.codes", "n_meds": "encoder.codes.medication",
@@ -334,121 +265,6 @@ class Bundle:
                                  top_k=top_k, ddi=self.ddi))
 
 
-def read_manifest(directory: Path) -> dict:
-    """The manifest of a bundle directory, proven against its digest, its files and its meaning.
-
-    Raises:
-        DataError: naming the file, the field and the fix (see the module docstring, steps 1-3).
-    """
-    path = Path(directory) / MANIFEST
-    if not Path(directory).is_dir() or not os.path.lexists(path):
-        raise DataError(directory, f"is not a leader-edge bundle (no {MANIFEST})",
-                        fix="make one with `leader-edge export RUN --out DIR`")
-    st = _regular_file(path)
-    if st.st_size > MAX_MANIFEST_BYTES:
-        raise DataError(path, f"is {st.st_size:,} bytes, more than a manifest ({MAX_MANIFEST_BYTES:,})", fix=REEXPORT)
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(path, f"is not valid JSON ({e})", fix=REEXPORT) from None
-    if not isinstance(manifest, dict):
-        raise DataError(path, "is not a JSON object", fix=REEXPORT)
-    if manifest.get("format_version") != BUNDLE_FORMAT:
-        raise _field_error(path, "format_version", f"is {manifest.get('format_version')!r}; this leader-edge reads "
-                                                   f"bundle format {BUNDLE_FORMAT}")
-    _check_digest(path, manifest)
-    _check_files(Path(directory), path, manifest)
-    _check_meaning(path, manifest)
-    return manifest
-
-
-def _check_digest(path: Path, manifest: dict) -> None:
-    stored = manifest.get("digest")
-    if not isinstance(stored, dict) or not isinstance(stored.get("sha256"), str):
-        raise _field_error(path, "digest", "is missing or not {\"sha256\": ..., \"fields\": ...}")
-    now = manifest_digest(manifest)
-    if now["sha256"] == stored["sha256"]:
-        return
-    old = stored.get("fields") if isinstance(stored.get("fields"), dict) else {}
-    changed = sorted(k for k in set(old) | set(now["fields"]) if old.get(k) != now["fields"].get(k))
-    if not changed or not old:
-        raise _field_error(path, "digest", "does not match the manifest (edited or damaged after export)")
-    names = ", ".join(f"'{k}'" for k in changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
-    raise DataError(path, f"field{'s' if len(changed) > 1 else ''} {names} changed after export (the bundle's "
-                          "digest no longer matches)", fix=REEXPORT)
-
-
-def _check_files(directory: Path, path: Path, manifest: dict) -> None:
-    files = manifest.get("files")
-    if not isinstance(files, dict) or not files:
-        raise _field_error(path, "files", "is missing or empty; it lists every file of the bundle")
-    for name, entry in files.items():
-        field = f"files.{name}"
-        if not _bare_name(name) or name in (MANIFEST, SIGNATURE):
-            raise _field_error(path, field, "is not a bare file name of the bundle directory (no path, no '..')")
-        if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str) or type(entry.get("bytes")) is not int:
-            raise _field_error(path, field, "is not {\"sha256\": hex, \"bytes\": int}")
-        st = _regular_file(directory / name, field)
-        if st.st_size != entry["bytes"]:
-            raise DataError(directory / name, f"is {st.st_size:,} bytes; {MANIFEST} field '{field}.bytes' says "
-                                              f"{entry['bytes']:,} (changed or damaged after export)", fix=REEXPORT)
-        digest = sha256(directory / name)
-        if digest != entry["sha256"]:
-            raise DataError(directory / name, f"has sha256 {digest[:16]}..., {MANIFEST} field '{field}.sha256' says "
-                                              f"{entry['sha256'][:16]}... (changed or damaged after export)", fix=REEXPORT)
-    for entry in sorted(os.listdir(directory)):
-        if entry not in files and entry not in (MANIFEST, SIGNATURE):
-            raise DataError(directory / entry, f"is not listed in {MANIFEST} field 'files'; a bundle holds only the "
-                                               "files its digest covers", fix=f"remove it, or {REEXPORT}")
-    for field in ("model", "selftest"):
-        name = manifest.get(field, {}).get("file") if isinstance(manifest.get(field), dict) else None
-        if name not in files:
-            raise _field_error(path, f"{field}.file", f"is {name!r}, not a file listed in field 'files'")
-
-
-def _check_meaning(path: Path, manifest: dict) -> None:
-    """Threshold, caps, vocabulary, profile fields and DDI pairs make sense together."""
-    t = manifest.get("threshold")
-    if type(t) not in (int, float) or not math.isfinite(t) or not 0 <= t <= 1:
-        raise _field_error(path, "threshold", f"is {t!r}; a decision threshold is a number in [0, 1]")
-    enc = manifest.get("encoder")
-    if not isinstance(enc, dict):
-        raise _field_error(path, "encoder", "is missing")
-    for cap in ("max_visits", "max_codes"):
-        if type(enc.get(cap)) is not int or enc[cap] < 1:
-            raise _field_error(path, f"encoder.{cap}", f"is {enc.get(cap)!r}; it must be a positive integer")
-    codes = enc.get("codes")
-    for kind in ("diagnosis", "procedure", "medication"):
-        vocab = codes.get(kind) if isinstance(codes, dict) else None
-        if not isinstance(vocab, list) or not all(isinstance(c, str) and c for c in vocab):
-            raise _field_error(path, f"encoder.codes.{kind}", "is not a list of codes")
-        if len(set(vocab)) != len(vocab):
-            raise _field_error(path, f"encoder.codes.{kind}", "lists a code twice")
-    if not codes["medication"]:
-        raise _field_error(path, "encoder.codes.medication", "is empty; the model recommends from it")
-    try:
-        encoder = Encoder.from_json(enc)
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise _field_error(path, "encoder", f"is not a valid encoder ({e})") from None
-    if manifest.get("profile_fields") != encoder.profile_fields:
-        raise _field_error(path, "profile_fields", f"is {manifest.get('profile_fields')!r}, not the encoder's "
-                                                   f"{encoder.profile_fields}")
-    meds = set(encoder.codes["medication"])
-    pairs = manifest.get("ddi_pairs")
-    if not isinstance(pairs, list):
-        raise _field_error(path, "ddi_pairs", "is missing or not a list of [medication, medication] pairs")
-    for i, pair in enumerate(pairs):
-        if not (isinstance(pair, list) and len(pair) == 2 and pair[0] != pair[1] and all(p in meds for p in pair)):
-            raise _field_error(path, f"ddi_pairs[{i}]", f"is {pair!r}, not two different medications of "
-                                                        "'encoder.codes.medication'")
-    model, test = manifest.get("model"), manifest.get("selftest")
-    variant = model.get("variant") if isinstance(model, dict) else None
-    if not isinstance(variant, str) or variant not in SELFTEST_ATOL:
-        raise _field_error(path, "model.variant", f"is {variant!r}; a bundle holds one of {list(SELFTEST_ATOL)}")
-    if not isinstance(test, dict):
-        raise _field_error(path, "selftest", "is missing; the runtime scores the self-test batch it names")
-
-
 def open_session(model: Path, threads: int = 0):
     """An onnxruntime session on one bundle model file (already proven by `read_manifest`)."""
     import onnxruntime as ort
@@ -465,51 +281,6 @@ def open_session(model: Path, threads: int = 0):
     except Exception as e:  # onnxruntime's own error types (InvalidArgument, Fail, ...) derive from Exception
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(model, f"onnxruntime cannot load it ({first})", fix=REEXPORT) from None
-
-
-def verify_signature(directory: Path, manifest: dict, public_key: Path) -> None:
-    """Refuse a bundle without a valid Ed25519 signature of its digest by `public_key` (PEM).
-
-    Raises:
-        DataError: no key, not an Ed25519 public key, no or bad signature.json, a wrong signature.
-    """
-    try:
-        from cryptography.exceptions import InvalidSignature
-        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-        from cryptography.hazmat.primitives.serialization import load_pem_public_key
-    except ImportError:
-        raise RuntimeError("--trust needs the `cryptography` package; install leader-edge with its dependencies") from None
-    import base64
-
-    try:
-        key = load_pem_public_key(public_key.read_bytes())
-    except (OSError, ValueError) as e:
-        raise DataError(public_key, f"is not a PEM public key ({e})",
-                        fix="pass the PEM public key of the export's --sign key (`openssl pkey -in KEY -pubout`)") from None
-    if not isinstance(key, Ed25519PublicKey):
-        raise DataError(public_key, f"is a {type(key).__name__}, not an Ed25519 public key",
-                        fix="sign and trust with Ed25519 keys (`openssl genpkey -algorithm ed25519`)")
-    path = directory / SIGNATURE
-    if not os.path.lexists(path):
-        raise DataError(path, "is missing: the bundle is unsigned and --trust requires a signature",
-                        fix="export it again with `leader-edge export RUN --out DIR --sign KEY`")
-    if _regular_file(path).st_size > 1 << 16:
-        raise DataError(path, "is larger than a signature (64 KiB)", fix=REEXPORT)
-    try:
-        sig = json.loads(path.read_bytes().decode("utf-8"))
-        signature = base64.b64decode(sig["signature"], validate=True)
-        signed = sig["digest"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise DataError(path, f"is not a leader-edge signature ({e})", fix=REEXPORT) from None
-    if signed != manifest["digest"]["sha256"]:
-        raise _field_error(path, "digest", f"is {str(signed)[:16]}..., not this bundle's digest "
-                                           f"{manifest['digest']['sha256'][:16]}... (signs another bundle)")
-    try:
-        key.verify(signature, signed_message(signed))
-    except InvalidSignature:
-        raise DataError(path, f"field 'signature' does not verify with {public_key}: the bundle was signed by "
-                              "another key or changed after signing",
-                        fix="trust the key that signed it, or export and sign it again") from None
 
 
 def _installed(package: str) -> str:
