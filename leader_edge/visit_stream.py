@@ -1,16 +1,22 @@
-"""Streaming reader of a visits CSV for `predict`: rows grouped into patients, validated as they pass.
+"""The one visits reader: a visits CSV (or in-memory visit records) validated into `VisitTable`s.
 
-Torch-free and Dataset-free: the bedside runtime (`leader_edge.runtime`) reads through this, and
-`read_records` puts in-memory visit records (a service's request) through the same checks. Rows are
-grouped by patient as they arrive and handed on in chunks (`CHUNK_PATIENTS`), so memory is set by the
-chunk size, except for the file-wide checks: repeated visit ids and split patients are found through
-64-bit hashes (`_SeenIds`, ~60 bytes per row). A patient's visits must therefore be contiguous and
-in time order; the canonical `visits.csv` written by `leader-edge synth/prepare` is.
+Training (`dataset.read_visits`/`load_dataset`), `evaluate --truth`, `predict` and the service
+(`read_records`, through `Bundle.recommend`) all read visits here, under one contract:
+- the header and every row as docs/DATA.md says (ids, ISO 8601 times, `a;b;c` code lists,
+  `profile_*` columns), each refusal named by file, line, column and fix;
+- a patient's rows are contiguous and in time order (equal times keep file order); visit ids are
+  unique across the file.
+Why contiguous and ordered rather than "any order, sorted on read": the reader streams, so a
+10M-row file is checked in bounded memory (chunks of `CHUNK_PATIENTS` whole patients; repeated
+visit ids and split patients are found through 64-bit hashes, `_SeenIds`, ~60 bytes per row), and
+it never reorders, so the visit a recommendation names is the row that was written, and a file
+whose order disagrees with its times is refused at the row instead of silently re-read. The
+`visits.csv` that `leader-edge synth/prepare` write (`dataset.write_dataset`) is in this order.
 
-Refused with the file, line, column and fix, besides the format checks of `read_patients`:
-- a file that is not UTF-8: UTF-16 (a byte-order mark FF FE / FE FF, or NULs between the characters
-  of the header), gzip and ZIP are named as such; another encoding at the first line that does not
-  decode;
+Also refused, besides the format checks:
+- a file that is not UTF-8 (`leader_edge.csv_stream`): UTF-16 (a byte-order mark FF FE / FE FF, or
+  NULs between the characters of the header), gzip and ZIP are named as such; another encoding at
+  the first line that does not decode;
 - a NUL byte in any field (it would pass into the ids of the output);
 - a field over `MAX_FIELD` characters: named as a field too long when it sits on one line (a
   50,000-code visit), as an unclosed quote when the field runs over several lines;
@@ -19,6 +25,7 @@ Refused with the file, line, column and fix, besides the format checks of `read_
   recommendations would run such an id as a formula (CSV injection), and rewriting it (a leading
   `'`) would break the join with the truth file in `leader-edge evaluate`, so it is refused rather
   than escaped; ordinary ids are written unchanged.
+Torch-free and Dataset-free: the bedside runtime imports this module.
 """
 
 from __future__ import annotations
@@ -26,7 +33,6 @@ from __future__ import annotations
 import csv
 import operator
 import re
-from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import date, datetime
 from pathlib import Path
@@ -35,25 +41,21 @@ from typing import IO, Any
 import numpy as np
 
 from leader_edge.csv_checks import PROFILE_PREFIX, VISIT_COLUMNS, check_header, parse_code_list
-from leader_edge.errors import DataError
+from leader_edge.csv_stream import MAX_FIELD, Lines, csv_error
 from leader_edge.encoding import CODE_COLUMNS
+from leader_edge.errors import DataError
 from leader_edge.visit_table import VisitTable
 
-# 100,000 characters per field: a MIMIC visit's longest code list is ~400 characters (39 diagnoses),
-# so anything this long is a broken quote swallowing the rest of the file, not a visit.
-MAX_FIELD = 100_000
 CHUNK_PATIENTS = 8192  # patients per chunk: ~4 MB of encoded arrays, enough to fill ORT batches
 _CODES_OK = re.compile(r"[^\s,;]+(?:;[^\s,;]+)*")  # the common case, checked in C; else parse_code_list
 # A whole column of code lists, one per line, each empty or canonical. ASCII text (the usual) is
 # checked with substring scans, ~10x faster than this regex (0.2 s per 100k patients).
 _COLUMN_OK = re.compile(r"(?:[^\s,;]+(?:;[^\s,;]+)*)?(?:\n(?:[^\s,;]+(?:;[^\s,;]+)*)?)*")
 _ASCII_BAD = (",", ";;", ";\n", "\n;", " ", "\t", "\r", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x1f")  # \s but \n
-BLOCK_BYTES = 1 << 19  # lines read, decoded and validated together: ~2,700 synth rows per block
 # First characters that make a spreadsheet read a cell as a formula (OWASP "CSV injection"; tab
 # and CR too, but ids are stripped of them).
 FORMULA_START = "=+-@"
 _FORMULA_AFTER_NEWLINE = tuple("\n" + c for c in FORMULA_START)
-UTF16_BOMS = {b"\xff\xfe": "UTF-16 little-endian", b"\xfe\xff": "UTF-16 big-endian"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,12 +114,12 @@ def read_patients(stream: IO[bytes], path: str, *, chunk_patients: int = CHUNK_P
             visits out of time order, bad times or code lists.
     """
     csv.field_size_limit(MAX_FIELD)
-    source = _Lines(stream, path)
+    source = Lines(stream, path)
     try:
         reader = csv.reader(source)
         yield from _Reader(next(reader, None), path, chunk_patients).chunks(source, reader)
     except csv.Error as e:  # in the header (the rows' errors are named in `_Reader.chunks`)
-        raise _csv_error(e, source, path, start=1) from None
+        raise csv_error(e, source, path, start=1) from None
 
 
 def read_records(patients: Sequence[Sequence[Any]], source: str = "request") -> VisitTable:
@@ -212,89 +214,6 @@ def _record_row(record: Any, source: str, line: int) -> tuple[list[str], dict[st
     return row, {str(k): text(PROFILE_PREFIX + str(k), v) for k, v in items}
 
 
-def _csv_error(e: csv.Error, source: _Lines, path: str, *, start: int) -> DataError:
-    """csv.reader's error on the record that began on line `start` (the reader is on `source.number`)."""
-    if "field larger" not in str(e):
-        return DataError(path, f"malformed CSV: {e}", line=source.number, fix="check the quoting on this line")
-    if start == source.number:
-        codes = source.last.count(";") + 1
-        return DataError(path, f"a field is longer than the limit of {MAX_FIELD:,} characters (the line has "
-                               f"{len(source.last):,} characters, ~{codes:,} codes if it is a code list; a visit "
-                               "lists tens of codes)", line=start,
-                         fix="shorten this row's code lists (the model reads the first few dozen codes of a visit), "
-                             "or check that the file is a visits CSV")
-    return DataError(path, f"a quoted field runs from line {start} to line {source.number} and is longer than "
-                           f"{MAX_FIELD:,} characters: a '\"' quote is not closed", line=start,
-                     fix=f"close the '\"' quote opened on line {start} (or remove it)")
-
-
-class _Lines:
-    """The stream's lines, decoded ~`BLOCK_BYTES` of whole lines at a time. A line that is not
-    UTF-8 raises only when it is reached, so the rows above it are checked first."""
-
-    def __init__(self, stream: IO[bytes], path: str) -> None:
-        self.stream, self.path = stream, path
-        self.pending: deque[str] = deque()  # decoded lines, each with its '\n'
-        self.number = 0  # line number of the last line taken
-        self.last = ""  # the last line taken by csv.reader
-        self.nul = False  # a NUL byte was read: every row goes through the row checks from then on
-        self._error: DataError | None = None
-
-    def fill(self) -> bool:
-        """Decode the next block into `pending`; False at the end of the stream."""
-        if self._error is not None:
-            raise self._error
-        raw = self.stream.readlines(BLOCK_BYTES)
-        if not raw:
-            return False
-        first = self.number + len(self.pending) + 1
-        if first == 1:
-            _refuse_not_text(raw[0], self.path)
-        if not self.nul and b"\0" in b"".join(raw):
-            self.nul = True
-        try:
-            lines = list(map(bytes.decode, raw))
-        except UnicodeDecodeError:
-            lines = []
-            for i, line in enumerate(raw):
-                try:
-                    lines.append(line.decode())
-                except UnicodeDecodeError as e:
-                    self._error = DataError(
-                        self.path, f"not valid UTF-8 (byte 0x{line[e.start]:02x} at byte {e.start + 1} of the line)",
-                        line=first + i, fix="re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8` for a "
-                                            "latin-1 file)")
-                    break
-            if not lines:
-                raise self._error
-        if first == 1 and lines[0].startswith("\ufeff"):
-            lines[0] = lines[0][1:]
-        self.pending.extend(lines)
-        return True
-
-    def __iter__(self) -> Iterator[str]:
-        """Line by line, for csv.reader (a quoted field may continue into the next block)."""
-        while self.pending or self.fill():
-            self.number += 1
-            self.last = self.pending.popleft()
-            yield self.last
-
-    def take_plain(self) -> list[list[str]] | None:
-        """The pending lines split on ',' when csv.reader would split them the same way: no quote,
-        CR or NUL, no blank or over-long line (csv.reader's field limit). Else None, nothing taken.
-        str.split is ~2.5x faster than csv.reader (0.21 vs 0.52 s for 140k rows)."""
-        text = "".join(self.pending)
-        if ('"' in text or "\r" in text or "\0" in text or "\n\n" in text or text.startswith("\n")
-                or max(map(len, self.pending)) > MAX_FIELD):
-            return None
-        lines = text.split("\n")
-        if not lines[-1]:
-            lines.pop()
-        self.number += len(self.pending)
-        self.pending.clear()
-        return [line.split(",") for line in lines]
-
-
 class _Reader:
     """Rows a block at a time, validated by whole-block checks (`_fast`); a block that fails any of
     them goes through the row-by-row checks (`_slow`), which name the first bad row exactly as a
@@ -325,7 +244,7 @@ class _Reader:
         self.values: list[list[str]] = [[] for _ in self.profile]
         self.patient_starts: list[int] = []
 
-    def chunks(self, source: _Lines, reader) -> Iterator[VisitTable]:
+    def chunks(self, source: Lines, reader) -> Iterator[VisitTable]:
         """The rows of `source` (after the header `reader`, a csv.reader over it, has taken) as chunks."""
         while source.pending or source.fill():
             self.nul = source.nul
@@ -341,7 +260,7 @@ class _Reader:
                         rows.append(next(reader))
                 except csv.Error as e:
                     self._block(rows, lines[: len(rows)])  # the rows above the error are checked first
-                    raise _csv_error(e, source, self.path, start=lines[len(rows)]) from None
+                    raise csv_error(e, source, self.path, start=lines[len(rows)]) from None
                 except DataError:
                     self._block(rows, lines[: len(rows)])
                     raise
@@ -468,23 +387,6 @@ class _Reader:
         self.pids, self.vids, self.lines, self.times, self.codes, self.values, self.patient_starts = rest
         _check_ids(table, self.seen_visits, self.seen_patients, self.path)
         return table
-
-
-def _refuse_not_text(first: bytes, path: str) -> None:
-    """Refuse a file whose first line shows it is not UTF-8 text: UTF-16 (a byte-order mark, or a NUL
-    beside every other byte), gzip or ZIP (an Excel workbook)."""
-    if first.startswith(b"\x1f\x8b"):
-        raise DataError(path, "the file is gzip-compressed", line=1,
-                        fix=f"decompress it first (`gunzip -k {path}`), or pipe it: `zcat FILE | leader-edge predict --input -`")
-    if first.startswith(b"PK\x03\x04"):
-        raise DataError(path, "the file is a ZIP archive (an Excel workbook?), not a CSV", line=1,
-                        fix="save the sheet as \"CSV UTF-8\"")
-    kind = UTF16_BOMS.get(first[:2])
-    if kind is None and first.count(b"\0") * 3 >= len(first) > 3:  # an ASCII header in UTF-16: every other byte
-        kind = "UTF-16 without a byte-order mark"
-    if kind is not None:
-        raise DataError(path, f"the file is {kind}, not UTF-8", line=1,
-                        fix="re-save it as UTF-8 (e.g. `iconv -f UTF-16 -t UTF-8`, or \"CSV UTF-8\" in a spreadsheet)")
 
 
 def _column_ok(text: str) -> bool:

@@ -6,7 +6,7 @@ import io
 import numpy as np
 import pytest
 
-from leader_edge import visit_stream
+from leader_edge import csv_stream, visit_stream
 from leader_edge.visit_stream import _SeenIds, read_patients
 
 DIAG = [f"D{i}" for i in range(12)]
@@ -40,11 +40,11 @@ def _tables(text: str, chunk_patients: int) -> list:
 def test_visit_stream_block_checks_agree_with_row_checks(monkeypatch):
     text = _random_csv(3, patients=200)
     fast = _tables(text, chunk_patients=50)
-    monkeypatch.setattr(visit_stream, "BLOCK_BYTES", 300)  # chunk and block edges fall mid-patient
+    monkeypatch.setattr(csv_stream, "BLOCK_BYTES", 300)  # chunk and block edges fall mid-patient
     small = _tables(text, chunk_patients=50)
     monkeypatch.setattr(visit_stream._Reader, "_fast", lambda self, rows, lines: False)
     slow = _tables(text, chunk_patients=50)
-    monkeypatch.setattr(visit_stream._Lines, "take_plain", lambda self: None)  # csv.reader for every block
+    monkeypatch.setattr(csv_stream.Lines, "take_plain", lambda self: None)  # csv.reader for every block
     slow_csv = _tables(text, chunk_patients=50)
     assert [len(t) for t in fast] == [50, 50, 50, 50]
     for a, b, c, d in zip(fast, small, slow, slow_csv):
