@@ -19,6 +19,7 @@ import numpy as np
 
 from leader_edge.dataset import PROFILE_PREFIX
 from leader_edge.errors import DataError
+from leader_edge.explain import Explainer
 from leader_edge.formatting import format_rows
 from leader_edge.runtime import Bundle, Scored
 from leader_edge.serve.schema import PatientIn
@@ -46,6 +47,7 @@ class Model:
 
     def __post_init__(self) -> None:
         self.vocab = {k: frozenset(self.bundle.encoder.codes[k]) for k, _ in _KINDS}
+        self.explainer = Explainer(self.bundle) if Explainer.available(self.bundle) else None
 
     @classmethod
     def load(cls, path: str | Path, *, trust: str | Path | None = None, threads: int = 1) -> "Model":
@@ -93,6 +95,9 @@ class Model:
         tables: list[VisitTable | RequestError] = []
         for job in jobs:
             try:
+                if job.explain and self.explainer is None:
+                    raise RequestError("explain", f"bundle {self.id} carries no explanation graph (explain.onnx); "
+                                                  "export it again with this leader-edge to explain its recommendations")
                 tables.append(self._read(job.patients))
             except RequestError as e:
                 tables.append(e)
@@ -125,6 +130,11 @@ class Model:
                 if not job.all_scores:
                     record["scores"] = {c: record["scores"].get(c, 0.0) for c in record["medications"]}
                 record["unknown"] = self._unknown(patient)
+            if job.explain:
+                batch = self.bundle.encoder.encode_table(table).batch(table.starts[1:] - 1)
+                why = self.explainer.explain(batch, [r["medications"] for r in records])
+                for record, explanation in zip(records, why):
+                    record["explanations"] = explanation
             out.append(records)
         return out
 

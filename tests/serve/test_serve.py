@@ -68,6 +68,7 @@ BAD = [  # (request, status, field, words in the message)
     ({"patients": [P1, {**P2, "visits": [visit("v1", "2100-01-01")]}]}, 422, "patients[1].visits[0].visit_id", "already used"),
     ({"patients": [{**P1, "patient_id": "=cmd()"}]}, 422, "patients[0].patient_id", "formula"),
     ({"patients": [P2] * 9}, 422, "patients", "limit is 8"),
+    ({"patient": P2, "explain": True}, 422, "explain", "no explanation graph"),  # a bundle exported without one
 ]
 
 
