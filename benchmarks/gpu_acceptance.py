@@ -4,8 +4,11 @@
     python benchmarks/gpu_acceptance.py --out /tmp/acc --smoke          # CPU, tiny backbone and data (in make test)
 
 Steps, each a subprocess of the installed CLI or a script, timed, its tail kept:
-  1. kernel tests on the device (`pytest tests/kernels` with TRITON_INTERPRET=0; smoke: the interpreter);
-  2. the kernel benchmark (`benchmarks/bench_kernels.py`; smoke: `--smoke`);
+  1. kernel tests on the device (`pytest tests/kernels tests/train/test_student_triton.py` with
+     TRITON_INTERPRET=0: every CUDA case, the student on the kernels included; smoke: the interpreter);
+  2. the kernel benchmark (`benchmarks/bench_kernels.py`: the student's forward and forward+backward
+     at B in {256, 4096, 65536} vs torch eager and torch.compile, table in OUT/kernels.md; smoke:
+     `--smoke`, tiny sizes with the Triton interpreter);
   3. synth (default 2,000 patients; smoke: 60);
   4. the teacher: all 30 SmolLM2 layers with `configs/teacher-gpu.toml` (smoke: `--teacher tiny`, 1 epoch);
   5. the students (distilled and labels-only, one seed; smoke: 1 epoch), the report;
@@ -46,12 +49,14 @@ def steps(out: Path, smoke: bool) -> list[tuple[str, list[str], dict]]:
     kernel_env = {"TRITON_INTERPRET": "1" if smoke else "0"}
     teacher = ["--teacher", "tiny", "--epochs", "1", "--student-epochs", "1"] if smoke else \
         ["--config", str(ROOT / "configs" / "teacher-gpu.toml")]
-    kernel_tests = [py, "-m", "pytest", "-q", "-x", str(ROOT / "tests" / "kernels")]
+    kernel_tests = [py, "-m", "pytest", "-q", "-x", "-k", "cuda", str(ROOT / "tests" / "kernels"),
+                    str(ROOT / "tests" / "train" / "test_student_triton.py")]
     if smoke:  # the interpreter runs the kernels on CPU; one small file keeps make test fast
         kernel_tests = [py, "-m", "pytest", "-q", "-x", str(ROOT / "tests" / "kernels" / "test_reference.py")]
     return [
         ("kernel tests", kernel_tests, kernel_env),
-        ("kernel benchmark", [py, str(ROOT / "benchmarks" / "bench_kernels.py"), *(["--smoke"] if smoke else [])], {}),
+        ("kernel benchmark", [py, str(ROOT / "benchmarks" / "bench_kernels.py"), "--output", str(out / "kernels.md"),
+                              *(["--smoke"] if smoke else [])], {}),
         ("synth", [*cli, "synth", "--out", str(data), "--patients", "60" if smoke else "2000", "--seed", "42"], {}),
         ("teacher + students", [*cli, "train", "--data", str(data), "--out", str(run), "--seed", "42", *teacher], {}),
         ("report", [*cli, "evaluate", "--run", str(run)], {}),

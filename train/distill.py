@@ -90,6 +90,9 @@ class DistillConfig:
     # Output-level distillation: weight of BCE(student logits, teacher probabilities) on training
     # samples (the teacher's head applied to its cached features); 0 = off (LEADER has none).
     kd: float = 0.0
+    # StudentConfig.backend: "auto" runs the Triton kernels on CUDA and the torch forms on CPU;
+    # "triton" forces the kernels (CPU only under TRITON_INTERPRET=1: tests), "torch" the torch forms.
+    backend: str = "auto"
 
     def __post_init__(self) -> None:
         if self.kd < 0:
@@ -104,7 +107,7 @@ class DistillConfig:
         for name, allowed in (("wide", ("max", "mean", "none")), ("wide_init", ("cooc", "zero")),
                               ("code_init", ("none", "input", "hidden")),
                               ("set_encoder", ("transformer", "mean")), ("prior", ("none", "frequency")),
-                              ("prior_rule", ("stack", "chosen"))):
+                              ("prior_rule", ("stack", "chosen")), ("backend", ("auto", "triton", "torch"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"DistillConfig.{name}={getattr(self, name)!r}; use one of {allowed}")
 
@@ -280,7 +283,7 @@ def train_student(
         n_groups=int(groups.max()) + 1 if config.code_groups and len(groups) else 0,
         max_visits=encoder.max_visits, teacher_dim=0 if teacher is None else teacher["train"].shape[1],
         alpha=config.alpha if teacher is not None else 0.0, info_nce=config.info_nce, ddi_weight=config.ddi_weight,
-        wide=config.wide, set_encoder=config.set_encoder, prior=config.prior,
+        wide=config.wide, set_encoder=config.set_encoder, prior=config.prior, backend=config.backend,
     )
     prior_tables, prior_train = None, None
     if config.prior != "none":
