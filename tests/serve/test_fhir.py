@@ -96,3 +96,23 @@ def test_serve_fhir_bad_bundles_name_the_field(server):
     r = c.post("/v1/recommend/fhir?threshold=high", json=fhir_bundle())
     assert r.status_code == 422 and r.json()["errors"][0]["field"] == "threshold"
     assert c.post("/v1/recommend/fhir", content=b"<Bundle/>").status_code == 400
+
+
+def test_serve_fhir_malformed_resources_never_500(server):
+    """Wrong types anywhere in a Bundle: a 200 with the resource reported, or a 422 naming the field."""
+    weird = [None, 3, "x", [], {}, {"reference": 5}, {"coding": "x"}, {"coding": [None, {"system": 1, "code": []}]}]
+    statuses = set()
+    for value in weird:
+        for field in ("subject", "encounter", "code", "period", "medicationCodeableConcept", "verificationStatus"):
+            doc = fhir_bundle()
+            for e in doc["entry"][1:]:
+                e["resource"][field] = value
+            r = server.client.post("/v1/recommend/fhir", json=doc)
+            statuses.add(r.status_code)
+            assert r.status_code in (200, 422), (field, value, r.text)
+            if r.status_code == 422:
+                assert r.json()["errors"][0]["field"]
+    for entries in (None, "x", [None, 1, "x", {"resource": 3}], [{"resource": {"resourceType": 7}}]):
+        r = server.client.post("/v1/recommend/fhir", json={"resourceType": "Bundle", "entry": entries})
+        assert r.status_code == 422, r.text
+    assert statuses == {200, 422}
