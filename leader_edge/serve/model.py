@@ -7,7 +7,7 @@ validator for files and requests, whose errors name the line a record would have
 back here to the request field), so one bad request fails alone; the tables of all requests queued
 meanwhile are scored in ONE `Bundle.predict` call (one onnxruntime run for 32 concurrent patients
 instead of 32), and each request's rows are formatted with its own options by
-`formatting.format_rows(fmt="jsonl")`: a patient gets what `predict --format jsonl` writes.
+`recs.json_records`: a patient gets what `predict --format jsonl` writes.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import numpy as np
 from leader_edge.dataset import PROFILE_PREFIX
 from leader_edge.errors import DataError
 from leader_edge.explain import Explainer
-from leader_edge.formatting import format_rows
-from leader_edge.runtime import Bundle, Scored
+from leader_edge.recs import Scored, json_records
+from leader_edge.runtime import Bundle
 from leader_edge.serve.schema import PatientIn
 from leader_edge.visit_stream import read_records
 from leader_edge.visit_table import VisitTable
@@ -119,7 +119,8 @@ class Model:
                 start += len(table)
         for (threshold, top_k), a, b in runs:
             part = Scored(scored.patient_ids[a:b], scored.visit_ids[a:b], scored.y_prob[a:b], scored.unknown[a:b])
-            formatted += format_rows(self.bundle, part, fmt="jsonl", threshold=threshold, top_k=top_k)
+            formatted += json_records(self.bundle.med_codes, part, top_k=top_k, ddi=self.bundle.ddi,
+                                      threshold=self.bundle.threshold if threshold is None else threshold)
         out, start = [], 0
         for job, table in zip(jobs, tables):
             if isinstance(table, RequestError):
