@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from leader_edge.cli import user_errors
+from leader_edge.cli import InputError, user_errors
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
@@ -53,7 +53,7 @@ def serve(bundle: Path, host: str, port: int, token_file: Path | None, trust: Pa
 
     token = token_file.read_text(encoding="utf-8").strip() if token_file else os.environ.get("LEADER_EDGE_SERVE_TOKEN") or None
     if token_file and not token:
-        raise click.ClickException(f"{token_file} is empty; write the bearer token in it")
+        raise InputError(f"{token_file} is empty; write the bearer token in it")
     if host not in LOOPBACK and token is None:
         click.echo(f"warning: listening on {host} without a token: anyone who reaches it can call it "
                    "(--token-file or LEADER_EDGE_SERVE_TOKEN)", err=True)

@@ -134,3 +134,15 @@ def test_serve_imports_no_torch(bundle_dir):
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'sklearn', 'pandas')))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_serve_cli_refuses_a_bad_bundle_or_empty_token_file(tmp_path, bundle_dir):
+    from click.testing import CliRunner
+
+    from leader_edge.cli import main
+
+    result = CliRunner().invoke(main, ["serve", "--bundle", str(tmp_path)])
+    assert result.exit_code == 2 and "not a leader-edge bundle" in result.output and "Traceback" not in result.output
+    (tmp_path / "token").write_text("\n")
+    result = CliRunner().invoke(main, ["serve", "--bundle", str(bundle_dir), "--token-file", str(tmp_path / "token")])
+    assert result.exit_code == 2 and "is empty" in result.output
