@@ -8,7 +8,11 @@ sigmoid, or (loss mode) BCE partial sums and probabilities. The [B, L, M] gather
 exists. Backward: dh, dW, db by cuBLAS on dlogits; the wide table's gradient by a scatter kernel
 that re-reads the same slices and adds dlogits / count to every slot equal to the saved max (torch's
 amax splits the gradient evenly among tied slots, so this is its exact rule, repeated codes included).
-The scatter adds atomically in fp32 (summation order varies run to run on a GPU).
+
+The table's gradient, as `triton_embedding_bag`'s, by one of two kernels picked by
+`torch.are_deterministic_algorithms_enabled()`: atomic fp32 adds (default; summation order varies
+run to run on a GPU), or the (bag, slot) pairs stably sorted by code and one program per table row
+summing its segment in a fixed order (bit-reproducible, at the cost of a sort of B * L keys).
 """
 
 from __future__ import annotations
@@ -145,6 +149,38 @@ def _wide_max_head_backward_kernel(
         tl.atomic_add(grad_table_ptr + code[:, None] * M + cols[None, :], share, mask=valid & (v == best))
 
 
+@triton.autotune(configs=autotune_configs(SCATTER_CONFIGS, SCATTER_PINNED), key=["M"])
+@triton.jit
+def _wide_max_head_backward_sorted_kernel(
+    # pointers
+    dlogits_ptr, scale_ptr, table_ptr, best_ptr, ties_ptr, bag_of_ptr, segment_ptr, grad_table_ptr,
+    # sizes
+    M,
+    # strides (dlogits/best/ties contiguous [B, M]; grad_table contiguous [V, M])
+    stride_table_v,
+    # meta
+    BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Row v of grad_table [V, M] = sum over its sorted segment of bags b of scale * dlogits[b] / ties[b]
+    where table[v] equals best[b] (the segment lists a bag once per slot holding code v)."""
+    v = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    col_mask = cols < M
+    row = tl.load(table_ptr + v * stride_table_v + cols, mask=col_mask, other=0.0).to(tl.float32)
+    start, end = tl.load(segment_ptr + v), tl.load(segment_ptr + v + 1)
+    acc = tl.zeros((BLOCK_M,), tl.float32)
+    for i in range(start, end, BLOCK_B):
+        idx = i + tl.arange(0, BLOCK_B)
+        m = (idx < end)[:, None] & col_mask[None, :]
+        offs = tl.load(bag_of_ptr + idx, mask=idx < end, other=0)[:, None] * M + cols[None, :]
+        ties = tl.load(ties_ptr + offs, mask=m, other=0.0)
+        hit = m & (ties > 0) & (row[None, :] == tl.load(best_ptr + offs, mask=m, other=0.0))
+        g = tl.load(dlogits_ptr + offs, mask=hit, other=0.0)
+        acc += tl.sum(tl.where(hit, g / tl.maximum(ties, 1.0), 0.0), axis=0)
+    acc = acc * tl.load(scale_ptr)
+    tl.store(grad_table_ptr + v * M + cols, acc.to(grad_table_ptr.dtype.element_ty), mask=col_mask)
+
+
 def _grid(meta: dict) -> tuple[int, int]:
     """Launch grid over [B, M] tiles; `meta` holds the sizes and the chosen config."""
     return (triton.cdiv(meta["B"], meta["BLOCK_B"]), triton.cdiv(meta["M"], meta["BLOCK_M"]))
@@ -197,14 +233,29 @@ def wide_max_head_backward(ctx, dlogits: torch.Tensor, scale: torch.Tensor) -> t
     dextra = (dlogits * scale).to(ctx.extra_dtype) if needs[5] else None
     dtable = None
     if needs[3]:
-        grad = torch.zeros(table.shape, dtype=torch.float32, device=table.device)
-        if dlogits.numel() and codes.shape[1]:
-            _wide_max_head_backward_kernel[_grid](
-                dlogits.contiguous(), scale.reshape(1).float(), table, codes, best, ties, grad,
-                dlogits.shape[0], dlogits.shape[1], codes.shape[1], table.stride(0), codes.stride(0),
-            )
-        dtable = grad.to(table.dtype)
+        dtable = _table_grad(dlogits.contiguous(), scale.reshape(1).float(), table, codes, best, ties)
     return dh, dweight, dbias, dtable, None, dextra
+
+
+def _table_grad(dlogits, scale, table, codes, best, ties) -> torch.Tensor:
+    """The wide table's gradient [V, M] in table.dtype (atomic or sorted, see the module docstring)."""
+    (b, m), (num_rows, length) = dlogits.shape, (table.shape[0], codes.shape[1])
+    if b * m == 0 or length == 0 or num_rows == 0:
+        return torch.zeros(table.shape, dtype=table.dtype, device=table.device)
+    if not torch.are_deterministic_algorithms_enabled():
+        grad = torch.zeros(table.shape, dtype=torch.float32, device=table.device)
+        _wide_max_head_backward_kernel[_grid](dlogits, scale, table, codes, best, ties, grad, b, m, length,
+                                              table.stride(0), codes.stride(0))
+        return grad.to(table.dtype)
+    # Padding gets key V: it sorts last, outside every row's segment.
+    keys = torch.where(codes >= 0, codes, num_rows).reshape(-1)  # [B * L]
+    sorted_keys, order = torch.sort(keys, stable=True)
+    segment = torch.searchsorted(sorted_keys, torch.arange(num_rows + 1, device=keys.device))  # [V + 1]
+    grad = torch.empty(table.shape, dtype=table.dtype, device=table.device)
+    grid = lambda meta: (num_rows, triton.cdiv(m, meta["BLOCK_M"]))  # noqa: E731
+    _wide_max_head_backward_sorted_kernel[grid](dlogits, scale, table, best, ties, order // length, segment, grad, m,
+                                                table.stride(0))
+    return grad
 
 
 def _save(ctx, h, weight, bias, table, codes, extra, best, ties, *more) -> None:

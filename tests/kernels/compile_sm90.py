@@ -59,6 +59,9 @@ def cases(p: str):
         dlogits_ptr="*fp32", scale_ptr="*fp32", table_ptr=p, codes_ptr="*i64", best_ptr="*fp32", ties_ptr="*fp32",
         grad_table_ptr="*fp32", B=I, M=I, L=I, stride_table_v=I, stride_codes_b=I, BLOCK_B=C, BLOCK_M=C),\
         dict(BLOCK_B=32, BLOCK_M=64)
+    yield head._wide_max_head_backward_sorted_kernel, dict(
+        dlogits_ptr="*fp32", scale_ptr="*fp32", table_ptr=p, best_ptr="*fp32", ties_ptr="*fp32", bag_of_ptr="*i64",
+        segment_ptr="*i64", grad_table_ptr=p, M=I, stride_table_v=I, BLOCK_B=C, BLOCK_M=C), dict(BLOCK_B=32, BLOCK_M=64)
 
 
 def main() -> None:

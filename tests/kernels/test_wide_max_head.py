@@ -52,10 +52,12 @@ def test_wide_max_head_matches_reference(shape, dtype, sigmoid, device, close):
         close(actual, want, dtype)
 
 
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "sorted"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_wide_max_head_loss_matches_reference(shape, dtype, device, close):
+def test_wide_max_head_loss_matches_reference(shape, dtype, deterministic, device, close, monkeypatch):
     h, weight, bias, table, codes, extra, target, _ = make_inputs(shape, dtype, device, 10 + SHAPES.index(shape))
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: deterministic)
     loss, prob = kernels.wide_max_head_loss(h, weight, bias, table, codes, extra, target, backend="triton")
     want_loss, want_prob = reference.wide_max_head_loss(h, weight, bias, table, codes, extra, target)
     assert loss.dtype == prob.dtype == torch.float32 and loss.shape == () and not prob.requires_grad
@@ -89,6 +91,14 @@ def test_wide_max_head_ties_split_the_gradient_like_amax():
     out = kernels.wide_max_head(h, weight, None, table, codes, backend="triton")
     (grad,) = torch.autograd.grad(out, table, torch.tensor([[3.0, 6.0]]))
     torch.testing.assert_close(grad, torch.tensor([[0.0, 0.0], [2.0, 4.0], [0.0, 0.0], [1.0, 2.0]]))
+
+
+def test_wide_max_head_sorted_backward_is_bit_reproducible(monkeypatch):
+    h, weight, bias, table, codes, extra, target, _ = make_inputs((40, 9, 21, 6, 11), torch.float32, "cpu", 40)
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    runs = [torch.autograd.grad(kernels.wide_max_head_loss(h, weight, bias, table, codes, extra, target, backend="triton")[0],
+                                table)[0] for _ in range(2)]
+    assert torch.equal(runs[0], runs[1])
 
 
 def test_wide_max_head_empty_bags_batches_and_codes():
