@@ -24,7 +24,6 @@ chosen, no map), `report["notes"]` assumptions made (a resource without an encou
 
 from __future__ import annotations
 
-from collections import defaultdict
 from datetime import datetime
 
 from pydantic import ValidationError
