@@ -1,9 +1,11 @@
 """Streaming a visits file through a proven bundle into an output file: `predict_file`. No torch.
 
 `leader_edge.runtime` loads, proves and scores a bundle; this module is what `leader-edge predict`
-does with one: read the visits in patient chunks (`leader_edge.visit_stream`), score each with
-`Bundle.predict`, format it (`leader_edge.recs`) and write it so that nothing is lost or left
-behind (see `predict_file`). `runtime` never imports this module.
+does with one: read the visits in chunks of whole patients (`visit_stream.read_patients`, the one
+visits reader), score each with `Bundle.predict` (`Encoder.encode_table`, the one encoder, then the
+model), format it with the one recommendations writer (`recs.csv_lines`, or `recs.json_records`
+for jsonl) and write it so that nothing is lost or left behind (see `predict_file`). `runtime`
+never imports this module.
 
     bundle = Bundle.load("bundle/")                      # leader_edge.runtime: proves it or refuses it
     stats = predict_file(bundle, "visits.csv", "recs.csv")   # "-" for standard input / output
