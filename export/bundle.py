@@ -2,14 +2,15 @@
 
     export_bundle(run_dir, out, model="student", int8=True, sign=None)
 
-Steps: load the torch student (reference ops), export fp32 ONNX, optionally quantize to int8 three
-ways (int8 weights with fp32 arithmetic, dynamic, static QDQ calibrated on training samples).
-Every candidate scores validation-like visits in batches and one patient at a time: a candidate
-whose probabilities depend on the batch by more than `BATCH_ATOL` is refused (dynamic int8 scales
+Steps: load the torch student, export fp32 ONNX, optionally quantize to int8 three ways (int8
+weights with fp32 arithmetic, dynamic, static QDQ calibrated on training samples). Every candidate
+scores validation-like visits in batches and one patient at a time: a candidate whose
+probabilities depend on the batch by more than `BATCH_ATOL` is refused (dynamic int8 scales
 activations per batch, so a patient's recommendation would depend on who else is in the file).
 `choose_int8` keeps the most accurate batch-invariant int8 model, ties broken by a fixed order - no
-timing, so exporting the same run twice gives byte-identical bundles. The chosen model is held to the torch student on the
-validation split (`gate`): a Jaccard drop over `MAX_JACCARD_DROP` refuses the bundle unless `force`.
+timing, so exporting the same run twice gives byte-identical bundles. The chosen model is held to
+the torch student on the validation split (`gate`): a Jaccard drop over `MAX_JACCARD_DROP` refuses
+the bundle unless `force`.
 
 The bundle (see `leader_edge.runtime` for what the load checks): model.onnx (the table sizes
 stamped in its metadata), selftest.json (synthetic patients and the probabilities the bundle gives
@@ -17,6 +18,9 @@ them), manifest.json (every file's sha256 and size, and a digest over every fiel
 `sign` signature.json (Ed25519 over the digest). It is loaded once with the runtime's own checks
 before it replaces `out`, atomically; an existing `out` is replaced only if it is a bundle, and the
 run directory itself is refused as a destination.
+
+Torch -> ONNX, the quantizers and the ONNX file helpers live in export/onnx.py; this file is the
+bundle: choosing, gating, writing, signing (~400 lines; the signing helpers, ~60, are the next seam).
 """
 
 from __future__ import annotations
@@ -25,7 +29,6 @@ import json
 import logging
 import platform
 import tempfile
-import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -37,7 +40,8 @@ from leader_edge.dataset import atomic_directory, dataset_splits, load_dataset
 from leader_edge.encoding import Encoder, RawVisit
 from leader_edge.errors import DataError
 from leader_edge.export import onnx as onnx_export
-from leader_edge.runtime import (BUNDLE_FORMAT, MANIFEST, METADATA_PREFIX, MODEL, SELFTEST, SELFTEST_ATOL, SIGNATURE,
+from leader_edge.export.onnx import batch1_ms, ort_runner  # noqa: F401 - benchmarks/bench_predict.py imports them from here
+from leader_edge.runtime import (BUNDLE_FORMAT, MANIFEST, MODEL, SELFTEST, SELFTEST_ATOL, SIGNATURE,
                                  Bundle, manifest_digest, open_session, sha256, signed_message)
 
 log = logging.getLogger(__name__)
@@ -118,85 +122,8 @@ def _data_dir(run_dir: Path, config: dict) -> Path:
     return Path(data)
 
 
-def ort_proba(path: Path, encoded: list[dict[str, np.ndarray]]) -> np.ndarray:
-    """Probabilities of an ONNX file over pre-encoded batches (concatenated rows)."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return np.concatenate([session.run(None, b)[0] for b in encoded])
-
-
-def batch1_ms(run, singles: list[dict[str, np.ndarray]], repeats: int = 1) -> tuple[float, float]:
-    """(p50, p99) milliseconds of `run(inputs)` at batch 1 over `singles` (after 5 warm-up calls).
-    For benchmarks: the export decides nothing by time."""
-    for b in singles[:5]:
-        run(b)
-    times = []
-    for _ in range(repeats):
-        for b in singles:
-            t = time.perf_counter()
-            run(b)
-            times.append(time.perf_counter() - t)
-    return float(np.percentile(times, 50) * 1e3), float(np.percentile(times, 99) * 1e3)
-
-
-def ort_runner(path: Path, threads: int = 1):
-    """`inputs -> probabilities` for an ONNX file (one intra-op thread: batch-1 latency)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return lambda inputs: session.run(None, inputs)[0]
-
-
 def encode_batches(encoder: Encoder, histories: list, batch_size: int) -> list[dict[str, np.ndarray]]:
     return [encoder.encode(histories[i : i + batch_size]).inputs() for i in range(0, len(histories), batch_size)]
-
-
-def quantize_weights_int8(src: str | Path, dst: str | Path, min_size: int = 4096) -> Path:
-    """Weight-only int8: every large 2-D weight stored as int8 + one scale per output channel.
-
-    Gather tables get a scale per row, MatMul/Gemm weights one per output column. The weight is
-    rebuilt as Cast(int8) * scale, which onnxruntime folds into an fp32 initializer at session start
-    (a DequantizeLinear would be fused into int8 kernels that quantize activations, and those made
-    a patient's probabilities depend on the batch by 1e-3), so the arithmetic, the speed and the
-    batch invariance are fp32's while the file is ~32% of it. Symmetric scales keep each weight
-    within half a step of its channel's range (max |dp| 8.8e-3 vs fp32 on a trained synth student).
-    """
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    if Path(src).resolve() == Path(dst).resolve():
-        raise ValueError(f"quantization source and destination are both {src}; write to a new path")
-    model = onnx.load(str(src))
-    graph = model.graph
-    uses: dict[str, set] = {}
-    for node in graph.node:
-        for i, name in enumerate(node.input):
-            trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
-            axis = {("Gather", 0): 0, ("GatherND", 0): 0, ("MatMul", 1): 1, ("Gemm", 1): 0 if trans_b else 1}
-            uses.setdefault(name, set()).add(axis.get((node.op_type, i)))  # the axis of one scale per channel
-    nodes = []
-    for init in list(graph.initializer):
-        axes = uses.get(init.name, {None})
-        table = numpy_helper.to_array(init)
-        if len(axes) != 1 or None in axes or table.dtype != np.float32 or table.ndim != 2 or table.size < min_size:
-            continue
-        (axis,) = axes
-        scale = (np.abs(table).max(axis=1 - axis, keepdims=True) / 127).astype(np.float32)  # [N, 1] or [1, N]
-        scale[scale == 0] = 1.0
-        q = np.clip(np.rint(table / scale), -127, 127).astype(np.int8)
-        graph.initializer.remove(init)
-        graph.initializer.extend([numpy_helper.from_array(q, init.name + "_int8"),
-                                  numpy_helper.from_array(scale, init.name + "_scale")])
-        nodes += [helper.make_node("Cast", [init.name + "_int8"], [init.name + "_wide"], to=TensorProto.FLOAT,
-                                   name=init.name + "_cast"),
-                  helper.make_node("Mul", [init.name + "_wide", init.name + "_scale"], [init.name], name=init.name + "_scale")]
-    for node in reversed(nodes):
-        graph.node.insert(0, node)
-    onnx.save(model, str(dst))
-    return Path(dst)
 
 
 def choose_int8(candidates: list[Candidate]) -> Candidate:
@@ -260,18 +187,6 @@ def selftest_patients(encoder: Encoder, n: int = SELFTEST_PATIENTS, seed: int = 
         patients.append(visits)
     patients[0][0]["diagnoses"].append("<selftest-unknown>")
     return patients
-
-
-def stamp_sizes(src: Path, dst: Path, sizes: dict[str, int]) -> Path:
-    """Copy an ONNX file with the model's table sizes in its metadata (what the runtime checks the
-    manifest's vocabulary against)."""
-    import onnx
-    from onnx import helper
-
-    model = onnx.load(str(src))
-    helper.set_model_props(model, {METADATA_PREFIX + k: str(v) for k, v in sizes.items()})
-    onnx.save(model, str(dst))
-    return dst
 
 
 def _ddi_pairs(pairs, encoder: Encoder) -> list[list[str]]:
@@ -401,7 +316,7 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, model: str = DEFAULT_
             pick = rng.choice(len(train), size=min(calibration_samples, len(train)), replace=False)
             calibration = encode_batches(encoder, [train[i] for i in pick], 64)
             quantized = [
-                ("int8-weights", lambda p: quantize_weights_int8(fp32, p)),
+                ("int8-weights", lambda p: onnx_export.quantize_weights_int8(fp32, p)),
                 ("int8-dynamic", lambda p: onnx_export.quantize_dynamic_int8(fp32, p)),
                 ("int8-static", lambda p: onnx_export.quantize_static_int8(fp32, p, calibration)),
             ]
@@ -452,7 +367,7 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, model: str = DEFAULT_
         sizes = {"n_codes": student.config.n_codes, "n_meds": student.config.n_meds,
                  "n_profile_ids": student.config.n_profile_ids, "max_visits": student.config.max_visits}
         with atomic_directory(out, marker=MANIFEST, what="leader-edge bundle") as tmp_out:
-            write_bundle(tmp_out, stamp_sizes(chosen.path, work / "stamped.onnx", sizes), manifest, encoder, key=key)
+            write_bundle(tmp_out, onnx_export.stamp_sizes(chosen.path, work / "stamped.onnx", sizes), manifest, encoder, key=key)
             _verify_written(tmp_out, key, work)
     return manifest
 
@@ -497,7 +412,7 @@ def _verify_written(directory: Path, key, work: Path) -> None:
 def _candidate(name: str, path: Path, encoded, batched, singles, y_true: np.ndarray, threshold: float) -> Candidate:
     """Score a model file: validation metrics (`encoded`), and batch invariance (`batched` vs `singles`,
     the same visits)."""
-    y_prob = ort_proba(path, encoded)
-    dp = float(np.abs(ort_proba(path, batched) - ort_proba(path, singles)).max())
+    y_prob = onnx_export.ort_proba(path, encoded)
+    dp = float(np.abs(onnx_export.ort_proba(path, batched) - onnx_export.ort_proba(path, singles)).max())
     score = metrics.score(y_true, y_prob, threshold)
     return Candidate(name, path, y_prob, dp, score["jaccard"], score["prauc"])

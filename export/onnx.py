@@ -1,47 +1,45 @@
 """Student -> ONNX (fp32) -> int8: path in, path out.
 
-    export_onnx(model, path)                       # torch.onnx dynamo exporter, reference ops
+    export_onnx(model, path, inputs)               # torch.onnx dynamo exporter: the student as written
+    export_onnx(model, path, inputs, graph="explain")   # Student.logit_parts: the explanation graph
+    quantize_weights_int8(src, dst)                # int8 weights, fp32 arithmetic (batch-invariant)
     quantize_dynamic_int8(src, dst)                # int8 weights, activations quantized at run time
     quantize_static_int8(src, dst, calibration)    # QDQ, activation ranges calibrated on samples
+    quantize_embeddings(path)                      # gathered tables as int8 + a scale per row, in place
 
 Every input axis but the profile width is dynamic: batch B, visit slots K and the code widths
 Ld/Lp/Lm (the encoder pads to the longest row of a batch, so widths differ from batch to batch).
-The exported graph is `Student.predict_proba` (probabilities): the runtime thresholds them as they come.
+The model graph is `Student.predict_proba` (probabilities: the runtime thresholds them as they
+come); the explain graph is `Student.logit_parts` (outputs `EXPLAIN_OUTPUTS`). The student is
+traced as it is - no patched kernels, no swapped methods: on CPU its bags are the padded gathers
+and its visit block asks for the current slot only (train/student.py). Each export is run by
+onnxruntime on a batch of other shapes than the traced one and held to torch within `ATOL`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import types
+import time
 import warnings
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 
 from leader_edge.encoding import INPUT_NAMES
-from leader_edge.export.forms import fold_constant_concats, last_query_forward, padded_embedding_bag, padded_wide_logits
+from leader_edge.runtime import METADATA_PREFIX
 
 log = logging.getLogger(__name__)
 
 OPSET = 18  # onnxruntime 1.32 runs it everywhere; the dynamo exporter's default
-
-
-def _reference_kernels(*, reference_bag: bool = False) -> types.SimpleNamespace:
-    """`leader_edge.kernels` look-alike that always runs the pure-torch references.
-
-    The public kernels check `codes.max() < V` on CPU with a Python `int(...)`, a data-dependent
-    branch that torch.export cannot trace; the references are the spec and export cleanly. The
-    embedding bag is the reference's padded-gather form (`export/forms.py`: same values, no mask pass)."""
-    from leader_edge.kernels import reference
-
-    return types.SimpleNamespace(
-        embedding_bag=lambda weight, codes, mode="sum", backend="torch": (
-            reference.embedding_bag if reference_bag else padded_embedding_bag)(weight, codes, mode),
-        linear_sigmoid=lambda x, weight, bias=None, backend="torch": reference.linear_sigmoid(x, weight, bias),
-        linear_bce_with_logits=lambda x, w, b, t, backend="torch": reference.linear_bce_with_logits(x, w, b, t),
-    )
+GRAPHS = {"proba": ("predict_proba", ("probabilities",)),
+          "explain": ("logit_parts", ("deep", "wide", "wide_slot", "codes", "rest"))}
+EXPLAIN_OUTPUTS = GRAPHS["explain"][1]
+# max |ORT - torch| on the check batch (fp32 sums in another order). Probabilities: 6e-8 measured
+# (stack prior, transformer sets); the bundle gate's own bound is 1e-5. Logit parts are logits, up
+# to ~20, and `rest` is a difference of such sums: 1.4e-6 measured (1.9e-6 on 1,024 demo visits,
+# once the prior shares avoid ONNX's Log(1 + x), see train/student.py `log1p`), 1e-4 allowed.
+ATOL = {"proba": 1e-5, "explain": 1e-4}
 
 
 def example_inputs(n_codes: int, n_profile_ids: int, n_fields: int, *, batch: int = 3, visits: int = 2,
@@ -60,30 +58,43 @@ def example_inputs(n_codes: int, n_profile_ids: int, n_fields: int, *, batch: in
     return out
 
 
-def export_onnx(model, path: str | Path, inputs: dict[str, np.ndarray]) -> Path:
-    """Export `model.predict_proba` to ONNX with dynamic batch, visit and code axes.
+def export_onnx(model, path: str | Path, inputs: dict[str, np.ndarray], *, graph: str = "proba") -> Path:
+    """Export the student's `predict_proba` ("proba") or `logit_parts` ("explain") to ONNX with
+    dynamic batch, visit and code axes, then check onnxruntime against torch.
 
     Args:
-        model: a `leader_edge.train.student.Student` (any device; exported on CPU, eval mode).
+        model: a `leader_edge.train.student.Student` (any device; exported on CPU in eval mode, so a
+            backend="triton" student is refused: load it with backend="auto" or "torch").
         path: the .onnx file to write (its weights inline, one file).
         inputs: example inputs by name (`example_inputs` or an encoded batch), int64.
+        graph: "proba" or "explain".
 
     Returns:
         `path`.
+
+    Raises:
+        ValueError: an unknown `graph`, or a backend="triton" student.
+        RuntimeError: onnxruntime differs from torch by more than `ATOL[graph]`.
     """
     import torch
 
-    from leader_edge.train import student as student_module
+    if graph not in GRAPHS:
+        raise ValueError(f"graph={graph!r}; use one of {', '.join(GRAPHS)}")
+    if model.config.backend == "triton":
+        raise ValueError("a backend='triton' student runs its Triton kernels even on CPU and cannot be traced; "
+                         "load it with backend='auto' or 'torch' (load_student(..., backend='torch'))")
+    method, outputs = GRAPHS[graph]
 
-    class _Proba(torch.nn.Module):
+    class _Graph(torch.nn.Module):
         def __init__(self, inner) -> None:
             super().__init__()
             self.inner = inner
 
         def forward(self, diagnoses, procedures, medications, profile, visit_mask):
-            return self.inner.predict_proba(diagnoses, procedures, medications, profile, visit_mask)
+            out = getattr(self.inner, method)(diagnoses, procedures, medications, profile, visit_mask)
+            return tuple(out[n] for n in outputs) if isinstance(out, dict) else out
 
-    wrapper = _Proba(model.cpu().eval())
+    wrapper = _Graph(model.cpu().eval())
     args = tuple(torch.from_numpy(np.ascontiguousarray(inputs[n])) for n in INPUT_NAMES)
     dim = torch.export.Dim
     batch, visits = dim("batch", min=1), dim("visits", min=1, max=model.config.max_visits)
@@ -95,29 +106,44 @@ def export_onnx(model, path: str | Path, inputs: dict[str, np.ndarray]) -> Path:
         "visit_mask": {0: batch, 1: visits},
     }
     path = Path(path)
-    with torch.no_grad():
-        with mock.patch.object(student_module, "kernels", _reference_kernels(reference_bag=True)):
-            want = wrapper(*args)
-    inner, block = wrapper.inner, wrapper.inner.visit_block
-    # On the instance, not the class: padded_wide_logits hands the mean and low-rank variants back to
-    # Student.wide_logits, which a class-level patch would turn into itself (infinite recursion).
-    with mock.patch.object(student_module, "kernels", _reference_kernels()), \
-            mock.patch.object(inner, "wide_logits", lambda d, p, m: padded_wide_logits(inner, d, p, m)), \
-            mock.patch.object(block, "forward", lambda x, mask: last_query_forward(block, x, mask)), torch.no_grad():
-        diff = float((wrapper(*args) - want).abs().max())
-        if diff > 1e-6:
-            raise RuntimeError(f"the export forms differ from the student by {diff:.2e} on the example batch; "
-                               "Student changed - update leader_edge/export/forms.py to match it")
-        with warnings.catch_warnings(), _quiet_third_party():
-            warnings.simplefilter("ignore")  # the exporter's deprecation chatter; failures still raise
-            program = torch.onnx.export(
-                wrapper, args, input_names=list(INPUT_NAMES), output_names=["probabilities"],
-                dynamic_shapes=dynamic, opset_version=OPSET, dynamo=True, optimize=True, verbose=False,
-            )
+    with warnings.catch_warnings(), _quiet_third_party(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the exporter's deprecation chatter; failures still raise
+        program = torch.onnx.export(
+            wrapper, args, input_names=list(INPUT_NAMES), output_names=list(outputs),
+            dynamic_shapes=dynamic, opset_version=OPSET, dynamo=True, optimize=True, verbose=False,
+        )
     program.save(str(path), external_data=False)
     fold_constant_concats(path)
+    _check_against_torch(wrapper, path, inputs, outputs, ATOL[graph])
     log.info("exported %s (%.1f KiB)", path, path.stat().st_size / 1024)
     return path
+
+
+def _check_against_torch(wrapper, path: Path, traced: dict[str, np.ndarray], outputs, atol: float) -> None:
+    """Run `path` in onnxruntime on a batch of other shapes than `traced` (one more row and visit
+    slot, other code widths, an empty current visit) and hold every output to torch within `atol`."""
+    import onnxruntime as ort
+    import torch
+
+    c = wrapper.inner.config
+    b, k = traced["visit_mask"].shape
+    widths = tuple(traced[n].shape[2] + 1 + i for i, n in enumerate(INPUT_NAMES[:3]))
+    check = example_inputs(c.n_codes, c.n_profile_ids, traced["profile"].shape[1], batch=b + 1,
+                           visits=min(k + 1, c.max_visits), widths=widths, seed=1)
+    for name in INPUT_NAMES[:3]:
+        check[name][-1, -1] = -1  # a current visit with no code at all
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(list(outputs), check)
+    with torch.no_grad():
+        want = wrapper(*(torch.from_numpy(check[n]) for n in INPUT_NAMES))
+    want = want if isinstance(want, tuple) else (want,)
+    diffs = {n: float(np.abs(g.astype(np.float64) - w.numpy()).max()) for n, g, w in zip(outputs, got, want)}
+    worst = max(diffs, key=diffs.get)
+    log.info("%s: onnxruntime vs torch max diff %.2e (%s; tolerance %.0e)", path.name, diffs[worst], worst, atol)
+    if diffs[worst] > atol:
+        raise RuntimeError(f"{path}: onnxruntime output '{worst}' differs from the torch student by {diffs[worst]:.2e} "
+                           f"(> {atol:.0e}) on a batch of shapes {dict((n, check[n].shape) for n in INPUT_NAMES)}; "
+                           "an operator exports wrongly - report it with the student's config")
 
 
 @contextlib.contextmanager
@@ -143,6 +169,94 @@ def _quiet_third_party():
             lg.removeFilter(drop)
             for handler in lg.handlers:
                 handler.removeFilter(drop)
+
+
+def ort_proba(path: Path, encoded: list[dict[str, np.ndarray]]) -> np.ndarray:
+    """Probabilities of an ONNX file over pre-encoded batches (concatenated rows)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return np.concatenate([session.run(None, b)[0] for b in encoded])
+
+
+def batch1_ms(run, singles: list[dict[str, np.ndarray]], repeats: int = 1) -> tuple[float, float]:
+    """(p50, p99) milliseconds of `run(inputs)` at batch 1 over `singles` (after 5 warm-up calls).
+    For benchmarks: the export decides nothing by time."""
+    for b in singles[:5]:
+        run(b)
+    times = []
+    for _ in range(repeats):
+        for b in singles:
+            t = time.perf_counter()
+            run(b)
+            times.append(time.perf_counter() - t)
+    return float(np.percentile(times, 50) * 1e3), float(np.percentile(times, 99) * 1e3)
+
+
+def ort_runner(path: Path, threads: int = 1):
+    """`inputs -> probabilities` for an ONNX file (one intra-op thread: batch-1 latency)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return lambda inputs: session.run(None, inputs)[0]
+
+
+def stamp_sizes(src: Path, dst: Path, sizes: dict[str, int]) -> Path:
+    """Copy an ONNX file with the model's table sizes in its metadata (what the runtime checks the
+    manifest's vocabulary against)."""
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(src))
+    helper.set_model_props(model, {METADATA_PREFIX + k: str(v) for k, v in sizes.items()})
+    onnx.save(model, str(dst))
+    return dst
+
+
+def quantize_weights_int8(src: str | Path, dst: str | Path, min_size: int = 4096) -> Path:
+    """Weight-only int8: every large 2-D weight stored as int8 + one scale per output channel.
+
+    Gather tables get a scale per row, MatMul/Gemm weights one per output column. The weight is
+    rebuilt as Cast(int8) * scale, which onnxruntime folds into an fp32 initializer at session start
+    (a DequantizeLinear would be fused into int8 kernels that quantize activations, and those made
+    a patient's probabilities depend on the batch by 1e-3), so the arithmetic, the speed and the
+    batch invariance are fp32's while the file is ~32% of it. Symmetric scales keep each weight
+    within half a step of its channel's range (max |dp| 8.8e-3 vs fp32 on a trained synth student).
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    _refuse_same(src, dst)
+    model = onnx.load(str(src))
+    graph = model.graph
+    uses: dict[str, set] = {}
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+            axis = {("Gather", 0): 0, ("GatherND", 0): 0, ("MatMul", 1): 1, ("Gemm", 1): 0 if trans_b else 1}
+            uses.setdefault(name, set()).add(axis.get((node.op_type, i)))  # the axis of one scale per channel
+    nodes = []
+    for init in list(graph.initializer):
+        axes = uses.get(init.name, {None})
+        table = numpy_helper.to_array(init)
+        if len(axes) != 1 or None in axes or table.dtype != np.float32 or table.ndim != 2 or table.size < min_size:
+            continue
+        (axis,) = axes
+        scale = (np.abs(table).max(axis=1 - axis, keepdims=True) / 127).astype(np.float32)  # [N, 1] or [1, N]
+        scale[scale == 0] = 1.0
+        q = np.clip(np.rint(table / scale), -127, 127).astype(np.int8)
+        graph.initializer.remove(init)
+        graph.initializer.extend([numpy_helper.from_array(q, init.name + "_int8"),
+                                  numpy_helper.from_array(scale, init.name + "_scale")])
+        nodes += [helper.make_node("Cast", [init.name + "_int8"], [init.name + "_wide"], to=TensorProto.FLOAT,
+                                   name=init.name + "_cast"),
+                  helper.make_node("Mul", [init.name + "_wide", init.name + "_scale"], [init.name], name=init.name + "_scale")]
+    for node in reversed(nodes):
+        graph.node.insert(0, node)
+    onnx.save(model, str(dst))
+    return Path(dst)
 
 
 def quantize_dynamic_int8(src: str | Path, dst: str | Path) -> Path:
@@ -232,3 +346,42 @@ def quantize_embeddings(path: str | Path, min_size: int = 4096) -> int:
         converted += 1
     onnx.save(model, str(path))
     return converted
+
+
+def fold_constant_concats(path: str | Path) -> int:
+    """Replace each Concat of constants (an initializer + a ConstantOfShape row) by one initializer,
+    in place, so the padded tables reach `quantize_embeddings` as GatherND initializers.
+
+    Returns:
+        The number of Concat nodes folded.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    const = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    folded, keep = 0, []
+    for node in graph.node:
+        if node.op_type == "ConstantOfShape" and node.input[0] in const:
+            value = numpy_helper.to_array(node.attribute[0].t) if node.attribute else np.zeros(1, np.float32)
+            const[node.output[0]] = np.full(tuple(const[node.input[0]]), value.reshape(-1)[0], dtype=value.dtype)
+            keep.append(node)
+        elif node.op_type == "Concat" and all(i in const for i in node.input):
+            axis = next(a.i for a in node.attribute if a.name == "axis")
+            table = np.concatenate([const[i] for i in node.input], axis=axis)
+            const[node.output[0]] = table
+            graph.initializer.append(numpy_helper.from_array(table, node.output[0]))
+            folded += 1
+        else:
+            keep.append(node)
+    used = {i for n in keep for i in n.input} | {o.name for o in graph.output}
+    keep = [n for n in keep if n.op_type != "ConstantOfShape" or n.output[0] in used]
+    used = {i for n in keep for i in n.input} | {o.name for o in graph.output}
+    del graph.node[:]
+    graph.node.extend(keep)
+    live = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(live)
+    onnx.save(model, str(path))
+    return folded

@@ -24,11 +24,14 @@ Architecture (LEADER-NOTES, with two additions):
     + a wide path (Wide & Deep, `wide_logits`): a logit vector per code, masked max over the current
     visit's codes and previous medications, added to the head's logits (synth, no-distill: val PRAUC
     0.6075 -> 0.6358, test Jaccard 0.417 -> 0.445). Without it the head is kernels.linear_sigmoid.
-The export team's exporter swaps `kernels` for `kernels.reference` (the public ops check codes < V
-with a Python int, which torch.export cannot trace); set `backend="torch"` for the same in eager.
-Only gathers, matmuls, masks and fixed-shape reductions: no nn.EmbeddingBag, no Python branches on
-data, so torch.onnx traces it with a dynamic batch. Masked attention uses a finite -1e9 bias, so an
-all-padding row (a visit with no procedures) softmaxes to a harmless uniform row instead of NaN.
+Eager, training and export run this code as written (export/onnx.py patches nothing): the bags
+call `kernels.embedding_bag` only where a kernel runs (CUDA, or backend="triton"); on CPU, and so
+under export, they are the padded gather (`Student.bag`), the reference's values with no
+data-dependent check. The visit block computes only the current slot's query and FFN (`Block`,
+`last`). Only gathers, matmuls, masks and fixed-shape reductions: no nn.EmbeddingBag, no Python
+branches on data, so torch.onnx traces it with a dynamic batch. Masked attention uses a finite
+-1e9 bias, so an all-padding row (a visit with no procedures) softmaxes to a harmless uniform row
+instead of NaN. `logit_parts` splits the logit into what a reader can be shown (explain.onnx).
 """
 
 from __future__ import annotations
@@ -44,6 +47,52 @@ from leader_edge import kernels
 
 NEG = -1e9  # attention bias for padding: finite, so fully padded rows stay NaN-free
 PRIOR_RULES = ("mean", "max", "noisy_or", "specificity")  # leader_edge.baselines.RULES, the order of `prior_mix`
+P_CLAMP = 1e-4  # the prior's probabilities are clamped to [P_CLAMP, 1 - P_CLAMP] before the logit
+
+
+def current_codes(diagnoses: torch.Tensor, procedures: torch.Tensor, medications: torch.Tensor) -> torch.Tensor:
+    """The current visit's codes [B, Ld + Lp + Lm]: its diagnoses, procedures and the previous
+    visit's medications (slot K-1), in that order: the wide path's and prior's inputs, and the
+    slots of `Student.logit_parts`."""
+    return torch.cat([diagnoses[:, -1], procedures[:, -1], medications[:, -1]], dim=1)
+
+
+def padded_rows(table: torch.Tensor, codes: torch.Tensor, fill: float) -> torch.Tensor:
+    """table [V, D] rows named by codes int64 [N, L] -> [N, L, D], the padding -1 reading a row of
+    `fill` (0 for a sum, NEG for a max): torch indexing and ONNX Gather both read -1 as the last row
+    of the [V + 1, D] table, so no mask pass over [N, L, D] is needed."""
+    padded = torch.cat([table, table.new_full((1, table.shape[1]), fill)])  # [V + 1, D], row V = row -1
+    return padded[codes.clamp(min=-1)]
+
+
+def sum_terms(terms: dict) -> torch.Tensor:
+    """deep + wide + prior of `Student.logit_terms` (the terms present) -> [B, n_meds] logits."""
+    out = terms["deep"]
+    for name in ("wide", "prior"):
+        if terms[name] is not None:
+            out = out + terms[name]
+    return out
+
+
+def _logit(p: torch.Tensor) -> torch.Tensor:
+    p = p.clamp(P_CLAMP, 1 - P_CLAMP)
+    return torch.log(p) - torch.log1p(-p)
+
+
+# ONNX has no Log1p/Expm1: torch.onnx writes log(1 + x) and exp(x) - 1, which lose the relative
+# digits of a small x (onnxruntime's prior shares of the demo student were 1.8e-3 off torch's). Where
+# relative digits count, Kahan's corrections (Log, Exp and arithmetic only) make torch and
+# onnxruntime agree to float32 rounding; elsewhere torch.log1p's absolute error (6e-8) is enough.
+def log1p(x: torch.Tensor) -> torch.Tensor:
+    """log(1 + x), accurate for small |x| in torch and in ONNX."""
+    u = 1 + x
+    return torch.where(u == 1, x, torch.log(u) * (x / torch.where(u == 1, 1.0, u - 1)))
+
+
+def expm1(x: torch.Tensor) -> torch.Tensor:
+    """exp(x) - 1 for x <= 0, accurate for small |x| in torch and in ONNX."""
+    u = torch.exp(x)
+    return torch.where(u == 1, x, (u - 1) * (x / torch.where(u == 1, -1.0, torch.log(u))))
 
 
 @dataclass
@@ -79,7 +128,7 @@ class StudentConfig:
     # scores before training; default synth validation PRAUC 0.6494 vs 0.6403 for "max" alone).
     prior: str = "none"
     prior_rule: str = "max"
-    backend: str = "auto"  # kernels backend; export forces "torch" (the reference ops)
+    backend: str = "auto"  # kernels backend on CUDA ("triton" forces the kernels); CPU runs the torch forms
 
     def __post_init__(self) -> None:
         for name in ("n_codes", "n_meds", "dim", "heads", "hidden", "max_visits", "ffn_mult"):
@@ -119,15 +168,20 @@ class Block(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_mult * dim), nn.GELU(), nn.Linear(ffn_mult * dim, dim))
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """x [N, T, dim], mask [N, T] bool (True = real) -> [N, T, dim]."""
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, *, last: bool = False) -> torch.Tensor:
+        """x [N, T, dim], mask [N, T] bool (True = real) -> [N, T, dim]; with `last`, [N, 1, dim]: the
+        last position's output alone. Keys and values still cover every position, but only the last
+        one asks (its query, projection and FFN): the visit block's caller reads nothing else, and
+        sorted synth batches hold 1.62 visit slots per patient, so those matmuls shrink by 38%."""
         n, t, d = x.shape
         q, k, v = self.qkv(self.norm1(x)).chunk(3, dim=-1)
-        # [N, T, dim] -> [N, heads, T, dim / heads]
-        q, k, v = (z.reshape(n, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
+        if last:
+            q, x = q[:, -1:], x[:, -1:]  # [N, T, dim] -> [N, 1, dim]
+        # [N, T or 1, dim] -> [N, heads, T or 1, dim / heads]
+        q, k, v = (z.reshape(n, z.shape[1], self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
         bias = torch.where(mask, 0.0, NEG)[:, None, None, :]  # [N, 1, 1, T]
         att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d // self.heads) + bias, dim=-1)
-        y = (att @ v).transpose(1, 2).reshape(n, t, d)
+        y = (att @ v).transpose(1, 2).reshape(n, x.shape[1], d)
         x = x + self.drop(self.out(y))
         return x + self.drop(self.ffn(self.norm2(x)))
 
@@ -210,6 +264,25 @@ class Student(nn.Module):
 
     # -- encoders ---------------------------------------------------------------------------------
 
+    def bag(self, table: torch.Tensor, codes: torch.Tensor, mode: str = "mean") -> torch.Tensor:
+        """Masked sum or mean of `table` [V, D] rows named by codes int64 [N, L] (-1 padded) -> [N, D];
+        a bag with no code gives 0.
+
+        Where a kernel runs (CUDA tensors with backend "auto", or backend "triton") this is
+        `kernels.embedding_bag`. Elsewhere - CPU training, eager, and so every export - it is the
+        padded gather (`padded_rows`): no mask pass over the gathered [N, L, D] (the reference's
+        `Where` over it was 40% of the mean student's ORT fp32 time at batch 1024) and no
+        data-dependent branch, so torch.export traces it as written. The values are the
+        reference's: the sum gains exact zeros in the same order.
+        """
+        backend = self.config.backend
+        if backend == "triton" or (backend == "auto" and codes.is_cuda):
+            return kernels.embedding_bag(table, codes, mode=mode, backend=backend)
+        out = padded_rows(table, codes, 0.0).float().sum(dim=1)  # [N, L] -> [N, L, D] -> [N, D]
+        if mode == "mean":
+            out = out / (codes >= 0).sum(dim=1, keepdim=True).clamp(min=1).to(out.dtype)
+        return out.to(table.dtype)
+
     def encode_sets(self, codes: torch.Tensor, kind: str) -> torch.Tensor:
         """codes int64 [N, L] (-1 padded) -> [N, dim]: set block, then masked mean of its outputs
         ("transformer"), or masked mean of the embeddings, then the set MLP ("mean")."""
@@ -219,10 +292,9 @@ class Student(nn.Module):
         if self.config.set_encoder == "mean":
             # mean(code + group) = mean(code) + mean(group): two bags gathering straight from the tables,
             # so the exporter's int8 embedding pass still finds them as Gather inputs.
-            x = kernels.embedding_bag(self.code_emb, codes, mode="mean", backend=self.config.backend)
+            x = self.bag(self.code_emb, codes)
             if self.config.n_groups:
-                groups = torch.where(mask, self.code_group[ids], -1)
-                x = x + kernels.embedding_bag(self.group_emb, groups, mode="mean", backend=self.config.backend)
+                x = x + self.bag(self.group_emb, torch.where(mask, self.code_group[ids], -1))
             return self.set_blocks[kind](x)
         x = self.code_emb[ids]  # [N, L] -> [N, L, dim]
         if self.config.n_groups:
@@ -230,12 +302,11 @@ class Student(nn.Module):
         x = self.set_blocks[kind](x, mask)
         # Masked mean as an embedding bag over the block's output rows: row n*L+l, -1 where padded.
         rows = torch.arange(n * length, device=codes.device).reshape(n, length)
-        rows = torch.where(mask, rows, -1)
-        return kernels.embedding_bag(x.reshape(n * length, -1), rows, mode="mean", backend=self.config.backend)
+        return self.bag(x.reshape(n * length, -1), torch.where(mask, rows, -1))
 
     def profile_vector(self, profile: torch.Tensor) -> torch.Tensor:
         """profile int64 [B, F] -> [B, dim], mean of the field embeddings."""
-        return kernels.embedding_bag(self.profile_emb, profile, mode="mean", backend=self.config.backend)
+        return self.bag(self.profile_emb, profile)
 
     def hidden_state(
         self, diagnoses: torch.Tensor, procedures: torch.Tensor, medications: torch.Tensor,
@@ -254,93 +325,173 @@ class Student(nn.Module):
         first = (mask & ~prev)[..., None]  # [B, K, 1]
         sets[2] = torch.where(first, prof[:, None, :], sets[2])
         x = torch.cat(sets, dim=-1) + self.visit_pos[:k].flip(0)  # [B, K, 3*dim], slot K-1 gets position 0
-        x = self.visit_block(x, mask)
-        h = self.norm(x[:, -1])  # the current visit's output, which has attended to its history
+        x = self.visit_block(x, mask, last=True)  # [B, 1, 3*dim]: the current visit, attending to its history
+        h = self.norm(x[:, -1])
         return self.drop(F.gelu(self.mlp(h))), prof
 
+    # -- the logit: deep head + wide path + counting prior -------------------------------------------
+
+    def logits(self, diagnoses, procedures, medications, profile, visit_mask) -> torch.Tensor:
+        """Inputs as in the module docstring -> float32 [B, n_meds] logits (the sum of `logit_terms`)."""
+        h, _ = self.hidden_state(diagnoses, procedures, medications, profile, visit_mask)
+        return sum_terms(self.logit_terms(h, current_codes(diagnoses, procedures, medications)))
+
+    def predict_proba(self, diagnoses, procedures, medications, profile, visit_mask) -> torch.Tensor:
+        """Inputs as in the module docstring -> float32 [B, n_meds] probabilities."""
+        h, _ = self.hidden_state(diagnoses, procedures, medications, profile, visit_mask)
+        if self.wide_codes is None and self.config.prior == "none":
+            return kernels.linear_sigmoid(h, self.head_weight, self.head_bias, backend=self.config.backend)
+        # The wide/prior logits are per row, so the fused kernel (one bias vector) cannot add them.
+        return torch.sigmoid(sum_terms(self.logit_terms(h, current_codes(diagnoses, procedures, medications))))
+
+    def logit_parts(self, diagnoses, procedures, medications, profile, visit_mask) -> dict[str, torch.Tensor]:
+        """The logit split into what a reader can be shown (export's explain.onnx).
+
+        Slots L = Ld + Lp + Lm are `current_codes`: the current visit's diagnoses, procedures and
+        previous medications, in input column order. B rows, M medications.
+
+        Returns:
+            deep       float32 [B, M]     the head's h W^T + b.
+            wide       float32 [B, M]     wide="max": the max (owed to the code at wide_slot); 0 for
+                                          wide="mean" (its shares are in `codes`) and without a wide path.
+            wide_slot  int64 [B, M]       wide="max": the slot whose row won (padding never wins); -1 for
+                                          a visit with no code, wide="mean" or no wide path.
+            codes      float32 [B, L, M]  each slot's share of the counting prior's move away from the
+                                          global row's logit, plus for wide="mean" its row / n; 0 on padding.
+            rest       float32 [B, M]     what no code owns: the global row's logit, the clamp, rounding.
+        deep + wide + codes.sum(1) + rest equals `logits` within 1e-5 (float32 sums of terms up to
+        ~20; tests/train/test_student.py). Prior shares (`_rule`): mean/specificity the exact share
+        w_l (row_l - g) / (sum w + gw) of the probability's move, max the winning code, noisy_or
+        each code's term of log(1 - p); the logit's move is split in those proportions; stack mixes
+        the rules' shares by prior_mix. `logits` sums the same terms without the per-code split
+        (the [B, L, M] shares would cost model.onnx time for nothing it outputs).
+        """
+        h, _ = self.hidden_state(diagnoses, procedures, medications, profile, visit_mask)
+        codes = current_codes(diagnoses, procedures, medications)
+        t = self.logit_terms(h, codes, explain=True)
+        deep = t["deep"]
+        none = torch.full_like(deep, -1, dtype=torch.int64)
+        shares = deep.new_zeros(deep.shape[0], codes.shape[1], deep.shape[1])  # [B, L, M]
+        owed = torch.zeros_like(deep)  # the terms the shares split
+        if self.config.wide == "mean":
+            shares, owed = shares + t["wide_codes"], owed + t["wide"]
+        if self.config.prior != "none":
+            shares, owed = shares + t["prior_codes"], owed + t["prior"]
+        wide = t["wide"] if self.config.wide == "max" else torch.zeros_like(deep)
+        return {"deep": deep, "wide": wide, "wide_slot": t.get("wide_slot", none), "codes": shares,
+                "rest": owed - shares.sum(dim=1)}
+
+    def logit_terms(self, h: torch.Tensor, codes: torch.Tensor, *, explain: bool = False,
+                    rule_logits: torch.Tensor | None = None) -> dict[str, torch.Tensor | None]:
+        """The logit's terms from hidden states h [B, hidden] and the current visit's codes [B, L]
+        (`current_codes`): "deep", "wide", "prior" [B, n_meds] (None: the student has no such term).
+
+        `explain` adds "wide_slot" int64 [B, n_meds] (wide="max") and the per-slot shares
+        "wide_codes" (wide="mean") and "prior_codes" [B, L, n_meds] that `logit_parts` reports.
+        `rule_logits` [B, n_meds, R]: prior rule logits to mix instead of the tables' (training
+        samples' out-of-fold ones).
+        """
+        terms = {"deep": F.linear(h, self.head_weight, self.head_bias), "wide": None, "prior": None}
+        if self.wide_codes is not None:
+            terms.update(self._wide(codes, explain))
+        if self.config.prior != "none":
+            if rule_logits is not None:
+                terms["prior"] = self.mix_prior(rule_logits)
+            else:
+                rules = PRIOR_RULES if self.config.prior_rule == "stack" else (self.config.prior_rule,)
+                parts = [self._rule(codes, r, explain) for r in rules]
+                terms["prior"] = self.mix_prior(torch.stack([z for z, _ in parts], dim=-1))  # [B, M, R] -> [B, M]
+                if explain:
+                    terms["prior_codes"] = self.mix_prior(torch.stack([s for _, s in parts], dim=-1))  # [B, L, M, R]
+        return terms
+
     def wide_logits(self, diagnoses: torch.Tensor, procedures: torch.Tensor, medications: torch.Tensor) -> torch.Tensor:
-        """The wide (Wide & Deep) path: [B, n_meds] logits from the current visit's codes alone.
+        """The wide path's [B, n_meds] logits from the current visit's codes (see `_wide`)."""
+        return self._wide(current_codes(diagnoses, procedures, medications), False)["wide"]
+
+    def _wide(self, codes: torch.Tensor, explain: bool) -> dict[str, torch.Tensor]:
+        """The wide (Wide & Deep) path over codes [B, L]: {"wide": [B, n_meds]} (+ "wide_slot" or
+        "wide_codes" with `explain`, see `logit_terms`).
 
         Each code of the current visit (slot K-1: its diagnoses, procedures and the previous visit's
         medications) owns a logit vector; the visit takes their masked max ("max", the frequency
         baseline's best rule) or mean. A code seen 5 times gets its own direct route to the labels
         instead of having to move the shared embedding and transformer. A visit with no codes scores 0.
         """
-        codes = torch.cat([diagnoses[:, -1], procedures[:, -1], medications[:, -1]], dim=1)  # [B, L]
         mask = codes >= 0
-        if self.config.wide == "mean" and self.wide_meds is None:
-            return kernels.embedding_bag(self.wide_codes, codes, mode="mean", backend=self.config.backend)
-        x = self.wide_codes[codes.clamp(min=0)]  # [B, L] -> [B, L, n_meds or r]
-        if self.wide_meds is not None:
-            x = x @ self.wide_meds  # [B, L, r] -> [B, L, n_meds]
         if self.config.wide == "mean":
-            m = mask[..., None].to(x.dtype)
-            return (x * m).sum(1) / m.sum(1).clamp(min=1.0)
-        best = torch.where(mask[..., None], x, NEG).amax(dim=1)  # [B, n_meds]
-        return torch.where(mask.any(dim=1, keepdim=True), best, 0.0)
+            # mean(x) @ W = mean(x @ W): the low-rank mean bags r-wide rows, then one matmul.
+            out = {"wide": self.bag(self.wide_codes, codes)}
+            rows = padded_rows(self.wide_codes, codes, 0.0) if explain else None  # [B, L, n_meds or r]
+            if self.wide_meds is not None:
+                out["wide"] = out["wide"] @ self.wide_meds
+                rows = rows @ self.wide_meds if explain else None
+            if explain:
+                out["wide_codes"] = rows / mask.sum(dim=1).clamp(min=1).to(rows.dtype)[:, None, None]
+            return out
+        if self.wide_meds is None:
+            x = padded_rows(self.wide_codes, codes, NEG)  # [B, L] -> [B, L, n_meds], padding -1e9: never wins
+        else:
+            x = torch.where(mask[..., None], self.wide_codes[codes.clamp(min=0)] @ self.wide_meds, NEG)
+        any_code = mask.any(dim=1, keepdim=True)  # [B, 1]
+        out = {"wide": torch.where(any_code, x.amax(dim=1), 0.0)}
+        if explain:
+            out["wide_slot"] = torch.where(any_code, x.argmax(dim=1), -1)  # the first slot of a tie
+        return out
 
-    def prior_logits(self, diagnoses: torch.Tensor, procedures: torch.Tensor, medications: torch.Tensor) -> torch.Tensor:
-        """The frequency baseline's [B, n_meds] logits from the current visit's codes (its features:
-        the visit's diagnoses and procedures, the previous visit's medications, and the global prior).
+    def mix_prior(self, z: torch.Tensor) -> torch.Tensor:
+        """[..., R] rule logits or shares (R = 4 for "stack", else 1) -> [...]."""
+        return (z * self.prior_mix).sum(-1) if self.config.prior_rule == "stack" else z[..., 0]
+
+    def _rule(self, codes: torch.Tensor, rule: str, explain: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The frequency baseline's logits [B, n_meds] under one combination rule from the current
+        visit's codes [B, L] (-1 padded), and with `explain` each slot's share [B, L, n_meds] of
+        their move away from the global row's logit (else None).
 
         Rules as `leader_edge.baselines.FrequencyBaseline.predict_proba`: "mean"/"specificity" a
         weighted mean of the codes' P(med | code) rows and the global row, "max" their max,
-        "noisy_or" 1 - prod(1 - P); "stack" mixes all four logits with `prior_mix`. Codes the
-        baseline never saw carry weight 0.
+        "noisy_or" 1 - prod(1 - P). Codes the baseline never saw carry weight 0.
         """
-        codes = torch.cat([diagnoses[:, -1], procedures[:, -1], medications[:, -1]], dim=1)  # [B, L]
-        rule = self.config.prior_rule
-        rules = PRIOR_RULES if rule == "stack" else (rule,)
-        return self.mix_prior(torch.stack([self._rule_logits(codes, r) for r in rules], dim=-1))  # [B, n_meds, R]
-
-    def mix_prior(self, z: torch.Tensor) -> torch.Tensor:
-        """[B, n_meds, R] rule logits (R = 4 for "stack", else 1) -> [B, n_meds]."""
-        return (z * self.prior_mix).sum(-1) if self.config.prior_rule == "stack" else z[..., 0]
-
-    def _rule_logits(self, codes: torch.Tensor, rule: str) -> torch.Tensor:
-        """codes int64 [B, L] (-1 padded) -> [B, n_meds] logits of one combination rule."""
         spec = self.prior_weight[codes.clamp(min=0)] * (codes >= 0).to(self.prior_weight.dtype)  # [B, L]
-        w = spec if rule == "specificity" else (spec > 0).to(spec.dtype)
+        w = (spec if rule == "specificity" else (spec > 0).to(spec.dtype))[..., None]  # [B, L, 1]
         rows = self.prior_table[codes.clamp(min=0)]  # [B, L] -> [B, L, n_meds]
         g = self.prior_global
         gw = self.prior_global_weight if rule == "specificity" else torch.ones_like(self.prior_global_weight)
         if rule in ("mean", "specificity"):
-            p = ((w[..., None] * rows).sum(1) + gw * g) / (w.sum(1, keepdim=True) + gw)
+            total = w.sum(1) + gw  # [B, 1]
+            p = ((w * rows).sum(1) + gw * g) / total
         elif rule == "max":
-            p = torch.maximum((rows * w[..., None]).amax(1), g)  # P >= 0: unseen (w = 0) rows never win
+            scored = rows * w  # P >= 0: unseen (w = 0) rows and padding never win
+            p = torch.maximum(scored.amax(1), g)
         else:  # noisy_or
-            keep = torch.log1p(-rows.clamp(max=1 - 1e-6))  # [B, L, n_meds]
-            p = 1 - torch.exp((w[..., None] * keep).sum(1) + torch.log1p(-g.clamp(max=1 - 1e-6)))
-        p = p.clamp(1e-4, 1 - 1e-4)
-        return torch.log(p) - torch.log1p(-p)
-
-    def _extra_logits(self, diagnoses, procedures, medications) -> torch.Tensor | None:
-        """Per-row logit terms besides the deep head: the wide path and the counting prior."""
-        out = None
-        if self.wide_codes is not None:
-            out = self.wide_logits(diagnoses, procedures, medications)
-        if self.config.prior != "none":
-            prior = self.prior_logits(diagnoses, procedures, medications)
-            out = prior if out is None else out + prior
-        return out
-
-    # -- the tensor path used by export -------------------------------------------------------------
-
-    def logits(self, diagnoses, procedures, medications, profile, visit_mask) -> torch.Tensor:
-        """Inputs as in the module docstring -> float32 [B, n_meds] logits."""
-        h, _ = self.hidden_state(diagnoses, procedures, medications, profile, visit_mask)
-        out = F.linear(h, self.head_weight, self.head_bias)
-        extra = self._extra_logits(diagnoses, procedures, medications)
-        return out if extra is None else out + extra
-
-    def predict_proba(self, diagnoses, procedures, medications, profile, visit_mask) -> torch.Tensor:
-        """Inputs as in the module docstring -> float32 [B, n_meds] probabilities."""
-        h, _ = self.hidden_state(diagnoses, procedures, medications, profile, visit_mask)
-        extra = self._extra_logits(diagnoses, procedures, medications)
-        if extra is None:
-            return kernels.linear_sigmoid(h, self.head_weight, self.head_bias, backend=self.config.backend)
-        # The wide/prior logits are per row, so the fused kernel (one bias vector) cannot add them.
-        return torch.sigmoid(F.linear(h, self.head_weight, self.head_bias) + extra)
+            keep = w * torch.log1p(-rows.clamp(max=1 - 1e-6))  # [B, L, n_meds], <= 0
+            # log(1 - p), clamped as p is; logit(p) = log(-expm1(s)) - s has no 1 - exp(s) near p = 1,
+            # whose float32 step (6e-8 in p) was up to 3e-4 in the logit.
+            s = (keep.sum(1) + torch.log1p(-g.clamp(max=1 - 1e-6))).clamp(math.log(P_CLAMP), math.log1p(-P_CLAMP))
+            p = -expm1(s)
+        z = torch.log(p) - s if rule == "noisy_or" else _logit(p)
+        if not explain:
+            return z, None
+        move = z - _logit(g)  # [B, n_meds]; the global row's own logit stays in `rest`
+        if rule == "max":  # the winning code owns the whole move; none when the global row is the max
+            slot = torch.arange(codes.shape[1], device=codes.device)[None, :, None]  # [1, L, 1]
+            won = (slot == scored.argmax(dim=1, keepdim=True)).to(z.dtype)  # [B, L, n_meds]
+            return z, won * torch.where(scored.amax(1) > g, move, 0.0)[:, None]
+        if rule == "noisy_or":  # log(1 - p) is a sum over codes: the move is shared as those terms
+            total = keep.sum(1, keepdim=True)  # [B, 1, n_meds]
+            return z, torch.where(total < 0, keep / torch.where(total < 0, total, -1.0), 0.0) * move[:, None]
+        # mean/specificity: p - g = sum_l d_l exactly. The secant slope (logit(p) - logit(g)) / (p - g)
+        # turns those probability shares into logit shares (a code below P(med) pulls down). It is
+        # log1p(delta / g) / delta + log1p(delta / (1 - p)) / delta: no difference of two logits, whose
+        # float32 rounding (~1e-6) over a small delta gave shares 4.5e-5 off float64 on the demo
+        # student; 1 / g + 1 / (1 - p) at delta = 0; the clamped logits' secant where p or g is clamped.
+        d = w * (rows - g) / total[..., None]  # [B, L, n_meds]
+        delta = d.sum(1)  # p - g
+        safe = torch.where(delta == 0, 1.0, delta)
+        exact = torch.where(delta == 0, 1 / g + 1 / (1 - p),
+                            (log1p(delta / g) + log1p(delta / (1 - p))) / safe)
+        inside = (torch.minimum(p, g) > P_CLAMP) & (torch.maximum(p, g) < 1 - P_CLAMP)
+        return z, d * torch.where(inside, exact, move / safe)[:, None]
 
     # -- training (PyHealth style) -----------------------------------------------------------------
 
@@ -366,11 +517,7 @@ class Student(nn.Module):
             bce = kernels.linear_bce_with_logits(h, self.head_weight, self.head_bias, y_true, backend=c.backend)
             logits = None
         else:
-            logits = F.linear(h, self.head_weight, self.head_bias)
-            if self.wide_codes is not None:
-                logits = logits + self.wide_logits(*inputs[:3])
-            if c.prior != "none":
-                logits = logits + (self.mix_prior(batch["prior"]) if "prior" in batch else self.prior_logits(*inputs[:3]))
+            logits = sum_terms(self.logit_terms(h, current_codes(*inputs[:3]), rule_logits=batch.get("prior")))
             bce = F.binary_cross_entropy_with_logits(logits, y_true)
         zero = bce.new_zeros(())
         mse = nce = ddi = zero

@@ -137,3 +137,142 @@ def test_student_mean_set_encoder_is_padding_invariant_and_smaller():
     torch.testing.assert_close(m.encode_sets(codes, "med"), m.set_blocks["med"](rows.mean(0, keepdim=True)))
     with pytest.raises(ValueError, match="set_encoder"):
         StudentConfig(10, 3, 2, 7, set_encoder="gru")
+
+
+def test_student_visit_block_last_equals_full_block_last_position():
+    m = model(encoder(), dropout=0.0)
+    x = torch.randn(5, 3, 3 * m.config.dim)
+    mask = torch.tensor([[True, True, True], [False, True, True], [False, False, True], [True, True, True], [False, False, True]])
+    got = m.visit_block(x, mask, last=True)
+    assert got.shape == (5, 1, 3 * m.config.dim)
+    torch.testing.assert_close(got, m.visit_block(x, mask)[:, -1:], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+def test_student_bag_is_the_reference_on_cpu_and_the_kernel_with_triton(mode, monkeypatch):
+    from leader_edge import kernels
+    from leader_edge.train import student as student_module
+
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(11, 5, generator=g)
+    codes = torch.randint(0, 11, (7, 6), generator=g)
+    codes[codes % 3 == 0] = -1  # ragged padding
+    codes[2] = -1  # an empty bag: a zero row
+    m = model(encoder())
+    got = m.bag(weight, codes, mode)
+    assert torch.equal(got, kernels.reference.embedding_bag(weight, codes, mode)) and not got[2].any()
+    calls = []
+    monkeypatch.setattr(student_module.kernels, "embedding_bag", lambda *a, **kw: calls.append(kw["backend"]) or got)
+    m.bag(weight, codes, mode)
+    assert calls == []  # CPU with backend "auto": the padded gather, traceable as it is
+    model(encoder(), backend="triton").bag(weight, codes, mode)
+    assert calls == ["triton"]
+
+
+def with_prior(m: Student, seed: int = 0) -> Student:
+    """Random counting-prior tables (some codes unseen), mixing weights and wide rows."""
+    rng = np.random.default_rng(seed)
+    n, k = m.config.n_codes, m.config.n_meds
+    if m.config.prior != "none":
+        m.set_prior(rng.uniform(0.01, 0.95, (n, k)), (rng.random(n) < 0.7) * rng.uniform(0.5, 2.0, n),
+                    rng.uniform(0.02, 0.6, k), 0.7)
+    with torch.no_grad():
+        if m.wide_codes is not None:
+            m.wide_codes.normal_(0, 0.5)
+        if m.config.prior != "none" and m.config.prior_rule == "stack":
+            m.prior_mix.copy_(torch.tensor([0.7, 1.3, -0.2, 0.6]))
+    return m
+
+
+WIDE = {"max": dict(wide="max"), "mean": dict(wide="mean"), "max-lowrank": dict(wide="max", wide_rank=2),
+        "mean-lowrank": dict(wide="mean", wide_rank=2), "none": dict(wide="none")}
+PRIOR = {"none": dict(), **{r: dict(prior="frequency", prior_rule=r) for r in ("mean", "max", "noisy_or", "specificity", "stack")}}
+
+
+@pytest.mark.parametrize("prior", list(PRIOR))
+@pytest.mark.parametrize("wide", list(WIDE))
+def test_student_logit_parts_add_up_to_logits(wide, prior):
+    enc = encoder()
+    m = with_prior(model(enc, **WIDE[wide], **PRIOR[prior]))
+    b = tensors(enc.encode(PATIENTS))
+    with torch.no_grad():
+        parts = m.logit_parts(**b)
+        logits = m.logits(**b)
+    n_slots = sum(b[k].shape[2] for k in ("diagnoses", "procedures", "medications"))
+    assert parts["codes"].shape == (3, n_slots, enc.n_meds) and parts["wide_slot"].dtype == torch.int64
+    total = parts["deep"] + parts["wide"] + parts["codes"].sum(1) + parts["rest"]
+    torch.testing.assert_close(total, logits, atol=1e-5, rtol=0)  # the contract's tolerance (|logit| <= ~20)
+    h, _ = m.hidden_state(**b)
+    torch.testing.assert_close(parts["deep"], h @ m.head_weight.T + m.head_bias)
+    padding = torch.cat([b["diagnoses"][:, -1], b["procedures"][:, -1], b["medications"][:, -1]], 1) < 0
+    assert not parts["codes"][padding].any()  # padding slots own nothing
+    if wide != "max" and wide != "max-lowrank":
+        assert (parts["wide_slot"] == -1).all() and not parts["wide"].any()
+    if prior == "none" and not wide.startswith("mean"):
+        assert not parts["codes"].any() and not parts["rest"].any()
+
+
+@pytest.mark.parametrize("wide", ["max", "max-lowrank"])
+def test_student_wide_slot_names_the_code_whose_row_is_the_wide_value(wide):
+    enc = encoder()
+    m = with_prior(model(enc, **WIDE[wide]))
+    b = tensors(enc.encode(PATIENTS))
+    with torch.no_grad():
+        parts = m.logit_parts(**b)
+        codes = torch.cat([b["diagnoses"][:, -1], b["procedures"][:, -1], b["medications"][:, -1]], 1)  # [B, L]
+        table = m.wide_codes if m.wide_meds is None else m.wide_codes @ m.wide_meds  # [V, M]
+    slot = parts["wide_slot"]
+    assert (slot >= 0).all()  # every patient's current visit has a code
+    code = codes.gather(1, slot)  # [B, M] the winning code of each medication
+    assert (code >= 0).all()  # padding never wins
+    won = table[code, torch.arange(enc.n_meds)]
+    torch.testing.assert_close(won, parts["wide"])
+    torch.testing.assert_close(parts["wide"], m.wide_logits(b["diagnoses"], b["procedures"], b["medications"]))
+
+
+def test_student_prior_shares_follow_each_codes_row():
+    """mean rule: a seen code above P(med) pushes the logit up, below pulls it down; max rule: the
+    winning code owns the whole move from the global row's logit."""
+    enc = encoder()
+    b = tensors(enc.encode(PATIENTS))
+    codes = torch.cat([b["diagnoses"][:, -1], b["procedures"][:, -1], b["medications"][:, -1]], 1)
+    m = with_prior(model(enc, wide="none", prior="frequency", prior_rule="mean"))
+    with torch.no_grad():
+        m.prior_weight.fill_(1.0)  # every code seen
+        shares = m.logit_parts(**b)["codes"]
+    rows = m.prior_table[codes.clamp(min=0)] - m.prior_global  # [B, L, M]
+    real = (codes >= 0)[..., None].expand_as(rows)
+    assert (torch.sign(shares[real]) == torch.sign(rows[real])).all()
+    m = with_prior(model(enc, wide="none", prior="frequency", prior_rule="max"))
+    with torch.no_grad():
+        parts = m.logit_parts(**b)
+    g = m.prior_global.clamp(1e-4, 1 - 1e-4)
+    torch.testing.assert_close(parts["rest"], (g.log() - (-g).log1p()).expand_as(parts["rest"]), atol=1e-5, rtol=0)
+    assert ((parts["codes"] != 0).sum(1) <= 1).all()  # at most one owner per medication
+
+
+def test_student_training_logits_are_the_eager_logits():
+    enc = encoder()
+    m = with_prior(model(enc, prior="frequency", prior_rule="stack"))
+    b = enc.encode(PATIENTS)
+    batch = {**tensors(b), "labels": torch.from_numpy(enc.multi_hot(PATIENTS))}
+    with torch.no_grad():
+        out = m(batch)
+        torch.testing.assert_close(out["logits"], m.logits(**tensors(b)))
+        rules = torch.randn(3, enc.n_meds, 4)  # out-of-fold rule logits replace the tables' prior
+        h, _ = m.hidden_state(**tensors(b))
+        want = m.logits(**tensors(b)) - m.logit_terms(h, torch.cat([batch[k][:, -1] for k in INPUT_NAMES[:3]], 1))["prior"]
+        torch.testing.assert_close(m({**batch, "prior": rules})["logits"], want + (rules * m.prior_mix).sum(-1))
+
+
+def test_student_log1p_and_expm1_keep_small_arguments_in_plain_ops():
+    """The Kahan forms (what the explain graph's prior shares use) against float64, where plain
+    log(1 + x) and exp(x) - 1 in float32 lose most digits of a small x."""
+    from leader_edge.train.student import expm1, log1p
+
+    x = torch.tensor([-0.5, -1e-3, -3e-7, 0.0, 2e-7, 1e-4, 0.3])
+    want = torch.log1p(x.double())
+    torch.testing.assert_close(log1p(x).double(), want, atol=0, rtol=2e-7)
+    assert ((torch.log(1 + x).double() - want).abs() / want.abs().clamp(min=1e-30))[2] > 1e-3  # why they exist
+    neg = x[x <= 0]
+    torch.testing.assert_close(expm1(neg).double(), torch.expm1(neg.double()), atol=0, rtol=2e-7)
