@@ -2,25 +2,29 @@
 
     export_bundle(run_dir, out, model="student", int8=True, sign=None)
 
-Steps: load the torch student, export fp32 ONNX, optionally quantize to int8 three ways (int8
-weights with fp32 arithmetic, dynamic, static QDQ calibrated on training samples). Every candidate
-scores validation-like visits in batches and one patient at a time: a candidate whose
-probabilities depend on the batch by more than `BATCH_ATOL` is refused (dynamic int8 scales
-activations per batch, so a patient's recommendation would depend on who else is in the file).
-`choose_int8` keeps the most accurate batch-invariant int8 model, ties broken by a fixed order - no
-timing, so exporting the same run twice gives byte-identical bundles. The chosen model is held to
-the torch student on the validation split (`gate`): a Jaccard drop over `MAX_JACCARD_DROP` refuses
-the bundle unless `force`.
+Steps: load the torch student, export fp32 ONNX (the model, and the explanation graph
+explain.onnx), optionally quantize the model to int8 three ways (int8 weights with fp32
+arithmetic, dynamic, static QDQ calibrated on training samples). Every candidate scores
+validation-like visits in batches and one patient at a time: a candidate whose probabilities
+depend on the batch by more than `BATCH_ATOL` is refused (dynamic int8 scales activations per
+batch, so a patient's recommendation would depend on who else is in the file). `choose_int8` keeps
+the most accurate batch-invariant int8 model, ties broken by a fixed order - no timing, so
+exporting the same run twice gives byte-identical bundles. The chosen model is held to the torch
+student on the validation split (`gate`): a Jaccard drop over `MAX_JACCARD_DROP` refuses the
+bundle unless `force`.
 
 The bundle (see `leader_edge.runtime` for what the load checks): model.onnx (the table sizes
-stamped in its metadata), selftest.json (synthetic patients and the probabilities the bundle gives
-them), manifest.json (every file's sha256 and size, and a digest over every field), and with
-`sign` signature.json (Ed25519 over the digest). It is loaded once with the runtime's own checks
-before it replaces `out`, atomically; an existing `out` is replaced only if it is a bundle, and the
-run directory itself is refused as a destination.
+stamped in its metadata), explain.onnx (`Student.logit_parts`, fp32 in every variant, the model's
+inputs; its parts add up to the fp32 model's logit, checked on validation, so in an int8 bundle they
+differ from model.onnx's by the int8 error the gate records; manifest field `explain`), names.json (the
+dataset's code names of the vocabulary; field `names`), selftest.json (synthetic patients and the
+probabilities the bundle gives them), manifest.json (every file's sha256 and size, and a digest
+over every field), and with `sign` signature.json (Ed25519 over the digest). It is loaded once with
+the runtime's own checks before it replaces `out`, atomically; an existing `out` is replaced only
+if it is a bundle, and the run directory itself is refused as a destination.
 
 Torch -> ONNX, the quantizers and the ONNX file helpers live in export/onnx.py; this file is the
-bundle: choosing, gating, writing, signing (~400 lines; the signing helpers, ~60, are the next seam).
+bundle: choosing, gating, writing, signing (~440 lines; the signing helpers, ~60, are the next seam).
 """
 
 from __future__ import annotations
@@ -60,6 +64,9 @@ BATCH_ATOL = 1e-4
 # validation visits alone let int8-static pass; its flips show in ~1 of 1,000 visits.
 INVARIANCE_VISITS = 2000
 SELFTEST_PATIENTS = 16  # synthetic, so no patient record of the training data travels with the bundle
+EXPLAIN = "explain.onnx"  # Student.logit_parts, fp32, the model's inputs (issue #16)
+EXPLAIN_SLOTS = "diagnoses|procedures|medications of the current visit, input column order"
+NAMES = "names.json"  # {kind: {code: name}} from the dataset's codes.csv, vocabulary codes only
 DEFAULT_MODEL = "student"
 PACKAGES = ("leader-edge", "torch", "onnx", "onnxruntime", "onnxscript", "numpy")
 
@@ -124,6 +131,11 @@ def _data_dir(run_dir: Path, config: dict) -> Path:
 
 def encode_batches(encoder: Encoder, histories: list, batch_size: int) -> list[dict[str, np.ndarray]]:
     return [encoder.encode(histories[i : i + batch_size]).inputs() for i in range(0, len(histories), batch_size)]
+
+
+def code_names(names: dict[str, dict[str, str]], encoder: Encoder) -> dict[str, dict[str, str]]:
+    """The dataset's names (`Dataset.names`, from codes.csv) of the encoder's codes, by kind."""
+    return {kind: {c: names[kind][c] for c in codes if c in names.get(kind, {})} for kind, codes in encoder.codes.items()}
 
 
 def choose_int8(candidates: list[Candidate]) -> Candidate:
@@ -302,6 +314,7 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, model: str = DEFAULT_
         work = Path(tmp)
         example = onnx_export.example_inputs(encoder.n_codes, encoder.n_profile_ids, len(encoder.profile_fields))
         fp32 = onnx_export.export_onnx(student, work / "fp32.onnx", example)
+        explain = onnx_export.export_onnx(student, work / EXPLAIN, example, graph="explain")
 
         def score(name: str, path: Path) -> Candidate:
             return _candidate(name, path, encoded, batched, singles, y_true, threshold)
@@ -309,6 +322,7 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, model: str = DEFAULT_
         candidates = [score("fp32", fp32)]
         log.info("fp32: max |dp| %.2e vs torch, %.2e batch 1 vs batched", np.abs(candidates[0].y_prob - reference).max(),
                  candidates[0].max_batch_dp)
+        onnx_export.check_explain(explain, encoded, candidates[0].y_prob)
         tried: list[Candidate] = []
         if int8:
             rng = np.random.default_rng(seed)
@@ -359,6 +373,8 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, model: str = DEFAULT_
             "ddi_pairs": _ddi_pairs(ds.ddi, encoder),
             "selftest": {"file": SELFTEST, "patients": SELFTEST_PATIENTS,
                          "atol": SELFTEST_ATOL[chosen.name]},
+            "explain": {"file": EXPLAIN, "outputs": list(onnx_export.EXPLAIN_OUTPUTS), "slots": EXPLAIN_SLOTS},
+            "names": {"file": NAMES},
             "validation": _finite(validation),
             "source": {"run": str(run_dir), "model": model, "student": config.get("student"), "seed": seed,
                        "train_seed": config.get("train_seed", seed), "protocol": protocol},
@@ -367,17 +383,26 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, model: str = DEFAULT_
         sizes = {"n_codes": student.config.n_codes, "n_meds": student.config.n_meds,
                  "n_profile_ids": student.config.n_profile_ids, "max_visits": student.config.max_visits}
         with atomic_directory(out, marker=MANIFEST, what="leader-edge bundle") as tmp_out:
-            write_bundle(tmp_out, onnx_export.stamp_sizes(chosen.path, work / "stamped.onnx", sizes), manifest, encoder, key=key)
+            names = work / NAMES
+            names.write_text(json.dumps(code_names(ds.names, encoder), indent=1, sort_keys=True, ensure_ascii=False) + "\n",
+                             encoding="utf-8")
+            write_bundle(tmp_out, onnx_export.stamp_sizes(chosen.path, work / "stamped.onnx", sizes), manifest, encoder, key=key,
+                         extra={EXPLAIN: explain, NAMES: names})
             _verify_written(tmp_out, key, work)
     return manifest
 
 
-def write_bundle(directory: Path, model_file: Path, manifest: dict, encoder: Encoder, *, key=None) -> dict:
-    """Fill `directory` with model.onnx, selftest.json, manifest.json (+ signature.json with `key`).
+def write_bundle(directory: Path, model_file: Path, manifest: dict, encoder: Encoder, *, key=None,
+                 extra: dict[str, Path] | None = None) -> dict:
+    """Fill `directory` with model.onnx, selftest.json, the `extra` files ({bundle name: source}:
+    explain.onnx, names.json), manifest.json (+ signature.json with `key`).
 
-    `manifest` gets its `files` and `digest`; the self-test probabilities come from the runtime's own
-    scoring path, so the exporting machine reproduces them exactly. Returns the manifest."""
+    `manifest` gets its `files` (every file but the manifest and signature) and `digest`; the
+    self-test probabilities come from the runtime's own scoring path, so the exporting machine
+    reproduces them exactly. Returns the manifest."""
     (directory / MODEL).write_bytes(model_file.read_bytes())
+    for name, source in (extra or {}).items():
+        (directory / name).write_bytes(Path(source).read_bytes())
     patients = selftest_patients(encoder, manifest["selftest"]["patients"])
     scorer = Bundle(directory, manifest, open_session(directory / MODEL, threads=1))
     prob, _ = scorer.predict_proba([[RawVisit(**v) for v in p] for p in patients])
@@ -388,7 +413,7 @@ def write_bundle(directory: Path, model_file: Path, manifest: dict, encoder: Enc
             "probabilities": [[float(x) for x in row] for row in prob]}
     (directory / SELFTEST).write_text(json.dumps(test, separators=(",", ":")) + "\n", encoding="utf-8")
     manifest["files"] = {name: {"sha256": sha256(directory / name), "bytes": (directory / name).stat().st_size}
-                         for name in (MODEL, SELFTEST)}
+                         for name in (MODEL, SELFTEST, *(extra or {}))}
     manifest.pop("digest", None)
     manifest["digest"] = manifest_digest(manifest)
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, allow_nan=False) + "\n", encoding="utf-8")

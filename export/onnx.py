@@ -40,6 +40,9 @@ EXPLAIN_OUTPUTS = GRAPHS["explain"][1]
 # to ~20, and `rest` is a difference of such sums: 1.4e-6 measured (1.9e-6 on 1,024 demo visits,
 # once the prior shares avoid ONNX's Log(1 + x), see train/student.py `log1p`), 1e-4 allowed.
 ATOL = {"proba": 1e-5, "explain": 1e-4}
+# max |sigmoid(deep + wide + sum(codes) + rest) - p| against the fp32 model on validation: the
+# parts must add up to the logit the fp32 graph squashes (measured <= 3e-7, float32 sums).
+ATOL_EXPLAIN_SUM = 1e-5
 
 
 def example_inputs(n_codes: int, n_profile_ids: int, n_fields: int, *, batch: int = 3, visits: int = 2,
@@ -213,6 +216,30 @@ def stamp_sizes(src: Path, dst: Path, sizes: dict[str, int]) -> Path:
     helper.set_model_props(model, {METADATA_PREFIX + k: str(v) for k, v in sizes.items()})
     onnx.save(model, str(dst))
     return dst
+
+
+def check_explain(path: Path, encoded: list[dict[str, np.ndarray]], y_prob: np.ndarray) -> float:
+    """The explain graph's parts, summed, against the fp32 model's probabilities `y_prob` over the
+    same `encoded` batches; returns the max |difference|.
+
+    Raises:
+        RuntimeError: over `ATOL_EXPLAIN_SUM`.
+    """
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    logits = []
+    for batch in encoded:
+        part = dict(zip(names, session.run(None, batch)))
+        logits.append(part["deep"] + part["wide"] + part["codes"].sum(axis=1) + part["rest"])
+    diff = float(np.abs(1 / (1 + np.exp(-np.concatenate(logits).astype(np.float64))) - y_prob).max())
+    log.info("explain: sigmoid(deep + wide + codes + rest) vs the fp32 model max diff %.2e (tolerance %.0e)",
+             diff, ATOL_EXPLAIN_SUM)
+    if diff > ATOL_EXPLAIN_SUM:
+        raise RuntimeError(f"{path.name}: its parts add up to probabilities {diff:.2e} away from the model's "
+                           f"(> {ATOL_EXPLAIN_SUM:.0e}); Student.logits and Student.logit_parts disagree - report it")
+    return diff
 
 
 def quantize_weights_int8(src: str | Path, dst: str | Path, min_size: int = 4096) -> Path:

@@ -211,6 +211,51 @@ def test_faults_bundle_pristine_copy_predicts(bundle, tmp_path):
     assert len(out.read_text().splitlines()) == 3
 
 
+# --- explain.onnx and names.json (listed in `files` like the model) ---------------------------
+
+
+@pytest.fixture
+def explained(bundle) -> Path:
+    """The fake bundle with explain.onnx and names.json listed and sealed, as the export writes them."""
+    shutil.copy(bundle / "model.onnx", bundle / "explain.onnx")
+    (bundle / "names.json").write_text(json.dumps({"diagnosis": {"D1": "Heart failure"}, "procedure": {}, "medication": {}}))
+    m = manifest(bundle)
+    m["files"].update({"explain.onnx": {}, "names.json": {}})
+    m["explain"], m["names"] = {"file": "explain.onnx", "outputs": ["deep"], "slots": "current visit"}, {"file": "names.json"}
+    write_manifest(bundle, m, reseal=True)
+    return bundle
+
+
+def _flip(name: str):
+    def alter(d: Path) -> None:
+        data = bytearray((d / name).read_bytes())
+        data[len(data) // 2] ^= 0x01  # same size: only the sha256 can tell
+        (d / name).write_bytes(bytes(data))
+    return alter
+
+
+EXPLAIN_CASES = {
+    "explain_bit_flipped": (_flip("explain.onnx"), "explain.onnx", "field 'files.explain.onnx.sha256' says"),
+    "explain_removed": (lambda d: (d / "explain.onnx").unlink(), "explain.onnx", "is missing (manifest.json field 'files.explain.onnx')"),
+    "explain_symlink": (lambda d: ((d / "explain.onnx").unlink(), os.symlink(d / "model.onnx", d / "explain.onnx")),
+                        "explain.onnx", "is a symlink"),
+    "names_edited": (lambda d: (d / "names.json").write_text((d / "names.json").read_text().replace("Heart", "Liver")),
+                     "names.json", "field 'files.names.json.sha256' says"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EXPLAIN_CASES))
+def test_faults_bundle_explain_or_names_altered_refused(explained, tmp_path, case):
+    alter, where, what = EXPLAIN_CASES[case]
+    result, out = predict(explained, tmp_path)
+    assert result.exit_code == 0, result.output  # sealed as exported: accepted
+    out.unlink()
+    out.parent.rmdir()
+    alter(explained)
+    result, out = predict(explained, tmp_path)
+    assert_refused(result, out, f"{explained / where}: ", what)
+
+
 # --- signing ------------------------------------------------------------------------------------
 
 

@@ -21,7 +21,7 @@ from leader_edge.export import bundle as bundle_module
 from leader_edge.export.bundle import BATCH_ATOL, Candidate, choose_int8, export_bundle
 from leader_edge.runtime import Bundle, manifest_digest, sha256
 
-BUNDLE_FILES = ["manifest.json", "model.onnx", "selftest.json"]
+BUNDLE_FILES = ["explain.onnx", "manifest.json", "model.onnx", "names.json", "selftest.json"]
 
 
 @pytest.fixture(scope="module")
@@ -46,12 +46,12 @@ def run_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def fp32_bundle(run_dir) -> Path:
-    """The module's one real export; its raw ONNX file is kept as run/../raw.onnx for `reuse_export`."""
-    out, raw = run_dir.parent / "bundle-fp32", run_dir.parent / "raw.onnx"
+    """The module's one real export; its raw ONNX files are kept as run/../raw-<graph>.onnx for `reuse_export`."""
+    out = run_dir.parent / "bundle-fp32"
     export_onnx = bundle_module.onnx_export.export_onnx
 
-    def keep(model, path, inputs):
-        shutil.copy(export_onnx(model, path, inputs), raw)
+    def keep(model, path, inputs, graph="proba"):
+        shutil.copy(export_onnx(model, path, inputs, graph=graph), run_dir.parent / f"raw-{graph}.onnx")
         return Path(path)
 
     with pytest.MonkeyPatch.context() as mp:
@@ -61,8 +61,8 @@ def fp32_bundle(run_dir) -> Path:
 
 
 def _copy_raw(fp32_bundle):
-    def copy(model, path, inputs):
-        shutil.copy(fp32_bundle.parent / "raw.onnx", path)
+    def copy(model, path, inputs, graph="proba"):
+        shutil.copy(fp32_bundle.parent / f"raw-{graph}.onnx", path)
         return Path(path)
     return copy
 
@@ -106,11 +106,12 @@ def test_export_manifest_digest_files_and_fields(fp32_bundle):
     manifest = json.loads((fp32_bundle / "manifest.json").read_text())
     assert sorted(p.name for p in fp32_bundle.iterdir()) == BUNDLE_FILES
     assert manifest["files"] == {n: {"sha256": sha256(fp32_bundle / n), "bytes": (fp32_bundle / n).stat().st_size}
-                                 for n in ("model.onnx", "selftest.json")}
+                                 for n in ("model.onnx", "selftest.json", "explain.onnx", "names.json")}
     assert manifest["digest"] == manifest_digest(manifest)
     assert manifest["model"]["variant"] == "fp32" and manifest["threshold"] == 0.5
     assert manifest["source"]["model"] == "student" and "created" not in manifest
-    for key in ("format_version", "encoder", "profile_fields", "ddi_pairs", "validation", "packages", "selftest"):
+    for key in ("format_version", "encoder", "profile_fields", "ddi_pairs", "validation", "packages", "selftest",
+                "explain", "names"):
         assert manifest[key], key
     assert manifest["packages"]["onnxruntime"] and manifest["ddi_pairs"][0][0] < manifest["ddi_pairs"][0][1]
     bundle = Bundle.load(fp32_bundle)
@@ -267,3 +268,50 @@ def test_export_reordered_diagnoses_refused_by_self_test(fp32_bundle, tmp_path):
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert f"{d / 'model.onnx'}: scores the self-test patients of selftest.json" in result.output, result.output
     assert "manifest.json field 'encoder'" in result.output and "export the bundle again" in result.output
+
+
+def test_export_explain_graph_and_names_in_the_bundle(run_dir, fp32_bundle):
+    """explain.onnx gives Student.logit_parts, its parts add up to model.onnx's logit, and names.json
+    holds the dataset's names of the vocabulary's codes; both are listed in `files`."""
+    import onnxruntime as ort
+
+    from leader_edge.train.distill import load_student
+
+    manifest = Bundle.load(fp32_bundle).manifest  # the runtime's digest and file checks pass
+    assert manifest["explain"] == {"file": "explain.onnx", "outputs": ["deep", "wide", "wide_slot", "codes", "rest"],
+                                   "slots": "diagnoses|procedures|medications of the current visit, input column order"}
+    assert manifest["names"] == {"file": "names.json"} and {"explain.onnx", "names.json"} <= set(manifest["files"])
+    model, encoder, _ = load_student(run_dir / "student", backend="torch")
+    batch = encoder.encode(_val(run_dir)[:64]).inputs()
+    session = ort.InferenceSession(str(fp32_bundle / "explain.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == list(batch)
+    got = dict(zip(manifest["explain"]["outputs"], session.run(None, batch)))
+    with torch.no_grad():
+        want = model.logit_parts(*(torch.from_numpy(a) for a in batch.values()))
+    for name, value in want.items():
+        np.testing.assert_allclose(got[name], value.numpy(), atol=1e-4, rtol=0, err_msg=name)
+    total = got["deep"] + got["wide"] + got["codes"].sum(1) + got["rest"]
+    prob = ort.InferenceSession(str(fp32_bundle / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, batch)[0]
+    np.testing.assert_allclose(1 / (1 + np.exp(-total.astype(np.float64))), prob, atol=1e-5, rtol=0)
+    names = json.loads((fp32_bundle / "names.json").read_text(encoding="utf-8"))
+    ds_names = load_dataset(run_dir.parent / "data").names
+    assert set(names) == set(KINDS) and all(names[k] for k in KINDS)
+    for kind in KINDS:
+        assert set(names[kind]) <= set(encoder.codes[kind])
+        assert names[kind] == {c: ds_names[kind][c] for c in encoder.codes[kind] if c in ds_names[kind]}
+
+
+@pytest.mark.parametrize("name", ["explain.onnx", "names.json"])
+def test_export_tampered_explain_or_names_refused(fp32_bundle, tmp_path, name):
+    from leader_edge.errors import DataError
+
+    d = tmp_path / "b"
+    shutil.copytree(fp32_bundle, d)
+    data = bytearray((d / name).read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit, same size: only the sha256 can tell
+    (d / name).write_bytes(bytes(data))
+    with pytest.raises(DataError, match=rf"field 'files.{name}.sha256' says .*\(changed or damaged after export\)"):
+        Bundle.load(d)
+    (d / name).unlink()
+    with pytest.raises(DataError, match=f"is missing .*'files.{name}'"):
+        Bundle.load(d)
