@@ -1,7 +1,7 @@
 """Bedside runtime benchmark: cold start, end-to-end `predict`, per-patient model latency.
 
     .venv/bin/python benchmarks/bench_predict.py [--patients 100000] [--workdir /tmp/leader-edge-bench] [--run RUN]
-        [--set-encoder transformer|mean] [--baseline-src DIR --baseline-workdir DIR]
+        [--set-encoder transformer|mean] [--baseline-src DIR --baseline-workdir DIR [--repeats N]] [--end-to-end-only]
 
 Measured in one run (baseline: the torch eager fp32 student, same inputs, same process):
   1. cold start: wall time of `leader-edge predict` on a one-patient file (median of 5 runs);
@@ -14,7 +14,9 @@ recommended medications differs, which changes the output formatting slightly. `
 picks that student's per-kind set encoder (`StudentConfig.set_encoder`).
 `--baseline-src` (an older leader_edge tree, e.g. `git archive <commit> leader_edge | tar -x -C DIR`)
 adds end-to-end rows for that code with the bundles it exported into `--baseline-workdir` (same
-names), run alternately with this code's, and the ratio of the medians.
+names), run alternately with this code's, and the ratio of the medians, of wall time and of CPU
+seconds (user + system of the `predict` process: on a shared machine other processes stretch the
+first, not the second).
 """
 
 from __future__ import annotations
@@ -22,13 +24,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
-
-import numpy as np
 
 CLI = [sys.executable, "-m", "leader_edge"]
 
@@ -90,13 +91,19 @@ def cold_start(visits: Path, bundle: Path, workdir: Path) -> dict:
     return {"cold_start_s": statistics.median(times), "import_s": total_us / 1e6}
 
 
-def end_to_end(visits: Path, bundle: Path, workdir: Path, patients: int, src: Path | None = None) -> float:
-    """patients/s of `leader-edge predict` CSV -> CSV; `src`: run that leader_edge tree instead."""
+def end_to_end(visits: Path, bundle: Path, workdir: Path, patients: int, src: Path | None = None) -> tuple[float, float]:
+    """(patients/s of wall time, patients per CPU second) of `leader-edge predict` CSV -> CSV; `src`:
+    run that leader_edge tree instead. CPU seconds (user + system of the child, all its threads) are
+    the steadier measure on a shared machine: another process's load stretches wall time, not them."""
     env = None if src is None else {**os.environ, "PYTHONPATH": str(src)}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     subprocess.run([*CLI, "predict", "--bundle", str(bundle), "--input", str(visits), "--output", str(workdir / "out.csv")],
                    check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=workdir)
-    return patients / (time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+    return patients / seconds, patients / cpu
 
 
 def model_speed(visits: Path, fp32: Path, int8: Path, run: Path, n_single: int = 300, threads: int = 0) -> dict:
@@ -155,6 +162,7 @@ def main() -> None:
     parser.add_argument("--baseline-workdir", type=Path, help="where that code exported its bundles (same names)")
     parser.add_argument("--repeats", type=int, default=3, help="end-to-end runs per side with --baseline-src")
     parser.add_argument("--threads", type=int, default=0, help="threads per provider at batch 1024 (0: all cores)")
+    parser.add_argument("--end-to-end-only", action="store_true", help="skip the model latency and cold-start rows")
     args = parser.parse_args()
     if (args.baseline_src is None) != (args.baseline_workdir is None):
         parser.error("--baseline-src and --baseline-workdir go together")
@@ -163,29 +171,33 @@ def main() -> None:
     run = args.run or args.workdir / f"run-{args.set_encoder}"
     print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs; {args.patients:,} patients; "
           f"student {run} (set encoder {args.set_encoder if args.run is None else 'from the run'})", flush=True)
-    speed = model_speed(visits, fp32, int8, run, threads=args.threads)
-    base = speed["torch eager fp32"]
-    print(f"\n| model | p50 ms (batch 1) | p99 ms (batch 1) | patients/s (batch 1024, {args.threads or 'all'} threads) | x torch eager |")
-    print("|---|---|---|---|---|")
-    for name in ("torch eager fp32", "ORT fp32", "ORT int8"):
-        s = speed[name]
-        print(f"| {name} | {s['p50_ms']:.3f} | {s['p99_ms']:.3f} | {s['batch1024_patients_per_s']:,.0f} | "
-              f"{s['batch1024_patients_per_s'] / base['batch1024_patients_per_s']:.2f} (batch 1: {base['p50_ms'] / s['p50_ms']:.2f}) |")
-    print(f"int8 variant kept by export: {speed['int8_variant']}")
-    cold = cold_start(visits, int8, args.workdir)
-    print(f"\ncold start (one-patient file, whole CLI): {cold['cold_start_s']:.3f} s median of 5; imports {cold['import_s']:.3f} s")
+    if not args.end_to_end_only:
+        speed = model_speed(visits, fp32, int8, run, threads=args.threads)
+        base = speed["torch eager fp32"]
+        print(f"\n| model | p50 ms (batch 1) | p99 ms (batch 1) | patients/s (batch 1024, {args.threads or 'all'} threads) | x torch eager |")
+        print("|---|---|---|---|---|")
+        for name in ("torch eager fp32", "ORT fp32", "ORT int8"):
+            s = speed[name]
+            print(f"| {name} | {s['p50_ms']:.3f} | {s['p99_ms']:.3f} | {s['batch1024_patients_per_s']:,.0f} | "
+                  f"{s['batch1024_patients_per_s'] / base['batch1024_patients_per_s']:.2f} (batch 1: {base['p50_ms'] / s['p50_ms']:.2f}) |")
+        print(f"int8 variant kept by export: {speed['int8_variant']}")
+        cold = cold_start(visits, int8, args.workdir)
+        print(f"\ncold start (one-patient file, whole CLI): {cold['cold_start_s']:.3f} s median of 5; imports {cold['import_s']:.3f} s")
     if args.baseline_src is None:
-        print("\n| end to end CSV -> CSV | patients/s |\n|---|---|")
+        print("\n| end to end CSV -> CSV | patients/s | patients per CPU second |\n|---|---|---|")
         for name, bundle in (("fp32 bundle", fp32), ("int8 bundle", int8)):
-            print(f"| {name} | {end_to_end(visits, bundle, args.workdir, args.patients):,.0f} |", flush=True)
+            rate, per_cpu = end_to_end(visits, bundle, args.workdir, args.patients)
+            print(f"| {name} | {rate:,.0f} | {per_cpu:,.0f} |", flush=True)
     else:
-        print("\n| end to end CSV -> CSV | baseline patients/s | this code | x baseline |\n|---|---|---|---|")
+        print("\n| end to end CSV -> CSV | baseline patients/s | this code | x baseline | baseline per CPU s | "
+              "this code | x baseline |\n|---|---|---|---|---|---|---|")
         for bundle in (fp32, int8):
             old_bundle = args.baseline_workdir / bundle.name
-            runs = [(end_to_end(visits, old_bundle, args.workdir, args.patients, args.baseline_src.resolve()),
-                     end_to_end(visits, bundle, args.workdir, args.patients)) for _ in range(args.repeats)]
-            old, new = (statistics.median(r) for r in zip(*runs))
-            print(f"| {bundle.name} (median of {args.repeats}, alternating) | {old:,.0f} | {new:,.0f} | {new / old:.2f} |", flush=True)
+            runs = [(*end_to_end(visits, old_bundle, args.workdir, args.patients, args.baseline_src.resolve()),
+                     *end_to_end(visits, bundle, args.workdir, args.patients)) for _ in range(args.repeats)]
+            old, old_cpu, new, new_cpu = (statistics.median(r) for r in zip(*runs))
+            print(f"| {bundle.name} (median of {args.repeats}, alternating) | {old:,.0f} | {new:,.0f} | {new / old:.2f} | "
+                  f"{old_cpu:,.0f} | {new_cpu:,.0f} | {new_cpu / old_cpu:.2f} |", flush=True)
     print(f"load average {os.getloadavg()[0]:.2f} at the end")
 
 

@@ -34,9 +34,6 @@ from leader_edge.errors import DataError
 from leader_edge.files import atomic_directory  # noqa: F401 - also imported from here by export and training
 from leader_edge.splits import (  # noqa: F401 - imported from here by training, the report, the CLI
     PROTOCOLS,
-    SPLIT_RATIOS,
-    SPLITS,
-    Protocol,
     Sample,
     check_splits,
     dataset_splits,

@@ -37,7 +37,6 @@ REVIEW_COLUMNS = ("ddi_warnings", "unknown_codes")  # for people reading `predic
 OUTPUT_COLUMNS = (*PREDICTION_COLUMNS, *REVIEW_COLUMNS)
 REQUIRED_COLUMNS = PREDICTION_COLUMNS[:3]
 OPTIONAL_COLUMNS = ("scores", *REVIEW_COLUMNS)
-DECIMALS = 4
 # A field holding one of these is quoted (RFC 4180). Ids cannot hold a line break (the visits reader
 # refuses them) and codes cannot hold ',' (`parse_code_list`), so in practice only a '"' in a code
 # or a ',' or '"' in an id is ever quoted.

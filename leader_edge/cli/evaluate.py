@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import click
@@ -264,15 +262,8 @@ def _evaluate_run(run_dir: Path, data: Path | None, protocol: str | None) -> dic
 
 def _write_json(path: Path, result: dict) -> None:
     """Atomic JSON (`metrics.json_ready`: (mean, std) pairs become {"mean", "std"}, NaN becomes null)."""
+    from leader_edge.files import atomic_write_text
     from leader_edge.metrics import json_ready
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(json_ready(result), f, indent=2, default=str)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, json.dumps(json_ready(result), indent=2, default=str) + "\n")
