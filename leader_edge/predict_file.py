@@ -53,7 +53,7 @@ MAX_UNKNOWN_SHARE = 0.5
 
 def predict_file(bundle: Bundle, input_path: str, output: str, *, fmt: str = "csv", all_visits: bool = False,
                  top_k: int | None = None, threshold: float | None = None, batch_size: int = 1024,
-                 max_unknown: float | None = MAX_UNKNOWN_SHARE) -> dict:
+                 max_unknown: float | None = MAX_UNKNOWN_SHARE, explainer=None) -> dict:
     """Stream `input_path` ("-" = stdin) through the bundle into `output` ("-" = stdout).
 
     Nothing is lost or left behind:
@@ -72,6 +72,8 @@ def predict_file(bundle: Bundle, input_path: str, output: str, *, fmt: str = "cs
     Args:
         max_unknown: refuse the file when more than this share of the codes the model reads are
             outside its vocabulary (None: never). See `MAX_UNKNOWN_SHARE`.
+        explainer: a `leader_edge.explain.Explainer` of the bundle: each jsonl record gets
+            `explanations` (per recommended medication, its logit's parts). jsonl only.
 
     Returns:
         {"patients", "visits", "codes" (as written, in what the model read), "unknown_codes",
@@ -126,7 +128,7 @@ def predict_file(bundle: Bundle, input_path: str, output: str, *, fmt: str = "cs
 
             try:
                 _stream(bundle, stream, name, put, stats, fmt=fmt, all_visits=all_visits, top_k=top_k,
-                        threshold=threshold, batch_size=batch_size)
+                        threshold=threshold, batch_size=batch_size, explainer=explainer)
                 put(None)
             finally:
                 if not out.closed:  # after a failure: the buffer cannot be written either
@@ -158,7 +160,7 @@ def predict_file(bundle: Bundle, input_path: str, output: str, *, fmt: str = "cs
 
 
 def _stream(bundle: Bundle, stream, name: str, put, stats: dict, *, fmt: str, all_visits: bool, top_k: int | None,
-            threshold: float | None, batch_size: int) -> None:
+            threshold: float | None, batch_size: int, explainer=None) -> None:
     """Read, score and `put` the formatted chunks, counting into `stats`."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -166,11 +168,16 @@ def _stream(bundle: Bundle, stream, name: str, put, stats: dict, *, fmt: str, al
         put(header())
     decide = {"threshold": bundle.threshold if threshold is None else threshold, "top_k": top_k, "ddi": bundle.ddi}
 
-    def emit(scored: Scored, n_patients: int) -> None:
+    def emit(scored: Scored, chunk) -> None:
+        n_patients = len(chunk)
         if fmt == "csv":
             put(csv_lines(bundle.med_codes, scored, **decide))
         else:
-            rows = json_records(bundle.med_codes, scored, **decide)
+            rows = list(json_records(bundle.med_codes, scored, **decide))
+            if explainer is not None:  # the rows Bundle.predict scored: every visit, or each patient's last
+                ends = np.arange(len(chunk.visit_ids)) if all_visits else chunk.starts[1:] - 1
+                for row, why in zip(rows, explainer.explain_table(chunk, ends, [r["medications"] for r in rows])):
+                    row["explanations"] = why
             put("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in rows).encode())
         over = scored.over_limit if scored.over_limit is not None else np.zeros_like(scored.unknown)
         unknown = scored.unknown - over
@@ -192,7 +199,7 @@ def _stream(bundle: Bundle, stream, name: str, put, stats: dict, *, fmt: str, al
             future = pool.submit(bundle.predict, chunk, all_visits=all_visits, batch_size=batch_size)
             if pending is not None:
                 emit(pending[0].result(), pending[1])
-            pending = (future, len(chunk))
+            pending = (future, chunk)
         if pending is not None:
             emit(pending[0].result(), pending[1])
 

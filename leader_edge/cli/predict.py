@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from leader_edge.cli import user_errors
+from leader_edge.cli import InputError, user_errors
 
 
 @click.command()
@@ -23,9 +23,11 @@ from leader_edge.cli import user_errors
               help="Ed25519 public key (PEM): refuse a bundle that is not signed by it (`export --sign`).")
 @click.option("--allow-unknown", is_flag=True,
               help="Write the recommendations even when more than half of the codes are unknown to the bundle.")
+@click.option("--explain", is_flag=True,
+              help="With --format jsonl: per recommended medication, the codes that drove it and their share of the logit.")
 @user_errors
 def predict(bundle: Path, input_path: str, output: str, fmt: str, all_visits: bool, top_k: int | None,
-            threshold: float | None, batch_size: int, trust: Path | None, allow_unknown: bool) -> None:
+            threshold: float | None, batch_size: int, trust: Path | None, allow_unknown: bool, explain: bool) -> None:
     """Recommend medications for each patient's last visit of a visits CSV.
 
     Output columns: patient_id, visit_id, medications (';'-joined, most probable first), scores
@@ -45,15 +47,23 @@ def predict(bundle: Path, input_path: str, output: str, fmt: str, all_visits: bo
       leader-edge predict --bundle bundle --input visits.csv --output recs.csv
       cat visits.csv | leader-edge predict --bundle bundle --input - --format jsonl --top-k 10
       leader-edge predict --bundle bundle --trust key.pub.pem --input visits.csv --output recs.csv
+      leader-edge predict --bundle bundle --input visits.csv --format jsonl --explain --top-k 5
     """
     from leader_edge.predict_file import MAX_UNKNOWN_SHARE, Interrupted, predict_file
     from leader_edge.runtime import Bundle
 
+    if explain and fmt != "jsonl":
+        raise InputError("--explain writes nested explanations: add --format jsonl")
     model = Bundle.load(bundle, trust=trust)
+    explainer = None
+    if explain:
+        from leader_edge.explain import Explainer
+
+        explainer = Explainer(model)
     try:
         stats = predict_file(model, input_path, output, fmt=fmt, all_visits=all_visits, top_k=top_k,
                              threshold=threshold, batch_size=batch_size,
-                             max_unknown=None if allow_unknown else MAX_UNKNOWN_SHARE)
+                             max_unknown=None if allow_unknown else MAX_UNKNOWN_SHARE, explainer=explainer)
     except Interrupted as e:
         click.echo(f"predict: stopped by {e.name}; nothing written (the temp file is removed)", err=True)
         raise

@@ -112,7 +112,7 @@ class Model:
             part = Scored(scored.patient_ids[a:b], scored.visit_ids[a:b], scored.y_prob[a:b], scored.unknown[a:b])
             formatted += json_records(self.bundle.med_codes, part, top_k=top_k, ddi=self.bundle.ddi,
                                       threshold=self.bundle.threshold if threshold is None else threshold)
-        out, start, encoded = [], 0, None
+        out, start = [], 0
         for job, error, size in zip(jobs, errors, sizes):
             if error is not None:
                 out.append(error)
@@ -123,9 +123,9 @@ class Model:
                     record["scores"] = {c: record["scores"].get(c, 0.0) for c in record["medications"]}
                 record["unknown"] = self._unknown(patient)
             if job.explain:
-                encoded = encoded or self.bundle.encoder.encode_table(table)
-                batch = encoded.batch(table.starts[start + 1:start + size + 1] - 1)  # this request's current visits
-                for record, explanation in zip(records, self.explainer.explain(batch, [r["medications"] for r in records])):
+                ends = table.starts[start + 1:start + size + 1] - 1  # this request's current visits
+                why = self.explainer.explain_table(table, ends, [r["medications"] for r in records])
+                for record, explanation in zip(records, why):
                     record["explanations"] = explanation
             out.append(records)
             start += size

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from conftest import Server
 from test_faults_bundle import write_manifest
-from test_runtime import MEDS, write_fake_bundle
+from test_runtime import HEADER, MEDS, write_fake_bundle
 from test_serve import P1, P2
 
 from leader_edge.explain import Explainer
@@ -141,3 +141,41 @@ def test_serve_explain_over_http(explained_dir):
         assert "explanations" not in server.client.post("/v1/recommend", json={"patient": P2}).json()["results"][0]
     finally:
         server.stop()
+
+
+VISITS = HEADER + ("p1,v1,2100-01-01,D1;D2,P1,M1,Private\n"
+                   "p1,v2,2100-02-01T08:00:00,D1;X9,,,Private\n"
+                   "p2,v3,2100-01-01,D1;D2;D3,P2,M5,Medicare\n")
+
+
+@pytest.mark.parametrize("extra", [(), ("--all-visits", "--top-k", "2")])
+def test_predict_explain_jsonl(explained_dir, tmp_path, extra):
+    from click.testing import CliRunner
+
+    from leader_edge.cli import main
+
+    (tmp_path / "visits.csv").write_text(VISITS)
+    args = ["predict", "--bundle", str(explained_dir), "--input", str(tmp_path / "visits.csv"), "--format", "jsonl",
+            "--explain", *extra]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["visit_id"] for r in rows] == (["v1", "v2", "v3"] if extra else ["v2", "v3"])
+    for row in rows:
+        assert list(row["explanations"]) == row["medications"]
+        for med, why in row["explanations"].items():
+            check_adds_up(why, row["scores"][med], atol=5e-5)
+    assert rows[-1]["explanations"]["M6"]["codes"][0]["name"] == "Heart failure"
+
+
+def test_predict_explain_refused_without_jsonl_or_graph(explained_dir, bundle_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from leader_edge.cli import main
+
+    (tmp_path / "visits.csv").write_text(VISITS)
+    base = ["predict", "--input", str(tmp_path / "visits.csv"), "--explain"]
+    result = CliRunner().invoke(main, [*base, "--bundle", str(explained_dir)])
+    assert result.exit_code == 2 and "--format jsonl" in result.output
+    result = CliRunner().invoke(main, [*base, "--bundle", str(bundle_dir), "--format", "jsonl"])
+    assert result.exit_code == 2 and "no field 'explain'" in result.output and "Traceback" not in result.output
