@@ -359,7 +359,7 @@ def train_student(
                 batch["teacher"] = torch.from_numpy(teacher["train"][idx]).to(device)
             if prior_train is not None:
                 batch["prior"] = torch.from_numpy(prior_train[idx]).to(device)
-            out = model(batch)
+            out = model(batch, keep_logits=kd_train is not None)  # the fused loss kernel keeps no logits unless asked
             if kd_train is not None:  # output-level distillation toward the teacher's probabilities
                 soft = torch.from_numpy(kd_train[idx]).to(device)
                 out["loss"] = out["loss"] + config.kd * F.binary_cross_entropy_with_logits(out["logits"], soft)

@@ -23,7 +23,8 @@ Architecture (LEADER-NOTES, with two additions):
     one transformer block over visits; the current visit's output -> MLP -> head logits;
     + a wide path (Wide & Deep, `wide_logits`): a logit vector per code, masked max over the current
     visit's codes and previous medications, added to the head's logits (synth, no-distill: val PRAUC
-    0.6075 -> 0.6358, test Jaccard 0.417 -> 0.445). Without it the head is kernels.linear_sigmoid.
+    0.6075 -> 0.6358, test Jaccard 0.417 -> 0.445). Where kernels run, deep + wide + prior is one
+    `kernels.wide_max_head` pass (`fused_head`).
 Eager, training and export run this code as written (export/onnx.py patches nothing): the bags
 call `kernels.embedding_bag` only where a kernel runs (CUDA, or backend="triton"); on CPU, and so
 under export, they are the padded gather (`Student.bag`), the reference's values with no
@@ -334,15 +335,50 @@ class Student(nn.Module):
     def logits(self, diagnoses, procedures, medications, profile, visit_mask) -> torch.Tensor:
         """Inputs as in the module docstring -> float32 [B, n_meds] logits (the sum of `logit_terms`)."""
         h, _ = self.hidden_state(diagnoses, procedures, medications, profile, visit_mask)
-        return sum_terms(self.logit_terms(h, current_codes(diagnoses, procedures, medications)))
+        codes = current_codes(diagnoses, procedures, medications)
+        if self.kernel_head(h):
+            return self.fused_head(h, codes)
+        return sum_terms(self.logit_terms(h, codes))
 
     def predict_proba(self, diagnoses, procedures, medications, profile, visit_mask) -> torch.Tensor:
         """Inputs as in the module docstring -> float32 [B, n_meds] probabilities."""
         h, _ = self.hidden_state(diagnoses, procedures, medications, profile, visit_mask)
-        if self.wide_codes is None and self.config.prior == "none":
-            return kernels.linear_sigmoid(h, self.head_weight, self.head_bias, backend=self.config.backend)
-        # The wide/prior logits are per row, so the fused kernel (one bias vector) cannot add them.
-        return torch.sigmoid(sum_terms(self.logit_terms(h, current_codes(diagnoses, procedures, medications))))
+        codes = current_codes(diagnoses, procedures, medications)
+        if self.kernel_head(h):
+            return self.fused_head(h, codes, sigmoid=True)
+        return torch.sigmoid(sum_terms(self.logit_terms(h, codes)))
+
+    def kernel_head(self, h: torch.Tensor) -> bool:
+        """Whether the head runs as `kernels.wide_max_head` - where the bags run their kernel: CUDA
+        with backend "auto", or backend "triton". Elsewhere (CPU, export) `logit_terms` in torch."""
+        return self.config.backend == "triton" or (self.config.backend == "auto" and h.is_cuda)
+
+    def fused_head(self, h: torch.Tensor, codes: torch.Tensor, *, rule_logits: torch.Tensor | None = None,
+                   target: torch.Tensor | None = None, sigmoid: bool = False):
+        """`sum_terms(logit_terms(h, codes, rule_logits=...))` as one `kernels.wide_max_head` pass:
+        logits, probabilities (`sigmoid`) or, with `target`, (BCE loss, probabilities).
+
+        Fused: h W^T + b, the full wide table's masked max (its [B, L, n_meds] gather never built)
+        and the per-row extra logits in the fp32 epilogue. Computed in torch as that extra term, the
+        same code `logit_terms` runs: the counting prior (a mix of rule logits, from `rule_logits` or
+        the tables) and the wide fallbacks - wide="mean" (a bag of rows) and wide_rank > 0 (the max
+        needs each code's [n_meds] row of the low-rank product first).
+        """
+        fused_wide = self.config.wide == "max" and self.wide_meds is None
+        extra = None
+        if self.wide_codes is not None and not fused_wide:
+            extra = self._wide(codes, False)["wide"]
+        if self.config.prior != "none":
+            if rule_logits is None:
+                rules = PRIOR_RULES if self.config.prior_rule == "stack" else (self.config.prior_rule,)
+                rule_logits = torch.stack([self._rule(codes, r, False)[0] for r in rules], dim=-1)  # [B, M, R]
+            prior = self.mix_prior(rule_logits)
+            extra = prior if extra is None else extra + prior
+        args = (h, self.head_weight, self.head_bias, self.wide_codes if fused_wide else None,
+                codes if fused_wide else None, extra)
+        if target is not None:
+            return kernels.wide_max_head_loss(*args, target, backend=self.config.backend)
+        return kernels.wide_max_head(*args, sigmoid=sigmoid, backend=self.config.backend)
 
     def logit_parts(self, diagnoses, procedures, medications, profile, visit_mask) -> dict[str, torch.Tensor]:
         """The logit split into what a reader can be shown (export's explain.onnx).
@@ -495,7 +531,7 @@ class Student(nn.Module):
 
     # -- training (PyHealth style) -----------------------------------------------------------------
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def forward(self, batch: dict[str, torch.Tensor], *, keep_logits: bool = False) -> dict[str, torch.Tensor]:
         """Loss and probabilities for one batch.
 
         Args:
@@ -505,19 +541,24 @@ class Student(nn.Module):
                 prior's rule logits to use instead of the tables': out-of-fold ones for training samples).
 
         Returns:
-            {"loss", "logits" [B, n_meds] (None on the fused path without wide/prior terms), "y_prob"
+            {"loss", "logits" [B, n_meds] (None where the fused loss kernel ran - `kernel_head` - unless
+            `keep_logits` (output-level distillation) or the DDI penalty needs them), "y_prob"
             [B, n_meds], "y_true" [B, n_meds], "bce", "mse", "nce", "ddi"} (scalars for the terms, 0
             when a term is off).
         """
         c = self.config
         inputs = [batch[n] for n in ("diagnoses", "procedures", "medications", "profile", "visit_mask")]
         h, prof = self.hidden_state(*inputs)
-        y_true = batch["labels"]
-        if self.wide_codes is None and c.prior == "none":
-            bce = kernels.linear_bce_with_logits(h, self.head_weight, self.head_bias, y_true, backend=c.backend)
+        y_true, codes, ddi_on = batch["labels"], current_codes(*inputs[:3]), c.ddi_weight > 0 and "ddi" in batch
+        prior, prob = batch.get("prior"), None
+        if not self.kernel_head(h):
+            logits = sum_terms(self.logit_terms(h, codes, rule_logits=prior))
+        elif keep_logits or ddi_on:  # differentiable logits: the kernel's logits form
+            logits = self.fused_head(h, codes, rule_logits=prior)
+        else:  # the loss form: no logits kept, the probabilities come with the loss
             logits = None
-        else:
-            logits = sum_terms(self.logit_terms(h, current_codes(*inputs[:3]), rule_logits=batch.get("prior")))
+            bce, prob = self.fused_head(h, codes, rule_logits=prior, target=y_true)
+        if logits is not None:
             bce = F.binary_cross_entropy_with_logits(logits, y_true)
         zero = bce.new_zeros(())
         mse = nce = ddi = zero
@@ -525,21 +566,15 @@ class Student(nn.Module):
             mse = F.mse_loss(self.proj(h), batch["teacher"])
         if c.info_nce > 0 and "target_medications" in batch:
             nce = self.info_nce(prof, batch["target_medications"])
-        if c.ddi_weight > 0 and "ddi" in batch:
-            p = self._proba(h, logits)
+        if ddi_on:
+            p = torch.sigmoid(logits)
             ddi = ((p @ batch["ddi"]) * p).sum(-1).mean() / 2  # expected interacting pairs, p^T A p / 2
             y_prob = p.detach()
         else:
-            with torch.no_grad():
-                y_prob = self._proba(h, logits)
+            y_prob = prob if logits is None else torch.sigmoid(logits.detach())
         loss = bce + c.alpha * mse + c.info_nce * nce + c.ddi_weight * ddi
         return {"loss": loss, "logits": logits, "y_prob": y_prob.detach(), "y_true": y_true, "bce": bce.detach(),
                 "mse": mse.detach(), "nce": nce.detach(), "ddi": ddi.detach()}
-
-    def _proba(self, h: torch.Tensor, logits: torch.Tensor | None) -> torch.Tensor:
-        if logits is None:
-            return kernels.linear_sigmoid(h, self.head_weight, self.head_bias, backend=self.config.backend)
-        return torch.sigmoid(logits)
 
     def info_nce(self, prof: torch.Tensor, target_meds: torch.Tensor) -> torch.Tensor:
         """Symmetric InfoNCE between profile vectors [B, dim] and the current visit's medication

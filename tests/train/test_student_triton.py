@@ -127,6 +127,15 @@ def test_student_triton_matches_torch_with_ddi_penalty_and_a_single_patient(devi
     assert_backends_agree(VARIANTS["shipped"], device_param, torch.float32, b=1)
 
 
+def test_student_triton_logits_equal_the_sum_of_logit_parts(device_param):
+    # logit_parts (the explain graph's terms) stays in torch; the fused logits must still be their sum.
+    model = make_student("triton", device_param, torch.float32, ties=True, **VARIANTS["shipped"])
+    inputs = [make_batch(B, device_param, seed=3)[n] for n in INPUT_NAMES]
+    parts = model.logit_parts(*inputs)
+    total = parts["deep"] + parts["wide"] + parts["codes"].sum(1) + parts["rest"]
+    torch.testing.assert_close(model.logits(*inputs), total, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_student_out_of_range_code_fails_loudly_on_every_backend(backend, device_param):
     model = make_student(backend, device_param, torch.float32, ties=True, **VARIANTS["shipped"])
