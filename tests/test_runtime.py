@@ -206,3 +206,18 @@ def test_runtime_recommend_refuses_empty_and_split_patients(bundle):
         bundle.recommend([[visit], [{**visit, "visit_id": "v2", "visit_time": "2100-01-02"}]])
     (one,) = bundle.recommend([[visit]])  # no codes, no profile: scored on the bias alone
     assert one["visit_id"] == "v1" and one["unknown_codes"] == 0
+
+
+def test_runtime_recommend_takes_dataset_visits(bundle):
+    from datetime import datetime
+
+    from leader_edge.dataset import Visit
+
+    visits = [Visit("p1", "v1", datetime(2100, 1, 1), ("D1", "D2"), ("P1",), ("M1",), (("insurance", "Private"),)),
+              Visit("p1", "v2", datetime(2100, 2, 1, 8), ("D1", "X9"), (), (), (("insurance", "Private"),))]
+    as_dicts = [{"patient_id": v.patient_id, "visit_id": v.visit_id, "visit_time": v.time.isoformat(),
+                 "diagnoses": list(v.diagnoses), "procedures": list(v.procedures), "medications": list(v.medications),
+                 "profile": dict(v.profile)} for v in visits]
+    got = bundle.recommend([visits], all_visits=True)
+    assert got == bundle.recommend([as_dicts], all_visits=True) and [r["visit_id"] for r in got] == ["v1", "v2"]
+    assert got[1]["unknown_codes"] == 1  # X9
