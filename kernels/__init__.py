@@ -1,8 +1,9 @@
 """Fused kernels for the student's hot path, each with a pure-torch reference.
 
 - `embedding_bag`: masked gather + sum/mean of -1-padded code lists (visit code sets, profile fields).
-- `linear_sigmoid`: the medication head, logits squashed to probabilities in the fp32 epilogue.
-- `linear_bce_with_logits`: the head's training loss with its gradient computed in the same pass.
+- `wide_max_head`: the student's scoring head - h @ W.T + b + the masked max of per-code logit rows
+  + per-row extra logits - as logits or probabilities; `wide_max_head_loss`, its training form
+  (BCE-with-logits and probabilities), backward without the [B, L, M] gather.
 
 `backend` picks the implementation: "auto" runs Triton on CUDA tensors and the reference
 (`leader_edge.kernels.reference`) on anything else; "triton" forces the kernel (CPU tensors only
@@ -31,7 +32,8 @@ import torch
 from . import reference
 from .reference import EMBEDDING_BAG_MODES
 
-__all__ = ["BACKENDS", "EMBEDDING_BAG_MODES", "EmbeddingBag", "LinearSigmoid", "embedding_bag", "linear_bce_with_logits", "linear_sigmoid", "reference", "WideMaxHead", "wide_max_head", "wide_max_head_loss"]
+__all__ = ["BACKENDS", "EMBEDDING_BAG_MODES", "EmbeddingBag", "WideMaxHead", "embedding_bag", "reference", "wide_max_head",
+           "wide_max_head_loss"]
 
 BACKENDS = ("auto", "triton", "torch")
 _log = logging.getLogger(__name__)
@@ -123,65 +125,14 @@ def embedding_bag(weight: torch.Tensor, codes: torch.Tensor, mode: str = "sum", 
     return op.EmbeddingBagFunction.apply(weight, codes, mode == "mean")
 
 
-def _check_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.device:
-    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
-        raise ValueError(f"expected x [B, D] and weight [M, D], got {tuple(x.shape)} and {tuple(weight.shape)}")
-    if not (x.is_floating_point() and weight.is_floating_point()):
-        raise ValueError(f"x and weight must be float tensors, got {x.dtype} and {weight.dtype}")
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(f"bias must be [M] = [{weight.shape[0]}] or None, got {tuple(bias.shape)}")
-    return _check_same_device(x, weight, bias)
-
-
-def linear_sigmoid(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, backend: str = "auto"
-) -> torch.Tensor:
-    """Probabilities sigmoid(x @ weight.T + bias): matmul accumulated and sigmoid applied in fp32.
-
-    Args:
-        x: float [B, D] hidden states.
-        weight: [M, D], one row per label (cast to x.dtype by the Triton path).
-        bias: [M] or None.
-        backend: "auto", "triton" or "torch".
-
-    Returns:
-        [B, M] in `x.dtype`; differentiable in x, weight and bias.
-    """
-    op = _triton_op("linear_sigmoid", backend, _check_linear(x, weight, bias))
-    if op is None:
-        return reference.linear_sigmoid(x, weight, bias)
-    return op.LinearSigmoidFunction.apply(x, weight.to(x.dtype), bias)
-
-
-def linear_bce_with_logits(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor, backend: str = "auto"
-) -> torch.Tensor:
-    """Mean BCE-with-logits of x @ weight.T + bias against `target`, without storing the logits.
-
-    The Triton path writes only dlogits = sigmoid(z) - target (fp32 [B, M]) and only when x, weight
-    or bias needs a gradient; backward turns it into dx, dweight, dbias with two matmuls.
-
-    Args:
-        x: float [B, D]; weight: [M, D]; bias: [M] or None.
-        target: float [B, M] in [0, 1]; it receives no gradient.
-        backend: "auto", "triton" or "torch".
-
-    Returns:
-        fp32 scalar: the mean over all B * M elements (NaN when B * M == 0, as in torch).
-    """
-    _check_linear(x, weight, bias)
-    if tuple(target.shape) != (x.shape[0], weight.shape[0]) or not target.is_floating_point():
-        raise ValueError(f"target must be float [B, M] = [{x.shape[0]}, {weight.shape[0]}], "
-                         f"got {target.dtype} {tuple(target.shape)}")
-    op = _triton_op("linear_bce_with_logits", backend, _check_same_device(x, weight, bias, target))
-    if op is None:
-        return reference.linear_bce_with_logits(x, weight, bias, target)
-    return op.LinearBCEWithLogitsFunction.apply(x, weight.to(x.dtype), bias, target.detach())
-
-
 def _check_head(h, weight, bias, table, codes, extra, target=None) -> torch.device:
     """Shapes, dtypes, devices and codes of a wide_max_head call (see `wide_max_head`)."""
-    _check_linear(h, weight, bias)
+    if h.dim() != 2 or weight.dim() != 2 or h.shape[1] != weight.shape[1]:
+        raise ValueError(f"expected h [B, D] and weight [M, D], got {tuple(h.shape)} and {tuple(weight.shape)}")
+    if not (h.is_floating_point() and weight.is_floating_point()):
+        raise ValueError(f"h and weight must be float tensors, got {h.dtype} and {weight.dtype}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must be [M] = [{weight.shape[0]}] or None, got {tuple(bias.shape)}")
     b, m = h.shape[0], weight.shape[0]
     if table is not None:
         if table.dim() != 2 or table.shape[1] != m or not table.is_floating_point():
@@ -248,4 +199,4 @@ def wide_max_head_loss(
     return op.WideMaxHeadLossFunction.apply(h, weight.to(h.dtype), bias, table, codes, extra, target.detach())
 
 
-from .modules import EmbeddingBag, LinearSigmoid, WideMaxHead  # noqa: E402 - the modules call the functions above
+from .modules import EmbeddingBag, WideMaxHead  # noqa: E402 - the modules call the functions above

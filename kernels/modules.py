@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from . import embedding_bag, linear_sigmoid, wide_max_head, wide_max_head_loss
+from . import embedding_bag, wide_max_head, wide_max_head_loss
 
 
 class EmbeddingBag(nn.Module):
@@ -20,20 +20,6 @@ class EmbeddingBag(nn.Module):
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
         return embedding_bag(self.weight, codes, self.mode, backend=self.backend)
-
-
-class LinearSigmoid(nn.Module):
-    """nn.Linear initialised, returning probabilities: x [B, in_features] -> [B, out_features]."""
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, backend: str = "auto") -> None:
-        super().__init__()
-        bound = 1 / math.sqrt(in_features)
-        self.weight = nn.Parameter(torch.empty(out_features, in_features).uniform_(-bound, bound))
-        self.bias = nn.Parameter(torch.empty(out_features).uniform_(-bound, bound)) if bias else None
-        self.backend = backend
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear_sigmoid(x, self.weight, self.bias, backend=self.backend)
 
 
 class WideMaxHead(nn.Module):

@@ -40,43 +40,6 @@ def embedding_bag(weight: torch.Tensor, codes: torch.Tensor, mode: str = "sum") 
     return out.to(weight.dtype)
 
 
-def linear_sigmoid(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Probabilities sigmoid(x @ weight.T + bias), matmul accumulated and squashed in fp32.
-
-    Memory traffic: eager writes the [B, M] logits and reads them back for the sigmoid; the kernel
-    applies the sigmoid in registers and writes [B, M] once.
-
-    Args:
-        x: float [B, D] hidden states.
-        weight: [M, D] one row per label.
-        bias: [M] or None.
-
-    Returns:
-        [B, M] in `x.dtype`.
-    """
-    logits = F.linear(x.float(), weight.float(), None if bias is None else bias.float())  # [B, M]
-    return torch.sigmoid(logits).to(x.dtype)
-
-
-def linear_bce_with_logits(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor
-) -> torch.Tensor:
-    """Mean binary cross-entropy of the logits x @ weight.T + bias against `target`.
-
-    Memory traffic: eager keeps the [B, M] logits for backward and writes their gradient; the kernel
-    writes only the gradient (and nothing [B, M] at all when no input needs a gradient).
-
-    Args:
-        x: float [B, D]; weight: [M, D]; bias: [M] or None.
-        target: float [B, M] in [0, 1] (no gradient flows to it).
-
-    Returns:
-        fp32 scalar, the mean over all B * M elements.
-    """
-    logits = F.linear(x.float(), weight.float(), None if bias is None else bias.float())  # [B, M]
-    return F.binary_cross_entropy_with_logits(logits, target.detach().float())
-
-
 def _head_logits(
     h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, table: torch.Tensor | None,
     codes: torch.Tensor | None, extra: torch.Tensor | None,

@@ -13,12 +13,9 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from leader_edge.kernels import triton_embedding_bag as bag  # noqa: E402
-from leader_edge.kernels import triton_linear_bce_with_logits as bce  # noqa: E402
-from leader_edge.kernels import triton_linear_sigmoid as sig  # noqa: E402
 from leader_edge.kernels import triton_wide_max_head as head  # noqa: E402
 
 I, C = "i32", "constexpr"
-MATMUL = dict(B=I, M=I, D=I, B_BUCKET=I)
 TILES = dict(BLOCK_B=64, BLOCK_M=64, BLOCK_K=32)
 
 
@@ -39,15 +36,6 @@ def cases(p: str):
     yield bag._embedding_bag_backward_sorted_kernel, dict(
         grad_out_ptr=p, scale_ptr="*fp32", bag_of_ptr="*i64", segment_ptr="*i64", grad_weight_ptr=p, D=I,
         stride_grad_out_b=I, stride_grad_weight_v=I, BLOCK_L=C, BLOCK_D=C), dict(BLOCK_L=16, BLOCK_D=64)
-    yield sig._linear_sigmoid_forward_kernel, dict(
-        x_ptr=p, weight_ptr=p, bias_ptr=p, out_ptr=p, **MATMUL, stride_x_b=I, stride_weight_m=I, stride_out_b=I,
-        HAS_BIAS=C, UPCAST=C, BLOCK_B=C, BLOCK_M=C, BLOCK_K=C), dict(HAS_BIAS=True, UPCAST=False, **TILES)
-    yield sig._sigmoid_backward_kernel, dict(grad_ptr=p, prob_ptr=p, dlogits_ptr="*fp32", N=I, BLOCK=C), dict(BLOCK=1024)
-    yield bce._linear_bce_with_logits_kernel, dict(
-        x_ptr=p, weight_ptr=p, bias_ptr=p, target_ptr="*fp32", partial_ptr="*fp32", dlogits_ptr="*fp32", **MATMUL,
-        stride_x_b=I, stride_weight_m=I, stride_target_b=I, stride_dlogits_b=I,
-        HAS_BIAS=C, WRITE_GRAD=C, UPCAST=C, BLOCK_B=C, BLOCK_M=C, BLOCK_K=C),\
-        dict(HAS_BIAS=True, WRITE_GRAD=True, UPCAST=False, **TILES)
     head_args = dict(h_ptr=p, weight_ptr=p, bias_ptr=p, table_ptr=p, codes_ptr="*i64", extra_ptr=p, target_ptr="*fp32",
                      out_ptr=p, best_ptr="*fp32", ties_ptr="*fp32", partial_ptr="*fp32", B=I, M=I, D=I, L=I, B_BUCKET=I,
                      stride_h_b=I, stride_weight_m=I, stride_table_v=I, stride_codes_b=I, HAS_BIAS=C, HAS_WIDE=C,

@@ -15,11 +15,18 @@ def test_reference_embedding_bag_by_hand():
                                torch.tensor([[2.5, 25.0], [0.0, 0.0], [5 / 3, 50 / 3]]))
 
 
-def test_reference_linear_heads_by_hand():
-    x, weight, bias = torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0, -1.0], [0.0, 0.0]]), torch.tensor([1.0, 0.0])
-    # logits [1 - 2 + 1, 0] = [0, 0]: probabilities 0.5, loss log 2 whatever the target
-    torch.testing.assert_close(reference.linear_sigmoid(x, weight, bias), torch.full((1, 2), 0.5))
-    loss = reference.linear_bce_with_logits(x, weight, bias, torch.tensor([[1.0, 0.0]]))
+def test_reference_wide_max_head_by_hand():
+    x, weight, bias = torch.tensor([[1.0, 2.0], [1.0, 2.0]]), torch.tensor([[1.0, -1.0], [0.0, 0.0]]), torch.tensor([1.0, 0.0])
+    table = torch.tensor([[0.5, -1.0], [2.0, -3.0], [9.0, 9.0]])
+    codes = torch.tensor([[0, 1, 1], [-1, -1, -1]])  # row 0: max of rows 0, 1, 1 = [2, -1]; row 1: no code, adds 0
+    # deep logits [1 - 2 + 1, 0] = [0, 0] for both rows; extra adds [1, 1] to row 1
+    extra = torch.tensor([[0.0, 0.0], [1.0, 1.0]])
+    logits = reference.wide_max_head(x, weight, bias, table, codes, extra)
+    torch.testing.assert_close(logits, torch.tensor([[2.0, -1.0], [1.0, 1.0]]))
+    torch.testing.assert_close(reference.wide_max_head(x, weight, bias, None, None), torch.zeros(2, 2))
+    loss, prob = reference.wide_max_head_loss(x, weight, bias, None, None, None, torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    # logits 0: probabilities 0.5, loss log 2 whatever the target
+    torch.testing.assert_close(prob, torch.full((2, 2), 0.5))
     torch.testing.assert_close(loss, torch.tensor(np.log(2.0), dtype=torch.float32))
 
 
@@ -32,7 +39,8 @@ class _BagHead(torch.nn.Module):
         self.bias = torch.nn.Parameter(torch.randn(5, generator=gen))
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
-        return reference.linear_sigmoid(reference.embedding_bag(self.table, codes, "mean"), self.weight, self.bias)
+        return reference.wide_max_head(reference.embedding_bag(self.table, codes, "mean"), self.weight, self.bias,
+                                       None, None, None, True)
 
 
 def test_reference_exports_to_onnx_with_dynamic_shapes(tmp_path):

@@ -101,6 +101,18 @@ def test_wide_max_head_sorted_backward_is_bit_reproducible(monkeypatch):
     assert torch.equal(runs[0], runs[1])
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # numpy inside the interpreter's sigmoid
+def test_wide_max_head_loss_extreme_logits_stay_finite():
+    h = torch.tensor([[1.0], [-1.0]]) * 500  # logits of +-500: a naive log(sigmoid) gives inf
+    weight, target = torch.ones(1, 1, requires_grad=True), torch.tensor([[0.0], [1.0]])
+    loss, prob = kernels.wide_max_head_loss(h, weight, None, None, None, None, target, backend="triton")
+    want_loss, want_prob = reference.wide_max_head_loss(h, weight, None, None, None, None, target)
+    torch.testing.assert_close(loss, want_loss)
+    torch.testing.assert_close(prob, want_prob)
+    loss.backward()
+    assert torch.isfinite(weight.grad).all()
+
+
 def test_wide_max_head_empty_bags_batches_and_codes():
     h, weight, table = torch.randn(3, 4), torch.randn(5, 4), torch.randn(6, 5, requires_grad=True)
     for codes in (torch.full((3, 2), -1), torch.zeros((3, 0), dtype=torch.int64)):  # all padding; L = 0
