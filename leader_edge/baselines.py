@@ -147,7 +147,7 @@ def fit_frequency_baseline(
     model = FrequencyBaseline.fit(ds, splits["train"])
     val = splits["val"]
     if not val:
-        raise ValueError("the validation split is empty: the baseline's threshold cannot be tuned; use more patients")
+        raise ConfigError("the validation split is empty: the baseline's threshold cannot be tuned; use more patients")
     y_val = labels(val, model.med_codes)
     trials = []
     for rule in RULES:
@@ -174,7 +174,7 @@ def out_of_fold_proba(
     are dealt into `folds` groups (seeded); each group is scored by a baseline fitted on the others.
     """
     if folds < 2:
-        raise ValueError(f"folds={folds} must be >= 2")
+        raise ConfigError(f"folds={folds} must be >= 2")
     patients = list(dict.fromkeys(s.patient_id for s in samples))
     order = np.random.default_rng(seed).permutation(len(patients))
     fold_of = {patients[i]: k % folds for k, i in enumerate(order)}

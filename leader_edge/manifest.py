@@ -16,7 +16,7 @@ import stat
 from pathlib import Path
 
 from leader_edge.encoding import Encoder
-from leader_edge.errors import DataError
+from leader_edge.errors import DataError, StateError
 from leader_edge.files import sha256
 
 BUNDLE_FORMAT = 2  # 2: digest over every field and file, self-test, vocabulary sizes in the model
@@ -216,7 +216,7 @@ def verify_signature(directory: Path, manifest: dict, public_key: Path) -> None:
         from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
         from cryptography.hazmat.primitives.serialization import load_pem_public_key
     except ImportError:
-        raise RuntimeError("--trust needs the `cryptography` package; install leader-edge with its dependencies") from None
+        raise StateError("--trust needs the `cryptography` package; install leader-edge with its dependencies") from None
     import base64
 
     try:

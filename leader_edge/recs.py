@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from leader_edge.csv_checks import check_header, check_visit_ids, iter_csv_rows, parse_code_list
-from leader_edge.errors import DataError
+from leader_edge.errors import DataError, StateError
 from leader_edge.files import atomic_file
 
 PREDICTION_COLUMNS = ("patient_id", "visit_id", "medications", "scores")
@@ -182,7 +182,7 @@ def _tokens(texts: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray | None]:
     """(void [K] UTF-8 tokens NUL-padded to one width, int64 [K] their lengths; None when all are
     that width - the usual case, codes of one coding system being equally long)."""
     if any("\0" in t for t in texts):
-        raise ValueError("a medication code contains a NUL character; re-export the bundle from a dataset without it")
+        raise StateError("a medication code contains a NUL character; re-export the bundle from a dataset without it")
     raw = [t.encode() for t in texts]
     width = max([1, *map(len, raw)])
     lengths = np.fromiter(map(len, raw), dtype=np.int64, count=len(raw))

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from leader_edge.errors import ConfigError
+
 if TYPE_CHECKING:
     from leader_edge.dataset import Dataset, Visit
 
@@ -80,7 +82,7 @@ def get_protocol(name: str | Protocol) -> Protocol:
     if isinstance(name, Protocol):
         return name
     if name not in PROTOCOLS:
-        raise ValueError(f"unknown protocol {name!r}; use one of {', '.join(PROTOCOLS)}")
+        raise ConfigError(f"unknown protocol {name!r}; use one of {', '.join(PROTOCOLS)}")
     return PROTOCOLS[name]
 
 
@@ -99,7 +101,7 @@ def split_patients(
         n_test = int((len(ids) - n_train) / 2)
         return {"train": ids[:n_train], "val": ids[n_train + n_test:], "test": ids[n_train:n_train + n_test]}
     if len(ratios) != 3 or any(r < 0 for r in ratios) or abs(sum(ratios) - 1) > 1e-6:
-        raise ValueError(f"split ratios must be three non-negative numbers summing to 1, got {ratios}")
+        raise ConfigError(f"split ratios must be three non-negative numbers summing to 1, got {ratios}")
     random.Random(seed).shuffle(ids)
     n_train = int(round(len(ids) * ratios[0]))
     n_val = int(round(len(ids) * ratios[1]))
@@ -152,7 +154,7 @@ def check_splits(splits: dict[str, list[Sample]], *, source: str | Path, protoco
     proto = get_protocol(protocol)
     if patients["train"] < 2 or patients["val"] < 1 or patients["test"] < 1:
         total = sum(patients.values())
-        raise ValueError(
+        raise ConfigError(
             f"{source}: {total} patient(s) split {patients['train']}/{patients['val']}/{patients['test']} "
             f"(train/val/test, {proto.name} protocol); training needs at least 2 training patients and one each for "
             "validation and test - use a dataset with at least 10 patients"

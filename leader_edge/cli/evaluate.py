@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from leader_edge.cli import user_errors
+from leader_edge.errors import ConfigError, DataError, StateError
 
 
 @click.command()
@@ -103,8 +104,6 @@ def _read_targets(truth: Path):
 
 def _label_space(path: Path) -> list[str]:
     """Medication codes of a dataset directory, a bundle directory or a one-code-per-line file."""
-    from leader_edge.errors import DataError
-
     if path.is_dir():
         if (path / "visits.csv").is_file():
             from leader_edge.dataset import load_dataset
@@ -130,7 +129,6 @@ def _evaluate_file(truth: Path, predictions: Path, visits_path: Path | None, lab
     import numpy as np
 
     from leader_edge.dataset import read_ddi, read_visits
-    from leader_edge.errors import DataError
     from leader_edge.metrics import by_group, ddi_matrix, per_visit_metrics
     from leader_edge.recs import Prediction, prediction_matrices, predicted_codes, read_predictions
 
@@ -231,7 +229,7 @@ def _evaluate_baseline(data: Path, proto, seed: int, rounds: int) -> dict:
     ds = load_dataset(data)
     splits = dataset_splits(ds, seed=seed, protocol=proto)
     if not splits["test"]:
-        raise ValueError(f"{data}: the test split is empty ({len(ds.patients())} patients); use a dataset with at least 10 patients")
+        raise ConfigError(f"{data}: the test split is empty ({len(ds.patients())} patients); use a dataset with at least 10 patients")
     model, threshold, trials = fit_frequency_baseline(ds, splits)
     test = splits["test"]
     prob = model.predict_proba(test)
@@ -254,7 +252,7 @@ def _evaluate_baseline(data: Path, proto, seed: int, rounds: int) -> dict:
 
 def _evaluate_run(run_dir: Path, data: Path | None, protocol: str | None) -> dict:
     if not (run_dir / "run.json").exists():
-        raise RuntimeError(f"{run_dir} has no run.json: it is not a trained run; create one with `leader-edge train --out {run_dir}`")
+        raise StateError(f"{run_dir} has no run.json: it is not a trained run; create one with `leader-edge train --out {run_dir}`")
     from leader_edge.report import write_report
 
     return write_report(run_dir, data, protocol=protocol)
