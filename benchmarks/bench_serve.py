@@ -127,6 +127,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=10.0, help="time measured per level (at most)")
     ap.add_argument("--patients", type=int, default=200, help="distinct patients cycled through")
     ap.add_argument("--repeats", type=int, default=3, help="runs of every level; the table shows their median")
+    ap.add_argument("--workers", type=int, default=1, help="serve --workers")
     args = ap.parse_args()
     try:
         import uvloop
@@ -140,7 +141,8 @@ def main() -> None:
     model = Model.load(args.bundle)
     in_process(model, bodies, 300, 5)  # warm up
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "leader_edge", "serve", "--bundle", str(args.bundle), "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "leader_edge", "serve", "--bundle", str(args.bundle), "--port", str(port),
+                             "--workers", str(args.workers)],
                             env={**os.environ, "LEADER_EDGE_SERVE_TOKEN": ""}, stderr=subprocess.DEVNULL)
     runs: dict = {"in-process": [], **{c: [] for c in levels}}
     try:
@@ -167,7 +169,7 @@ def main() -> None:
     d = model.describe()
     print(f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.machine()}, {os.cpu_count()} CPUs, load average "
           f"{load_before[0]:.2f} before / {load_after[0]:.2f} after; bundle {model.id} ({d['variant']}, {d['medications']} "
-          f"medications); {len(bodies)} patients cycled; median of {args.repeats} repeats")
+          f"medications); {len(bodies)} patients cycled; median of {args.repeats} repeats; serve --workers {args.workers}")
     print()
     print("| clients | requests/s | p50 ms | p99 ms | errors | answers | p50 - in-process p50 |")
     print("|---|---|---|---|---|---|---|")

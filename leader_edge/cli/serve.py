@@ -26,9 +26,13 @@ LOOPBACK = ("127.0.0.1", "::1", "localhost")
 @click.option("--max-batch", default=256, show_default=True, type=click.IntRange(min=1), help="Most patients per request.")
 @click.option("--threads", default=1, show_default=True, type=click.IntRange(min=0),
               help="onnxruntime threads per model call (0: all cores).")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Processes, each with its own copy of the bundle (one per core). With more than one, SIGHUP to "
+                   "the parent restarts them one at a time on the bundle at --bundle (a retiring worker closes its "
+                   "idle keep-alive connections: clients retry), and /metrics counts per worker.")
 @user_errors
 def serve(bundle: Path, host: str, port: int, token_file: Path | None, trust: Path | None, max_body_bytes: int,
-          max_batch: int, threads: int) -> None:
+          max_batch: int, threads: int, workers: int) -> None:
     """Serve recommendations over HTTP: POST /v1/recommend (JSON visits), POST /v1/recommend/fhir
     (a FHIR R4 Bundle), GET /healthz /readyz /metrics /openapi.json, POST /admin/reload.
 
@@ -48,7 +52,7 @@ def serve(bundle: Path, host: str, port: int, token_file: Path | None, trust: Pa
 
     import uvicorn
 
-    from leader_edge.serve.app import ServeConfig, create_app
+    from leader_edge.serve.app import CONFIG_ENV, ServeConfig, create_app, worker_config
     from leader_edge.serve.model import Model
 
     token = token_file.read_text(encoding="utf-8").strip() if token_file else os.environ.get("LEADER_EDGE_SERVE_TOKEN") or None
@@ -57,12 +61,19 @@ def serve(bundle: Path, host: str, port: int, token_file: Path | None, trust: Pa
     if host not in LOOPBACK and token is None:
         click.echo(f"warning: listening on {host} without a token: anyone who reaches it can call it "
                    "(--token-file or LEADER_EDGE_SERVE_TOKEN)", err=True)
-    model = Model.load(bundle, trust=trust, threads=threads)
+    model = Model.load(bundle, trust=trust, threads=threads)  # refused here, before any worker starts
     config = ServeConfig(bundle=bundle, token=token, trust=trust, max_body_bytes=max_body_bytes, max_patients=max_batch,
-                         threads=threads)
-    app = create_app(config, model)
-    click.echo(f"leader-edge serve: bundle {model.id} ({bundle}) on http://{host}:{port}", err=True)
+                         threads=threads, workers=workers)
+    click.echo(f"leader-edge serve: bundle {model.id} ({bundle}) on http://{host}:{port}"
+               + (f", {workers} workers" if workers > 1 else ""), err=True)
     logging.getLogger("leader_edge.serve").setLevel(logging.INFO)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
-                                           timeout_graceful_shutdown=30, server_header=False))
-    server.run()
+    # 30 s: a worker loads and proves its bundle before it answers the parent's health check (~1-3 s on
+    # the loaded 2-core VM; uvicorn's default 5 s would abort a rolling restart there).
+    options = dict(host=host, port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=30,
+                   server_header=False, timeout_worker_healthcheck=30)
+    if workers == 1:
+        uvicorn.Server(uvicorn.Config(create_app(config, model), **options)).run()
+        return
+    del model  # each worker loads its own
+    os.environ[CONFIG_ENV] = worker_config(config, token_file)
+    uvicorn.run("leader_edge.serve.app:app_from_env", factory=True, workers=workers, **options)

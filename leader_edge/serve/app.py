@@ -25,6 +25,7 @@ import contextlib
 import hmac
 import json
 import logging
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -60,6 +61,7 @@ class ServeConfig:
     max_body_bytes: int = MAX_BODY_BYTES
     max_patients: int = MAX_PATIENTS
     threads: int = 1
+    workers: int = 1  # processes (see `app_from_env`); >1: swaps are rolling restarts by the parent
 
 
 class JSONResponse(StarletteJSON):
@@ -291,6 +293,14 @@ def create_app(config: ServeConfig, model: Model) -> Starlette:
             raise HTTPError(400, _error("body", 'not a JSON object like {"bundle": "/path/to/bundle"}')) from None
         if path is not None and not isinstance(path, str):
             raise HTTPError(422, _error("bundle", "must be a path (string)"))
+        if config.workers > 1:  # one worker cannot swap the others: the parent restarts them all
+            if path is not None:
+                raise HTTPError(422, _error("bundle", f"with --workers {config.workers} the bundle is the one at --bundle "
+                                                      f"({config.bundle}): point it at the new bundle, then reload "
+                                                      "without a path"))
+            os.kill(os.getppid(), signal.SIGHUP)
+            return JSONResponse({"previous": service.model.id, "status": f"restarting the {config.workers} workers on "
+                                 f"the bundle at {config.bundle}, one at a time; each answer names its bundle"}, 202)
         try:
             old, new = await service.swap(path)
         except (DataError, OSError, RuntimeError) as e:
@@ -313,6 +323,29 @@ def create_app(config: ServeConfig, model: Model) -> Starlette:
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.service = service
     return app
+
+
+CONFIG_ENV = "LEADER_EDGE_SERVE_CONFIG"  # `serve --workers N` hands its settings to the workers in it
+
+
+def worker_config(config: ServeConfig, token_file: Path | None) -> str:
+    """The settings every worker of `serve --workers N` starts from (the token by its file or
+    LEADER_EDGE_SERVE_TOKEN, inherited, never written here)."""
+    return json.dumps({"bundle": str(config.bundle), "trust": str(config.trust) if config.trust else None,
+                       "token_file": str(token_file) if token_file else None, "max_body_bytes": config.max_body_bytes,
+                       "max_patients": config.max_patients, "threads": config.threads, "workers": config.workers})
+
+
+def app_from_env() -> Starlette:
+    """The app of one worker process of `serve --workers N`: uvicorn imports this by name in each
+    worker, which loads and proves the bundle itself (a bundle it refuses stops that worker only)."""
+    c = json.loads(os.environ[CONFIG_ENV])
+    token = (Path(c["token_file"]).read_text(encoding="utf-8").strip() if c["token_file"]
+             else os.environ.get("LEADER_EDGE_SERVE_TOKEN") or None)
+    config = ServeConfig(bundle=Path(c["bundle"]), token=token, trust=Path(c["trust"]) if c["trust"] else None,
+                         max_body_bytes=c["max_body_bytes"], max_patients=c["max_patients"], threads=c["threads"],
+                         workers=c["workers"])
+    return create_app(config, Model.load(config.bundle, trust=config.trust, threads=config.threads))
 
 
 def openapi_document(model: Model) -> dict:

@@ -119,3 +119,66 @@ def test_serve_graceful_shutdown_finishes_the_request_in_flight(swap_server):
     # uvicorn re-raises the signal once everything is finished: the exit status says what stopped it
     assert server.proc.wait(30) == -signal.SIGTERM
     assert "Traceback" not in server.proc.stdout.read()
+
+
+def test_serve_workers_rolling_swap_under_traffic(bundle_dir, other_bundle_dir, tmp_path):
+    """--workers 2: SIGHUP to the parent replaces the workers one at a time on the bundle now at
+    --bundle (every answer a 200 and its bundle's); a bundle that fails its proof leaves the old
+    workers serving; the admin route restarts them (202) and refuses a path (422). A retiring worker
+    closes its idle keep-alive connections, so a request written onto one at that moment meets a
+    reset: clients retry those (counted here), which the single-process swap never needs."""
+    link = tmp_path / "current"
+    point(link, bundle_dir)
+    ids = {Bundle.load(d).manifest["digest"]["sha256"][:16]: d for d in (bundle_dir, other_bundle_dir)}
+    id_a, id_b = list(ids)
+    expected = {i: [r["scores"] for r in Bundle.load(d).recommend([[{"patient_id": "p2", **v} for v in P2["visits"]]])]
+                for i, d in ids.items()}
+    server = Server(link, args=("--workers", "2"))
+    answers, resets, stop = [], [], threading.Event()
+
+    def traffic():
+        with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30) as c:
+            while not stop.is_set():
+                try:
+                    r = c.post("/v1/recommend", json={"patient": P2, "all_scores": True})
+                except httpx.TransportError as e:  # a retired worker's keep-alive connection: retry
+                    resets.append(repr(e))
+                    continue
+                answers.append((r.status_code, r.json()))
+
+    def serving(bundle_id: str, polls: int = 10) -> bool:
+        return all(server.client.get("/readyz").json()["bundle"]["id"] == bundle_id for _ in range(polls))
+
+    threads = [threading.Thread(target=traffic) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        point(link, other_bundle_dir)
+        server.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 60
+        while not serving(id_b):
+            assert time.monotonic() < deadline, "the workers were not replaced"
+            time.sleep(0.2)
+        (tmp_path / "broken").mkdir()
+        point(link, tmp_path / "broken")
+        server.proc.send_signal(signal.SIGHUP)  # the new worker refuses it: the old ones serve on
+        time.sleep(3)
+        assert serving(id_b) and server.proc.poll() is None
+        r = server.client.post("/admin/reload", json={"bundle": str(bundle_dir)})
+        assert r.status_code == 422 and r.json()["errors"][0]["field"] == "bundle"
+        point(link, bundle_dir)
+        assert server.client.post("/admin/reload", json={}).status_code == 202
+        deadline = time.monotonic() + 60
+        while not serving(id_a):
+            assert time.monotonic() < deadline, "the admin route did not restart the workers"
+            time.sleep(0.2)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        output = server.stop()
+    assert len(answers) > 10 and {status for status, _ in answers} == {200}, output
+    assert len(resets) <= 3 * 4, resets  # at most one per client connection per worker retired (4 retirements)
+    assert {body["bundle"]["id"] for _, body in answers} == {id_a, id_b}
+    for _, body in answers:
+        assert [r["scores"] for r in body["results"]] == expected[body["bundle"]["id"]]
