@@ -46,7 +46,7 @@ GROUPS = ("overall", "single_visit", "multi_visit", "rare_diagnosis")
 
 
 def heldout_matrices(held, med_codes):
-    from leader_edge.dataset import make_samples
+    from leader_edge.splits import make_samples
 
     samples = make_samples(held, list(held.patients()))
     index = {c: j for j, c in enumerate(med_codes)}
@@ -100,7 +100,8 @@ def main(argv=None) -> None:
 
     from leader_edge import metrics
     from leader_edge.baselines import fit_frequency_baseline
-    from leader_edge.dataset import dataset_splits, load_dataset
+    from leader_edge.dataset import load_dataset
+    from leader_edge.splits import dataset_splits
     from leader_edge.report import group_masks
     from leader_edge.train.distill import DistillConfig, load_student, predict, run_student_stage, student_dir_name
 

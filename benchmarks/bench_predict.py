@@ -112,7 +112,7 @@ def model_speed(visits: Path, fp32: Path, int8: Path, run: Path, n_single: int =
     torch's 2 OpenMP threads collapse when another process holds a core."""
     import torch
 
-    from leader_edge.export.bundle import batch1_ms, ort_runner
+    from leader_edge.export.onnx import batch1_ms, ort_runner
     from leader_edge.train.distill import load_student
     from leader_edge.visit_stream import read_patients
 

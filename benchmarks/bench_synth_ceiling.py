@@ -26,7 +26,8 @@ import numpy as np
 import leader_edge.synth as synth
 from leader_edge import metrics
 from leader_edge.baselines import fit_frequency_baseline, labels, visit_features
-from leader_edge.dataset import Dataset, Sample, dataset_splits
+from leader_edge.dataset import Dataset
+from leader_edge.splits import Sample, dataset_splits
 
 
 def generate_with_states(config: synth.SynthConfig) -> tuple[synth.Cohort, list[tuple]]:

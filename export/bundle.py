@@ -40,13 +40,14 @@ from pathlib import Path
 import numpy as np
 
 from leader_edge import metrics
-from leader_edge.dataset import atomic_directory, dataset_splits, load_dataset
+from leader_edge.dataset import load_dataset
 from leader_edge.encoding import Encoder, RawVisit
 from leader_edge.errors import DataError
 from leader_edge.export import onnx as onnx_export
-from leader_edge.export.onnx import batch1_ms, ort_runner  # noqa: F401 - benchmarks/bench_predict.py imports them from here
-from leader_edge.runtime import (BUNDLE_FORMAT, MANIFEST, MODEL, SELFTEST, SELFTEST_ATOL, SIGNATURE,
-                                 Bundle, manifest_digest, open_session, sha256, signed_message)
+from leader_edge.files import atomic_directory, sha256
+from leader_edge.manifest import BUNDLE_FORMAT, MANIFEST, MODEL, SELFTEST, SELFTEST_ATOL, SIGNATURE, manifest_digest, signed_message
+from leader_edge.runtime import Bundle, open_session
+from leader_edge.splits import dataset_splits
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import sparse
 
-from leader_edge.dataset import Dataset, Sample, Visit
+from leader_edge.dataset import Dataset, Visit
+from leader_edge.splits import Sample
 from leader_edge.errors import ConfigError
 from leader_edge.metrics import per_visit_metrics, tune_threshold
 

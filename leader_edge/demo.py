@@ -37,7 +37,8 @@ def write_split_visits(data: Path, dst: Path, *, split: str, seed: int) -> int:
     """Copy the visits.csv rows of one split's patients (same split as training) to `dst`."""
     import csv
 
-    from leader_edge.dataset import load_dataset, split_patients
+    from leader_edge.dataset import load_dataset
+    from leader_edge.splits import split_patients
 
     keep = set(split_patients(list(load_dataset(data).patients()), seed=seed)[split])
     n = 0

@@ -35,7 +35,8 @@ import numpy as np
 
 from leader_edge import metrics
 from leader_edge.baselines import fit_frequency_baseline
-from leader_edge.dataset import Dataset, Sample, dataset_splits, get_protocol, load_dataset
+from leader_edge.dataset import Dataset, load_dataset
+from leader_edge.splits import Sample, dataset_splits, get_protocol
 from leader_edge.errors import StateError
 from leader_edge.files import atomic_write_text
 from leader_edge.recs import prediction_matrices, read_predictions

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from leader_edge.dataset import atomic_directory
+from leader_edge.files import atomic_directory
 from leader_edge.icd import icd_names
 from leader_edge.synth import PROFILE_FIELDS, Cohort
 

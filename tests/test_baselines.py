@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from leader_edge.baselines import FrequencyBaseline, out_of_fold_proba
-from leader_edge.dataset import dataset_splits
+from leader_edge.splits import dataset_splits
 from leader_edge.synth import synth_dataset
 
 

@@ -7,20 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from leader_edge.dataset import (
-    Dataset,
-    DataError,
-    FilterLog,
-    Visit,
-    dataset_splits,
-    load_dataset,
-    make_samples,
-    read_codes,
-    read_ddi,
-    read_visits,
-    split_patients,
-    write_dataset,
-)
+from leader_edge.dataset import Dataset, FilterLog, Visit, load_dataset, read_codes, read_ddi, read_visits, write_dataset
+from leader_edge.errors import DataError
+from leader_edge.splits import dataset_splits, make_samples, split_patients
 
 HEADER = "patient_id,visit_id,visit_time,diagnoses,procedures,medications,profile_insurance\n"
 

@@ -8,7 +8,8 @@ from click.testing import CliRunner
 
 from leader_edge.baselines import FrequencyBaseline, fit_frequency_baseline, labels
 from leader_edge.cli import main
-from leader_edge.dataset import Dataset, Sample, Visit, dataset_splits, write_dataset
+from leader_edge.dataset import Dataset, Visit, write_dataset
+from leader_edge.splits import Sample, dataset_splits
 from leader_edge.metrics import score, tune_threshold
 
 

@@ -18,7 +18,8 @@ from click.testing import CliRunner
 from test_runtime import ENCODER, HEADER, MEDS, write_fake_bundle, write_fake_model
 
 from leader_edge.cli import main
-from leader_edge.runtime import manifest_digest, sha256
+from leader_edge.files import sha256
+from leader_edge.manifest import manifest_digest
 
 VISITS = HEADER + "p1,v1,2100-01-01,D1;D2,P1,M1,Private\np1,v2,2100-02-01,D1;D3,,M2,Private\np2,v3,2100-01-01,D4,,,\n"
 REEXPORT = "export the bundle again"

@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from leader_edge.dataset import dataset_splits, load_dataset, write_dataset
+from leader_edge.dataset import load_dataset, write_dataset
+from leader_edge.splits import dataset_splits
 from leader_edge.metrics import paired_interval
 from leader_edge.recs import write_predictions
 from leader_edge.report import goals, summary_table, write_report

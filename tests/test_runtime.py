@@ -16,7 +16,8 @@ import pytest
 
 from leader_edge.encoding import INPUT_NAMES, Encoder
 from leader_edge.errors import DataError
-from leader_edge.runtime import BUNDLE_FORMAT, Bundle
+from leader_edge.manifest import BUNDLE_FORMAT
+from leader_edge.runtime import Bundle
 from leader_edge.visit_stream import read_patients
 
 MEDS = ["M1", "M2", "M3", "M4", "M5", "M6"]

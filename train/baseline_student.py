@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from leader_edge import metrics
-from leader_edge.dataset import dataset_splits, load_dataset
+from leader_edge.dataset import load_dataset
+from leader_edge.splits import dataset_splits
 from leader_edge.encoding import KINDS, Encoder
 from leader_edge.train.distill import DistillConfig, code_limit, predict, write_student_dir
 from leader_edge.train.student import Student, StudentConfig

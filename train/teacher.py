@@ -23,7 +23,8 @@ import torch
 from torch.nn import functional as F
 
 from leader_edge import metrics
-from leader_edge.dataset import dataset_splits, load_dataset
+from leader_edge.dataset import load_dataset
+from leader_edge.splits import dataset_splits
 from leader_edge.train.teacher_checkpoint import load_checkpoint, save_checkpoint
 from leader_edge.train.teacher_config import TeacherConfig
 from leader_edge.train.teacher_data import Encoded, encode_samples, length_batches, lower_cache, pad_batch, pad_states

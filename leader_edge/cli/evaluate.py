@@ -68,7 +68,7 @@ def evaluate(truth, predictions, visits, label_space, skip_missing, ddi, baselin
         click.echo(f"report: {run_dir / 'report.md'}; plots: {run_dir / 'training-curves.png'}, "
                    f"{run_dir / 'metrics-by-group.png'}; metrics: {run_dir / 'metrics.json'}", err=True)
     else:
-        from leader_edge.dataset import get_protocol
+        from leader_edge.splits import get_protocol
 
         proto = get_protocol(protocol or "leader")
         rounds = rounds or proto.rounds
@@ -223,7 +223,8 @@ def _evaluate_baseline(data: Path, proto, seed: int, rounds: int) -> dict:
     import numpy as np
 
     from leader_edge.baselines import fit_frequency_baseline, labels
-    from leader_edge.dataset import dataset_splits, load_dataset
+    from leader_edge.dataset import load_dataset
+    from leader_edge.splits import dataset_splits
     from leader_edge.metrics import by_group, ddi_matrix, per_visit_metrics
 
     ds = load_dataset(data)

@@ -15,11 +15,14 @@ import torch
 from click.testing import CliRunner
 
 from leader_edge.cli import main
-from leader_edge.dataset import dataset_splits, load_dataset, write_dataset
+from leader_edge.dataset import load_dataset, write_dataset
+from leader_edge.splits import dataset_splits
 from leader_edge.encoding import KINDS, Encoder
 from leader_edge.export import bundle as bundle_module
 from leader_edge.export.bundle import BATCH_ATOL, Candidate, choose_int8, export_bundle
-from leader_edge.runtime import Bundle, manifest_digest, sha256
+from leader_edge.files import sha256
+from leader_edge.manifest import manifest_digest
+from leader_edge.runtime import Bundle
 
 BUNDLE_FILES = ["explain.onnx", "manifest.json", "model.onnx", "names.json", "selftest.json"]
 

@@ -7,9 +7,10 @@ import pytest
 import torch
 from safetensors.numpy import save_file
 
-from leader_edge.dataset import dataset_splits, load_dataset, write_dataset
+from leader_edge.dataset import load_dataset, write_dataset
+from leader_edge.splits import dataset_splits
 from leader_edge.recs import read_predictions
-from leader_edge.runtime import sha256
+from leader_edge.files import sha256
 from leader_edge.synth import synth_dataset
 from leader_edge.train.distill import (
     DistillConfig, batches, load_student, load_teacher_features, run_student_stage, sample_key, trim,

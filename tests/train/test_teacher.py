@@ -9,7 +9,8 @@ from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from leader_edge.dataset import dataset_splits, load_dataset, write_dataset
+from leader_edge.dataset import load_dataset, write_dataset
+from leader_edge.splits import dataset_splits
 from leader_edge.recs import read_predictions
 from leader_edge.synth import synth_dataset
 from leader_edge.train.teacher import run_teacher_stage
