@@ -156,7 +156,12 @@ def _check_files(directory: Path, path: Path, manifest: dict) -> None:
         if entry not in files and entry not in (MANIFEST, SIGNATURE):
             raise DataError(directory / entry, f"is not listed in {MANIFEST} field 'files'; a bundle holds only the "
                                                "files its digest covers", fix=f"remove it, or {REEXPORT}")
-    for field in ("model", "selftest"):
+    # Every file a field names must be one the digest covers: the model and self-test always, the
+    # explanation graph and code names when the bundle has them (a path outside the bundle, or a
+    # file left out of 'files', would be opened unproven).
+    for field in ("model", "selftest", "explain", "names"):
+        if field in ("explain", "names") and field not in manifest:
+            continue
         name = manifest.get(field, {}).get("file") if isinstance(manifest.get(field), dict) else None
         if name not in files:
             raise field_error(path, f"{field}.file", f"is {name!r}, not a file listed in field 'files'")

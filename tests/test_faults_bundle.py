@@ -341,3 +341,16 @@ def test_faults_bundle_signature_is_deterministic(signed, keys, tmp_path):
     for name in ("manifest.json", "model.onnx", "selftest.json", "signature.json"):
         assert (again / name).read_bytes() == (signed / name).read_bytes(), name
     assert ENCODER.n_meds == len(json.loads((again / "selftest.json").read_text())["medications"])
+
+
+@pytest.mark.parametrize("field,name", [("explain", "../elsewhere.onnx"), ("explain", "model.onnx.bak"), ("names", "/etc/passwd")])
+def test_faults_bundle_explain_or_names_field_must_name_a_listed_file(explained, tmp_path, field, name):
+    """A resealed manifest whose `explain`/`names` field points outside `files` would open a file no digest covers."""
+    m = manifest(explained)
+    listed = m[field]["file"]
+    m[field]["file"] = name
+    del m["files"][listed]
+    (explained / listed).unlink()
+    write_manifest(explained, m, reseal=True)
+    result, out = predict(explained, tmp_path)
+    assert_refused(result, out, "manifest.json", f"field '{field}.file'")
