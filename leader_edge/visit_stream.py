@@ -33,7 +33,7 @@ from __future__ import annotations
 import csv
 import operator
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import date, datetime
 from pathlib import Path
 from typing import IO, Any
@@ -201,6 +201,10 @@ def _record_row(record: Any, source: str, line: int) -> tuple[list[str], dict[st
         if isinstance(codes, str):
             row.append(codes)
             continue
+        if codes is None or isinstance(codes, (bytes, Mapping)) or not isinstance(codes, Iterable):
+            raise DataError(source, f"{column} is {type(codes).__name__} {codes!r}, not a list of codes", line=line,
+                            column=column, fix="give a list of code strings (empty for none) or an 'a;b' text")
+        codes = list(codes)  # a generator is read once, here: the checks below and the join see the same codes
         if not all(isinstance(c, str) for c in codes):
             raise DataError(source, f"{column} holds a code that is not text", line=line, column=column,
                             fix="give codes as strings")
@@ -247,11 +251,10 @@ class _Reader:
     def chunks(self, source: Lines, reader) -> Iterator[VisitTable]:
         """The rows of `source` (after the header `reader`, a csv.reader over it, has taken) as chunks."""
         while source.pending or source.fill():
-            self.nul = source.nul
             first = source.number + 1
             rows = source.take_plain()
             if rows is not None:
-                self._block(rows, list(range(first, first + len(rows))))
+                self._block(rows, list(range(first, first + len(rows))), source)
             else:  # csv.reader, record by record: a record may span lines (and blocks)
                 rows, lines = [], []
                 try:
@@ -259,12 +262,12 @@ class _Reader:
                         lines.append(source.number + 1)
                         rows.append(next(reader))
                 except csv.Error as e:
-                    self._block(rows, lines[: len(rows)])  # the rows above the error are checked first
+                    self._block(rows, lines[: len(rows)], source)  # the rows above the error are checked first
                     raise csv_error(e, source, self.path, start=lines[len(rows)]) from None
                 except DataError:
-                    self._block(rows, lines[: len(rows)])
+                    self._block(rows, lines[: len(rows)], source)
                     raise
-                self._block(rows, lines)
+                self._block(rows, lines, source)
             while len(self.patient_starts) > self.chunk_patients:
                 yield self._take(self.patient_starts[self.chunk_patients])
         if self.pids:
@@ -272,8 +275,11 @@ class _Reader:
         elif self.pid is None:
             raise DataError(self.path, "no visits after the header", line=2, fix="write one row per visit below the header")
 
-    def _block(self, rows: list[list[str]], lines: list[int]) -> None:
+    def _block(self, rows: list[list[str]], lines: list[int], source: Lines | None = None) -> None:
         # `_fast` does not look for NUL: once the file has shown one, every row goes through `_slow`.
+        # Read after the rows were taken: a quoted multi-line record may have pulled in the next
+        # block (and its NUL) while they were read. (In-memory records set `nul` themselves.)
+        self.nul = self.nul or (source is not None and source.nul)
         if rows and (self.nul or not self._fast(rows, lines)):
             self._slow(rows, lines)
 

@@ -106,3 +106,23 @@ def test_visit_stream_refuses_an_id_with_a_line_break():
     text = HEADER + 'p1,v1,2100-01-01,D1,,,\n"p\n2",v2,2100-01-01,D1,,,\n'
     with pytest.raises(visit_stream.DataError, match="line 3, column 'patient_id'.*line break"):
         _tables(text, chunk_patients=10)
+
+
+@pytest.mark.parametrize("block", [1 << 19, 100, 110, 120, 130])
+def test_visit_stream_nul_is_refused_when_a_quoted_record_pulls_in_the_next_block(monkeypatch, block):
+    """A multi-line quoted field makes csv.reader read on into the next block; a NUL there must still be
+    refused, whatever the block size (with 100-130 byte blocks the NUL rows were accepted before)."""
+    monkeypatch.setattr(csv_stream, "BLOCK_BYTES", block)
+    header = "patient_id,visit_id,visit_time,diagnoses,procedures,medications,profile_insurance\n"
+    text = header + 'p1,v1,2100-01-01,D1,,,"Pri\nvate"\np2\0x,v2,2100-01-01,D1,,,x\np3,v3,2100-01-01,D1\0,,,x\n'
+    with pytest.raises(visit_stream.DataError, match="NUL") as e:
+        list(read_patients(io.BytesIO(text.encode()), "v.csv"))
+    assert e.value.line == 4  # the row of p2 (the quoted record spans lines 2-3)
+
+
+def test_visit_stream_records_take_code_lists_of_any_iterable_and_refuse_none():
+    rec = {"patient_id": "p1", "visit_id": "v1", "visit_time": "2100-01-01", "procedures": [], "medications": []}
+    table = visit_stream.read_records([[{**rec, "diagnoses": (c for c in ["D1", "D2"])}]], "request")
+    assert table.codes["diagnoses"] == ["D1;D2"]  # a generator was read once, not consumed by a check first
+    with pytest.raises(visit_stream.DataError, match="diagnoses is NoneType None, not a list of codes"):
+        visit_stream.read_records([[{**rec, "diagnoses": None}]], "request")
