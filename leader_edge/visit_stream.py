@@ -250,6 +250,13 @@ class _Reader:
 
     def chunks(self, source: Lines, reader) -> Iterator[VisitTable]:
         """The rows of `source` (after the header `reader`, a csv.reader over it, has taken) as chunks."""
+        try:
+            yield from self._chunks(source, reader)
+        except DataError as error:
+            self._raise_earlier_id_error(error)
+            raise
+
+    def _chunks(self, source: Lines, reader) -> Iterator[VisitTable]:
         while source.pending or source.fill():
             first = source.number + 1
             rows = source.take_plain()
@@ -274,6 +281,19 @@ class _Reader:
             yield self._take(len(self.pids))
         elif self.pid is None:
             raise DataError(self.path, "no visits after the header", line=2, fix="write one row per visit below the header")
+
+    def _raise_earlier_id_error(self, error: DataError) -> None:
+        """Repeated visit ids and split patients are checked when a chunk is taken; when a row error
+        ends the file first, check the rows accepted before it now, so the first bad line is named
+        whichever kind of check finds it (a patient's rows accepted so far are contiguous runs, so a
+        repeat among them is an error whatever the rest of the file holds)."""
+        if not self.pids or error.line is None:
+            return
+        try:
+            self._take(len(self.pids))
+        except DataError as earlier:
+            if earlier.line is not None and earlier.line < error.line:
+                raise earlier from None
 
     def _block(self, rows: list[list[str]], lines: list[int], source: Lines | None = None) -> None:
         # `_fast` does not look for NUL: once the file has shown one, every row goes through `_slow`.
@@ -319,48 +339,56 @@ class _Reader:
         pids, vids, kept, times, codes = [], [], [], [], [[] for _ in CODE_COLUMNS]
         values: list[list[str]] = [[] for _ in self.profile]
         pid_before = self.pid
-        for row, line in zip(rows, lines):
-            if not row:
-                continue
-            if len(row) != self.width:
-                raise DataError(path, f"{len(row)} fields where the header has {self.width}", line=line,
-                                fix="quote fields that contain ',' and check the row for missing or extra values")
-            if "\0" in "".join(row):
-                column = self.header[next(i for i, f in enumerate(row) if "\0" in f)]
-                raise DataError(path, "NUL byte (0x00) in the field", line=line, column=column,
-                                fix="remove the NUL bytes; a file full of them is UTF-16 or binary: re-save it as "
-                                    "UTF-8 text")
-            pid, vid = row[self.i_pid].strip(), row[self.i_vid].strip()
-            for name, value in (("patient_id", pid), ("visit_id", vid)):
-                if not value:
-                    raise DataError(path, f"empty {name}", line=line, column=name, fix=f"every row needs a {name}")
-                if value[0] in FORMULA_START:
-                    raise DataError(path, f"{name} {value!r} begins with {value[0]!r}: a spreadsheet opening the "
-                                          "recommendations would run it as a formula", line=line, column=name,
-                                    fix="give ids that begin with a letter or a digit (e.g. prefix them with 'id')")
-                if "\n" in value or "\r" in value:
-                    raise DataError(path, f"{name} {value!r} holds a line break: it would split its row of the "
-                                          "recommendations", line=line, column=name,
-                                    fix="remove the line break (a quoted id spans two lines of the file)")
-            text = row[self.i_time].strip()
-            try:
-                time = datetime.fromisoformat(text)
-            except ValueError:
-                raise DataError(path, f"{text!r} is not an ISO 8601 time", line=line, column="visit_time",
-                                fix="write times as YYYY-MM-DD or YYYY-MM-DDTHH:MM:SS") from None
-            if pid == self.pid and self.last_time is not None and _earlier(time, self.last_time, path, line):
-                raise DataError(path, f"visit {vid!r} at {text} is earlier than the patient's previous visit on line "
-                                f"{self.last_line} ({self.last_time.isoformat()})", line=line, column="visit_time",
-                                fix="sort each patient's visits by visit_time (oldest first)")
-            for out, i, column in zip(codes, self.i_codes, CODE_COLUMNS):
-                out.append(";".join(_codes(row[i], path, line, column)))
-            for out, (_, i) in zip(values, self.profile):
-                out.append(row[i].strip())
-            pids.append(pid)
-            vids.append(vid)
-            kept.append(line)
-            times.append(time)
-            self.pid, self.last_time, self.last_line = pid, time, line
+        try:
+            for row, line in zip(rows, lines):
+                if not row:
+                    continue
+                if len(row) != self.width:
+                    raise DataError(path, f"{len(row)} fields where the header has {self.width}", line=line,
+                                    fix="quote fields that contain ',' and check the row for missing or extra values")
+                if "\0" in "".join(row):
+                    column = self.header[next(i for i, f in enumerate(row) if "\0" in f)]
+                    raise DataError(path, "NUL byte (0x00) in the field", line=line, column=column,
+                                    fix="remove the NUL bytes; a file full of them is UTF-16 or binary: re-save it as "
+                                        "UTF-8 text")
+                pid, vid = row[self.i_pid].strip(), row[self.i_vid].strip()
+                for name, value in (("patient_id", pid), ("visit_id", vid)):
+                    if not value:
+                        raise DataError(path, f"empty {name}", line=line, column=name, fix=f"every row needs a {name}")
+                    if value[0] in FORMULA_START:
+                        raise DataError(path, f"{name} {value!r} begins with {value[0]!r}: a spreadsheet opening the "
+                                              "recommendations would run it as a formula", line=line, column=name,
+                                        fix="give ids that begin with a letter or a digit (e.g. prefix them with 'id')")
+                    if "\n" in value or "\r" in value:
+                        raise DataError(path, f"{name} {value!r} holds a line break: it would split its row of the "
+                                              "recommendations", line=line, column=name,
+                                        fix="remove the line break (a quoted id spans two lines of the file)")
+                text = row[self.i_time].strip()
+                try:
+                    time = datetime.fromisoformat(text)
+                except ValueError:
+                    raise DataError(path, f"{text!r} is not an ISO 8601 time", line=line, column="visit_time",
+                                    fix="write times as YYYY-MM-DD or YYYY-MM-DDTHH:MM:SS") from None
+                if pid == self.pid and self.last_time is not None and _earlier(time, self.last_time, path, line):
+                    raise DataError(path, f"visit {vid!r} at {text} is earlier than the patient's previous visit on line "
+                                    f"{self.last_line} ({self.last_time.isoformat()})", line=line, column="visit_time",
+                                    fix="sort each patient's visits by visit_time (oldest first)")
+                for out, i, column in zip(codes, self.i_codes, CODE_COLUMNS):
+                    out.append(";".join(_codes(row[i], path, line, column)))
+                for out, (_, i) in zip(values, self.profile):
+                    out.append(row[i].strip())
+                pids.append(pid)
+                vids.append(vid)
+                kept.append(line)
+                times.append(time)
+                self.pid, self.last_time, self.last_line = pid, time, line
+        except DataError:
+            # The rows above the bad one are kept, so that `_raise_earlier_id_error` can name a repeated
+            # id among them (an earlier line) instead of this row.
+            self.pid = pid_before
+            if pids:
+                self._append(pids, vids, kept, times, codes, values)
+            raise
         self.pid = pid_before  # `_append` moves it
         if pids:
             self._append(pids, vids, kept, times, codes, values)

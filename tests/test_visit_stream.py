@@ -126,3 +126,17 @@ def test_visit_stream_records_take_code_lists_of_any_iterable_and_refuse_none():
     assert table.codes["diagnoses"] == ["D1;D2"]  # a generator was read once, not consumed by a check first
     with pytest.raises(visit_stream.DataError, match="diagnoses is NoneType None, not a list of codes"):
         visit_stream.read_records([[{**rec, "diagnoses": None}]], "request")
+
+
+def test_visit_stream_names_a_split_patient_before_a_later_bad_row():
+    """The id checks run when a chunk is taken; a bad row later in the same chunk must not be named first."""
+    header = "patient_id,visit_id,visit_time,diagnoses,procedures,medications\n"
+    rows = ["p1,v1,2100-01-01,D1,,", "p2,v2,2100-01-01,D1,,", "p1,v3,2100-02-01,D1,,",  # p1 reappears: line 4
+            "p3,v4,2100-01-01,D1,,", "p3,v5,not-a-time,D1,,"]  # a bad time: line 6
+    with pytest.raises(visit_stream.DataError) as e:
+        list(read_patients(io.BytesIO((header + "\n".join(rows) + "\n").encode()), "v.csv"))
+    assert e.value.line == 4 and e.value.column == "patient_id", str(e.value)
+    rows[2] = "p9,v1,2100-02-01,D1,,"  # a repeated visit id on line 4, the same bad time on line 6
+    with pytest.raises(visit_stream.DataError) as e:
+        list(read_patients(io.BytesIO((header + "\n".join(rows) + "\n").encode()), "v.csv"))
+    assert e.value.line == 4 and e.value.column == "visit_id", str(e.value)
