@@ -91,6 +91,10 @@ def test_serve_bad_bodies_and_server_stays_up(server):
     chunked = c.post("/v1/recommend", content=iter([b" " * 40_000, b" " * 40_000]))  # no Content-Length
     assert chunked.status_code == 413
     assert c.get("/v1/recommend").status_code == 405 and c.get("/nope").status_code == 404
+    for route in ("/v1/recommend", "/v1/recommend/fhir", "/admin/reload"):  # json.loads: RecursionError, a 500
+        deep = c.post(route, content=b"[" * 60_000)
+        assert deep.status_code == 400 and "recursion limit" in deep.json()["errors"][0]["message"], (route, deep.text)
+        assert c.post(route, content=b'{"bundle": NaN}').status_code == (422 if route == "/v1/recommend" else 400), route
     assert c.post("/v1/recommend", json={"patient": P2}).status_code == 200
     assert c.get("/readyz").json()["status"] == "ready"
 
