@@ -213,26 +213,31 @@ def _write_csv(path: Path, header: Iterable[str], rows: Iterable[Iterable[str]])
         w.writerows(rows)
 
 
-def write_dataset(ds: Dataset, directory: str | Path, *, source: str, options: dict | None = None) -> Path:
-    """Write a dataset directory atomically (see `atomic_directory`); returns its path.
-
-    visits.csv lists patients in order of first appearance, each patient's visits by time (ties in
-    `ds.visits` order): the visits reader's contract."""
+def write_visits(visits: Iterable[Visit], path: str | Path, profile_fields: list[str]) -> int:
+    """Write a visits CSV in the visits reader's contract: patients in order of first appearance,
+    each patient's visits by time (ties keep the given order); returns the rows written."""
     first: dict[str, int] = {}
-    for v in ds.visits:
+    visits = list(visits)
+    for v in visits:
         first.setdefault(v.patient_id, len(first))
-    visits = sorted(ds.visits, key=lambda v: (first[v.patient_id], v.time))  # stable
+    visits.sort(key=lambda v: (first[v.patient_id], v.time))  # stable
+    _write_csv(
+        Path(path),
+        [*VISIT_COLUMNS, *(PROFILE_PREFIX + f for f in profile_fields)],
+        (
+            [v.patient_id, v.visit_id, v.time.isoformat(), SEP.join(v.diagnoses), SEP.join(v.procedures),
+             SEP.join(v.medications), *(dict(v.profile).get(f, "") for f in profile_fields)]
+            for v in visits
+        ),
+    )
+    return len(visits)
+
+
+def write_dataset(ds: Dataset, directory: str | Path, *, source: str, options: dict | None = None) -> Path:
+    """Write a dataset directory atomically (see `atomic_directory`); returns its path. visits.csv
+    is written by `write_visits`, in the visits reader's contract order."""
     with atomic_directory(directory, marker="dataset.json", what="leader-edge dataset") as tmp:
-        fields = ds.profile_fields
-        _write_csv(
-            tmp / "visits.csv",
-            [*VISIT_COLUMNS, *(PROFILE_PREFIX + f for f in fields)],
-            (
-                [v.patient_id, v.visit_id, v.time.isoformat(), SEP.join(v.diagnoses), SEP.join(v.procedures),
-                 SEP.join(v.medications), *(val for _, val in v.profile)]
-                for v in visits
-            ),
-        )
+        write_visits(ds.visits, tmp / "visits.csv", ds.profile_fields)
         _write_csv(tmp / "codes.csv", CODES_COLUMNS, ([k, c, n] for k in KINDS for c, n in sorted(ds.names.get(k, {}).items())))
         _write_csv(tmp / "ddi.csv", DDI_COLUMNS, sorted(ds.ddi))
         # No creation timestamp: the same source and options give a byte-identical directory.

@@ -34,23 +34,14 @@ def _run(args: list[str], *, stdout: Path | None = None) -> None:
 
 
 def write_split_visits(data: Path, dst: Path, *, split: str, seed: int) -> int:
-    """Copy the visits.csv rows of one split's patients (same split as training) to `dst`."""
-    import csv
-
-    from leader_edge.dataset import load_dataset
+    """Write the visits of one split's patients (same split as training) to `dst`: read and written
+    by the dataset's own reader and writer, so the file keeps the visits contract."""
+    from leader_edge.dataset import load_dataset, write_visits
     from leader_edge.splits import split_patients
 
-    keep = set(split_patients(list(load_dataset(data).patients()), seed=seed)[split])
-    n = 0
-    with open(data / "visits.csv", newline="", encoding="utf-8") as src, open(dst, "w", newline="", encoding="utf-8") as out:
-        rows = csv.reader(src)
-        w = csv.writer(out, lineterminator="\n")
-        w.writerow(next(rows))
-        for row in rows:
-            if row[0] in keep:
-                w.writerow(row)
-                n += 1
-    return n
+    ds = load_dataset(data)
+    keep = set(split_patients(list(ds.patients()), seed=seed)[split])
+    return write_visits((v for v in ds.visits if v.patient_id in keep), dst, ds.profile_fields)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from leader_edge.dataset import Dataset, FilterLog, Visit, load_dataset, read_codes, read_ddi, read_visits, write_dataset
+from leader_edge.dataset import Dataset, FilterLog, Visit, load_dataset, read_codes, read_ddi, read_visits, write_dataset, write_visits
 from leader_edge.errors import DataError
 from leader_edge.splits import dataset_splits, make_samples, split_patients
 
@@ -171,3 +171,15 @@ def test_read_visits_names_the_line_of_a_latin1_byte(tmp_path) -> None:
     with pytest.raises(DataError) as e:
         read_visits(path)
     assert e.value.line == 60 and "0xe9" in str(e.value) and "latin-1" in str(e.value)
+
+
+def test_write_visits_writes_the_readers_order_and_reads_back(tmp_path):
+    from datetime import datetime
+
+    v = lambda p, i, day, prof: Visit(p, i, datetime(2100, 1, day), ("D1",), (), ("M1",), prof)  # noqa: E731
+    visits = [v("p2", "b2", 3, (("ins", "x"),)), v("p1", "a1", 2, (("ins", "y"),)), v("p2", "b1", 1, (("ins", "x"),))]
+    path = tmp_path / "visits.csv"
+    assert write_visits(visits, path, ["ins"]) == 3
+    back = read_visits(path)  # the reader refuses split or unordered patients: this passing is the check
+    assert [(x.patient_id, x.visit_id) for x in back] == [("p2", "b1"), ("p2", "b2"), ("p1", "a1")]
+    assert [dict(x.profile)["ins"] for x in back] == ["x", "x", "y"]
