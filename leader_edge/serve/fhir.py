@@ -16,6 +16,13 @@
   (C07AB02 -> C07A for ATC-3 classes). A bundle over ATC classes cannot read an RxNorm code (no map
   travels with it): such a coding is reported, as is every coding of a system not listed above.
 - `Patient.maritalStatus` -> the profile field `marital_status` when the bundle has one.
+- Resources are told apart by their entry, not by `id`: a reference names an entry by its
+  `fullUrl` (`urn:uuid:...` in a transaction Bundle, where resources have no id) or by `Type/id`.
+  Two entries with the same fullUrl or Type/id are refused (422 naming the entry); a reference that
+  names no entry, or an entry of another type, is reported and never guessed at; a resource whose
+  subject is not its encounter's patient is reported.
+- A resource whose status says it is no fact of the visit (cancelled Encounter, refuted Condition,
+  not-done Procedure, cancelled/draft MedicationRequest, ...; `SKIPPED_STATUS`) is reported.
 
 Nothing is dropped silently: `report["unused"]` lists every resource not used and why,
 `report["codings"]` every coding not used (unknown system, another coding of the same resource
@@ -41,7 +48,21 @@ USES = {
     "Procedure": ("procedures", "procedure", {ICD9: "9", ICD10_PCS: "10"}),
     "MedicationRequest": ("medications", "medication", {ATC: "atc", RXNORM: "rxnorm"}),
 }
-UNUSABLE_STATUS = {"entered-in-error", "refuted"}  # a statement withdrawn by its author
+# Statuses (FHIR R4 value sets) under which a resource states no fact of the visit: it is listed in
+# `unused` with its status. Kept: Encounter `planned` (the visit being recommended for may not have
+# started); Procedure `stopped`/`on-hold`/`in-progress` (begun, so performed in part); MedicationRequest
+# `stopped` (prescribed and given, then halted: a MIMIC prescriptions row, the model's training
+# data, is written for every order of the stay, discontinued ones included) and `on-hold`/`completed`.
+# Condition.clinicalStatus is not read: it is the condition's state now (`resolved` for most of
+# a past admission's diagnoses), not whether it was diagnosed at the encounter the Condition names.
+SKIPPED_STATUS = {
+    "Encounter": ("status", {"cancelled": "the encounter was cancelled", "entered-in-error": "entered in error"}),
+    "Condition": ("verificationStatus", {"refuted": "the diagnosis was refuted", "entered-in-error": "entered in error"}),
+    "Procedure": ("status", {"not-done": "the procedure was not done", "entered-in-error": "entered in error",
+                             "preparation": "the procedure has not started (preparation)"}),
+    "MedicationRequest": ("status", {"cancelled": "withdrawn before any administration", "draft": "a draft, not yet "
+                                     "prescribed", "entered-in-error": "entered in error"}),
+}
 # HL7 v3 MaritalStatus -> the MIMIC values a bundle's `marital_status` field was trained on
 MARITAL = {"D": "DIVORCED", "L": "SEPARATED", "M": "MARRIED", "S": "SINGLE", "W": "WIDOWED", "UNK": "UNKNOWN (DEFAULT)"}
 QUERY_OPTIONS = {"top_k": int, "threshold": float, "all_scores": bool, "explain": bool}
@@ -114,89 +135,144 @@ def to_patients(document, vocab: dict[str, list[str]], profile_fields: list[str]
         raise FHIRError("entry", "the Bundle has no entries")
     form, known = _code_form(vocab), {k: set(v) for k, v in vocab.items()}
     report = {"unused": [], "codings": [], "notes": []}
-    by_ref: dict[str, tuple[int, dict]] = {}
-    resources = []
+    # Resources are keyed by entry index: a transaction Bundle's resources often have no `id` and
+    # refer to each other by their `urn:uuid:` fullUrl, so "Type/id" cannot be the key.
+    resources: dict[int, dict] = {}
+    labels: dict[int, str] = {}  # entry -> "Type/id", else its fullUrl, else "Type (entry[i])": how the report names it
+    index: dict[str, int] = {}  # fullUrl and "Type/id" -> entry: what a reference may say
     for i, entry in enumerate(entries):
         res = entry.get("resource") if isinstance(entry, dict) else None
         if not isinstance(res, dict) or not isinstance(res.get("resourceType"), str):
             report["unused"].append({"entry": f"entry[{i}]", "resource": None, "reason": "no resource with a resourceType"})
             continue
-        name = f"{res['resourceType']}/{res.get('id', '')}"
-        resources.append((i, res, name))
-        by_ref[name] = (i, res)
-        if isinstance(entry.get("fullUrl"), str):
-            by_ref[entry["fullUrl"]] = (i, res)
+        resources[i] = res
+        rid, full = res.get("id"), entry.get("fullUrl")
+        keys = [(f"{res['resourceType']}/{rid}", "resource.id")] if isinstance(rid, str) and rid else []
+        keys += [(full, "fullUrl")] if isinstance(full, str) and full else []
+        labels[i] = keys[0][0] if keys else f"{res['resourceType']} (entry[{i}])"
+        for key, field in keys:
+            if index.setdefault(key, i) != i:
+                raise FHIRError(f"entry[{i}].{field}", f"{key!r} also names entry[{index[key]}]: a reference to it "
+                                                       "would be ambiguous; give each resource its own id and fullUrl")
 
-    def unused(i: int, name: str, reason: str) -> None:
-        report["unused"].append({"entry": f"entry[{i}]", "resource": name, "reason": reason})
+    def ident(i: int) -> str:
+        """The id a patient or visit gets in the request: the resource's id, else its fullUrl, else its entry."""
+        rid, full = resources[i].get("id"), entries[i].get("fullUrl")
+        return rid if isinstance(rid, str) and rid else full if isinstance(full, str) and full else f"entry[{i}]"
 
-    def target(res: dict, field: str, kind: str) -> tuple[int, dict] | None:
-        ref = res.get(field, {}).get("reference") if isinstance(res.get(field), dict) else None
-        hit = by_ref.get(ref) if isinstance(ref, str) else None
-        return hit if hit is not None and hit[1].get("resourceType") == kind else None
+    def unused(i: int, reason: str) -> None:
+        report["unused"].append({"entry": f"entry[{i}]", "resource": labels[i], "reason": reason})
 
-    patients: dict[str, dict] = {}  # Patient reference -> {"id", "entry", "profile", "visits": {enc ref: visit}}
-    for i, res, name in resources:
+    def resolve(res: dict, field: str, kind: str) -> tuple[int | None, str | None]:
+        """(entry, None) for a reference to a `kind` of this Bundle; (None, why not); (None, None) if absent."""
+        value = res.get(field)
+        if value is None:
+            return None, None
+        ref = value.get("reference") if isinstance(value, dict) else None
+        if not isinstance(ref, str):
+            return None, f"its {field} has no reference"
+        k = index.get(ref)
+        if k is None:
+            return None, f"its {field} reference {ref!r} names no entry of this Bundle (by fullUrl or Type/id)"
+        if resources[k]["resourceType"] != kind:
+            return None, f"its {field} reference {ref!r} is entry[{k}], a {resources[k]['resourceType']}, not a {kind}"
+        return k, None
+
+    patients: dict[int, dict] = {}  # Patient entry -> {"id", "entry", "profile", "visits": {Encounter entry: visit}}
+    for i, res in resources.items():
         if res["resourceType"] == "Patient":
-            patients[name] = {"id": res.get("id"), "entry": i, "profile": _profile(res, profile_fields, report, i), "visits": {}}
-    for i, res, name in resources:
+            patients[i] = {"id": ident(i), "entry": i, "profile": _profile(res, profile_fields, report, i), "visits": {}}
+    visits: dict[int, dict] = {}  # Encounter entry -> its visit
+    dropped: dict[int, str] = {}  # Encounter entry -> why it is not a visit
+    for i, res in resources.items():
         if res["resourceType"] != "Encounter":
             continue
-        hit = target(res, "subject", "Patient")
-        if hit is None:
-            unused(i, name, "its subject is not a Patient of this Bundle")
+        k, why = resolve(res, "subject", "Patient")
+        why = _skipped(res) or why or (None if k is not None else "no subject: whose visit it is is unknown")
+        if why is not None:
+            dropped[i] = why
+            unused(i, why)
             continue
         start = res.get("period", {}).get("start") if isinstance(res.get("period"), dict) else None
         if not isinstance(start, str):
-            raise FHIRError(f"entry[{i}].resource.period.start", f"{name} has no period.start; the visit order needs it")
-        visit = {"visit_id": res.get("id") or f"entry{i}", "visit_time": start, "diagnoses": [], "procedures": [],
-                 "medications": [], "entry": i}
-        patients[f"Patient/{hit[1].get('id', '')}"]["visits"][name] = visit
-    for i, res, name in resources:
+            raise FHIRError(f"entry[{i}].resource.period.start", f"{labels[i]} has no period.start; the visit order needs it")
+        visits[i] = {"visit_id": ident(i), "visit_time": start, "diagnoses": [], "procedures": [], "medications": [],
+                     "entry": i, "patient": k}
+        patients[k]["visits"][i] = visits[i]
+
+    def visit_of(i: int, res: dict) -> dict | None:
+        """The visit a Condition/Procedure/MedicationRequest belongs to, or None (reported)."""
+        enc, why = resolve(res, "encounter", "Encounter")
+        subject, why_subject = resolve(res, "subject", "Patient")
+        if why is not None:  # a reference that resolves to nothing is never guessed at
+            return unused(i, why)
+        if enc is not None:
+            if enc not in visits:
+                return unused(i, f"its encounter {labels[enc]} (entry[{enc}]) is not used: {dropped[enc]}")
+            visit = visits[enc]
+            if subject is not None and subject != visit["patient"]:
+                return unused(i, f"its subject {labels[subject]} (entry[{subject}]) is not the patient of its encounter "
+                                 f"({labels[visit['patient']]}, entry[{visit['patient']}])")
+            if why_subject is not None:
+                report["notes"].append(f"entry[{i}] ({labels[i]}): {why_subject}; read as its encounter's patient's")
+            return visit
+        if why_subject is not None:
+            return unused(i, why_subject)
+        if subject is not None and len(patients[subject]["visits"]) == 1:
+            (visit,) = patients[subject]["visits"].values()
+            report["notes"].append(f"entry[{i}] ({labels[i]}) has no encounter reference: given to the patient's only "
+                                   f"encounter (entry[{visit['entry']}])")
+            return visit
+        return unused(i, "no encounter reference, and its patient does not have exactly one Encounter")
+
+    read_through = {resolve(r, "medicationReference", "Medication")[0] for r in resources.values()
+                    if r["resourceType"] == "MedicationRequest"}
+    for i, res in resources.items():
         kind = res["resourceType"]
-        if kind in ("Patient", "Encounter"):
-            continue
-        if kind == "Medication" and any(target(r, "medicationReference", "Medication") == (i, res) for _, r, _ in resources):
-            continue  # read through the MedicationRequest that names it
+        if kind in ("Patient", "Encounter") or (kind == "Medication" and i in read_through):
+            continue  # a Medication is read through the MedicationRequest that names it
         if kind not in USES:
-            unused(i, name, f"{kind} is not read (the model reads Condition, Procedure, MedicationRequest)")
+            unused(i, f"{kind} is not read (the model reads Condition, Procedure, MedicationRequest)")
             continue
-        status = res.get("status") or _first_code(res.get("verificationStatus"))
-        if status in UNUSABLE_STATUS:
-            unused(i, name, f"status {status!r}")
+        why = _skipped(res)
+        if why is not None:
+            unused(i, why)
             continue
-        visit = _visit_of(res, name, i, target, patients, report)
+        visit = visit_of(i, res)
         if visit is None:
             continue
         field, vocab_kind, systems = USES[kind]
         concept, where = res.get("code"), "code"
         if kind == "MedicationRequest":
             concept, where = res.get("medicationCodeableConcept"), "medicationCodeableConcept"
-            med = target(res, "medicationReference", "Medication")
+            med, why = resolve(res, "medicationReference", "Medication")
             if concept is None and med is not None:
-                concept, where = med[1].get("code"), f"entry[{med[0]}].resource.code"
+                concept, where = resources[med].get("code"), f"entry[{med}].resource.code"
+            elif concept is None and why is not None:
+                unused(i, why)
+                continue
         code = _pick(concept, where, i, systems, vocab_kind, form, known, report)
         if code is None:
-            unused(i, name, f"no usable coding in {where} (systems read: {', '.join(systems)})")
+            unused(i, f"no usable coding in {where} (systems read: {', '.join(systems)})")
         else:
             visit[field].append(code)
 
     out = []
     report["visits"] = {}  # request visit -> the Encounter it came from
-    for ref, p in patients.items():
+    for i, p in patients.items():
         if not p["visits"]:
-            unused(p["entry"], ref, "no Encounter of this patient: nothing to recommend for")
+            unused(i, "no Encounter of this patient: nothing to recommend for")
             continue
-        visits = list(p["visits"].values())
+        rows = list(p["visits"].values())
         try:
-            visits.sort(key=lambda v: datetime.fromisoformat(v["visit_time"]))
+            rows.sort(key=lambda v: datetime.fromisoformat(v["visit_time"]))
         except (ValueError, TypeError):
             pass  # left in Bundle order: the visits reader names the bad time
-        for j, v in enumerate(visits):
+        for j, v in enumerate(rows):
             report["visits"][f"patients[{len(out)}].visits[{j}]"] = f"entry[{v['entry']}]"
-        out.append({"patient_id": p["id"] or ref, "visits": [
+        out.append({"patient_id": p["id"], "visits": [
             {**{k: v[k] for k in ("visit_id", "visit_time", "diagnoses", "procedures", "medications")},
-             "profile": p["profile"] if v is visits[-1] else {}} for v in visits]})
+             "profile": p["profile"] if v is rows[-1] else {}} for v in rows]})
     if not out:
         raise FHIRError("entry", "no Patient with an Encounter: the Bundle needs a Patient and at least one Encounter")
     try:
@@ -215,33 +291,25 @@ def source_field(field: str, report: dict) -> str:
     return field
 
 
+def _skipped(res: dict) -> str | None:
+    """Why a resource states no fact of a visit (`SKIPPED_STATUS`, MedicationRequest.doNotPerform), or None."""
+    if res["resourceType"] == "MedicationRequest" and res.get("doNotPerform") is True:
+        return "doNotPerform: an order not to give it"
+    field, reasons = SKIPPED_STATUS.get(res["resourceType"], (None, {}))
+    value = res.get(field) if field else None
+    codings = value.get("coding") if isinstance(value, dict) else None
+    codes = [value] if isinstance(value, str) else [c.get("code") for c in codings if isinstance(c, dict)] \
+        if isinstance(codings, list) else []
+    for code in codes:
+        if isinstance(code, str) and code in reasons:
+            return f"{field} {code!r}: {reasons[code]}"
+    return None
+
+
 def _first_code(concept) -> str | None:
     codings = concept.get("coding") if isinstance(concept, dict) else None
     if isinstance(codings, list) and codings and isinstance(codings[0], dict):
         return codings[0].get("code")
-    return None
-
-
-def _visit_of(res: dict, name: str, i: int, target, patients: dict, report: dict) -> dict | None:
-    """The visit a Condition/Procedure/MedicationRequest belongs to, or None (reported)."""
-    encounter = target(res, "encounter", "Encounter")
-    subject = target(res, "subject", "Patient")
-    if encounter is not None:
-        enc_name = f"Encounter/{encounter[1].get('id', '')}"
-        for p in patients.values():
-            if enc_name in p["visits"]:
-                return p["visits"][enc_name]
-        report["unused"].append({"entry": f"entry[{i}]", "resource": name, "reason": f"its encounter {enc_name} is not used"})
-        return None
-    if subject is not None:
-        visits = patients[f"Patient/{subject[1].get('id', '')}"]["visits"]
-        if len(visits) == 1:
-            (visit,) = visits.values()
-            report["notes"].append(f"entry[{i}] ({name}) has no encounter reference: given to the patient's only "
-                                   f"encounter (entry[{visit['entry']}])")
-            return visit
-    report["unused"].append({"entry": f"entry[{i}]", "resource": name,
-                             "reason": "no encounter reference, and its patient does not have exactly one Encounter"})
     return None
 
 

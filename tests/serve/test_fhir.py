@@ -4,6 +4,7 @@ resource or coding the service cannot use is reported with the reason."""
 from test_serve import P1
 
 ICD9 = "http://hl7.org/fhir/sid/icd-9-cm"
+ATC = "http://www.whocc.no/atc"
 
 
 def entry(resource, full_url=None):
@@ -116,3 +117,93 @@ def test_serve_fhir_malformed_resources_never_500(server):
         r = server.client.post("/v1/recommend/fhir", json={"resourceType": "Bundle", "entry": entries})
         assert r.status_code == 422, r.text
     assert statuses == {200, 422}
+
+
+def urn(n):
+    return f"urn:uuid:00000000-0000-4000-8000-{n:012d}"
+
+
+def transaction(extra=()):
+    """Two patients as a FHIR transaction Bundle: no resource has an id, references are fullUrls."""
+    def res(n, resource):
+        return {"fullUrl": urn(n), "resource": resource}
+
+    def enc(n, patient, start):
+        return res(n, {"resourceType": "Encounter", "subject": {"reference": urn(patient)}, "period": {"start": start}})
+
+    def cond(n, encounter, code):
+        return res(n, {"resourceType": "Condition", "encounter": {"reference": urn(encounter)}, "code": coded(ICD9, code)})
+
+    return {"resourceType": "Bundle", "type": "transaction", "entry": [
+        res(1, {"resourceType": "Patient"}), res(2, {"resourceType": "Patient"}),
+        enc(3, 1, "2100-01-01"), enc(4, 2, "2100-01-02"), cond(5, 3, "D1"), cond(6, 3, "X9"), cond(7, 4, "D2"), *extra]}
+
+
+def test_serve_fhir_resources_without_ids_stay_apart(server):
+    r = server.client.post("/v1/recommend/fhir", json=transaction())
+    assert r.status_code == 200, r.text
+    got = r.json()["results"]
+    assert [(x["patient_id"], x["visit_id"]) for x in got] == [(urn(1), urn(3)), (urn(2), urn(4))]
+    want = server.client.post("/v1/recommend", json={"patients": [
+        {"patient_id": "a", "visits": [{"visit_id": "a1", "visit_time": "2100-01-01", "diagnoses": ["D1", "X9"]}]},
+        {"patient_id": "b", "visits": [{"visit_id": "b1", "visit_time": "2100-01-02", "diagnoses": ["D2"]}]}]}).json()
+    assert [(x["scores"], x["unknown"]) for x in got] == [(x["scores"], x["unknown"]) for x in want["results"]]
+    assert got[0]["unknown"] == {"diagnoses": ["X9"]} and r.json()["fhir"]["unused"] == []
+
+
+def test_serve_fhir_unresolved_or_crossed_references_are_reported(server):
+    extra = [{"fullUrl": urn(8), "resource": {"resourceType": "Condition", "encounter": {"reference": urn(99)},
+                                                "code": coded(ICD9, "D3")}},
+             {"fullUrl": urn(9), "resource": {"resourceType": "Condition", "encounter": {"reference": urn(3)},
+                                                "subject": {"reference": urn(2)}, "code": coded(ICD9, "D3")}},
+             {"fullUrl": urn(10), "resource": {"resourceType": "Encounter", "subject": {"reference": "Patient/nobody"},
+                                                 "period": {"start": "2100-05-01"}}}]
+    r = server.client.post("/v1/recommend/fhir", json=transaction(extra))
+    assert r.status_code == 200, r.text
+    unused = {u["resource"]: u["reason"] for u in r.json()["fhir"]["unused"]}
+    assert set(unused) == {urn(8), urn(9), urn(10)}
+    assert "names no entry" in unused[urn(8)] and "not the patient of its encounter" in unused[urn(9)]
+    assert "'Patient/nobody' names no entry" in unused[urn(10)]
+    assert [x["unknown"] for x in r.json()["results"]] == [{"diagnoses": ["X9"]}, {}]  # D3 went nowhere
+    twice = transaction([{"fullUrl": urn(4), "resource": {"resourceType": "Patient"}}])
+    r = server.client.post("/v1/recommend/fhir", json=twice)
+    assert r.status_code == 422 and r.json()["errors"][0]["field"] == "entry[7].fullUrl", r.text
+    assert "also names entry[3]" in r.json()["errors"][0]["message"]
+
+
+def test_serve_fhir_skips_resources_whose_status_states_no_fact(server):
+    def med(i, status, code="M2", **more):
+        return entry({"resourceType": "MedicationRequest", "id": i, "status": status, "subject": {"reference": "Patient/p1"},
+                      "encounter": {"reference": "Encounter/v1"}, "medicationCodeableConcept": coded(ATC, code), **more})
+
+    ver = "http://terminology.hl7.org/CodeSystem/condition-ver-status"
+    extra = [
+        entry({"resourceType": "Encounter", "id": "v9", "status": "cancelled", "subject": {"reference": "Patient/p1"},
+               "period": {"start": "2100-03-01"}}),  # the newest: it would be the visit recommended for
+        entry({"resourceType": "Condition", "id": "c20", "encounter": {"reference": "Encounter/v9"}, "code": coded(ICD9, "D3")}),
+        entry({"resourceType": "Condition", "id": "c21", "encounter": {"reference": "Encounter/v2"}, "code": coded(ICD9, "D3"),
+               "verificationStatus": coded(ver, "refuted"), "clinicalStatus": coded(ver, "active")}),
+        entry({"resourceType": "Condition", "id": "c22", "encounter": {"reference": "Encounter/v2"}, "code": coded(ICD9, "D4"),
+               "clinicalStatus": {"coding": [{"code": "resolved"}]}}),  # resolved now, diagnosed then: read
+        entry({"resourceType": "Procedure", "id": "pr2", "status": "not-done", "encounter": {"reference": "Encounter/v1"},
+               "code": coded(ICD9, "P2")}),
+        med("m2", "cancelled"), med("m3", "draft"), med("m4", "entered-in-error"), med("m5", "active", doNotPerform=True),
+        med("m6", "stopped", "M3"),  # prescribed, then stopped: read
+    ]
+    r = server.client.post("/v1/recommend/fhir", json=fhir_bundle(extra))
+    assert r.status_code == 200, r.text
+    unused = {u["resource"]: u["reason"] for u in r.json()["fhir"]["unused"]}
+    assert unused == {
+        "Encounter/v9": "status 'cancelled': the encounter was cancelled",
+        "Condition/c20": "its encounter Encounter/v9 (entry[9]) is not used: status 'cancelled': the encounter was cancelled",
+        "Condition/c21": "verificationStatus 'refuted': the diagnosis was refuted",
+        "Procedure/pr2": "status 'not-done': the procedure was not done",
+        "MedicationRequest/m2": "status 'cancelled': withdrawn before any administration",
+        "MedicationRequest/m3": "status 'draft': a draft, not yet prescribed",
+        "MedicationRequest/m4": "status 'entered-in-error': entered in error",
+        "MedicationRequest/m5": "doNotPerform: an order not to give it"}
+    (res,) = r.json()["results"]
+    assert res["visit_id"] == "v2" and res["unknown"] == {"diagnoses": ["X9"]}
+    json_p1 = {**P1, "visits": [{**P1["visits"][0], "medications": ["M1", "M3"], "profile": {}},
+                                {**P1["visits"][1], "diagnoses": ["D1", "X9", "D4"], "profile": {}}]}
+    assert res["scores"] == server.client.post("/v1/recommend", json={"patient": json_p1}).json()["results"][0]["scores"]
