@@ -23,7 +23,8 @@ from pathlib import Path
 CHILD = r"""
 import json, resource, sys, time
 import torch
-from leader_edge.dataset import dataset_splits, write_dataset
+from leader_edge.dataset import write_dataset
+from leader_edge.splits import dataset_splits
 from leader_edge.synth import synth_dataset
 from leader_edge.train.teacher import _store
 from leader_edge.train.teacher_config import TeacherConfig

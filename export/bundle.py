@@ -42,7 +42,7 @@ import numpy as np
 from leader_edge import metrics
 from leader_edge.dataset import load_dataset
 from leader_edge.encoding import Encoder, RawVisit
-from leader_edge.errors import DataError
+from leader_edge.errors import ConfigError, DataError, StateError
 from leader_edge.export import onnx as onnx_export
 from leader_edge.files import atomic_directory, sha256
 from leader_edge.manifest import BUNDLE_FORMAT, MANIFEST, MODEL, SELFTEST, SELFTEST_ATOL, SIGNATURE, manifest_digest, signed_message
@@ -113,7 +113,7 @@ def load_run(run_dir: Path, name: str = DEFAULT_MODEL):
     c = model.config
     if (c.n_codes, c.n_meds, c.n_profile_ids) != (encoder.n_codes, encoder.n_meds, encoder.n_profile_ids) \
             or c.max_visits < encoder.max_visits:
-        raise RuntimeError(f"{student_dir / 'config.json'}: the student's tables ({c.n_codes} codes, {c.n_meds} "
+        raise StateError(f"{student_dir / 'config.json'}: the student's tables ({c.n_codes} codes, {c.n_meds} "
                            f"medications, {c.n_profile_ids} profile ids, {c.max_visits} visits) do not fit its encoder "
                            f"({encoder.n_codes}, {encoder.n_meds}, {encoder.n_profile_ids}, {encoder.max_visits}); "
                            "train the student again")
@@ -125,7 +125,7 @@ def _data_dir(run_dir: Path, config: dict) -> Path:
     if data is None and (run_dir / "run.json").exists():
         data = json.loads((run_dir / "run.json").read_text(encoding="utf-8")).get("data")
     if data is None or not Path(data).is_dir():
-        raise RuntimeError(f"the dataset of {run_dir} ({data!r}) is not available; export needs it for the "
+        raise StateError(f"the dataset of {run_dir} ({data!r}) is not available; export needs it for the "
                            "validation gate - restore it at that path")
     return Path(data)
 
@@ -149,7 +149,7 @@ def choose_int8(candidates: list[Candidate]) -> Candidate:
     fair = [c for c in candidates if c.batch_invariant]
     if not fair:
         figures = ", ".join(f"{c.name} {c.max_batch_dp:.2e}" for c in candidates)
-        raise RuntimeError(f"no int8 variant is batch-invariant (max |p(batch 1) - p(batched)|: {figures}; allowed "
+        raise StateError(f"no int8 variant is batch-invariant (max |p(batch 1) - p(batched)|: {figures}; allowed "
                            f"{BATCH_ATOL:g}); bundle refused. Export without --int8")
     best = max(c.jaccard for c in fair)
     tied = [c for c in fair if best - c.jaccard <= JACCARD_TIE]
@@ -291,9 +291,9 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, model: str = DEFAULT_
     run_dir, out = Path(run_dir).resolve(), Path(out).resolve()
     student_dir = model_dir(run_dir, model)
     if out == run_dir or out == student_dir or student_dir in out.parents:
-        raise ValueError(f"--out {out} is the run directory or inside {student_dir.name}; write the bundle to a new directory")
+        raise ConfigError(f"--out {out} is the run directory or inside {student_dir.name}; write the bundle to a new directory")
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).exists())):
-        raise ValueError(f"--out {out} exists and is not a leader-edge bundle; choose a new path or remove it")
+        raise ConfigError(f"--out {out} exists and is not a leader-edge bundle; choose a new path or remove it")
     key = load_signing_key(Path(sign)) if sign is not None else None
     student, encoder, config = load_run(run_dir, model)
     threshold = float(config["threshold"])
@@ -303,7 +303,7 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, model: str = DEFAULT_
     splits = dataset_splits(ds, seed=seed, train_per_visit=True, protocol=protocol)
     val = [s.visits for s in splits["val"]]
     if not val:
-        raise RuntimeError(f"the validation split of {ds.meta.get('source', 'the dataset')} is empty; the gate needs visits")
+        raise ConfigError(f"the validation split of {ds.meta.get('source', 'the dataset')} is empty; the gate needs visits")
     y_true = encoder.multi_hot(val) > 0
     encoded = encode_batches(encoder, val, batch_size)
     with torch.no_grad():
@@ -359,7 +359,7 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, model: str = DEFAULT_
             text = (f"{chosen.name} drops validation Jaccard by {-validation['jaccard_delta']:.4f} "
                     f"(> {MAX_JACCARD_DROP}) against the torch student")
             if not force:
-                raise RuntimeError(f"{text}; bundle refused. Export without --int8, raise --calibration-samples, "
+                raise StateError(f"{text}; bundle refused. Export without --int8, raise --calibration-samples, "
                                    "or pass --force to write it anyway")
             log.warning("!!! --force: %s; writing the bundle anyway !!!", text)
             validation["forced"] = True
@@ -408,7 +408,7 @@ def write_bundle(directory: Path, model_file: Path, manifest: dict, encoder: Enc
     scorer = Bundle(directory, manifest, open_session(directory / MODEL, threads=1))
     prob, _ = scorer.predict_proba([[RawVisit(**v) for v in p] for p in patients])
     if not np.isfinite(prob).all():
-        raise RuntimeError("the exported model gives NaN or infinite probabilities on the self-test patients; "
+        raise StateError("the exported model gives NaN or infinite probabilities on the self-test patients; "
                            "the student's weights are not finite - train it again")
     test = {"medications": scorer.med_codes, "patients": patients,
             "probabilities": [[float(x) for x in row] for row in prob]}

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from leader_edge.encoding import INPUT_NAMES
+from leader_edge.errors import ConfigError
 from leader_edge.runtime import METADATA_PREFIX
 
 log = logging.getLogger(__name__)
@@ -319,7 +320,7 @@ def quantize_static_int8(src: str | Path, dst: str | Path, calibration: list[dic
 
     _refuse_same(src, dst)
     if not calibration:
-        raise ValueError("static quantization needs at least one calibration batch; raise --calibration-samples")
+        raise ConfigError("static quantization needs at least one calibration batch; raise --calibration-samples")
     with _quiet_third_party():
         quantize_static(
             str(src), str(dst), _Calibration(calibration), quant_format=QuantFormat.QDQ,
@@ -332,7 +333,7 @@ def quantize_static_int8(src: str | Path, dst: str | Path, calibration: list[dic
 
 def _refuse_same(src: str | Path, dst: str | Path) -> None:
     if Path(src).resolve() == Path(dst).resolve():
-        raise ValueError(f"quantization source and destination are both {src}; write to a new path")
+        raise ConfigError(f"quantization source and destination are both {src}; write to a new path")
 
 
 def quantize_embeddings(path: str | Path, min_size: int = 4096) -> int:

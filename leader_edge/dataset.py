@@ -15,7 +15,7 @@ that order (patients by first appearance, each patient's visits by time), so eve
 package writes reads back unchanged. codes.csv and ddi.csv are small and go through the csv module
 (`csv_checks.iter_csv_rows`), which gives exact physical lines for errors.
 
-Splits and samples live in `leader_edge.splits` and are re-exported here, where training imports them.
+Splits and samples live in `leader_edge.splits`.
 """
 
 from __future__ import annotations
@@ -31,16 +31,7 @@ from pathlib import Path
 from leader_edge.csv_checks import PROFILE_PREFIX, SEP, VISIT_COLUMNS, check_header, iter_csv_rows
 from leader_edge.encoding import CODE_COLUMNS, KINDS
 from leader_edge.errors import DataError
-from leader_edge.files import atomic_directory  # noqa: F401 - also imported from here by export and training
-from leader_edge.splits import (  # noqa: F401 - imported from here by training, the report, the CLI
-    PROTOCOLS,
-    Sample,
-    check_splits,
-    dataset_splits,
-    get_protocol,
-    make_samples,
-    split_patients,
-)
+from leader_edge.files import atomic_directory
 from leader_edge.visit_stream import read_patients
 from leader_edge.visit_table import VisitTable
 

@@ -3,7 +3,7 @@
 `read_manifest` refuses, with a `DataError` naming the file, the manifest field and the fix, a
 manifest that is not the one `leader-edge export` wrote for the files beside it; `verify_signature`
 a bundle not signed by a trusted key. The runtime (`Bundle.load`) then checks the model and the
-self-test (steps 5-6). Torch-free; `leader_edge.runtime` re-exports these names for the export.
+self-test (steps 5-6). Torch-free.
 """
 
 from __future__ import annotations

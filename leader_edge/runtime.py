@@ -37,7 +37,7 @@ A bundle proves itself at load (`read_manifest`, then `Bundle.load`), and every 
 6. The self-test: patients recorded at export (raw codes, so a reordered vocabulary shows) are
    scored and must give finite probabilities equal to the recorded ones within `SELFTEST_ATOL`.
 
-Steps 1-4 are `leader_edge.manifest` (re-exported here, where the export imports them); 5-6 and the
+Steps 1-4 are `leader_edge.manifest`; 5-6 and the
 scoring are this module.
 """
 
@@ -50,21 +50,7 @@ import numpy as np
 
 from leader_edge.encoding import INPUT_NAMES, EncodedVisits, Encoder, RawVisit
 from leader_edge.errors import DataError
-from leader_edge.files import sha256  # noqa: F401 - imported from here by export and training
-from leader_edge.manifest import (  # noqa: F401 - BUNDLE_FORMAT .. signed_message: imported from here by the export
-    BUNDLE_FORMAT,
-    MANIFEST,
-    MODEL,
-    REEXPORT,
-    SELFTEST,
-    SELFTEST_ATOL,
-    SIGNATURE,
-    field_error,
-    manifest_digest,
-    read_manifest,
-    signed_message,
-    verify_signature,
-)
+from leader_edge.manifest import MANIFEST, REEXPORT, SELFTEST_ATOL, field_error, read_manifest, verify_signature
 from leader_edge.recs import Scored, json_records
 from leader_edge.visit_stream import read_records
 from leader_edge.visit_table import VisitTable

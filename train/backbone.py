@@ -141,8 +141,15 @@ def load_backbone(spec: str, *, num_layers: int | None = None):
     if spec == "tiny":
         model = tiny_model(len(tok), num_layers or 2)
     else:
-        from transformers import AutoModel
+        import sys
 
+        from transformers import AutoModel
+        from transformers.utils import logging as hf_logging
+
+        from leader_edge.progress import quiet
+
+        if quiet() or not sys.stderr.isatty():  # its "Loading weights" bar otherwise fills logs and CI output
+            hf_logging.disable_progress_bar()
         path = smollm2_dir() if spec == "smollm2" else Path(spec)
         model = AutoModel.from_pretrained(path, local_files_only=True, dtype=torch.float32)
     if num_layers is not None:

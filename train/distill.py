@@ -25,10 +25,14 @@ import torch
 import torch.nn.functional as F
 
 from leader_edge import metrics
-from leader_edge.dataset import Dataset, Sample, atomic_directory, dataset_splits, load_dataset
+from leader_edge.dataset import Dataset, load_dataset
 from leader_edge.encoding import INPUT_NAMES, KINDS, Batch, Encoder
+from leader_edge.errors import ConfigError, StateError
+from leader_edge.files import atomic_directory
 from leader_edge.recs import write_predictions
+from leader_edge.splits import Sample, dataset_splits
 from leader_edge.train.student import Student, StudentConfig
+from leader_edge.train.teacher_data import FEATURES, sample_key
 from leader_edge.train.code_embeddings import pca_init
 from leader_edge.train.student_init import (
     cooc_log_odds, fit_prior_mix, frequency_prior, low_rank, name_neighbour_prior, teacher_name_vectors, train_code_rows, wide_rank,
@@ -36,7 +40,6 @@ from leader_edge.train.student_init import (
 
 log = logging.getLogger(__name__)
 
-FEATURES = "features.safetensors"
 
 
 @dataclass
@@ -96,24 +99,20 @@ class DistillConfig:
 
     def __post_init__(self) -> None:
         if self.kd < 0:
-            raise ValueError(f"DistillConfig.kd={self.kd} must be >= 0")
+            raise ConfigError(f"DistillConfig.kd={self.kd} must be >= 0")
         if self.kd > 0 and self.wide == "none" and self.prior == "none":
-            raise ValueError("DistillConfig.kd > 0 needs the logits path: set wide='max' or prior='frequency'")
+            raise ConfigError("DistillConfig.kd > 0 needs the logits path: set wide='max' or prior='frequency'")
         for name in ("epochs", "patience", "batch_size", "max_visits", "max_codes"):
             if getattr(self, name) < 1:
-                raise ValueError(f"DistillConfig.{name}={getattr(self, name)} must be >= 1")
+                raise ConfigError(f"DistillConfig.{name}={getattr(self, name)} must be >= 1")
         if self.lr <= 0:
-            raise ValueError(f"DistillConfig.lr={self.lr} must be > 0")
+            raise ConfigError(f"DistillConfig.lr={self.lr} must be > 0")
         for name, allowed in (("wide", ("max", "mean", "none")), ("wide_init", ("cooc", "zero")),
                               ("code_init", ("none", "input", "hidden")),
                               ("set_encoder", ("transformer", "mean")), ("prior", ("none", "frequency")),
                               ("prior_rule", ("stack", "chosen")), ("backend", ("auto", "triton", "torch"))):
             if getattr(self, name) not in allowed:
-                raise ValueError(f"DistillConfig.{name}={getattr(self, name)!r}; use one of {allowed}")
-
-
-def sample_key(s: Sample) -> str:
-    return f"{s.patient_id}/{s.target.visit_id}"
+                raise ConfigError(f"DistillConfig.{name}={getattr(self, name)!r}; use one of {allowed}")
 
 
 def _device(device: str) -> torch.device:
@@ -133,22 +132,22 @@ def load_teacher_features(run_dir: Path, samples: dict[str, list[Sample]]) -> di
 
     path = run_dir / "teacher" / FEATURES
     if not path.exists():
-        raise RuntimeError(f"{path} not found; run the teacher stage first (`leader-edge train --stage teacher`) or pass --no-distill")
+        raise StateError(f"{path} not found; run the teacher stage first (`leader-edge train --stage teacher`) or pass --no-distill")
     check_stage_file(run_dir / "teacher", FEATURES, "teacher")
     out: dict[str, np.ndarray] = {}
     try:
         f = safe_open(str(path), framework="numpy")
     except Exception as e:  # safetensors raises its own error types for a damaged header
-        raise RuntimeError(f"{path} cannot be read ({e}); re-run `leader-edge train --stage teacher`") from None
+        raise StateError(f"{path} cannot be read ({e}); re-run `leader-edge train --stage teacher`") from None
     with f:
         keys = json.loads((f.metadata() or {}).get("keys", "{}"))
         for split in ("train", "val"):
             if split not in keys:
-                raise RuntimeError(f"{path} has no {split!r} keys in its metadata; re-run the teacher stage")
+                raise StateError(f"{path} has no {split!r} keys in its metadata; re-run the teacher stage")
             rows = {k: i for i, k in enumerate(keys[split])}
             missing = [sample_key(s) for s in samples[split] if sample_key(s) not in rows]
             if missing:
-                raise RuntimeError(
+                raise StateError(
                     f"{path}: {len(missing)} {split} sample(s) have no teacher feature (e.g. {missing[0]!r}); "
                     "the teacher was cached for another dataset, split seed or sampling - re-run the teacher stage"
                 )
@@ -173,14 +172,14 @@ def teacher_probabilities(run_dir: Path, samples: list[Sample]) -> np.ndarray:
 
     config = json.loads((run_dir / "teacher" / "config.json").read_text(encoding="utf-8"))
     if config.get("teacher", {}).get("prior", "none") != "none":
-        raise RuntimeError("kd > 0 needs a teacher trained with prior='none' (its logits are the head alone)")
+        raise StateError("kd > 0 needs a teacher trained with prior='none' (its logits are the head alone)")
     head = load_file(str(run_dir / "teacher" / ADAPTER))
     w, b = head["head.weight"].astype(np.float32), head["head.bias"].astype(np.float32)
     with safe_open(str(run_dir / "teacher" / FEATURES), framework="numpy") as f:
         rows = {k: i for i, k in enumerate(json.loads(f.metadata()["keys"])["train"])}
         missing = [sample_key(s) for s in samples if sample_key(s) not in rows]
         if missing:
-            raise RuntimeError(f"{len(missing)} training sample(s) have no teacher feature (e.g. {missing[0]!r}); re-run the teacher stage")
+            raise StateError(f"{len(missing)} training sample(s) have no teacher feature (e.g. {missing[0]!r}); re-run the teacher stage")
         x = f.get_tensor("train").astype(np.float32)[[rows[sample_key(s)] for s in samples]]
     return (1 / (1 + np.exp(-(x @ w.T + b)))).astype(np.float32)
 
@@ -189,15 +188,15 @@ def check_stage_file(stage_dir: Path, name: str, stage: str) -> None:
     """Refuse a stage output whose sha256 differs from the one its stage recorded in metrics.json
     (a flipped byte, a truncated copy, a file from another run). Outputs written before digests
     were recorded pass unchecked."""
-    from leader_edge.runtime import sha256
+    from leader_edge.files import sha256
 
     try:
         want = json.loads((stage_dir / "metrics.json").read_text(encoding="utf-8")).get("files", {}).get(name)
     except (FileNotFoundError, json.JSONDecodeError):
-        raise RuntimeError(f"{stage_dir / 'metrics.json'} is missing or damaged: the {stage} stage did not finish; "
+        raise StateError(f"{stage_dir / 'metrics.json'} is missing or damaged: the {stage} stage did not finish; "
                            f"re-run `leader-edge train --stage {stage}`") from None
     if want is not None and sha256(stage_dir / name) != want:
-        raise RuntimeError(f"{stage_dir / name} does not match the sha256 its stage recorded in metrics.json (damaged or "
+        raise StateError(f"{stage_dir / name} does not match the sha256 its stage recorded in metrics.json (damaged or "
                            f"replaced); re-run `leader-edge train --stage {stage}`")
 
 
@@ -400,7 +399,7 @@ def write_student_dir(out: Path, model: Student, encoder: Encoder, threshold: fl
     """Write a student directory all at once: weights and config (`save_student`), `more(tmp)`'s
     files, then metrics.json (`result` + the sha256 of the weights and config, checked before
     reuse). Built in a hidden temp directory beside `out` and renamed over it: never half-written."""
-    from leader_edge.runtime import sha256
+    from leader_edge.files import sha256
 
     with atomic_directory(out, marker="config.json", what="student") as tmp:
         save_student(tmp, model, encoder, threshold, extra)
@@ -416,7 +415,7 @@ def load_student(directory: str | Path, *, backend: str = "auto") -> tuple[Stude
 
     d = Path(directory)
     if not (d / "config.json").exists() or not (d / "model.safetensors").exists():
-        raise RuntimeError(f"{d} has no config.json/model.safetensors; train it with `leader-edge train --stage student`")
+        raise StateError(f"{d} has no config.json/model.safetensors; train it with `leader-edge train --stage student`")
     if (d / "metrics.json").exists():
         check_stage_file(d, "model.safetensors", "student")
     config = json.loads((d / "config.json").read_text(encoding="utf-8"))

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from leader_edge import kernels
+from leader_edge.errors import ConfigError
 
 NEG = -1e9  # attention bias for padding: finite, so fully padded rows stay NaN-free
 PRIOR_RULES = ("mean", "max", "noisy_or", "specificity")  # leader_edge.baselines.RULES, the order of `prior_mix`
@@ -134,23 +135,23 @@ class StudentConfig:
     def __post_init__(self) -> None:
         for name in ("n_codes", "n_meds", "dim", "heads", "hidden", "max_visits", "ffn_mult"):
             if getattr(self, name) < 1:
-                raise ValueError(f"StudentConfig.{name}={getattr(self, name)} must be >= 1")
+                raise ConfigError(f"StudentConfig.{name}={getattr(self, name)} must be >= 1")
         if self.dim % self.heads:
-            raise ValueError(f"StudentConfig.dim={self.dim} must be divisible by heads={self.heads}")
+            raise ConfigError(f"StudentConfig.dim={self.dim} must be divisible by heads={self.heads}")
         if not 0 <= self.dropout < 1:
-            raise ValueError(f"StudentConfig.dropout={self.dropout} must be in [0, 1)")
+            raise ConfigError(f"StudentConfig.dropout={self.dropout} must be in [0, 1)")
         if self.backend not in ("auto", "torch", "triton"):
-            raise ValueError(f"StudentConfig.backend={self.backend!r}; use 'auto', 'torch' or 'triton'")
+            raise ConfigError(f"StudentConfig.backend={self.backend!r}; use 'auto', 'torch' or 'triton'")
         if self.wide not in ("max", "mean", "none"):
-            raise ValueError(f"StudentConfig.wide={self.wide!r}; use 'max', 'mean' or 'none'")
+            raise ConfigError(f"StudentConfig.wide={self.wide!r}; use 'max', 'mean' or 'none'")
         if self.set_encoder not in ("transformer", "mean"):
-            raise ValueError(f"StudentConfig.set_encoder={self.set_encoder!r}; use 'transformer' or 'mean'")
+            raise ConfigError(f"StudentConfig.set_encoder={self.set_encoder!r}; use 'transformer' or 'mean'")
         if self.prior not in ("none", "frequency"):
-            raise ValueError(f"StudentConfig.prior={self.prior!r}; use 'none' or 'frequency'")
+            raise ConfigError(f"StudentConfig.prior={self.prior!r}; use 'none' or 'frequency'")
         if self.prior_rule not in (*PRIOR_RULES, "stack"):
-            raise ValueError(f"StudentConfig.prior_rule={self.prior_rule!r}; use one of {', '.join(PRIOR_RULES)} or 'stack'")
+            raise ConfigError(f"StudentConfig.prior_rule={self.prior_rule!r}; use one of {', '.join(PRIOR_RULES)} or 'stack'")
         if self.wide_rank < 0:
-            raise ValueError(f"StudentConfig.wide_rank={self.wide_rank} must be >= 0 (0 = full table)")
+            raise ConfigError(f"StudentConfig.wide_rank={self.wide_rank} must be >= 0 (0 = full table)")
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -27,12 +27,11 @@ from leader_edge.dataset import load_dataset
 from leader_edge.splits import dataset_splits
 from leader_edge.train.teacher_checkpoint import load_checkpoint, save_checkpoint
 from leader_edge.train.teacher_config import TeacherConfig
-from leader_edge.train.teacher_data import Encoded, encode_samples, length_batches, lower_cache, pad_batch, pad_states
+from leader_edge.train.teacher_data import FEATURES, Encoded, encode_samples, length_batches, lower_cache, pad_batch, pad_states
 from leader_edge.train.teacher_model import ADAPTER, TeacherModel
 
 log = logging.getLogger(__name__)
 
-FEATURES = "features.safetensors"
 METRICS = "metrics.json"
 PREDICTIONS = "predictions-test.csv"
 

@@ -21,8 +21,11 @@ from leader_edge.train.prompts import build_prompt
 log = logging.getLogger(__name__)
 
 
+FEATURES = "features.safetensors"  # RUN/teacher's distilled states: one row per sample_key, per split
+
+
 def sample_key(sample: Sample) -> str:
-    """The contract's sample key: patient_id/visit_id of the current visit."""
+    """The key that joins teacher features to student samples: patient_id/visit_id of the current visit."""
     return f"{sample.patient_id}/{sample.target.visit_id}"
 
 

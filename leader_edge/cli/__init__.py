@@ -33,13 +33,18 @@ class InputError(click.ClickException):
 
 
 def user_errors(fn: Callable) -> Callable:
-    """Turn the library's ValueError/RuntimeError/OSError into a clean CLI error (exit 2)."""
+    """Turn the project's own errors (`leader_edge.errors`: bad options, bad files, a missing earlier
+    step) and OSError (a missing file, a full disk) into one line without a traceback, exit 2.
+    Anything else - a numpy shape error, CUDA out of memory, a broken invariant - is a bug or a
+    resource failure and keeps its traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from leader_edge.errors import LeaderEdgeError
+
         try:
             return fn(*args, **kwargs)
-        except (ValueError, RuntimeError, OSError) as e:
+        except (LeaderEdgeError, OSError) as e:
             raise InputError(str(e)) from None
 
     return wrapper

@@ -24,7 +24,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from leader_edge.dataset import KINDS, Dataset, FilterLog, Visit
+from leader_edge.dataset import Dataset, FilterLog, Visit
+from leader_edge.encoding import KINDS
 from leader_edge.errors import ConfigError, DataError
 from leader_edge.icd import icd_name
 from leader_edge.progress import progress

@@ -158,7 +158,7 @@ def test_distill_epoch_gives_the_same_loss_curve_with_either_backend():
     # 28 training samples in 2 batches, histories cut to 2 visits (under the interpreter every visit
     # slot of every patient is one program per bag). Tolerance 1e-4 relative: fp32 sums in another
     # order, compounded over the epoch's Adam steps.
-    from leader_edge.dataset import dataset_splits
+    from leader_edge.splits import dataset_splits
     from leader_edge.encoding import KINDS, Encoder
     from leader_edge.synth import synth_dataset
     from leader_edge.train.distill import DistillConfig, code_limit, train_student
