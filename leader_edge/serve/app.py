@@ -141,6 +141,10 @@ class Service:
                     take += 1
                 batch, self.pending = self.pending[:take], self.pending[take:]
                 model = self.model  # one model for the whole batch, whatever a swap does meanwhile
+                batch = [(job, future) for job, future in batch if self._mapped(job, future, model)]
+                if not batch:
+                    continue
+                size = sum(len(job.patients) for job, _ in batch)
                 try:
                     results = await asyncio.to_thread(model.score, [job for job, _ in batch])
                 except Exception as e:  # a bug, not bad input: those requests get a 500, the service goes on
@@ -157,6 +161,21 @@ class Service:
                             future.set_exception(result)
                         else:
                             future.set_result((model, result))
+
+    @staticmethod
+    def _mapped(job: Job, future: asyncio.Future, model: Model) -> bool:
+        """Map a job again if it was mapped for another bundle than the one about to score it (a
+        swap came between its parse and this batch): codes written in bundle A's forms would be
+        scored, and named, by bundle B. False: the job is refused, its future answered."""
+        if job.remap is None or job.mapped_for is model:
+            return True
+        try:
+            job.remap(model)
+        except RequestError as e:
+            if not future.done():
+                future.set_exception(e)
+            return False
+        return True
 
     async def swap(self, path: Path | None = None) -> tuple[Model, Model]:
         """Load, prove and switch to the bundle at `path` (default: the one serving, reloaded).
@@ -255,18 +274,31 @@ def create_app(config: ServeConfig, model: Model) -> Starlette:
     async def recommend_fhir(request: Request) -> Response:
         body = await body_json(request)
         document = parse_json(body)
-        q = request.query_params
         try:
-            options = fhir.options(q)
-            patients, report = fhir.to_patients(document, service.model.codes, service.model.profile_fields)
+            options = fhir.options(request.query_params)
         except fhir.FHIRError as e:
             raise HTTPError(422, _error(e.field, e.message)) from None
-        job = Job(patients, **options)
+        mapping = {"report": {}}  # what the latest mapping could not use
+
+        def remap(model: Model) -> None:
+            mapping["report"] = {}  # a refused mapping names FHIR fields itself
+            try:
+                job.patients, mapping["report"] = fhir.to_patients(document, model.codes, model.profile_fields)
+            except fhir.FHIRError as e:
+                raise RequestError(e.field, e.message) from None
+            job.mapped_for = model
+
+        job = Job([], **options, remap=remap)
         try:
+            remap(service.model)  # mapped again by the batcher if a swap comes first
             model, records = await run(job)
+        except RequestError as e:
+            raise HTTPError(e.status, _error(e.field, e.message)) from None
         except HTTPError as e:  # name the Encounter a refused visit came from
-            e.errors = [{**err, "field": fhir.source_field(err["field"], report)} for err in e.errors]
+            e.errors = [{**err, "field": fhir.source_field(err["field"], mapping["report"])} for err in e.errors]
             raise
+        assert job.mapped_for is model, "the batcher maps a FHIR job for the model that scores it"
+        report = mapping["report"]
         return answer(model, job, records, fhir=report)
 
     @endpoint("/healthz", auth=False)

@@ -12,6 +12,7 @@ instead of 32), and each request's rows are formatted with its own options by
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -202,6 +203,10 @@ class Job:
     top_k: int | None = None
     all_scores: bool = False
     explain: bool = False
+    # A request mapped to patients with a bundle's vocabulary (FHIR: code forms, profile fields):
+    # `remap(model)` maps it again for `model` and sets `patients` and `mapped_for`, or raises RequestError.
+    remap: Callable[["Model"], None] | None = None
+    mapped_for: "Model | None" = None
 
 
 def _concat(tables: list[VisitTable]) -> VisitTable:

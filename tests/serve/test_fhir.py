@@ -1,6 +1,7 @@
 """FHIR R4 input over HTTP: a Bundle maps to the same visits as the JSON form (same answer), and every
 resource or coding the service cannot use is reported with the reason."""
 
+import pytest
 from test_serve import P1
 
 ICD9 = "http://hl7.org/fhir/sid/icd-9-cm"
@@ -207,3 +208,51 @@ def test_serve_fhir_skips_resources_whose_status_states_no_fact(server):
     json_p1 = {**P1, "visits": [{**P1["visits"][0], "medications": ["M1", "M3"], "profile": {}},
                                 {**P1["visits"][1], "diagnoses": ["D1", "X9", "D4"], "profile": {}}]}
     assert res["scores"] == server.client.post("/v1/recommend", json={"patient": json_p1}).json()["results"][0]["scores"]
+
+
+@pytest.fixture(scope="module")
+def prefixed_dir(tmp_path_factory):
+    """The fake model in a bundle whose vocabulary writes diagnoses as MIMIC-IV does: a FHIR ICD-9 `D1`
+    is `D1` for bundle_dir and `ICD9_D1` for this one (procedures alike)."""
+    import test_runtime
+
+    from leader_edge.encoding import Encoder
+
+    e = test_runtime.ENCODER
+    prefixed = Encoder({**e.codes, **{k: [f"ICD9_{c}" for c in e.codes[k]] for k in ("diagnosis", "procedure")}},
+                       e.profile_values)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(test_runtime, "ENCODER", prefixed)
+        return test_runtime.write_fake_bundle(tmp_path_factory.mktemp("prefixed"))
+
+
+def test_serve_fhir_is_mapped_by_the_bundle_that_scores_it(bundle_dir, prefixed_dir, monkeypatch):
+    """A swap between a FHIR request's parse and its model call (forced here): the request is mapped
+    again with the vocabulary of the bundle that scores it and is named in the answer."""
+    from starlette.testclient import TestClient
+
+    from leader_edge.serve import fhir
+    from leader_edge.serve.app import ServeConfig, create_app
+    from leader_edge.serve.model import Model
+    from leader_edge.serve.schema import PatientIn
+
+    a, b = Model.load(bundle_dir), Model.load(prefixed_dir)
+    app = create_app(ServeConfig(bundle=bundle_dir), a)
+    mapped_for, to_patients = [], fhir.to_patients
+
+    def map_then_swap(document, vocab, profile_fields):
+        mapped_for.append("b" if vocab is b.codes else "a")
+        app.state.service.model = b  # the swap lands after this request's parse, before its batch
+        return to_patients(document, vocab, profile_fields)
+
+    monkeypatch.setattr(fhir, "to_patients", map_then_swap)
+    with TestClient(app) as client:
+        r = client.post("/v1/recommend/fhir", json=fhir_bundle())
+    assert r.status_code == 200, r.text
+    assert mapped_for == ["a", "b"] and r.json()["bundle"]["id"] == b.id
+    (res,) = r.json()["results"]
+    assert res["unknown"] == {"diagnoses": ["ICD9_X9"]}  # mapped for a: D1 and X9 unknown to b
+    prefixed_p1 = {**P1, "visits": [{**v, **{k: [f"ICD9_{c}" for c in v[k]] for k in ("diagnoses", "procedures")},
+                                     "profile": {}} for v in P1["visits"]]}
+    (want,) = b.recommend([PatientIn.model_validate(prefixed_p1)])
+    assert res["medications"] == want["medications"] and res["scores"] == want["scores"]
