@@ -89,11 +89,45 @@ def explained_dir(tmp_path_factory):
 
 
 def check_adds_up(explanation: dict, probability: float, atol: float = 1e-5) -> None:
-    """deep + codes + rest == logit, and sigmoid(logit) is the model's probability (atol: 5e-5 for the
-    answers' 4-decimal scores)."""
-    parts = explanation["deep"] + sum(c["logit"] for c in explanation["codes"]) + explanation["rest"]
-    assert parts == pytest.approx(explanation["logit"], abs=1e-5)
+    """sigmoid(the explanation's logit) is the model's probability (atol: 5e-5 for the answers'
+    4-decimal scores). That its parts are the graph's: `test_explain_parts_are_the_graph_outputs`."""
     assert 1 / (1 + math.exp(-explanation["logit"])) == pytest.approx(probability, abs=atol)
+
+
+def test_explain_parts_are_the_graph_outputs(explained_dir):
+    """Each part of an explanation against the explain graph's raw outputs, computed here on their
+    own: deep; the wide winner (the code at `wide_slot`, with wide + its codes share); every other
+    listed code (the code at its slot, its share); rest (the graph's rest, unlisted shares, a winner-
+    less wide); and the logit from the raw outputs is the model's."""
+    from leader_edge.explain import MIN_SHARE
+
+    p3 = {"patient_id": "p3", "visits": [{"visit_id": "v9", "visit_time": "2100-01-01", "diagnoses": ["X9"]}]}
+    model = Model.load(explained_dir)
+    explainer = model.explainer
+    table = model._read([PatientIn.model_validate(p) for p in (P1, P2, p3)])
+    batch = explainer.encoder.encode_table(table).batch(table.starts[1:] - 1)
+    raw = explainer.parts(batch)
+    current = np.concatenate([batch.diagnoses[:, -1], batch.procedures[:, -1], batch.medications[:, -1]], axis=1)
+    why = explainer.explain(batch, [MEDS] * 3)
+    prob = Bundle.load(explained_dir).predict(table).y_prob.astype(np.float64)
+    logits = np.log(prob) - np.log1p(-prob)
+    winners = 0
+    for b in range(3):
+        for m, med in enumerate(MEDS):
+            e, share, slot, wide = why[b][med], raw["codes"][b, :, m], int(raw["wide_slot"][b, m]), float(raw["wide"][b, m])
+            assert e["deep"] == pytest.approx(float(raw["deep"][b, m]), abs=1e-6)
+            listed = [s for s in range(current.shape[1]) if current[b, s] >= 0 and (s == slot or abs(share[s]) >= MIN_SHARE)]
+            want = [(explainer.codes[current[b, s]], s == slot, float(share[s]) + (wide if s == slot else 0.0)) for s in listed]
+            got = [(c["code"], c["wide"], c["logit"]) for c in e["codes"]]
+            assert sorted(got) == sorted((c, w, pytest.approx(x, abs=1e-6)) for c, w, x in want)
+            unlisted = float(share.sum()) - sum(float(share[s]) for s in listed)
+            winner = slot >= 0 and current[b, slot] >= 0
+            winners += winner
+            assert e["rest"] == pytest.approx(float(raw["rest"][b, m]) + unlisted + (0.0 if winner else wide), abs=1e-5)
+            whole = float(raw["deep"][b, m]) + wide + float(share.sum()) + float(raw["rest"][b, m])
+            assert whole == pytest.approx(float(logits[b, m]), abs=1e-4)
+            assert e["logit"] == pytest.approx(whole, abs=1e-5)
+    assert 0 < winners < 3 * len(MEDS)  # p3's current visit has no known code: no winner
 
 
 def test_explain_parts_add_up_to_the_model_logit(explained_dir):
