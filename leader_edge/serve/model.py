@@ -29,6 +29,13 @@ from leader_edge.visit_table import VisitTable
 
 REQUEST = "request"  # the "file name" the reader sees; errors are re-addressed to request fields
 _KINDS = (("diagnosis", "diagnoses"), ("procedure", "procedures"), ("medication", "medications"))
+# `explain: true` bounds. An explanation reads the explain graph's [L, M] shares per patient (96 x 135
+# floats for a MIMIC bundle) and lists up to ~96 driver codes per medication, so threshold 0 over
+# 256 patients would be 256 x 135 lists of up to 96 dicts (~3 M dicts). 20 medications is above the
+# ~15 a MIMIC-III visit is prescribed on average; 32 patients keeps one request's explaining below
+# one explain-graph run (256 rows).
+MAX_EXPLAIN_PATIENTS = 32
+MAX_EXPLAINED = 20  # medications explained per patient
 
 
 class RequestError(ValueError):
@@ -113,7 +120,7 @@ class Model:
             part = Scored(scored.patient_ids[a:b], scored.visit_ids[a:b], scored.y_prob[a:b], scored.unknown[a:b])
             formatted += json_records(self.bundle.med_codes, part, top_k=top_k, ddi=self.bundle.ddi,
                                       threshold=self.bundle.threshold if threshold is None else threshold)
-        out, start = [], 0
+        out, start, explaining = [], 0, []
         for job, error, size in zip(jobs, errors, sizes):
             if error is not None:
                 out.append(error)
@@ -124,12 +131,24 @@ class Model:
                     record["scores"] = {c: record["scores"].get(c, 0.0) for c in record["medications"]}
                 record["unknown"] = self._unknown(patient)
             if job.explain:
-                ends = table.starts[start + 1:start + size + 1] - 1  # this request's current visits
-                why = self.explainer.explain_table(table, ends, [r["medications"] for r in records])
-                for record, explanation in zip(records, why):
-                    record["explanations"] = explanation
+                crowded = next((i for i, r in enumerate(records) if len(r["medications"]) > MAX_EXPLAINED), None)
+                if crowded is not None:
+                    out.append(RequestError(
+                        "threshold", f"patients[{crowded}] gets {len(records[crowded]['medications'])} medications at "
+                                     f"threshold {job.threshold if job.threshold is not None else self.bundle.threshold}; "
+                                     f"explain explains at most {MAX_EXPLAINED} per patient: raise the threshold or "
+                                     f"set top_k <= {MAX_EXPLAINED}"))
+                    start += size
+                    continue
+                explaining.append((records, table.starts[start + 1:start + size + 1] - 1))  # its current visits
             out.append(records)
             start += size
+        if explaining:  # one encoding and explain-graph pass for every explaining request of the batch
+            records = [r for rs, _ in explaining for r in rs]
+            why = self.explainer.explain_table(table, np.concatenate([ends for _, ends in explaining]),
+                                               [r["medications"] for r in records])
+            for record, explanation in zip(records, why):
+                record["explanations"] = explanation
         return out
 
     def _read_jobs(self, jobs: list["Job"]) -> tuple[list[RequestError | None], VisitTable | None]:
@@ -145,6 +164,12 @@ class Model:
             if job.explain and self.explainer is None:
                 errors[k] = RequestError("explain", f"bundle {self.id} carries no explanation graph (explain.onnx); "
                                                     "export it again with this leader-edge to explain its recommendations")
+            elif job.explain and len(job.patients) > MAX_EXPLAIN_PATIENTS:
+                errors[k] = RequestError("patients", f"{len(job.patients)} patients with explain; the limit is "
+                                                     f"{MAX_EXPLAIN_PATIENTS} per request: split the batch")
+            elif job.explain and job.top_k is not None and job.top_k > MAX_EXPLAINED:
+                errors[k] = RequestError("top_k", f"{job.top_k} with explain; at most {MAX_EXPLAINED} medications "
+                                                  "per patient are explained")
         good = [job for job, error in zip(jobs, errors) if error is None]
         if len(good) > 1:
             try:

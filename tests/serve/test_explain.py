@@ -149,6 +149,32 @@ def test_explain_parts_add_up_to_the_model_logit(explained_dir):
     assert [c["code"] for c in history["codes"]] == ["D1"] and history["rest"] != 0
 
 
+def test_serve_explain_is_bounded_and_one_pass_per_batch(explained_dir, monkeypatch):
+    from leader_edge.serve import model as serve_model
+    from leader_edge.serve.model import RequestError
+
+    model = Model.load(explained_dir)
+    p4 = {**P2, "patient_id": "p4", "visits": [{**P2["visits"][0], "visit_id": "v4", "diagnoses": ["D2"]}]}
+    jobs = [Job([PatientIn.model_validate(P1)], explain=True), Job([PatientIn.model_validate(p4)]),
+            Job([PatientIn.model_validate(P2)], explain=True, top_k=2, all_scores=True)]
+    alone = [model.score([job])[0] for job in jobs]
+    calls, explain_table = [], model.explainer.explain_table
+    model.explainer.explain_table = lambda table, ends, *a, **k: calls.append(len(ends)) or explain_table(table, ends, *a, **k)
+    assert model.score(jobs) == alone and calls == [2]  # one encoding for the batch, not one per explaining request
+
+    monkeypatch.setattr(serve_model, "MAX_EXPLAINED", 2)
+    monkeypatch.setattr(serve_model, "MAX_EXPLAIN_PATIENTS", 1)
+    p2 = [PatientIn.model_validate(P2)]
+    for job, field, words in [(Job(p2, explain=True, threshold=0.0), "threshold", "patients[0] gets 6 medications"),
+                              (Job(p2, explain=True, top_k=3), "top_k", "at most 2"),
+                              (Job([*p2, PatientIn.model_validate(P1)], explain=True), "patients", "limit is 1")]:
+        (error,) = model.score([job])
+        assert isinstance(error, RequestError) and error.field == field and words in error.message, error
+        job.explain = False
+        assert not isinstance(model.score([job])[0], RequestError)
+    assert len(model.score([Job(p2, explain=True, top_k=2)])[0][0]["explanations"]) == 2
+
+
 def test_explain_refuses_a_graph_with_other_outputs(explained_dir, tmp_path):
     import shutil
 
