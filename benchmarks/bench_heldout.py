@@ -107,7 +107,7 @@ def main(argv=None) -> None:
 
     ds, held = load_dataset(a.data), load_dataset(a.heldout)
     seeds = [int(s) for s in a.seeds.split(",")]
-    splits = dataset_splits(ds, seed=seeds[0], train_per_visit=True)
+    splits = dataset_splits(ds, seed=seeds[0], train_all_visits=True)
     med_codes = ds.vocab("medication")
     if held.vocab("medication") != med_codes:
         sys.exit(f"{a.heldout} has another medication vocabulary than {a.data}: not the same generator world")

@@ -90,7 +90,7 @@ def logistic_row(ds: Dataset, name: str) -> dict:
     from scipy import sparse
     from sklearn.linear_model import LogisticRegression
 
-    splits = dataset_splits(ds, seed=42, train_per_visit=True)
+    splits = dataset_splits(ds, seed=42, train_all_visits=True)
 
     def feats(s: Sample) -> list[str]:
         prev = s.visits[-2] if len(s.visits) > 1 else None

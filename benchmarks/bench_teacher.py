@@ -55,7 +55,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
     ds = synth_dataset()
-    splits = dataset_splits(ds, train_per_visit=True)
+    splits = dataset_splits(ds, train_all_visits=True)
     meds = ds.vocab("medication")
     print(f"load: {os.getloadavg()[0]:.2f} (1-min average at start); torch threads {torch.get_num_threads()}")
     rows = []

@@ -33,7 +33,7 @@ from leader_edge.train.teacher_model import TeacherModel
 model_dir, patients, cache, max_tokens, work = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5]
 torch.set_num_threads(2)
 ds = synth_dataset(patients=patients, seed=1)
-train = dataset_splits(ds, train_per_visit=True)["train"]
+train = dataset_splits(ds, train_all_visits=True)["train"]
 config = TeacherConfig(teacher=model_dir, lora_layers=1, max_tokens=max_tokens, state_cache=cache)
 model = TeacherModel(config, ds.vocab("medication")).eval()
 enc = encode_samples(ds, train, model.tokenizer, model.med_codes, max_history=3, max_tokens=max_tokens)

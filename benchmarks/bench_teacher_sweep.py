@@ -37,7 +37,7 @@ def cache_states(data: Path, work: Path, depths: list[int], base: TeacherConfig)
         return
     ds = load_dataset(data)
     meds = ds.vocab("medication")
-    splits = dataset_splits(ds, seed=base.seed, train_per_visit=True)
+    splits = dataset_splits(ds, seed=base.seed, train_all_visits=True)
     model = TeacherModel(TeacherConfig(**{**base.to_dict(), "backbone_layers": max(depths) + 1, "lora_layers": 1}), meds).eval()
     out: dict[int, dict[str, torch.Tensor]] = {d: {} for d in depths}
     start = time.perf_counter()

@@ -60,7 +60,7 @@ def steps(out: Path, smoke: bool) -> list[tuple[str, list[str], dict]]:
         ("synth", [*cli, "synth", "--out", str(data), "--patients", "60" if smoke else "2000", "--seed", "42"], {}),
         ("teacher + students", [*cli, "train", "--data", str(data), "--out", str(run), "--seed", "42", *teacher], {}),
         ("report", [*cli, "evaluate", "--run", str(run)], {}),
-        ("export", [*cli, "export", str(run), "--out", str(bundle), "--int8"], {}),
+        ("export", [*cli, "export", "--run", str(run), "--out", str(bundle), "--int8"], {}),
         ("test visits", [py, "-c", "import sys; from pathlib import Path; from leader_edge.demo import write_split_visits; "
                          "write_split_visits(Path(sys.argv[1]), Path(sys.argv[2]), split='test', seed=42)",
                          str(data), str(out / "test-visits.csv")], {}),

@@ -300,7 +300,7 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, model: str = DEFAULT_
     ds = load_dataset(_data_dir(run_dir, config))
     seed = int(config.get("seed", 42))
     protocol = config.get("protocol", "leader")  # the split the student was tuned and scored on
-    splits = dataset_splits(ds, seed=seed, train_per_visit=True, protocol=protocol)
+    splits = dataset_splits(ds, seed=seed, train_all_visits=True, protocol=protocol)
     val = [s.visits for s in splits["val"]]
     if not val:
         raise ConfigError(f"the validation split of {ds.meta.get('source', 'the dataset')} is empty; the gate needs visits")

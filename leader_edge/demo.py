@@ -61,11 +61,11 @@ def main(argv: list[str] | None = None) -> None:
     _run(["evaluate", "--baseline", "frequency", "--data", str(data), "--seed", str(a.seed)])
     _run(["train", "--data", str(data), "--out", str(run), "--teacher", a.teacher, "--seed", str(a.seed), "--seeds", str(a.seeds)])
     _run(["evaluate", "--run", str(run), "--data", str(data)])
-    _run(["export", str(run), "--out", str(bundle), "--int8"])
+    _run(["export", "--run", str(run), "--out", str(bundle), "--int8"])
     test_visits, recs = out / "test-visits.csv", out / "recommendations.csv"
     n = write_split_visits(data, test_visits, split="test", seed=a.seed)
     print(f"\nwrote {n} visits of the test patients to {test_visits}", file=sys.stderr)
-    _run(["predict", "--bundle", str(bundle), "--input", str(test_visits), "--output", str(recs)])
+    _run(["predict", "--bundle", str(bundle), "--input", str(test_visits), "--out", str(recs)])
     _run(["evaluate", "--truth", str(test_visits), "--predictions", str(recs), "--ddi", str(data / "ddi.csv"),
           "--label-space", str(bundle)])
     print(f"\ndemo finished in {time.perf_counter() - started:.0f} s. Report (every model x metric, the protocol, "

@@ -32,7 +32,7 @@ MAX_MANIFEST_BYTES = 64 << 20  # a 150k-code vocabulary is ~3 MB; anything large
 # tests/test_faults_bundle.py move them by 0.1-0.98.
 SELFTEST_ATOL = {"fp32": 1e-4, "int8-weights": 1e-4, "int8-static": 5e-3, "int8-dynamic": 5e-3}
 SIGNED_PREFIX = b"leader-edge bundle digest v2\n"  # what is signed: this + the hex digest
-REEXPORT = "export the bundle again with `leader-edge export RUN --out DIR` (and --sign KEY if it was signed)"
+REEXPORT = "export the bundle again with `leader-edge export --run RUN --out DIR` (and --sign KEY if it was signed)"
 
 
 def canonical_json(value) -> bytes:
@@ -99,7 +99,7 @@ def read_manifest(directory: Path) -> dict:
     path = Path(directory) / MANIFEST
     if not Path(directory).is_dir() or not os.path.lexists(path):
         raise DataError(directory, f"is not a leader-edge bundle (no {MANIFEST})",
-                        fix="make one with `leader-edge export RUN --out DIR`")
+                        fix="make one with `leader-edge export --run RUN --out DIR`")
     st = _regular_file(path)
     if st.st_size > MAX_MANIFEST_BYTES:
         raise DataError(path, f"is {st.st_size:,} bytes, more than a manifest ({MAX_MANIFEST_BYTES:,})", fix=REEXPORT)
@@ -235,7 +235,7 @@ def verify_signature(directory: Path, manifest: dict, public_key: Path) -> None:
     path = directory / SIGNATURE
     if not os.path.lexists(path):
         raise DataError(path, "is missing: the bundle is unsigned and --trust requires a signature",
-                        fix="export it again with `leader-edge export RUN --out DIR --sign KEY`")
+                        fix="export it again with `leader-edge export --run RUN --out DIR --sign KEY`")
     if _regular_file(path).st_size > 1 << 16:
         raise DataError(path, "is larger than a signature (64 KiB)", fix=REEXPORT)
     try:

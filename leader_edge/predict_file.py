@@ -244,13 +244,13 @@ def _check_output(target: Path, input_path: str, bundle_dir: Path) -> None:
     if input_path != "-" and (target.resolve() == Path(input_path).resolve()
                               or target.exists() and Path(input_path).exists() and os.path.samefile(target, input_path)):
         raise DataError(target, f"is the --input file ({input_path}): writing the recommendations there would "
-                                "replace the visits; nothing was written", fix="pass another --output path")
+                                "replace the visits; nothing was written", fix="pass another --out path")
     inside = target.resolve()
     if bundle_dir.resolve() in (inside, *inside.parents):
         raise DataError(target, f"is inside the bundle directory {bundle_dir}; a bundle holds only its own files",
                         fix="write the recommendations outside the bundle")
     if target.is_dir():
-        raise DataError(target, "is a directory", fix="pass a file path as --output, e.g. recs.csv")
+        raise DataError(target, "is a directory", fix="pass a file path as --out, e.g. recs.csv")
 
 
 def _temp_tag() -> str:
@@ -307,7 +307,7 @@ def _write_error(e: OSError, target: Path | None, directory: Path) -> DataError:
             "set TMPDIR to a writable directory"
         return DataError(directory, f"cannot hold the recommendations before they go to standard output: {what}; "
                                     "nothing was written", fix=fix)
-    fix = f"free space on the disk that holds {directory}, or pass an --output on another disk" if full else \
-        f"check that {directory} is writable, or pass another --output"
+    fix = f"free space on the disk that holds {directory}, or pass an --out on another disk" if full else \
+        f"check that {directory} is writable, or pass another --out"
     return DataError(target, f"cannot be written: {what}; nothing was written (the temp file in {directory} is removed)",
                      fix=fix)

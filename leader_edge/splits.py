@@ -47,7 +47,7 @@ class Protocol:
         name: "leader" or "safedrug".
         ratios: train/val/test shares of the patients.
         shuffle: deal patients in a seeded random order; False keeps file order.
-        eval_per_visit: score every visit of a val/test patient (with the visits before it)
+        eval_all_visits: score every visit of a val/test patient (with the visits before it)
             instead of the last one.
         per_patient: average a patient's visits first, then over patients.
         frac: each subsample draws `frac` of the patients with replacement, `rounds` times.
@@ -56,7 +56,7 @@ class Protocol:
     name: str
     ratios: tuple[float, float, float]
     shuffle: bool
-    eval_per_visit: bool
+    eval_all_visits: bool
     per_patient: bool
     frac: float = 0.8
     rounds: int = 10
@@ -71,10 +71,10 @@ class Protocol:
 
 PROTOCOLS = {
     # LEADER: 8:1:1 by patient, one sample per patient (the last visit).
-    "leader": Protocol("leader", SPLIT_RATIOS, shuffle=True, eval_per_visit=False, per_patient=False),
+    "leader": Protocol("leader", SPLIT_RATIOS, shuffle=True, eval_all_visits=False, per_patient=False),
     # GAMENet/SafeDrug main(): the first int(n * 2/3) patients in file order train, the next half of
     # the rest is TEST and the remainder validation; every visit scored, metrics averaged per patient.
-    "safedrug": Protocol("safedrug", (2 / 3, 1 / 6, 1 / 6), shuffle=False, eval_per_visit=True, per_patient=True),
+    "safedrug": Protocol("safedrug", (2 / 3, 1 / 6, 1 / 6), shuffle=False, eval_all_visits=True, per_patient=True),
 }
 
 
@@ -108,37 +108,37 @@ def split_patients(
     return {"train": ids[:n_train], "val": ids[n_train:n_train + n_val], "test": ids[n_train + n_val:]}
 
 
-def make_samples(ds: Dataset, patient_ids: Iterable[str], *, per_visit: bool = False) -> list[Sample]:
+def make_samples(ds: Dataset, patient_ids: Iterable[str], *, all_visits: bool = False) -> list[Sample]:
     """Samples for these patients: the last visit with its history (LEADER), or every visit
-    with the visits before it (`per_visit`, the GAMENet/SafeDrug protocol)."""
+    with the visits before it (`all_visits`, the GAMENet/SafeDrug protocol)."""
     by_patient = ds.patients()
     out: list[Sample] = []
     for pid in patient_ids:
         visits = by_patient[pid]
-        ends = range(1, len(visits) + 1) if per_visit else [len(visits)]
+        ends = range(1, len(visits) + 1) if all_visits else [len(visits)]
         out.extend(Sample(pid, tuple(visits[:end])) for end in ends)
     return out
 
 
 def dataset_splits(
-    ds: Dataset, *, seed: int = 42, train_per_visit: bool = False, eval_per_visit: bool | None = None,
+    ds: Dataset, *, seed: int = 42, train_all_visits: bool = False, eval_all_visits: bool | None = None,
     protocol: str | Protocol = "leader",
 ) -> dict[str, list[Sample]]:
     """train/val/test samples, split by patient.
 
     Args:
         seed: the split seed (ignored by protocols that split in file order).
-        train_per_visit: one training sample per visit (more samples from the same patients;
+        train_all_visits: one training sample per visit (more samples from the same patients;
             helps on small data) instead of one per patient.
-        eval_per_visit: score every visit of val/test patients (GAMENet/SafeDrug protocol)
+        eval_all_visits: score every visit of val/test patients (GAMENet/SafeDrug protocol)
             instead of each patient's last visit (LEADER protocol); None: the protocol's choice.
         protocol: "leader" (8:1:1 seeded, last visit) or "safedrug" (see `PROTOCOLS`).
     """
     proto = get_protocol(protocol)
-    per_visit_eval = proto.eval_per_visit if eval_per_visit is None else eval_per_visit
+    all_visits_eval = proto.eval_all_visits if eval_all_visits is None else eval_all_visits
     ids = split_patients(list(ds.patients()), seed=seed, ratios=proto.ratios, protocol=proto)
     return {
-        name: make_samples(ds, ids[name], per_visit=train_per_visit if name == "train" else per_visit_eval)
+        name: make_samples(ds, ids[name], all_visits=train_all_visits if name == "train" else all_visits_eval)
         for name in SPLITS
     }
 

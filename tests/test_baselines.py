@@ -16,7 +16,7 @@ def ds():
 
 
 def test_out_of_fold_proba_ignores_the_scored_patients_own_labels(ds):
-    train = dataset_splits(ds, train_per_visit=True)["train"]
+    train = dataset_splits(ds, train_all_visits=True)["train"]
     before = out_of_fold_proba(ds, train, rule="max", smoothing=2.0, folds=3, seed=1)
     # Give a single-visit patient every medication (its labels; a single visit has no medication
     # inputs): its own row must not move, while rows scored by models fitted on it must.
@@ -24,7 +24,7 @@ def test_out_of_fold_proba_ignores_the_scored_patients_own_labels(ds):
     meds = tuple(ds.vocab("medication"))
     visits = [dataclasses.replace(v, medications=meds) if v.patient_id == target else v for v in ds.visits]
     changed = dataclasses.replace(ds, visits=visits)
-    train2 = dataset_splits(changed, train_per_visit=True)["train"]
+    train2 = dataset_splits(changed, train_all_visits=True)["train"]
     after = out_of_fold_proba(changed, train2, rule="max", smoothing=2.0, folds=3, seed=1)
     own = np.array([s.patient_id == target for s in train])
     assert before.shape == (len(train), len(meds))
@@ -33,7 +33,7 @@ def test_out_of_fold_proba_ignores_the_scored_patients_own_labels(ds):
 
 
 def test_out_of_fold_proba_differs_from_in_sample_scores(ds):
-    train = dataset_splits(ds, train_per_visit=True)["train"]
+    train = dataset_splits(ds, train_all_visits=True)["train"]
     oof = out_of_fold_proba(ds, train, rule="max", smoothing=2.0, folds=5)
     fitted = FrequencyBaseline.fit(ds, train, rule="max", smoothing=2.0).predict_proba(train)
     y = np.array([[c in s.target.medications for c in ds.vocab("medication")] for s in train])

@@ -145,13 +145,13 @@ def test_split_patients_safedrug_protocol_is_file_order_two_thirds() -> None:
         dataset_splits(ds, protocol="gamenet")
 
 
-def test_make_samples_last_visit_and_per_visit() -> None:
+def test_make_samples_last_visit_and_all_visits() -> None:
     ds = Dataset([_visit("p1", "a", 1), _visit("p1", "b", 2), _visit("p1", "c", 3), _visit("p2", "d", 1)])
     last = make_samples(ds, ["p1", "p2"])
     assert [(s.target.visit_id, len(s.history)) for s in last] == [("c", 2), ("d", 0)]
-    every = make_samples(ds, ["p1"], per_visit=True)
+    every = make_samples(ds, ["p1"], all_visits=True)
     assert [[v.visit_id for v in s.visits] for s in every] == [["a"], ["a", "b"], ["a", "b", "c"]]
-    splits = dataset_splits(ds, seed=1, train_per_visit=True)
+    splits = dataset_splits(ds, seed=1, train_all_visits=True)
     assert sum(len(s) for s in splits.values()) >= 2
 
 

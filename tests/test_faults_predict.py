@@ -143,7 +143,7 @@ def test_faults_predict_output_that_is_the_input_refused(bundle, tmp_path, how, 
         os.link("visits.csv", "hard.csv")
     result = CliRunner().invoke(main, ["predict", "--bundle", str(bundle), "--input", "visits.csv", "--output", output])
     assert result.exit_code == 2, result.output
-    assert "is the --input file" in result.output and "Fix: pass another --output" in result.output
+    assert "is the --input file" in result.output and "Fix: pass another --out" in result.output
     assert Path("visits.csv").read_text() == GOOD
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted({"visits.csv", output.lstrip("./")})
 

@@ -5,7 +5,7 @@
 A `Student` whose counting prior is the frequency baseline with the rule, smoothing and threshold
 chosen on validation (exactly `evaluate --baseline`'s model) and whose learned terms are all 0 IS
 that baseline: `tests/train/test_distill.py` checks the probabilities match to 2e-6. Written beside
-the trained students, `leader-edge export RUN --model frequency` turns it into a bundle, so
+the trained students, `leader-edge export --run RUN --model frequency` turns it into a bundle, so
 `predict` and `evaluate --truth` score counting on any visits file, and a deployment can serve it
 when validation prefers it.
 """
@@ -46,7 +46,7 @@ def write_frequency_student(data_dir: Path, run_dir: Path, *, seed: int = 42, pr
     config = config or DistillConfig()
     data_dir, run_dir = Path(data_dir).resolve(), Path(run_dir)
     ds = load_dataset(data_dir)
-    splits = dataset_splits(ds, seed=seed, train_per_visit=config.per_visit, protocol=protocol)
+    splits = dataset_splits(ds, seed=seed, train_all_visits=config.train_all_visits, protocol=protocol)
     train_ids = {s.patient_id for s in splits["train"]}
     encoder = Encoder.from_visits({k: ds.vocab(k) for k in KINDS}, [v for v in ds.visits if v.patient_id in train_ids],
                                   max_visits=config.max_visits, max_codes=code_limit(ds, config))

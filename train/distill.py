@@ -49,7 +49,7 @@ class DistillConfig:
     batch_size: int = 64
     lr: float = 5e-4  # LEADER's Adam learning rate
     weight_decay: float = 0.0
-    per_visit: bool = True  # one sample per visit prefix: test Jaccard 0.401 -> 0.417 on default synth (no-distill)
+    train_all_visits: bool = True  # one sample per visit prefix: test Jaccard 0.401 -> 0.417 on default synth (no-distill)
     # Feature MSE weight. LEADER uses 0.4 (MIMIC-III); on default synth with the smollm2-12-layer teacher
     # (test PRAUC 0.54, below the label-only student) 0.4 and 1.0 peak at epoch 1 (val PRAUC 0.640/0.641),
     # 0.1 trains normally and reaches val PRAUC 0.644 (no-distill 0.636).
@@ -478,7 +478,7 @@ def _run(data_dir: Path, run_dir: Path, *, distill: bool, seed: int, device: tor
     dev = device
     started = time.perf_counter()
     ds = load_dataset(data_dir)
-    samples = dataset_splits(ds, seed=seed, train_per_visit=config.per_visit, protocol=protocol)
+    samples = dataset_splits(ds, seed=seed, train_all_visits=config.train_all_visits, protocol=protocol)
     train_patients = {s.patient_id for s in samples["train"]}
     encoder = Encoder.from_visits({k: ds.vocab(k) for k in KINDS}, [v for v in ds.visits if v.patient_id in train_patients],
                                   max_visits=config.max_visits, max_codes=code_limit(ds, config))

@@ -62,7 +62,7 @@ def dry_run(data_dir: Path, config, *, world_size: int = 1, tflops: float = 400.
     from leader_edge.train.teacher_data import encode_prompt
 
     ds = load_dataset(data_dir)
-    splits = dataset_splits(ds, seed=config.seed, train_per_visit=True, protocol=config.protocol)
+    splits = dataset_splits(ds, seed=config.seed, train_all_visits=True, protocol=config.protocol)
     model, tok = _meta_model(config.teacher)
     layers = decoder_layers(model)
     n_layers = len(layers) if config.backbone_layers is None else min(config.backbone_layers, len(layers))

@@ -182,13 +182,13 @@ def _teacher_stage(data_dir: Path, run_dir: Path, config: TeacherConfig, *, resu
     torch.manual_seed(config.seed)
     ds = load_dataset(data_dir)
     med_codes = ds.vocab("medication")
-    splits = dataset_splits(ds, seed=config.seed, train_per_visit=True, protocol=config.protocol)
+    splits = dataset_splits(ds, seed=config.seed, train_all_visits=True, protocol=config.protocol)
     model = TeacherModel(config, med_codes).to(device)
     encode = dict(max_history=config.max_history, max_tokens=config.max_tokens)
     enc = {name: encode_samples(ds, splits[name], model.tokenizer, med_codes, **encode) for name in ("train", "val", "test")}
     last_ids = {v[-1].visit_id for v in ds.patients().values()}
     last_visit = [i for i, s in enumerate(enc["train"].samples) if s.target.visit_id in last_ids]
-    tune_rows = list(range(len(enc["train"].ids))) if config.train_per_visit else last_visit
+    tune_rows = list(range(len(enc["train"].ids))) if config.train_all_visits else last_visit
     mine = tune_rows[rank::world]  # a fixed shard per rank: each caches only its own samples
     tune = enc["train"].subset(mine)
     offsets = prior_logits(ds, splits, config)

@@ -37,7 +37,7 @@ class TeacherConfig:
     lora_targets: tuple[str, ...] = LORA_TARGETS  # LEADER: q,k,v,o,gate,up,down
     max_history: int = 3  # LEADER: at most 3 previous visits
     max_tokens: int = 320  # prompt budget: drops oldest history first; 99th percentile on synth is ~640
-    train_per_visit: bool = True  # one training sample per visit prefix (the features need them anyway)
+    train_all_visits: bool = True  # one training sample per visit prefix (the features need them anyway)
     epochs: int = 8  # upper bound; early stopping on validation PRAUC
     patience: int = 2  # evaluations without a better validation PRAUC before stopping
     batch_size: int = 16  # micro-batch (samples); length-bucketed, so little padding
@@ -99,6 +99,9 @@ class TeacherConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TeacherConfig":
+        d = dict(d)
+        if "train_per_visit" in d:  # the name before 2026-12-02 (RUN/teacher/config.json of older runs)
+            d["train_all_visits"] = d.pop("train_per_visit")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

@@ -82,8 +82,8 @@ def main(verbose: int, quiet: bool) -> None:
       leader-edge synth --out data/synth
       leader-edge evaluate --baseline frequency --data data/synth
       leader-edge train --data data/synth --out runs/r1
-      leader-edge export runs/r1 --out bundle --int8
-      leader-edge predict --bundle bundle --input visits.csv --output recs.csv
+      leader-edge export --run runs/r1 --out bundle --int8
+      leader-edge predict --bundle bundle --input visits.csv --out recs.csv
     """
     if quiet:
         from leader_edge.progress import QUIET_ENV

@@ -37,7 +37,7 @@ from leader_edge.errors import ConfigError, DataError, StateError
               help="Split seed (--baseline) and subsample seed (--baseline, --truth; --run takes the run's).")
 @click.option("--rounds", type=click.IntRange(min=1),
               help="Subsamples for mean +- std [default: the protocol's, 10; --run: the protocol's].")
-@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), help="Also write the metrics as JSON here.")
+@click.option("--out", "--output", "output", type=click.Path(dir_okay=False, path_type=Path), help="Also write the metrics as JSON here.")
 @user_errors
 def evaluate(truth, predictions, visits, label_space, skip_missing, ddi, baseline, data, run_dir, protocol, seed, rounds,
              output) -> None:
@@ -49,7 +49,7 @@ def evaluate(truth, predictions, visits, label_space, skip_missing, ddi, baselin
     Examples:
       leader-edge evaluate --truth data/visits.csv --predictions recs.csv --ddi data/ddi.csv --label-space bundle
       leader-edge evaluate --truth targets.csv --visits data/visits.csv --predictions recs.csv
-      leader-edge evaluate --baseline frequency --data data/synth --output baseline.json
+      leader-edge evaluate --baseline frequency --data data/synth --out baseline.json
       leader-edge evaluate --run runs/r1
     """
     modes = [name for name, on in (("--truth/--predictions", truth or predictions), ("--baseline", baseline), ("--run", run_dir)) if on]
@@ -59,7 +59,7 @@ def evaluate(truth, predictions, visits, label_space, skip_missing, ddi, baselin
     if output is not None:
         inputs = [p for p in (truth, predictions, visits, ddi) if p is not None]
         if any(output.resolve() == p.resolve() for p in inputs):
-            raise click.UsageError(f"--output {output} is one of the input files; choose another path")
+            raise click.UsageError(f"--out {output} is one of the input files; choose another path")
     if run_dir is not None:
         result = _evaluate_run(run_dir, data, protocol)
         from leader_edge.report import summary_table
@@ -140,7 +140,7 @@ def _evaluate_file(truth: Path, predictions: Path, visits_path: Path | None, lab
         last: dict[str, object] = {}
         for v in truth_visits:
             last[v.patient_id] = v
-        scored = truth_visits if proto.eval_per_visit else list(last.values())
+        scored = truth_visits if proto.eval_all_visits else list(last.values())
         rows = [Prediction(v.patient_id, v.visit_id, v.medications) for v in scored]
     n_visits: dict[str, int] = {}
     for v in visits or ():

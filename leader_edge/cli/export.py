@@ -11,7 +11,8 @@ from leader_edge.cli import user_errors
 
 
 @click.command()
-@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--run", "run_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Run directory to read (from `leader-edge train --out RUN`).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Bundle directory to write (a new one, or an older bundle).")
 @click.option("--model", "model_name", default="student", show_default=True,
               help="Student directory of the run to export (student, student-nodistill, student.seed-43, ...).")
@@ -24,7 +25,8 @@ from leader_edge.cli import user_errors
 @user_errors
 def export(run_dir: Path, out: Path, model_name: str, int8: bool, calibration_samples: int, sign_key: Path | None,
            force: bool) -> None:
-    """Export RUN/MODEL to BUNDLE (model.onnx, selftest.json, manifest.json), validated against the
+    """Export RUN/MODEL (--run, --model) to the bundle directory --out (model.onnx, explain.onnx,
+    names.json, selftest.json, manifest.json), validated against the
     torch student on the validation split: max |dp|, Jaccard and PRAUC deltas are printed, and a
     Jaccard drop over 0.01 is refused unless --force. A model whose probabilities depend on the batch
     (batch 1 vs 1024) is refused. The same run exports to a byte-identical bundle; its digest covers
@@ -32,11 +34,11 @@ def export(run_dir: Path, out: Path, model_name: str, int8: bool, calibration_sa
 
     \b
     Examples:
-      leader-edge export runs/r1 --out bundle
-      leader-edge export runs/r1 --out bundle-int8 --int8 --calibration-samples 1024
-      leader-edge export runs/r1 --model student-nodistill --out bundle-nodistill
+      leader-edge export --run runs/r1 --out bundle
+      leader-edge export --run runs/r1 --out bundle-int8 --int8 --calibration-samples 1024
+      leader-edge export --run runs/r1 --model student-nodistill --out bundle-nodistill
       openssl genpkey -algorithm ed25519 -out key.pem && openssl pkey -in key.pem -pubout -out key.pub.pem
-      leader-edge export runs/r1 --out bundle --int8 --sign key.pem
+      leader-edge export --run runs/r1 --out bundle --int8 --sign key.pem
     """
     from leader_edge.export.bundle import export_bundle
 

@@ -13,7 +13,7 @@ from leader_edge.cli import InputError, user_errors
 @click.option("--bundle", required=True, envvar="LEADER_EDGE_BUNDLE",
               type=click.Path(exists=True, file_okay=False, path_type=Path), help="Bundle directory from `leader-edge export`.")
 @click.option("--input", "input_path", required=True, help="visits.csv (canonical format), or - for standard input.")
-@click.option("--output", default="-", show_default=True, help="Recommendations file, or - for standard output.")
+@click.option("--out", "--output", "output", default="-", show_default=True, help="Recommendations file, or - for standard output.")
 @click.option("--format", "fmt", type=click.Choice(["csv", "jsonl"]), default="csv", show_default=True)
 @click.option("--all-visits", is_flag=True, help="Predict every visit (with the visits before it), not only each patient's last.")
 @click.option("--top-k", type=click.IntRange(min=1), help="Recommend the K most probable medications instead of thresholding.")
@@ -36,7 +36,7 @@ def predict(bundle: Path, input_path: str, output: str, fmt: str, all_visits: bo
     per-visit limit - the bundle's encoder.max_codes diagnoses, procedures and medications). The CSV
     is a --predictions file for `leader-edge evaluate`.
 
-    Nothing is written unless the whole input is valid; an --output that is the input file is
+    Nothing is written unless the whole input is valid; an --out that is the input file is
     refused; SIGTERM/SIGINT leave no temp file (exit 143/130). A file whose codes are mostly
     (> 50%) unknown to the bundle is refused unless --allow-unknown. The bundle is refused unless it
     proves itself: every file and manifest field against its digest, the manifest's meaning against
@@ -44,9 +44,9 @@ def predict(bundle: Path, input_path: str, output: str, fmt: str, all_visits: bo
 
     \b
     Examples:
-      leader-edge predict --bundle bundle --input visits.csv --output recs.csv
+      leader-edge predict --bundle bundle --input visits.csv --out recs.csv
       cat visits.csv | leader-edge predict --bundle bundle --input - --format jsonl --top-k 10
-      leader-edge predict --bundle bundle --trust key.pub.pem --input visits.csv --output recs.csv
+      leader-edge predict --bundle bundle --trust key.pub.pem --input visits.csv --out recs.csv
       leader-edge predict --bundle bundle --input visits.csv --format jsonl --explain --top-k 5
     """
     from leader_edge.predict_file import MAX_UNKNOWN_SHARE, Interrupted, predict_file

@@ -155,7 +155,7 @@ def _show_prompt(data_dir: Path, config, n: int) -> None:
     from leader_edge.train.teacher_data import encode_prompt, sample_key
 
     ds = load_dataset(data_dir)
-    train = dataset_splits(ds, seed=config.seed, train_per_visit=True, protocol=config.protocol)["train"]
+    train = dataset_splits(ds, seed=config.seed, train_all_visits=True, protocol=config.protocol)["train"]
     if not 0 <= n < len(train):
         raise ConfigError(f"--show-prompt {n}: the training split has {len(train)} samples; choose 0..{len(train) - 1}")
     tok = load_tokenizer(config.teacher)

@@ -172,7 +172,7 @@ def test_export_batch_variant_refused(run_dir, reuse_export, monkeypatch, tmp_pa
     monkeypatch.setattr(bundle_module, "BATCH_ATOL", -1.0)  # every candidate now "depends on the batch"
     for extra, what in ((["--int8", "--calibration-samples", "16"], "no int8 variant is batch-invariant"),
                         ([], "the fp32 model's probabilities depend on the batch")):
-        result = CliRunner().invoke(main, ["export", str(run_dir), "--out", str(tmp_path / "b"), *extra])
+        result = CliRunner().invoke(main, ["export", "--run", str(run_dir), "--out", str(tmp_path / "b"), *extra])
         assert result.exit_code == 2 and what in result.output and "Traceback" not in result.output, result.output
         assert list(tmp_path.iterdir()) == []
 
@@ -180,10 +180,10 @@ def test_export_batch_variant_refused(run_dir, reuse_export, monkeypatch, tmp_pa
 def test_export_gate_failure_refused_then_forced(run_dir, reuse_export, monkeypatch, tmp_path):
     monkeypatch.setattr(bundle_module, "MAX_JACCARD_DROP", -1.0)  # any bundle now "drops" too much
     runner = CliRunner()
-    result = runner.invoke(main, ["export", str(run_dir), "--out", str(tmp_path / "b")])
+    result = runner.invoke(main, ["export", "--run", str(run_dir), "--out", str(tmp_path / "b")])
     assert result.exit_code == 2 and "bundle refused" in result.output and "--force" in result.output
     assert not (tmp_path / "b").exists() and list(tmp_path.iterdir()) == []  # nothing half-written
-    result = runner.invoke(main, ["export", str(run_dir), "--out", str(tmp_path / "b"), "--force"])
+    result = runner.invoke(main, ["export", "--run", str(run_dir), "--out", str(tmp_path / "b"), "--force"])
     assert result.exit_code == 0, result.output
     assert "FAILED the validation gate" in result.output
     assert json.loads((tmp_path / "b" / "manifest.json").read_text())["validation"]["forced"] is True
@@ -212,12 +212,12 @@ def test_export_model_option_any_student_of_the_run(run_dir, reuse_export, tmp_p
     shutil.copytree(run / "student", run / "student.seed-43")
     (run / "notes").mkdir()  # a directory that is not a student
     runner = CliRunner()
-    result = runner.invoke(main, ["export", str(run), "--model", "student.seed-43", "--out", str(tmp_path / "b")])
+    result = runner.invoke(main, ["export", "--run", str(run), "--model", "student.seed-43", "--out", str(tmp_path / "b")])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["model"] == "student.seed-43"
     assert json.loads((tmp_path / "b" / "manifest.json").read_text())["source"]["model"] == "student.seed-43"
     for name in ("student-nodistill", "notes", "../run", "/etc", ""):
-        result = runner.invoke(main, ["export", str(run), "--model", name, "--out", str(tmp_path / "c")])
+        result = runner.invoke(main, ["export", "--run", str(run), "--model", name, "--out", str(tmp_path / "c")])
         assert result.exit_code == 2 and "Traceback" not in result.output, result.output
         assert "is not a trained student directory" in result.output
         assert "--model one of ['student', 'student.seed-43']" in result.output, result.output
@@ -245,10 +245,10 @@ def test_export_sign_then_predict_trust(run_dir, reuse_export, tmp_path):
     keys = _keys(tmp_path)
     runner = CliRunner()
     for bad, what in (("encrypted", "is an encrypted private key"), ("rsa", "not an Ed25519 key")):
-        result = runner.invoke(main, ["export", str(run_dir), "--out", str(tmp_path / "b"), "--sign", str(keys[bad])])
+        result = runner.invoke(main, ["export", "--run", str(run_dir), "--out", str(tmp_path / "b"), "--sign", str(keys[bad])])
         assert result.exit_code == 2 and f"{keys[bad]}: " in result.output and what in result.output, result.output
         assert "Fix:" in result.output and not (tmp_path / "b").exists()
-    result = runner.invoke(main, ["export", str(run_dir), "--out", str(tmp_path / "b"), "--sign", str(keys["key"])])
+    result = runner.invoke(main, ["export", "--run", str(run_dir), "--out", str(tmp_path / "b"), "--sign", str(keys["key"])])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["signed"] is True
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == sorted(BUNDLE_FILES + ["signature.json"])

@@ -28,7 +28,7 @@ def data(tmp_path_factory):
 def fabricate_teacher(data, run, *, seed=42, drop=None):
     """RUN/teacher/features.safetensors with the contract's keys and random rows."""
     ds = load_dataset(data)
-    splits = dataset_splits(ds, seed=seed, train_per_visit=True)
+    splits = dataset_splits(ds, seed=seed, train_all_visits=True)
     rng = np.random.default_rng(0)
     keys = {k: [sample_key(s) for s in v if sample_key(s) != drop] for k, v in splits.items()}
     tensors = {k: (rng.normal(size=(len(v), HIDDEN)) * 5 + 3).astype(np.float32) for k, v in keys.items()}
@@ -74,7 +74,7 @@ def test_run_student_stage_without_distillation_needs_no_teacher(data, tmp_path)
 def test_run_student_stage_refuses_missing_or_mismatched_features(data, tmp_path):
     with pytest.raises(RuntimeError, match="run the teacher stage first"):
         run_student_stage(data, tmp_path, config=FAST)
-    splits = dataset_splits(load_dataset(data), seed=42, train_per_visit=True)
+    splits = dataset_splits(load_dataset(data), seed=42, train_all_visits=True)
     fabricate_teacher(data, tmp_path, drop=sample_key(splits["train"][0]))
     with pytest.raises(RuntimeError, match="have no teacher feature"):
         run_student_stage(data, tmp_path, config=FAST)
@@ -142,7 +142,7 @@ def test_counting_prior_alone_is_the_frequency_baseline(data, rule):
     from leader_edge.train.student_init import frequency_prior
 
     ds = load_dataset(data)
-    splits = dataset_splits(ds, seed=42, train_per_visit=True)
+    splits = dataset_splits(ds, seed=42, train_all_visits=True)
     train_ids = {s.patient_id for s in splits["train"]}
     enc = Encoder.from_visits({k: ds.vocab(k) for k in KINDS}, [v for v in ds.visits if v.patient_id in train_ids])
     tables, oof = frequency_prior(ds, splits, enc, seed=0)
@@ -209,7 +209,7 @@ def test_frequency_student_is_the_baseline_and_exports_as_a_bundle(data, tmp_pat
 
     result = write_frequency_student(data, tmp_path, seed=42)
     ds = load_dataset(data)
-    splits = dataset_splits(ds, seed=42, train_per_visit=True)
+    splits = dataset_splits(ds, seed=42, train_all_visits=True)
     base, threshold, _ = fit_frequency_baseline(ds, splits)
     assert result["threshold"] == threshold and result["rule"] == base.rule
     model, encoder, t = load_student(tmp_path / "frequency")

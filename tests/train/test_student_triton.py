@@ -164,7 +164,7 @@ def test_distill_epoch_gives_the_same_loss_curve_with_either_backend():
     from leader_edge.train.distill import DistillConfig, code_limit, train_student
 
     ds = synth_dataset(patients=16, seed=3)
-    samples = dataset_splits(ds, seed=0, train_per_visit=True)
+    samples = dataset_splits(ds, seed=0, train_all_visits=True)
     train_patients = {s.patient_id for s in samples["train"]}
     histories = {}
     for backend in ("torch", "triton"):

@@ -36,7 +36,7 @@ def tiny_run(data_dir, tmp_path_factory):
 
 def _batch(model, data_dir, n=4):
     ds = load_dataset(data_dir)
-    samples = dataset_splits(ds, train_per_visit=True)["train"][:n]
+    samples = dataset_splits(ds, train_all_visits=True)["train"][:n]
     enc = encode_samples(ds, samples, model.tokenizer, model.med_codes, max_history=3, max_tokens=400)
     ids, lengths = pad_batch(enc.ids, model.tokenizer.pad_token_id)
     return ids, lengths, torch.from_numpy(enc.labels)
@@ -139,7 +139,7 @@ def test_teacher_lora_moves_and_backbone_does_not(data_dir):
 def test_teacher_stage_writes_the_contract_files(tiny_run, data_dir):
     run, result = tiny_run
     ds = load_dataset(data_dir)
-    splits = dataset_splits(ds, train_per_visit=True)
+    splits = dataset_splits(ds, train_all_visits=True)
     with safe_open(str(run / "teacher" / "features.safetensors"), "pt") as f:
         meta = f.metadata()
         shapes = {k: tuple(f.get_tensor(k).shape) for k in ("train", "val", "test")}
@@ -219,7 +219,7 @@ def test_teacher_frequency_prior_reloads_with_its_offsets(data_dir, tmp_path):
     result = run_teacher_stage(data_dir, tmp_path, config)
     assert result["backbone"]["prior"] == "frequency"
     ds = load_dataset(data_dir)
-    offsets = prior_logits(ds, dataset_splits(ds, train_per_visit=True), config)
+    offsets = prior_logits(ds, dataset_splits(ds, train_all_visits=True), config)
     model = TeacherModel.load(tmp_path / "teacher")
     feats = load_file(str(tmp_path / "teacher" / "features.safetensors"))["test"]
     with torch.no_grad():
@@ -286,3 +286,10 @@ def test_teacher_gradient_checkpointing_gives_the_same_gradients(data_dir):
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 2
     for n in grads[0]:
         torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-5)
+
+
+def test_teacher_config_reads_the_field_name_of_older_runs():
+    from leader_edge.train.teacher_config import TeacherConfig
+
+    assert TeacherConfig.from_dict({"train_per_visit": False}).train_all_visits is False  # RUN/teacher/config.json before the rename
+    assert TeacherConfig.from_dict({"train_all_visits": False}).train_all_visits is False
