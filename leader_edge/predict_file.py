@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from leader_edge.errors import DataError
+from leader_edge.progress import progress
 from leader_edge.recs import Scored, csv_lines, header, json_records
 from leader_edge.runtime import Bundle
 from leader_edge.visit_stream import read_patients
@@ -193,15 +194,29 @@ def _stream(bundle: Bundle, stream, name: str, put, stats: dict, *, fmt: str, al
     # i + 1 and formats chunk i - 1. No gain on the 2-core VM at load ~3, where the process
     # gets about one core (100k patients: 6.98-7.00 s vs 6.45-6.80 s in one thread); it is
     # for idle multi-core bedside machines.
-    with ThreadPoolExecutor(1) as pool:
+    size = _file_size(stream)  # progress in bytes read of a file (rate and ETA); patients for a pipe
+    with ThreadPoolExecutor(1) as pool, progress(size, desc="predict", unit="B" if size else "patient") as bar:
+        def done(scored: Scored, chunk) -> None:
+            emit(scored, chunk)
+            bar.update(stream.tell() - bar.n if size else len(chunk))
+
         pending = None
         for chunk in read_patients(stream, name):
             future = pool.submit(bundle.predict, chunk, all_visits=all_visits, batch_size=batch_size)
             if pending is not None:
-                emit(pending[0].result(), pending[1])
+                done(pending[0].result(), pending[1])
             pending = (future, chunk)
         if pending is not None:
-            emit(pending[0].result(), pending[1])
+            done(pending[0].result(), pending[1])
+
+
+def _file_size(stream) -> int | None:
+    """Bytes of a regular, seekable input file; None for a pipe or a terminal."""
+    try:
+        st = os.fstat(stream.fileno())
+        return st.st_size if stat.S_ISREG(st.st_mode) and stream.seekable() else None
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -50,3 +50,27 @@ def test_cli_quiet_flag_switches_bars_off_for_the_command(monkeypatch):
     result = CliRunner().invoke(main, ["--quiet", "synth", "--help"])
     assert result.exit_code == 0, result.output
     assert os.environ.get(QUIET_ENV) == "1"
+
+
+def test_predict_shows_bytes_read_of_its_input_on_a_terminal(monkeypatch, tmp_path):
+    """`predict` draws its bar on stderr (a file input: bytes with a total, so an ETA), and the
+    recommendations it writes are the same with or without the bar."""
+    from pathlib import Path
+
+    sys.path.insert(0, str(next(Path(__file__).parent.rglob("test_runtime.py")).parent))  # its fake bundle
+    from test_runtime import HEADER, write_fake_bundle
+
+    from leader_edge.predict_file import predict_file
+    from leader_edge.runtime import Bundle
+
+    monkeypatch.delenv(QUIET_ENV, raising=False)
+    bundle = Bundle.load(write_fake_bundle(tmp_path / "b"))
+    visits = tmp_path / "v.csv"
+    visits.write_text(HEADER + "p1,v1,2100-01-01,D1,,,Private\np2,v2,2100-01-01,D2,,,Private\n")
+    term = Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    predict_file(bundle, str(visits), str(tmp_path / "a.csv"))
+    assert "predict" in term.getvalue() and "B/s" in term.getvalue()
+    monkeypatch.setenv(QUIET_ENV, "1")
+    predict_file(bundle, str(visits), str(tmp_path / "b.csv"))
+    assert (tmp_path / "a.csv").read_bytes() == (tmp_path / "b.csv").read_bytes()
