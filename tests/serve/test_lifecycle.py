@@ -149,10 +149,19 @@ def test_serve_workers_rolling_swap_under_traffic(bundle_dir, other_bundle_dir, 
     def serving(bundle_id: str, polls: int = 10) -> bool:
         return all(server.client.get("/readyz").json()["bundle"]["id"] == bundle_id for _ in range(polls))
 
+    def answered_by(bundle_id: str) -> None:
+        """Wait for the traffic to get an answer from `bundle_id` after this call (on 2 busy cores the
+        swaps can otherwise come and go between two of its requests)."""
+        seen, deadline = len(answers), time.monotonic() + 30
+        while not any(body["bundle"]["id"] == bundle_id for _, body in answers[seen:]):
+            assert time.monotonic() < deadline, f"no answer from {bundle_id}"
+            time.sleep(0.05)
+
     threads = [threading.Thread(target=traffic) for _ in range(3)]
     for t in threads:
         t.start()
     try:
+        answered_by(id_a)
         point(link, other_bundle_dir)
         server.proc.send_signal(signal.SIGHUP)
         deadline = time.monotonic() + 60
@@ -172,6 +181,7 @@ def test_serve_workers_rolling_swap_under_traffic(bundle_dir, other_bundle_dir, 
         while not serving(id_a):
             assert time.monotonic() < deadline, "the admin route did not restart the workers"
             time.sleep(0.2)
+        answered_by(id_a)
     finally:
         stop.set()
         for t in threads:
