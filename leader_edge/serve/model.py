@@ -12,6 +12,7 @@ instead of 32), and each request's rows are formatted with its own options by
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from leader_edge.serve.schema import PatientIn
 from leader_edge.visit_stream import read_records
 from leader_edge.visit_table import VisitTable
 
+_LINE = re.compile(r"\b(on )?line (\d+)\b")  # a line of the in-memory CSV, named in a reader's message
 REQUEST = "request"  # the "file name" the reader sees; errors are re-addressed to request fields
 _KINDS = (("diagnosis", "diagnoses"), ("procedure", "procedures"), ("medication", "medications"))
 # `explain: true` bounds. An explanation reads the explain graph's [L, M] shares per patient (96 x 135
@@ -249,8 +251,17 @@ def _concat(tables: list[VisitTable]) -> VisitTable:
 
 
 def _request_error(e: DataError, where: list[tuple[int, int]]) -> RequestError:
-    """A reader error at (line, column) of the in-memory CSV -> the request field it came from."""
-    message = e.message + (f"; fix: {e.fix}" if e.fix else "")
+    """A reader error at (line, column) of the in-memory CSV -> the request field it came from; a line
+    its message names ("earlier than the patient's previous visit on line 2") -> the visit's path."""
+
+    def visit_path(m: re.Match) -> str:
+        line = int(m.group(2))
+        if not 2 <= line < len(where) + 2:
+            return m.group(0)
+        i, j = where[line - 2]
+        return f"{'at ' if m.group(1) else ''}patients[{i}].visits[{j}]"
+
+    message = _LINE.sub(visit_path, e.message + (f"; fix: {e.fix}" if e.fix else ""))
     if e.line is None or not 2 <= e.line < len(where) + 2:
         return RequestError("patients", message)
     i, j = where[e.line - 2]

@@ -65,7 +65,10 @@ BAD = [  # (request, status, field, words in the message)
     ({"patients": [{**P1, "visits": [visit("v1", "01/02/2100")]}]}, 422, "patients[0].visits[0].visit_time", "ISO 8601"),
     ({"patients": [{**P1, "visits": [visit("v1", "2100-02-01"), visit("v2", "2100-01-01")]}]}, 422,
      "patients[0].visits[1].visit_time", "earlier"),
-    ({"patients": [P1, {**P2, "visits": [visit("v1", "2100-01-01")]}]}, 422, "patients[1].visits[0].visit_id", "already used"),
+    ({"patients": [{**P1, "visits": [visit("v1", "2100-02-01"), visit("v2", "2100-01-01")]}]}, 422,
+     "patients[0].visits[1].visit_time", "previous visit at patients[0].visits[0] ("),  # not "on line 2" of no file
+    ({"patients": [P1, {**P2, "visits": [visit("v1", "2100-01-01")]}]}, 422, "patients[1].visits[0].visit_id",
+     "already used at patients[0].visits[0]"),
     ({"patients": [{**P1, "patient_id": "=cmd()"}]}, 422, "patients[0].patient_id", "formula"),
     ({"patients": [P2] * 9}, 422, "patients", "limit is 8"),
     ({"patient": P2, "explain": True}, 422, "explain", "no explanation graph"),  # a bundle exported without one
