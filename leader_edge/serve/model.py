@@ -24,20 +24,13 @@ from leader_edge.errors import DataError
 from leader_edge.explain import Explainer
 from leader_edge.recs import Scored, json_records
 from leader_edge.runtime import Bundle
-from leader_edge.serve.schema import PatientIn
+from leader_edge.serve.schema import MAX_EXPLAIN_PATIENTS, MAX_EXPLAINED, PatientIn
 from leader_edge.visit_stream import read_records
 from leader_edge.visit_table import VisitTable
 
 _LINE = re.compile(r"\b(on )?line (\d+)\b")  # a line of the in-memory CSV, named in a reader's message
 REQUEST = "request"  # the "file name" the reader sees; errors are re-addressed to request fields
 _KINDS = (("diagnosis", "diagnoses"), ("procedure", "procedures"), ("medication", "medications"))
-# `explain: true` bounds. An explanation reads the explain graph's [L, M] shares per patient (96 x 135
-# floats for a MIMIC bundle) and lists up to ~96 driver codes per medication, so threshold 0 over
-# 256 patients would be 256 x 135 lists of up to 96 dicts (~3 M dicts). 20 medications is above the
-# ~15 a MIMIC-III visit is prescribed on average; 32 patients keeps one request's explaining below
-# one explain-graph run (256 rows).
-MAX_EXPLAIN_PATIENTS = 32
-MAX_EXPLAINED = 20  # medications explained per patient
 
 
 class RequestError(ValueError):

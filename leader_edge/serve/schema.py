@@ -31,6 +31,13 @@ ProfileField = Annotated[str, Field(pattern=r"^[A-Za-z0-9_]+$", max_length=64)]
 MAX_CODES = 512
 # The model reads the last `encoder.max_visits` (8) visits; older ones only cost time.
 MAX_VISITS = 256
+# `explain: true` bounds. An explanation reads the explain graph's [L, M] shares per patient (96 x 135
+# floats for a MIMIC bundle) and lists up to ~96 driver codes per medication, so threshold 0 over
+# 256 patients would be 256 x 135 lists of up to 96 dicts (~3 M dicts). 20 medications is above the
+# ~15 a MIMIC-III visit is prescribed on average; 32 patients keeps one request's explaining below
+# one explain-graph run (256 rows).
+MAX_EXPLAIN_PATIENTS = 32
+MAX_EXPLAINED = 20  # medications explained per patient
 
 
 class _Strict(BaseModel):
@@ -64,7 +71,9 @@ class RecommendRequest(_Strict):
     threshold: float | None = Field(default=None, ge=0.0, le=1.0,
                                     description="decision threshold; default: the bundle's, tuned on validation")
     all_scores: bool = Field(default=False, description="every medication's probability, not only the recommended")
-    explain: bool = Field(default=False, description="per recommended medication, the input codes that drove it")
+    explain: bool = Field(default=False, description="per recommended medication, the input codes that drove it; "
+                          f"at most {MAX_EXPLAIN_PATIENTS} patients and {MAX_EXPLAINED} medications per patient "
+                          "(top_k, or the threshold's set), else 422")
 
     @model_validator(mode="after")
     def _one_form(self) -> "RecommendRequest":
