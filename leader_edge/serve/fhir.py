@@ -125,8 +125,8 @@ def to_patients(document, vocab: dict[str, list[str]], profile_fields: list[str]
         profile_fields: the bundle's profile fields (`marital_status` is read from the Patient).
 
     Raises:
-        FHIRError: not a Bundle, no Patient with an Encounter, an encounter without a start time, or
-            a mapped value the request schema refuses.
+        FHIRError: not a Bundle, two entries with one fullUrl or Type/id, no Patient with an
+            Encounter, an encounter without a start time, or a mapped value the request schema refuses.
     """
     if not isinstance(document, dict) or document.get("resourceType") != "Bundle":
         raise FHIRError("resourceType", "the body must be a FHIR R4 Bundle (resourceType \"Bundle\")")
