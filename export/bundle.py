@@ -46,6 +46,7 @@ from leader_edge.errors import ConfigError, DataError, StateError
 from leader_edge.export import onnx as onnx_export
 from leader_edge.files import atomic_directory, sha256
 from leader_edge.manifest import BUNDLE_FORMAT, MANIFEST, MODEL, SELFTEST, SELFTEST_ATOL, SIGNATURE, manifest_digest, signed_message
+from leader_edge.progress import progress
 from leader_edge.runtime import Bundle, open_session
 from leader_edge.splits import dataset_splits
 
@@ -311,7 +312,9 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, model: str = DEFAULT_
     invariance = (val + [s.visits for s in splits["train"]])[:INVARIANCE_VISITS]
     batched, singles = encode_batches(encoder, invariance, batch_size), encode_batches(encoder, invariance, 1)
 
-    with tempfile.TemporaryDirectory(prefix=".export-", dir=out.parent if out.parent.exists() else None) as tmp:
+    # Steps: trace model and explanation graphs, score fp32, (int8: three variants), write and reload.
+    with tempfile.TemporaryDirectory(prefix=".export-", dir=out.parent if out.parent.exists() else None) as tmp, \
+            progress(5 if int8 else 2, desc="export", unit="step") as bar:
         work = Path(tmp)
         example = onnx_export.example_inputs(encoder.n_codes, encoder.n_profile_ids, len(encoder.profile_fields))
         fp32 = onnx_export.export_onnx(student, work / "fp32.onnx", example)
@@ -324,6 +327,7 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, model: str = DEFAULT_
         log.info("fp32: max |dp| %.2e vs torch, %.2e batch 1 vs batched", np.abs(candidates[0].y_prob - reference).max(),
                  candidates[0].max_batch_dp)
         onnx_export.check_explain(explain, encoded, candidates[0].y_prob)
+        bar.update(1)
         tried: list[Candidate] = []
         if int8:
             rng = np.random.default_rng(seed)
@@ -340,6 +344,7 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, model: str = DEFAULT_
                 if name != "int8-weights":  # the weights variant quantizes its tables itself
                     onnx_export.quantize_embeddings(path)
                 tried.append(score(name, path))
+                bar.update(1)
             for c in tried:
                 log.info("%s: Jaccard %.4f PRAUC %.4f, batch 1 vs batched %.2e (%s), %.0f KiB", c.name, c.jaccard, c.prauc,
                          c.max_batch_dp, "invariant" if c.batch_invariant else "REFUSED", c.path.stat().st_size / 1024)
@@ -347,7 +352,8 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, model: str = DEFAULT_
         else:
             chosen = candidates[0]
             if not chosen.batch_invariant:
-                raise RuntimeError(f"the fp32 model's probabilities depend on the batch (max |dp| {chosen.max_batch_dp:.2e} "
+                # A gate outcome, not a crash: the bundle is refused with the figures (exit 2).
+                raise StateError(f"the fp32 model's probabilities depend on the batch (max |dp| {chosen.max_batch_dp:.2e} "
                                    f"> {BATCH_ATOL:g} between batch 1 and {batch_size}); report this as an export bug")
         validation = gate(reference, chosen.y_prob, y_true, threshold)
         validation["batch_invariance"] = {"max_abs_dp": chosen.max_batch_dp, "batch_sizes": [1, batch_size],
@@ -390,6 +396,7 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, model: str = DEFAULT_
             write_bundle(tmp_out, onnx_export.stamp_sizes(chosen.path, work / "stamped.onnx", sizes), manifest, encoder, key=key,
                          extra={EXPLAIN: explain, NAMES: names})
             _verify_written(tmp_out, key, work)
+        bar.update(1)
     return manifest
 
 

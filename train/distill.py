@@ -29,6 +29,7 @@ from leader_edge.dataset import Dataset, load_dataset
 from leader_edge.encoding import INPUT_NAMES, KINDS, Batch, Encoder
 from leader_edge.errors import ConfigError, StateError
 from leader_edge.files import atomic_directory
+from leader_edge.progress import progress
 from leader_edge.recs import write_predictions
 from leader_edge.splits import Sample, dataset_splits
 from leader_edge.train.student import Student, StudentConfig
@@ -346,6 +347,9 @@ def train_student(
         kd_train = teacher_probabilities(run_dir, samples["train"])
     n = len(enc["train"])
     n_visits = enc["train"].visit_mask.sum(1)
+    # One bar over the epochs (an upper bound: early stopping may end it sooner), loss and
+    # validation PRAUC as it goes; the per-epoch line stays in the INFO log (-v).
+    bar = progress(config.epochs, desc=f"student{'' if teacher is not None else ' (labels only)'}", unit="epoch")
     for epoch in range(1, config.epochs + 1):
         start = time.perf_counter()
         model.train()
@@ -374,12 +378,15 @@ def train_student(
                         "seconds": round(time.perf_counter() - start, 2)})
         log.info("epoch %d: loss %.4f (bce %.4f mse %.4f) val PRAUC %.4f Jaccard@0.5 %.4f (%.1f s)", epoch,
                  sums["loss"], sums["bce"], sums["mse"], val["prauc"], val["jaccard"], history[-1]["seconds"])
+        bar.update(1)
+        bar.set_postfix(loss=f"{sums['loss']:.4f}", val_prauc=f"{val['prauc']:.4f}", best=f"{max(best, val['prauc']):.4f}")
         if val["prauc"] > best:
             best, best_epoch = val["prauc"], epoch
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         elif epoch - best_epoch >= config.patience:
             log.info("early stop: no better validation PRAUC for %d epochs (best %.4f at epoch %d)", config.patience, best, best_epoch)
             break
+    bar.close()
     model.load_state_dict(best_state)
     return model, history, best_epoch
 
