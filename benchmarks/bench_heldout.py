@@ -46,7 +46,7 @@ GROUPS = ("overall", "single_visit", "multi_visit", "rare_diagnosis")
 
 
 def heldout_matrices(held, med_codes):
-    from leader_edge.splits import make_samples
+    from leader_edge.data.splits import make_samples
 
     samples = make_samples(held, list(held.patients()))
     index = {c: j for j, c in enumerate(med_codes)}
@@ -62,8 +62,8 @@ def counting_stack(ds, splits, seed: int):
     separates what better counting gives from what the trained student adds."""
     import torch
 
-    from leader_edge import metrics
-    from leader_edge.encoding import KINDS, Encoder
+    from leader_edge.evaluation import metrics
+    from leader_edge.bedside.encoding import KINDS, Encoder
     from leader_edge.train.distill import predict
     from leader_edge.train.student import PRIOR_RULES, Student, StudentConfig
     from leader_edge.train.student_init import fit_prior_mix, frequency_prior
@@ -98,12 +98,13 @@ def main(argv=None) -> None:
 
     import torch
 
-    from leader_edge import metrics
-    from leader_edge.baselines import fit_frequency_baseline
-    from leader_edge.dataset import load_dataset
-    from leader_edge.splits import dataset_splits
-    from leader_edge.report import group_masks
-    from leader_edge.train.distill import DistillConfig, load_student, predict, run_student_stage, student_dir_name
+    from leader_edge.evaluation import metrics
+    from leader_edge.evaluation.baselines import fit_frequency_baseline
+    from leader_edge.data.dataset import load_dataset
+    from leader_edge.data.splits import dataset_splits
+    from leader_edge.evaluation.report import group_masks
+    from leader_edge.train.distill import DistillConfig, predict, run_student_stage
+    from leader_edge.train.stage_files import load_student, student_dir_name
 
     ds, held = load_dataset(a.data), load_dataset(a.heldout)
     seeds = [int(s) for s in a.seeds.split(",")]

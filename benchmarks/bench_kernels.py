@@ -111,7 +111,7 @@ def make_batch(b: int, sizes: dict, device: torch.device, dtype: torch.dtype, ge
 
 
 def student_cases(b: int, sizes: dict, device, dtype, providers, gen) -> tuple[list[Case], dict]:
-    from leader_edge.encoding import INPUT_NAMES
+    from leader_edge.bedside.encoding import INPUT_NAMES
 
     batch = make_batch(b, sizes, device, dtype, gen)
     inputs = [batch[n] for n in INPUT_NAMES]

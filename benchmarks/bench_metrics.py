@@ -17,7 +17,7 @@ import warnings
 import numpy as np
 from sklearn.metrics import average_precision_score
 
-from leader_edge.metrics import average_precision, per_visit_metrics
+from leader_edge.evaluation.metrics import average_precision, per_visit_metrics
 
 
 def median_seconds(fn, repeats: int) -> float:

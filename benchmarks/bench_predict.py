@@ -38,10 +38,10 @@ def setup(workdir: Path, patients: int, run: Path | None, set_encoder: str) -> t
     """(visits.csv, fp32 bundle, int8 bundle), built once and reused from `workdir`."""
     import torch
 
-    from leader_edge.dataset import load_dataset, write_dataset
-    from leader_edge.encoding import KINDS, Encoder
+    from leader_edge.data.dataset import load_dataset, write_dataset
+    from leader_edge.bedside.encoding import KINDS, Encoder
     from leader_edge.export.bundle import export_bundle
-    from leader_edge.synth import synth_dataset
+    from leader_edge.data.synth import synth_dataset
 
     data = workdir / f"synth-{patients}"
     if not (data / "visits.csv").exists():
@@ -49,7 +49,7 @@ def setup(workdir: Path, patients: int, run: Path | None, set_encoder: str) -> t
     if run is None:
         run = workdir / f"run-{set_encoder}"
         if not (run / "student" / "config.json").exists():
-            from leader_edge.train.distill import save_student
+            from leader_edge.train.stage_files import save_student
             from leader_edge.train.student import Student, StudentConfig
 
             ds = load_dataset(data)
@@ -85,7 +85,7 @@ def cold_start(visits: Path, bundle: Path, workdir: Path) -> dict:
     cmd = [str(Path(sys.executable).with_name("leader-edge")), "predict", "--bundle", str(bundle), "--input", str(one),
            "--output", str(workdir / "one-out.csv")]
     times = [wall(cmd) for _ in range(6)][1:]  # the first run warms the page cache
-    imp = subprocess.run([sys.executable, "-X", "importtime", "-c", "import leader_edge.cli.predict, leader_edge.runtime, onnxruntime"],
+    imp = subprocess.run([sys.executable, "-X", "importtime", "-c", "import leader_edge.cli.predict, leader_edge.bedside.runtime, onnxruntime"],
                          capture_output=True, text=True, check=True).stderr
     total_us = sum(int(line.split("|")[0].split(":")[1]) for line in imp.splitlines() if line.startswith("import time:") and "self" not in line)
     return {"cold_start_s": statistics.median(times), "import_s": total_us / 1e6}
@@ -113,8 +113,8 @@ def model_speed(visits: Path, fp32: Path, int8: Path, run: Path, n_single: int =
     import torch
 
     from leader_edge.export.onnx import batch1_ms, ort_runner
-    from leader_edge.train.distill import load_student
-    from leader_edge.visit_stream import read_patients
+    from leader_edge.train.stage_files import load_student
+    from leader_edge.bedside.visit_stream import read_patients
 
     model, encoder, _ = load_student(run / "student", backend="torch")
     with open(visits, "rb") as f:

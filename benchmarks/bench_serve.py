@@ -36,7 +36,7 @@ import numpy as np
 
 from leader_edge.serve.model import Model
 from leader_edge.serve.schema import RecommendRequest
-from leader_edge.visit_stream import read_patients
+from leader_edge.bedside.visit_stream import read_patients
 
 
 def request_bodies(visits: Path, n: int) -> list[bytes]:

@@ -23,11 +23,11 @@ import time
 
 import numpy as np
 
-import leader_edge.synth as synth
-from leader_edge import metrics
-from leader_edge.baselines import fit_frequency_baseline, labels, visit_features
-from leader_edge.dataset import Dataset
-from leader_edge.splits import Sample, dataset_splits
+import leader_edge.data.synth as synth
+from leader_edge.evaluation import metrics
+from leader_edge.evaluation.baselines import fit_frequency_baseline, labels, visit_features
+from leader_edge.data.dataset import Dataset
+from leader_edge.data.splits import Sample, dataset_splits
 
 
 def generate_with_states(config: synth.SynthConfig) -> tuple[synth.Cohort, list[tuple]]:
@@ -127,7 +127,7 @@ def teacher_family_accuracy(run: str, cohort, ds: Dataset) -> list[tuple[str, in
 
     import torch
 
-    from leader_edge.dataset import Visit
+    from leader_edge.data.dataset import Visit
     from leader_edge.train.teacher_data import encode_prompt, pad_batch
     from leader_edge.train.teacher_model import TeacherModel
 

@@ -21,8 +21,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
-from leader_edge.splits import dataset_splits  # noqa: E402
-from leader_edge.synth import synth_dataset  # noqa: E402
+from leader_edge.data.splits import dataset_splits  # noqa: E402
+from leader_edge.data.synth import synth_dataset  # noqa: E402
 from leader_edge.train.teacher_config import TeacherConfig  # noqa: E402
 from leader_edge.train.teacher_data import encode_samples, length_batches, lower_cache, pad_states  # noqa: E402
 from leader_edge.train.teacher_model import TeacherModel  # noqa: E402

@@ -23,9 +23,9 @@ from pathlib import Path
 CHILD = r"""
 import json, resource, sys, time
 import torch
-from leader_edge.dataset import write_dataset
-from leader_edge.splits import dataset_splits
-from leader_edge.synth import synth_dataset
+from leader_edge.data.dataset import write_dataset
+from leader_edge.data.splits import dataset_splits
+from leader_edge.data.synth import synth_dataset
 from leader_edge.train.teacher import _store
 from leader_edge.train.teacher_config import TeacherConfig
 from leader_edge.train.teacher_data import encode_samples, lower_cache

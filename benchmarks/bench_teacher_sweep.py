@@ -23,8 +23,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import leader_edge.train.teacher as teacher
-from leader_edge.dataset import load_dataset
-from leader_edge.splits import dataset_splits
+from leader_edge.data.dataset import load_dataset
+from leader_edge.data.splits import dataset_splits
 from leader_edge.train.teacher_config import TeacherConfig
 from leader_edge.train.teacher_data import encode_samples, length_batches, pad_batch
 from leader_edge.train.teacher_model import TeacherModel

@@ -1,4 +1,6 @@
 """RUN/<model> -> a validated bundle directory that proves itself at load.
+(~450 lines: the export steps, the validation gate and the signature in one place; the ONNX
+tracing and quantization are export/onnx.py.)
 
     export_bundle(run_dir, out, model="student", int8=True, sign=None)
 
@@ -13,7 +15,7 @@ exporting the same run twice gives byte-identical bundles. The chosen model is h
 student on the validation split (`gate`): a Jaccard drop over `MAX_JACCARD_DROP` refuses the
 bundle unless `force`.
 
-The bundle (see `leader_edge.runtime` for what the load checks): model.onnx (the table sizes
+The bundle (see `leader_edge.bedside.runtime` for what the load checks): model.onnx (the table sizes
 stamped in its metadata), explain.onnx (`Student.logit_parts`, fp32 in every variant, the model's
 inputs; its parts add up to the fp32 model's logit, checked on validation, so in an int8 bundle they
 differ from model.onnx's by the int8 error the gate records; manifest field `explain`), names.json (the
@@ -39,16 +41,16 @@ from pathlib import Path
 
 import numpy as np
 
-from leader_edge import metrics
-from leader_edge.dataset import load_dataset
-from leader_edge.encoding import Encoder, RawVisit
+from leader_edge.evaluation import metrics
+from leader_edge.data.dataset import load_dataset
+from leader_edge.bedside.encoding import Encoder, RawVisit
 from leader_edge.errors import ConfigError, DataError, StateError
 from leader_edge.export import onnx as onnx_export
 from leader_edge.files import atomic_directory, sha256
-from leader_edge.manifest import BUNDLE_FORMAT, MANIFEST, MODEL, SELFTEST, SELFTEST_ATOL, SIGNATURE, manifest_digest, signed_message
+from leader_edge.bedside.manifest import BUNDLE_FORMAT, MANIFEST, MODEL, SELFTEST, SELFTEST_ATOL, SIGNATURE, manifest_digest, signed_message
 from leader_edge.progress import progress
-from leader_edge.runtime import Bundle, open_session
-from leader_edge.splits import dataset_splits
+from leader_edge.bedside.runtime import Bundle, open_session
+from leader_edge.data.splits import dataset_splits
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +108,7 @@ def model_dir(run_dir: Path, name: str) -> Path:
 
 def load_run(run_dir: Path, name: str = DEFAULT_MODEL):
     """(torch student on CPU with reference ops, encoder, RUN/<name>/config.json dict)."""
-    from leader_edge.train.distill import load_student
+    from leader_edge.train.stage_files import load_student
 
     student_dir = model_dir(run_dir, name)
     model, encoder, _ = load_student(student_dir, backend="torch")

@@ -26,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from leader_edge.encoding import INPUT_NAMES
+from leader_edge.bedside.encoding import INPUT_NAMES
 from leader_edge.errors import ConfigError
-from leader_edge.runtime import METADATA_PREFIX
+from leader_edge.bedside.runtime import METADATA_PREFIX
 
 log = logging.getLogger(__name__)
 

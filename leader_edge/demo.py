@@ -36,8 +36,8 @@ def _run(args: list[str], *, stdout: Path | None = None) -> None:
 def write_split_visits(data: Path, dst: Path, *, split: str, seed: int) -> int:
     """Write the visits of one split's patients (same split as training) to `dst`: read and written
     by the dataset's own reader and writer, so the file keeps the visits contract."""
-    from leader_edge.dataset import load_dataset, write_visits
-    from leader_edge.splits import split_patients
+    from leader_edge.data.dataset import load_dataset, write_visits
+    from leader_edge.data.splits import split_patients
 
     ds = load_dataset(data)
     keep = set(split_patients(list(ds.patients()), seed=seed)[split])

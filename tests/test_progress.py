@@ -60,8 +60,8 @@ def test_predict_shows_bytes_read_of_its_input_on_a_terminal(monkeypatch, tmp_pa
     sys.path.insert(0, str(next(Path(__file__).parent.rglob("test_runtime.py")).parent))  # its fake bundle
     from test_runtime import HEADER, write_fake_bundle
 
-    from leader_edge.predict_file import predict_file
-    from leader_edge.runtime import Bundle
+    from leader_edge.bedside.predict_file import predict_file
+    from leader_edge.bedside.runtime import Bundle
 
     monkeypatch.delenv(QUIET_ENV, raising=False)
     bundle = Bundle.load(write_fake_bundle(tmp_path / "b"))

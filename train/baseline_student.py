@@ -16,11 +16,12 @@ from pathlib import Path
 
 import torch
 
-from leader_edge import metrics
-from leader_edge.dataset import load_dataset
-from leader_edge.splits import dataset_splits
-from leader_edge.encoding import KINDS, Encoder
-from leader_edge.train.distill import DistillConfig, code_limit, predict, write_student_dir
+from leader_edge.evaluation import metrics
+from leader_edge.data.dataset import load_dataset
+from leader_edge.data.splits import dataset_splits
+from leader_edge.bedside.encoding import KINDS, Encoder
+from leader_edge.train.distill import DistillConfig, code_limit, predict
+from leader_edge.train.stage_files import write_student_dir
 from leader_edge.train.student import Student, StudentConfig
 from leader_edge.train.student_init import frequency_prior
 

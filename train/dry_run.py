@@ -55,8 +55,8 @@ def _meta_model(spec: str):
 
 def dry_run(data_dir: Path, config, *, world_size: int = 1, tflops: float = 400.0, sample: int = 500) -> dict:
     """The plan of a teacher run (see the module docstring); `config` is a TeacherConfig."""
-    from leader_edge.dataset import load_dataset
-    from leader_edge.splits import dataset_splits
+    from leader_edge.data.dataset import load_dataset
+    from leader_edge.data.splits import dataset_splits
     from leader_edge.train.prompts import build_prompt
     from leader_edge.train.backbone import decoder_layers
     from leader_edge.train.teacher_data import encode_prompt

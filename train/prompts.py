@@ -22,8 +22,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-from leader_edge.dataset import Dataset, Visit
-from leader_edge.splits import Sample
+from leader_edge.data.dataset import Dataset, Visit
+from leader_edge.data.splits import Sample
 from leader_edge.errors import ConfigError
 
 # LEADER keeps at most the 3 previous visits.

@@ -1,10 +1,11 @@
 """LEADER(S): the compact ID-based student that ships to the bedside.
 
-Read top to bottom: config, attention block, the model. Inputs come from
-`leader_edge.encoding.Encoder.encode` (see its docstring for the id conventions).
+Read top to bottom: config, attention block, the model (one file on purpose, ~590 lines: the
+whole model and the counting prior it corrects, readable in one go as nanoGPT's is). Inputs come from
+`leader_edge.bedside.encoding.Encoder.encode` (see its docstring for the id conventions).
 
 Tensor path for export (`Student.logits` / `Student.predict_proba`), all int64, names as in
-`leader_edge.encoding.INPUT_NAMES`; B (batch), K (visit slots), L* (codes) are dynamic:
+`leader_edge.bedside.encoding.INPUT_NAMES`; B (batch), K (visit slots), L* (codes) are dynamic:
     diagnoses    int64 [B, K, Ld]  shared code ids, -1 padded
     procedures   int64 [B, K, Lp]
     medications  int64 [B, K, Lm]  medications of the PREVIOUS visit in each slot
@@ -48,7 +49,7 @@ from leader_edge import kernels
 from leader_edge.errors import ConfigError
 
 NEG = -1e9  # attention bias for padding: finite, so fully padded rows stay NaN-free
-PRIOR_RULES = ("mean", "max", "noisy_or", "specificity")  # leader_edge.baselines.RULES, the order of `prior_mix`
+PRIOR_RULES = ("mean", "max", "noisy_or", "specificity")  # leader_edge.evaluation.baselines.RULES, the order of `prior_mix`
 P_CLAMP = 1e-4  # the prior's probabilities are clamped to [P_CLAMP, 1 - P_CLAMP] before the logit
 
 
@@ -485,7 +486,7 @@ class Student(nn.Module):
         visit's codes [B, L] (-1 padded), and with `explain` each slot's share [B, L, n_meds] of
         their move away from the global row's logit (else None).
 
-        Rules as `leader_edge.baselines.FrequencyBaseline.predict_proba`: "mean"/"specificity" a
+        Rules as `leader_edge.evaluation.baselines.FrequencyBaseline.predict_proba`: "mean"/"specificity" a
         weighted mean of the codes' P(med | code) rows and the global row, "max" their max,
         "noisy_or" 1 - prod(1 - P). Codes the baseline never saw carry weight 0.
         """

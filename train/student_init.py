@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from leader_edge.dataset import Dataset
-from leader_edge.encoding import KINDS, Batch, Encoder
+from leader_edge.data.dataset import Dataset
+from leader_edge.bedside.encoding import KINDS, Batch, Encoder
 from leader_edge.errors import StateError
 from leader_edge.train.code_embeddings import CODE_EMBEDDINGS, cached_name_vectors
 
@@ -101,7 +101,7 @@ def frequency_prior(ds: Dataset, samples: dict[str, list], encoder: Encoder, *, 
         (`baselines.out_of_fold_proba`), so the student learns the baseline's held-out error
         instead of trusting in-sample counts that already contain the target.
     """
-    from leader_edge.baselines import PRIOR, fit_frequency_baseline, out_of_fold_proba
+    from leader_edge.evaluation.baselines import PRIOR, fit_frequency_baseline, out_of_fold_proba
     from leader_edge.train.student import PRIOR_RULES
 
     base, threshold, _ = fit_frequency_baseline(ds, samples)

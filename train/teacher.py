@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from leader_edge import metrics
-from leader_edge.dataset import load_dataset
-from leader_edge.splits import dataset_splits
+from leader_edge.evaluation import metrics
+from leader_edge.data.dataset import load_dataset
+from leader_edge.data.splits import dataset_splits
 from leader_edge.train.teacher_checkpoint import load_checkpoint, save_checkpoint
 from leader_edge.train.teacher_config import TeacherConfig
 from leader_edge.train.teacher_data import FEATURES, Encoded, encode_samples, length_batches, lower_cache, pad_batch, pad_states
@@ -111,7 +111,7 @@ def prior_logits(ds, splits: dict[str, list], config: TeacherConfig) -> dict[str
     m = len(ds.vocab("medication"))
     if config.prior == "none":
         return {k: np.zeros((len(v), m), dtype=np.float32) for k, v in splits.items()}
-    from leader_edge.baselines import fit_frequency_baseline, out_of_fold_proba
+    from leader_edge.evaluation.baselines import fit_frequency_baseline, out_of_fold_proba
 
     base, _, _ = fit_frequency_baseline(ds, splits)
     probs = {k: base.predict_proba(v) for k, v in splits.items() if k != "train"}
@@ -341,7 +341,7 @@ def _finish(model, ds, enc, offsets, tune_states, val_states, mine, val_mine, ou
     """Rank 0 after tuning: save the model, the features of every sample, metrics, test predictions."""
     from safetensors.torch import save_file
 
-    from leader_edge.recs import write_predictions
+    from leader_edge.bedside.recs import write_predictions
 
     model.save(out, extra={"best_epoch": state["best_epoch"]})
     left = int(enc["train"].lengths.sum() - enc["train"].subset(mine).lengths.sum())
@@ -384,7 +384,7 @@ def _finish(model, ds, enc, offsets, tune_states, val_states, mine, val_mine, ou
     tmp.replace(out / FEATURES)
     from leader_edge.files import sha256
 
-    # Checked before reuse (`distill.load_teacher_features`): a damaged or swapped file is refused.
+    # Checked before reuse (`stage_files.load_teacher_features`): a damaged or swapped file is refused.
     result["files"] = {name: sha256(out / name) for name in (FEATURES, ADAPTER)}
     tmpm = out / f".{METRICS}.tmp"
     tmpm.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")

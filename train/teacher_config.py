@@ -47,7 +47,7 @@ class TeacherConfig:
     weight_decay: float = 0.0
     warmup: float = 0.05  # fraction of optimizer steps with linear warm-up, then linear decay
     seed: int = 42  # split seed and the teacher's training seed
-    protocol: str = "leader"  # split and test samples: "leader" or "safedrug" (leader_edge.dataset.PROTOCOLS)
+    protocol: str = "leader"  # split and test samples: "leader" or "safedrug" (leader_edge.data.dataset.PROTOCOLS)
     cache_batch_tokens: int = 4096  # tokens per batch of the one-off frozen-layer pass
     # Where the frozen-layer states live: "disk" (safetensors shards under RUN/teacher/.cache, read per
     # batch; host memory bounded by a shard: train/state_store.py) or "memory" (a list; fastest on

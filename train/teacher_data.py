@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from leader_edge.dataset import Dataset
-from leader_edge.splits import Sample
+from leader_edge.data.dataset import Dataset
+from leader_edge.data.splits import Sample
 from leader_edge.train.prompts import build_prompt
 
 log = logging.getLogger(__name__)

@@ -62,13 +62,13 @@ def evaluate(truth, predictions, visits, label_space, skip_missing, ddi, baselin
             raise click.UsageError(f"--out {output} is one of the input files; choose another path")
     if run_dir is not None:
         result = _evaluate_run(run_dir, data, protocol)
-        from leader_edge.report import summary_table
+        from leader_edge.evaluation.report import summary_table
 
         click.echo(summary_table(result))
         click.echo(f"report: {run_dir / 'report.md'}; plots: {run_dir / 'training-curves.png'}, "
                    f"{run_dir / 'metrics-by-group.png'}; metrics: {run_dir / 'metrics.json'}", err=True)
     else:
-        from leader_edge.splits import get_protocol
+        from leader_edge.data.splits import get_protocol
 
         proto = get_protocol(protocol or "leader")
         rounds = rounds or proto.rounds
@@ -80,7 +80,7 @@ def evaluate(truth, predictions, visits, label_space, skip_missing, ddi, baselin
             if data is None:
                 raise click.UsageError("--baseline needs --data DIR")
             result = _evaluate_baseline(data, proto, seed, rounds)
-        from leader_edge.metrics import format_table
+        from leader_edge.evaluation.metrics import format_table
 
         click.echo(format_table(result["groups"], title=result["title"]))
         click.echo("cells: value over every scored patient (mean +- std over the protocol's subsamples)", err=True)
@@ -92,9 +92,9 @@ def evaluate(truth, predictions, visits, label_space, skip_missing, ddi, baselin
 def _read_targets(truth: Path):
     """(targets, visits or None): the scored rows of a truth file. A visits file gives visits too;
     a patient_id,visit_id,medications file gives its rows as Prediction tuples."""
-    from leader_edge.csv_checks import iter_csv_rows
-    from leader_edge.dataset import read_visits
-    from leader_edge.recs import read_predictions
+    from leader_edge.bedside.csv_checks import iter_csv_rows
+    from leader_edge.data.dataset import read_visits
+    from leader_edge.bedside.recs import read_predictions
 
     header = next(iter_csv_rows(truth))[1]["__header__"]
     if "visit_time" in header:
@@ -106,11 +106,11 @@ def _label_space(path: Path) -> list[str]:
     """Medication codes of a dataset directory, a bundle directory or a one-code-per-line file."""
     if path.is_dir():
         if (path / "visits.csv").is_file():
-            from leader_edge.dataset import load_dataset
+            from leader_edge.data.dataset import load_dataset
 
             return load_dataset(path).vocab("medication")
         if (path / "manifest.json").is_file():
-            from leader_edge.runtime import Bundle
+            from leader_edge.bedside.runtime import Bundle
 
             return list(Bundle.load(path).med_codes)
         raise DataError(path, "neither a dataset (visits.csv) nor a bundle (manifest.json) directory",
@@ -128,9 +128,9 @@ def _evaluate_file(truth: Path, predictions: Path, visits_path: Path | None, lab
                    proto, seed: int, rounds: int, skip_missing: bool) -> dict:
     import numpy as np
 
-    from leader_edge.dataset import read_ddi, read_visits
-    from leader_edge.metrics import by_group, ddi_matrix, per_visit_metrics
-    from leader_edge.recs import Prediction, prediction_matrices, predicted_codes, read_predictions
+    from leader_edge.data.dataset import read_ddi, read_visits
+    from leader_edge.evaluation.metrics import by_group, ddi_matrix, per_visit_metrics
+    from leader_edge.bedside.recs import Prediction, prediction_matrices, predicted_codes, read_predictions
 
     rows, truth_visits = _read_targets(truth)
     # --visits gives the patients' histories (groups, known ids); the scored rows always come from --truth.
@@ -222,10 +222,10 @@ def _evaluate_file(truth: Path, predictions: Path, visits_path: Path | None, lab
 def _evaluate_baseline(data: Path, proto, seed: int, rounds: int) -> dict:
     import numpy as np
 
-    from leader_edge.baselines import fit_frequency_baseline, labels
-    from leader_edge.dataset import load_dataset
-    from leader_edge.splits import dataset_splits
-    from leader_edge.metrics import by_group, ddi_matrix, per_visit_metrics
+    from leader_edge.evaluation.baselines import fit_frequency_baseline, labels
+    from leader_edge.data.dataset import load_dataset
+    from leader_edge.data.splits import dataset_splits
+    from leader_edge.evaluation.metrics import by_group, ddi_matrix, per_visit_metrics
 
     ds = load_dataset(data)
     splits = dataset_splits(ds, seed=seed, protocol=proto)
@@ -254,7 +254,7 @@ def _evaluate_baseline(data: Path, proto, seed: int, rounds: int) -> dict:
 def _evaluate_run(run_dir: Path, data: Path | None, protocol: str | None) -> dict:
     if not (run_dir / "run.json").exists():
         raise StateError(f"{run_dir} has no run.json: it is not a trained run; create one with `leader-edge train --out {run_dir}`")
-    from leader_edge.report import write_report
+    from leader_edge.evaluation.report import write_report
 
     return write_report(run_dir, data, protocol=protocol)
 
@@ -262,7 +262,7 @@ def _evaluate_run(run_dir: Path, data: Path | None, protocol: str | None) -> dic
 def _write_json(path: Path, result: dict) -> None:
     """Atomic JSON (`metrics.json_ready`: (mean, std) pairs become {"mean", "std"}, NaN becomes null)."""
     from leader_edge.files import atomic_write_text
-    from leader_edge.metrics import json_ready
+    from leader_edge.evaluation.metrics import json_ready
 
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(json_ready(result), indent=2, default=str) + "\n")

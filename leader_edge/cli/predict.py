@@ -49,15 +49,15 @@ def predict(bundle: Path, input_path: str, output: str, fmt: str, all_visits: bo
       leader-edge predict --bundle bundle --trust key.pub.pem --input visits.csv --out recs.csv
       leader-edge predict --bundle bundle --input visits.csv --format jsonl --explain --top-k 5
     """
-    from leader_edge.predict_file import MAX_UNKNOWN_SHARE, Interrupted, predict_file
-    from leader_edge.runtime import Bundle
+    from leader_edge.bedside.predict_file import MAX_UNKNOWN_SHARE, Interrupted, predict_file
+    from leader_edge.bedside.runtime import Bundle
 
     if explain and fmt != "jsonl":
         raise InputError("--explain writes nested explanations: add --format jsonl")
     model = Bundle.load(bundle, trust=trust)
     explainer = None
     if explain:
-        from leader_edge.explain import Explainer
+        from leader_edge.bedside.explain import Explainer
 
         explainer = Explainer(model)
     try:

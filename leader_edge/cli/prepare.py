@@ -52,8 +52,8 @@ def prepare(source: str, root: Path, out: Path, **options) -> None:
       leader-edge prepare mimic3 --root mimic-iii-demo --out data/demo --med-level rxcui \\
         --ndc-rxcui ndc2rxnorm_mapping.txt
     """
-    from leader_edge.dataset import write_dataset
-    from leader_edge.sources.mimic import PrepareConfig, prepare_mimic, stats_table
+    from leader_edge.data.dataset import write_dataset
+    from leader_edge.data.sources.mimic import PrepareConfig, prepare_mimic, stats_table
 
     start = time.perf_counter()
     cfg = PrepareConfig(source=source, root=root, **options)

@@ -30,17 +30,17 @@ def synth(out: Path, patients: int, seed: int, fmt: str) -> None:
       leader-edge prepare mimic3 --root data/mimic3-synth --out data/m3 \\
         --ndc-rxcui data/mimic3-synth/ndc2rxnorm_mapping.txt --rxcui-atc data/mimic3-synth/RXCUI2atc4.csv
     """
-    from leader_edge.synth import SynthConfig, cohort_dataset, generate_cohort
+    from leader_edge.data.synth import SynthConfig, cohort_dataset, generate_cohort
 
     start = time.perf_counter()
     cohort = generate_cohort(SynthConfig(patients=patients, seed=seed))
     if fmt == "mimic3":
-        from leader_edge.synth_mimic import write_mimic3
+        from leader_edge.data.synth_mimic import write_mimic3
 
         write_mimic3(cohort, out, seed=seed)
         click.echo(f"wrote raw MIMIC-III tables for {patients:,} patients to {out} in {time.perf_counter() - start:.1f} s", err=True)
         return
-    from leader_edge.dataset import write_dataset
+    from leader_edge.data.dataset import write_dataset
 
     ds = cohort_dataset(cohort)
     write_dataset(ds, out, source="synth", options={"patients": patients, "seed": seed, "format": fmt})

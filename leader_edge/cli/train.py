@@ -92,8 +92,8 @@ def train(data_dir, run_dir, teacher, stage, no_distill, show_prompt, resume, se
         conf["backbone_layers"] = CPU_BACKBONE_LAYERS
     config = TeacherConfig.from_dict(conf)
     student_config = _student_config(student_conf, config_file)  # checked before any stage runs
-    from leader_edge.dataset import load_dataset
-    from leader_edge.splits import check_splits, dataset_splits
+    from leader_edge.data.dataset import load_dataset
+    from leader_edge.data.splits import check_splits, dataset_splits
 
     # Before any stage: a split with no patient would train a teacher with NaN metrics that later runs reuse.
     check_splits(dataset_splits(load_dataset(data_dir), seed=seed, protocol=protocol), source=data_dir, protocol=protocol)
@@ -149,8 +149,8 @@ def _write_run_json(run_dir: Path, data_dir: Path, seed: int, config, *, seeds: 
 
 
 def _show_prompt(data_dir: Path, config, n: int) -> None:
-    from leader_edge.dataset import load_dataset
-    from leader_edge.splits import dataset_splits
+    from leader_edge.data.dataset import load_dataset
+    from leader_edge.data.splits import dataset_splits
     from leader_edge.train.backbone import load_tokenizer
     from leader_edge.train.teacher_data import encode_prompt, sample_key
 

@@ -1,4 +1,6 @@
 """The HTTP service: a Starlette app around one `Model` at a time.
+(~440 lines: routes, auth, limits, metrics and the swap, which share the app state; FHIR mapping
+is serve/fhir.py, scoring serve/model.py.)
 
     app = create_app(ServeConfig(bundle="bundle/"), Model.load("bundle/"))   # uvicorn runs it
 

@@ -2,7 +2,7 @@
 
 Every call into the core's reading, encoding, scoring and formatting API is in this module, so the
 service follows the core when it changes. It is `Bundle.recommend` taken apart: each request's
-patients go through the visits reader's contract on their own (`visit_stream.read_records`: one
+patients go through the visits reader's contract on their own (`visit_records.read_records`: one
 validator for files and requests, whose errors name the line a record would have in a file, mapped
 back here to the request field), so one bad request fails alone; the tables of all requests queued
 meanwhile are scored in ONE `Bundle.predict` call (one onnxruntime run for 32 concurrent patients
@@ -19,14 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
-from leader_edge.dataset import PROFILE_PREFIX
+from leader_edge.data.dataset import PROFILE_PREFIX
 from leader_edge.errors import DataError
-from leader_edge.explain import Explainer
-from leader_edge.recs import Scored, json_records
-from leader_edge.runtime import Bundle
+from leader_edge.bedside.explain import Explainer
+from leader_edge.bedside.recs import Scored, json_records
+from leader_edge.bedside.runtime import Bundle
 from leader_edge.serve.schema import MAX_EXPLAIN_PATIENTS, MAX_EXPLAINED, PatientIn
-from leader_edge.visit_stream import read_records
-from leader_edge.visit_table import VisitTable
+from leader_edge.bedside.visit_records import read_records
+from leader_edge.bedside.visit_table import VisitTable
 
 _LINE = re.compile(r"\b(on )?line (\d+)\b")  # a line of the in-memory CSV, named in a reader's message
 REQUEST = "request"  # the "file name" the reader sees; errors are re-addressed to request fields

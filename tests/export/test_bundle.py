@@ -15,22 +15,22 @@ import torch
 from click.testing import CliRunner
 
 from leader_edge.cli import main
-from leader_edge.dataset import load_dataset, write_dataset
-from leader_edge.splits import dataset_splits
-from leader_edge.encoding import KINDS, Encoder
+from leader_edge.data.dataset import load_dataset, write_dataset
+from leader_edge.data.splits import dataset_splits
+from leader_edge.bedside.encoding import KINDS, Encoder
 from leader_edge.export import bundle as bundle_module
 from leader_edge.export.bundle import BATCH_ATOL, Candidate, choose_int8, export_bundle
 from leader_edge.files import sha256
-from leader_edge.manifest import manifest_digest
-from leader_edge.runtime import Bundle
+from leader_edge.bedside.manifest import manifest_digest
+from leader_edge.bedside.runtime import Bundle
 
 BUNDLE_FILES = ["explain.onnx", "manifest.json", "model.onnx", "names.json", "selftest.json"]
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    from leader_edge.synth import synth_dataset
-    from leader_edge.train.distill import save_student
+    from leader_edge.data.synth import synth_dataset
+    from leader_edge.train.stage_files import save_student
     from leader_edge.train.student import Student, StudentConfig
 
     root = tmp_path_factory.mktemp("export")
@@ -90,7 +90,7 @@ def _val(run_dir: Path) -> list:
 
 
 def test_export_onnx_round_trip_matches_torch(run_dir, fp32_bundle):
-    from leader_edge.train.distill import load_student
+    from leader_edge.train.stage_files import load_student
 
     manifest = json.loads((fp32_bundle / "manifest.json").read_text())
     assert manifest["validation"]["max_abs_dp"] < 1e-5
@@ -278,7 +278,7 @@ def test_export_explain_graph_and_names_in_the_bundle(run_dir, fp32_bundle):
     holds the dataset's names of the vocabulary's codes; both are listed in `files`."""
     import onnxruntime as ort
 
-    from leader_edge.train.distill import load_student
+    from leader_edge.train.stage_files import load_student
 
     manifest = Bundle.load(fp32_bundle).manifest  # the runtime's digest and file checks pass
     assert manifest["explain"] == {"file": "explain.onnx", "outputs": ["deep", "wide", "wide_slot", "codes", "rest"],

@@ -7,7 +7,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from leader_edge.encoding import INPUT_NAMES
+from leader_edge.bedside.encoding import INPUT_NAMES
 from leader_edge.export import onnx as onnx_export
 from leader_edge.export.onnx import EXPLAIN_OUTPUTS, example_inputs, export_onnx
 from leader_edge.train.student import Student, StudentConfig

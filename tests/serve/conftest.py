@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the fake bundle of test_runtime
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bedside"))  # the fake bundle of test_runtime
 
 from test_runtime import HEADER, write_fake_bundle  # noqa: E402
 

@@ -1,5 +1,5 @@
 """Explanations: the logit's parts add up to the model's logit, the wide winner is the right code,
-names come from names.json; in-process (`leader_edge.explain`) and over HTTP (`explain: true`).
+names come from names.json; in-process (`leader_edge.bedside.explain`) and over HTTP (`explain: true`).
 
 The explain graph here is hand-built for the fake model of tests/test_runtime.py (logit = w * known
 diagnoses in all kept visits + b), split as the contract asks: deep = b, wide = w for the current
@@ -16,8 +16,8 @@ from test_faults_bundle import write_manifest
 from test_runtime import HEADER, MEDS, write_fake_bundle
 from test_serve import P1, P2
 
-from leader_edge.explain import Explainer
-from leader_edge.runtime import Bundle
+from leader_edge.bedside.explain import Explainer
+from leader_edge.bedside.runtime import Bundle
 from leader_edge.serve.model import Job, Model
 from leader_edge.serve.schema import PatientIn
 
@@ -29,7 +29,7 @@ def write_fake_explain(path):
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from leader_edge.encoding import INPUT_NAMES
+    from leader_edge.bedside.encoding import INPUT_NAMES
 
     m = len(MEDS)
     dims = {"diagnoses": ["B", "K", "Ld"], "procedures": ["B", "K", "Lp"], "medications": ["B", "K", "Lm"],
@@ -99,7 +99,7 @@ def test_explain_parts_are_the_graph_outputs(explained_dir):
     own: deep; the wide winner (the code at `wide_slot`, with wide + its codes share); every other
     listed code (the code at its slot, its share); rest (the graph's rest, unlisted shares, a winner-
     less wide); and the logit from the raw outputs is the model's."""
-    from leader_edge.explain import MIN_SHARE
+    from leader_edge.bedside.explain import MIN_SHARE
 
     p3 = {"patient_id": "p3", "visits": [{"visit_id": "v9", "visit_time": "2100-01-01", "diagnoses": ["X9"]}]}
     model = Model.load(explained_dir)

@@ -216,7 +216,7 @@ def prefixed_dir(tmp_path_factory):
     is `D1` for bundle_dir and `ICD9_D1` for this one (procedures alike)."""
     import test_runtime
 
-    from leader_edge.encoding import Encoder
+    from leader_edge.bedside.encoding import Encoder
 
     e = test_runtime.ENCODER
     prefixed = Encoder({**e.codes, **{k: [f"ICD9_{c}" for c in e.codes[k]] for k in ("diagnosis", "procedure")}},

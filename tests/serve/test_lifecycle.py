@@ -15,7 +15,7 @@ import pytest
 from conftest import TOKEN, Server
 from test_serve import P1, P2
 
-from leader_edge.runtime import Bundle
+from leader_edge.bedside.runtime import Bundle
 
 
 def point(link, target):

@@ -7,7 +7,7 @@ import sys
 import pytest
 from conftest import TOKEN
 
-from leader_edge.runtime import Bundle
+from leader_edge.bedside.runtime import Bundle
 
 
 def visit(vid, time, dx=(), px=(), rx=(), **profile):

@@ -7,14 +7,14 @@ import pytest
 import torch
 from safetensors.numpy import save_file
 
-from leader_edge.dataset import load_dataset, write_dataset
-from leader_edge.splits import dataset_splits
-from leader_edge.recs import read_predictions
+from leader_edge.data.dataset import load_dataset, write_dataset
+from leader_edge.data.splits import dataset_splits
+from leader_edge.bedside.recs import read_predictions
 from leader_edge.files import sha256
-from leader_edge.synth import synth_dataset
-from leader_edge.train.distill import (
-    DistillConfig, batches, load_student, load_teacher_features, run_student_stage, sample_key, trim,
-)
+from leader_edge.data.synth import synth_dataset
+from leader_edge.train.distill import DistillConfig, batches, run_student_stage, trim
+from leader_edge.train.stage_files import load_student, load_teacher_features
+from leader_edge.train.teacher_data import sample_key
 
 HIDDEN = 16
 FAST = DistillConfig(epochs=2, patience=1, batch_size=32, timing_patients=3, code_init="input", wide_neighbours=3)
@@ -99,7 +99,7 @@ def test_batches_group_samples_by_visit_count_and_cover_all():
 
 
 def test_trim_cuts_only_padding(data):
-    from leader_edge.encoding import Encoder, KINDS
+    from leader_edge.bedside.encoding import Encoder, KINDS
 
     ds = load_dataset(data)
     enc = Encoder({k: ds.vocab(k) for k in KINDS}, max_visits=4)
@@ -115,7 +115,7 @@ def test_student_training_seeds_share_the_split_and_land_beside_each_other(data,
     from click.testing import CliRunner
 
     from leader_edge.cli import main
-    from leader_edge.report import seed_dirs
+    from leader_edge.evaluation.report import seed_dirs
 
     a = run_student_stage(data, tmp_path, distill=False, config=FAST, epochs=1)
     b = run_student_stage(data, tmp_path, distill=False, config=FAST, epochs=1, train_seed=43)
@@ -135,8 +135,8 @@ def test_student_training_seeds_share_the_split_and_land_beside_each_other(data,
 
 @pytest.mark.parametrize("rule", ["mean", "max", "noisy_or", "specificity"])
 def test_counting_prior_alone_is_the_frequency_baseline(data, rule):
-    from leader_edge.baselines import fit_frequency_baseline
-    from leader_edge.encoding import KINDS, Encoder
+    from leader_edge.evaluation.baselines import fit_frequency_baseline
+    from leader_edge.bedside.encoding import KINDS, Encoder
     from leader_edge.train.distill import predict
     from leader_edge.train.student import PRIOR_RULES, Student, StudentConfig
     from leader_edge.train.student_init import frequency_prior
@@ -202,9 +202,9 @@ def test_stage_outputs_are_checked_before_reuse(data, tmp_path):
 
 
 def test_frequency_student_is_the_baseline_and_exports_as_a_bundle(data, tmp_path):
-    from leader_edge.baselines import fit_frequency_baseline
+    from leader_edge.evaluation.baselines import fit_frequency_baseline
     from leader_edge.export.bundle import export_bundle
-    from leader_edge.runtime import Bundle
+    from leader_edge.bedside.runtime import Bundle
     from leader_edge.train.baseline_student import write_frequency_student
 
     result = write_frequency_student(data, tmp_path, seed=42)
@@ -261,7 +261,7 @@ def test_train_refuses_an_unknown_student_field_before_any_stage(data, tmp_path)
 def test_code_limit_covers_the_longest_visit_of_the_data():
     from datetime import datetime
 
-    from leader_edge.dataset import Dataset, Visit
+    from leader_edge.data.dataset import Dataset, Visit
     from leader_edge.train.distill import code_limit
 
     long = Visit("p", "v", datetime(2130, 1, 1), tuple(f"d{i}" for i in range(40)), (), ("A",))

@@ -4,8 +4,8 @@ from datetime import datetime
 
 import pytest
 
-from leader_edge.dataset import Dataset, Visit
-from leader_edge.splits import Sample
+from leader_edge.data.dataset import Dataset, Visit
+from leader_edge.data.splits import Sample
 from leader_edge.train.prompts import build_prompt, prompt_parts
 
 

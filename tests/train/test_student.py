@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from leader_edge.encoding import INPUT_NAMES, Encoder, RawVisit
+from leader_edge.bedside.encoding import INPUT_NAMES, Encoder, RawVisit
 from leader_edge.train.student import Student, StudentConfig
 from leader_edge.train.student_init import LOW_RANK
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-from leader_edge.dataset import load_dataset, write_dataset
-from leader_edge.encoding import KINDS, Encoder, RawVisit
-from leader_edge.synth import synth_dataset
+from leader_edge.data.dataset import load_dataset, write_dataset
+from leader_edge.bedside.encoding import KINDS, Encoder, RawVisit
+from leader_edge.data.synth import synth_dataset
 from leader_edge.train import code_embeddings
 from leader_edge.train.code_embeddings import CODE_EMBEDDINGS, cached_name_vectors, name_vectors, pca_init
 from leader_edge.train.student_init import (

@@ -10,7 +10,7 @@ os.environ.setdefault("LEADER_EDGE_AUTOTUNE", "0")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from leader_edge.encoding import INPUT_NAMES  # noqa: E402
+from leader_edge.bedside.encoding import INPUT_NAMES  # noqa: E402
 from leader_edge.train.student import Student, StudentConfig  # noqa: E402
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
@@ -158,9 +158,9 @@ def test_distill_epoch_gives_the_same_loss_curve_with_either_backend():
     # 28 training samples in 2 batches, histories cut to 2 visits (under the interpreter every visit
     # slot of every patient is one program per bag). Tolerance 1e-4 relative: fp32 sums in another
     # order, compounded over the epoch's Adam steps.
-    from leader_edge.splits import dataset_splits
-    from leader_edge.encoding import KINDS, Encoder
-    from leader_edge.synth import synth_dataset
+    from leader_edge.data.splits import dataset_splits
+    from leader_edge.bedside.encoding import KINDS, Encoder
+    from leader_edge.data.synth import synth_dataset
     from leader_edge.train.distill import DistillConfig, code_limit, train_student
 
     ds = synth_dataset(patients=16, seed=3)

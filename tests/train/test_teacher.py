@@ -9,10 +9,10 @@ from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from leader_edge.dataset import load_dataset, write_dataset
-from leader_edge.splits import dataset_splits
-from leader_edge.recs import read_predictions
-from leader_edge.synth import synth_dataset
+from leader_edge.data.dataset import load_dataset, write_dataset
+from leader_edge.data.splits import dataset_splits
+from leader_edge.bedside.recs import read_predictions
+from leader_edge.data.synth import synth_dataset
 from leader_edge.train.teacher import run_teacher_stage
 from leader_edge.train.teacher_config import TeacherConfig
 from leader_edge.train.teacher_data import encode_samples, pad_batch

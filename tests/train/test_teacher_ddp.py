@@ -5,8 +5,8 @@ import os
 import subprocess
 import sys
 
-from leader_edge.dataset import write_dataset
-from leader_edge.synth import synth_dataset
+from leader_edge.data.dataset import write_dataset
+from leader_edge.data.synth import synth_dataset
 
 
 def _why(proc: subprocess.CompletedProcess) -> str:

@@ -1,0 +1,1 @@
+"""What `predict` and `serve` run, torch-free: the visits reader, the encoder, the bundle and its manifest, the recommendations format, explanations."""

@@ -1,0 +1,338 @@
+"""`leader-edge evaluate --run RUN`: compare every model of a run on the test split, across seeds.
+
+    write_report(run_dir)            # data directory and protocol taken from RUN/run.json
+    write_report(run_dir, data_dir)
+
+Writes RUN/report.md, RUN/metrics.json, RUN/training-curves.png and RUN/metrics-by-group.png.
+Models: the frequency baseline (fitted here on the run's training split), student-nodistill,
+student and teacher. A student trained with several seeds (`train --seeds K`) has one directory
+per seed (RUN/student, RUN/student.seed-43, ...); every model is scored from its
+`predictions-test.csv` with the same code: the recommended set as written (threshold tuned on
+validation), the same probabilities at the fixed thresholds 0.5 and 0.3 of the published tables,
+PRAUC from the written scores (4 decimals).
+
+What the numbers are:
+- per model and group, the point estimate over every test patient, averaged over seeds, ± the
+  std across seeds (no ± with one seed);
+- the protocol's own figure (LEADER / SafeDrug: mean ± std over 10 draws of 80% of the patients
+  with replacement) for the first seed, so rows can be set beside published tables;
+- paired comparisons over the same test patients: the per-patient difference of two models, each
+  averaged over its seeds, with a 95% paired bootstrap interval; "beyond noise" when the interval
+  excludes 0.
+Groups: overall, single-visit patients, multi-visit patients, and visits with a rare diagnosis
+(a diagnosis seen in fewer than `RARE_BELOW` training visits).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from leader_edge.evaluation import metrics
+from leader_edge.evaluation.baselines import fit_frequency_baseline
+from leader_edge.data.dataset import Dataset, load_dataset
+from leader_edge.data.splits import Sample, dataset_splits, get_protocol
+from leader_edge.errors import StateError
+from leader_edge.files import atomic_write_text
+from leader_edge.bedside.recs import prediction_matrices, read_predictions
+
+log = logging.getLogger(__name__)
+
+MODELS = ("frequency", "student-nodistill", "student", "teacher")
+GROUPS = ("overall", "single_visit", "multi_visit", "rare_diagnosis")
+FIXED_THRESHOLDS = (0.5, 0.3)  # SafeDrug / LEADER's teacher, and LEADER's student
+RARE_BELOW = 5  # a diagnosis seen in fewer training visits is "rare"
+COMPARED = ("jaccard", "prauc", "f1")
+# (a, b): is a better than b? The distilled student against everything, then the rest against counting.
+COMPARISONS = (("student", "student-nodistill"), ("student", "frequency"), ("student", "teacher"),
+               ("student-nodistill", "frequency"), ("teacher", "frequency"))
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except json.JSONDecodeError as e:
+        raise StateError(f"{path} is not valid JSON ({e.msg}, line {e.lineno}); re-run the stage that wrote it") from None
+
+
+def seed_dirs(run_dir: Path, name: str, first_seed: int, seeds: list[int] | None = None) -> dict[int, Path]:
+    """training seed -> directory of one model's runs: RUN/<name> (the run's seed) and RUN/<name>.seed-N,
+    only the `seeds` the run was trained with (RUN/run.json) when given: directories of an earlier
+    run with other seeds are left out (and logged), never pooled."""
+    out = {}
+    if (run_dir / name).is_dir():
+        out[int(_read_json(run_dir / name / "metrics.json").get("train_seed", first_seed))] = run_dir / name
+    for d in sorted(run_dir.glob(f"{name}.seed-*")):
+        m = re.fullmatch(re.escape(name) + r"\.seed-(-?\d+)", d.name)
+        if m and d.is_dir():
+            out[int(m.group(1))] = d
+    if seeds is not None:
+        stale = sorted(set(out) - set(seeds))
+        if stale:
+            log.warning("%s: seed(s) %s are not in this run's seeds %s (an earlier run?); left out", name, stale, seeds)
+        out = {k: v for k, v in out.items() if k in seeds}
+    return dict(sorted(out.items()))
+
+
+def _model_matrices(path: Path, test: list[Sample], med_codes: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
+    """(y_pred, y_prob) of a predictions-test.csv in test-sample order."""
+    preds = {(p.patient_id, p.visit_id): p for p in read_predictions(path)}
+    missing = [s for s in test if (s.patient_id, s.target.visit_id) not in preds]
+    if missing:
+        raise StateError(f"{path} lacks {len(missing)} test visit(s) (e.g. {missing[0].patient_id}/{missing[0].target.visit_id}); "
+                           "it was written for another dataset, split seed or protocol - retrain, or pass the run's --data")
+    return prediction_matrices([preds[(s.patient_id, s.target.visit_id)] for s in test], med_codes)
+
+
+def group_masks(ds: Dataset, splits: dict[str, list[Sample]], test: list[Sample] | None = None,
+                test_ds: Dataset | None = None) -> dict[str, np.ndarray]:
+    """[N samples] bool per group (see the module docstring) for `test` (default: splits["test"]);
+    visit counts come from `test_ds` (default `ds`), rare diagnoses from `ds`'s training split."""
+    test = splits["test"] if test is None else test
+    n_visits = {pid: len(v) for pid, v in (test_ds or ds).patients().items()}
+    multi = np.array([n_visits[s.patient_id] > 1 for s in test], dtype=bool)
+    train_ids = {s.patient_id for s in splits["train"]}
+    seen = Counter(c for v in ds.visits if v.patient_id in train_ids for c in set(v.diagnoses))
+    rare = np.array([any(seen[c] < RARE_BELOW for c in s.target.diagnoses) for s in test], dtype=bool)
+    return {"overall": np.ones(len(test), dtype=bool), "single_visit": ~multi, "multi_visit": multi, "rare_diagnosis": rare}
+
+
+def score_models(run_dir: Path, ds: Dataset, splits: dict[str, list[Sample]], *, protocol, seeds: list[int],
+                 rounds_seed: int = 0) -> tuple[dict[str, dict], dict[str, dict]]:
+    """Score every model and seed of RUN on the test split.
+
+    Returns:
+        (models, per_unit): models[name] = {"seeds", "groups" (group -> metric -> {"mean", "std",
+        "by_seed"}), "protocol_groups" (first seed, the protocol's mean ± std), "thresholds",
+        size/speed info}; per_unit[name][group][metric] = [S, U] per-patient values for pairing.
+    """
+    med_codes = ds.vocab("medication")
+    ddi = metrics.ddi_matrix(ds.ddi, med_codes) if ds.ddi else None  # no ddi.csv pairs: DDI rate NaN, not 0
+    test = splits["test"]
+    index = {c: j for j, c in enumerate(med_codes)}
+    y_true = np.zeros((len(test), len(med_codes)), dtype=bool)
+    for i, s in enumerate(test):
+        y_true[i, [index[c] for c in s.target.medications]] = True
+    units = np.unique([s.patient_id for s in test], return_inverse=True)[1]
+    masks = group_masks(ds, splits)
+    models: dict[str, dict] = {}
+    per_unit: dict[str, dict] = {}
+    for name in MODELS:
+        runs: list[tuple[int | None, np.ndarray, np.ndarray | None, dict]] = []
+        if name == "frequency":
+            model, threshold, _ = fit_frequency_baseline(ds, splits)
+            prob = model.predict_proba(test)
+            runs.append((None, prob >= threshold, prob, {"n_params": int(model.cooc.size + model.count.size), "threshold": threshold}))
+        else:
+            dirs = seed_dirs(run_dir, name, seeds[0], seeds) if name != "teacher" else (
+                {seeds[0]: run_dir / "teacher"} if (run_dir / "teacher").is_dir() else {})
+            for seed, d in dirs.items():
+                if not (d / "predictions-test.csv").exists():
+                    log.info("%s: no predictions-test.csv; left out of the report", d)
+                    continue
+                y_pred, y_prob = _model_matrices(d / "predictions-test.csv", test, med_codes)
+                m = _read_json(d / "metrics.json")
+                info = {k: m.get(k) for k in ("n_params", "inference_ms_per_patient", "threshold", "best_epoch", "train_seconds")}
+                if isinstance(info["n_params"], dict):  # the teacher reports {"total", "trainable"}
+                    info["n_params"] = info["n_params"].get("total")
+                runs.append((seed, y_pred, y_prob, info))
+        if not runs:
+            continue
+        by_seed, fixed, values = [], {t: [] for t in ("tuned", *FIXED_THRESHOLDS)}, []
+        for seed, y_pred, y_prob, _ in runs:
+            pv = metrics.per_visit_metrics(y_true, y_prob, y_pred, ddi)
+            by_seed.append(metrics.by_masks(pv, masks, rounds=protocol.rounds, frac=protocol.frac, seed=rounds_seed,
+                                            units=units))
+            values.append({g: {k: metrics.unit_values(pv[k][mask], np.unique(units[mask], return_inverse=True)[1])
+                               for k in COMPARED} for g, mask in masks.items()})
+            fixed["tuned"].append(metrics.point_estimate(pv, units))
+            for t in FIXED_THRESHOLDS:
+                at = metrics.per_visit_metrics(y_true, y_prob, y_prob >= t, ddi) if y_prob is not None else pv
+                fixed[t].append(metrics.point_estimate(at, units))
+        groups = {}
+        for g in GROUPS:
+            groups[g] = {"n": int(by_seed[0][g]["n"][0])}
+            for k in metrics.METRICS:
+                pts = [b[g]["point"][k] for b in by_seed]
+                groups[g][k] = {"mean": float(np.mean(pts)), "std": float(np.std(pts)) if len(pts) > 1 else None,
+                                "by_seed": [round(p, 5) for p in pts]}
+        info = runs[0][3]
+        models[name] = {
+            "seeds": [s for s, *_ in runs],
+            "groups": groups,
+            "protocol_groups": by_seed[0],
+            "thresholds": {str(t): {k: float(np.mean([f[k] for f in fixed[t]])) for k in ("jaccard", "f1", "n_med", "ddi_rate")}
+                           for t in fixed},
+            **info,
+        }
+        per_unit[name] = {g: {k: np.stack([v[g][k] for v in values]) for k in COMPARED} for g in GROUPS}
+    return models, per_unit
+
+
+def compare(per_unit: dict[str, dict], *, seed: int = 0) -> list[dict]:
+    """Paired 95% bootstrap intervals of a - b for `COMPARISONS` present in the run, every group and metric."""
+    out = []
+    for a, b in COMPARISONS:
+        if a not in per_unit or b not in per_unit:
+            continue
+        for g in GROUPS:
+            for k in COMPARED:
+                d, lo, hi = metrics.paired_interval(per_unit[a][g][k], per_unit[b][g][k], seed=seed)
+                verdict = "within noise" if not (lo > 0 or hi < 0) else (f"{a} better" if lo > 0 else f"{b} better")
+                out.append({"a": a, "b": b, "group": g, "metric": k, "diff": d, "low": lo, "high": hi, "verdict": verdict,
+                            "seeds": [len(per_unit[a][g][k]), len(per_unit[b][g][k])]})
+    return out
+
+
+def goals(comparisons: list[dict]) -> list[dict]:
+    """The beat-counting goal: distilled student above the baseline and above the labels-only
+    student, PRAUC and Jaccard, overall and single-visit, each interval's low end above 0."""
+    out = []
+    for b in ("frequency", "student-nodistill"):
+        for g in ("overall", "single_visit"):
+            for k in ("prauc", "jaccard"):
+                c = next((c for c in comparisons if (c["a"], c["b"], c["group"], c["metric"]) == ("student", b, g, k)), None)
+                out.append({"check": f"student - {b}, {k}, {g.replace('_', '-')}", "low": None if c is None else round(c["low"], 4),
+                            "passed": None if c is None or np.isnan(c["low"]) else bool(c["low"] > 0)})
+    return out
+
+
+def _cell(g: dict, k: str) -> str:
+    m = g[k]
+    if m["mean"] is None or np.isnan(m["mean"]):
+        return "-"
+    return f"{m['mean']:.4f}" + ("" if m["std"] is None else f" ± {m['std']:.4f}")
+
+
+def render_markdown(models: dict[str, dict], comparisons: list[dict], goal: list[dict], run_dir: Path, data_dir: Path,
+                    protocol, seeds: list[int]) -> str:
+    lines = [f"# Evaluation of `{run_dir}`", "", f"Data: `{data_dir}`. {protocol.describe()}.",
+             f"Training seeds: {', '.join(map(str, seeds))} (students; the teacher and the baseline are trained once). "
+             "Cells: the value over every test patient, mean ± std across seeds (no ± with one seed).", ""]
+    for group in GROUPS:
+        n = next(iter(models.values()))["groups"][group]["n"] if models else 0
+        lines += [f"## {group.replace('_', '-')} ({n} patients)", "",
+                  "| model | seeds | Jaccard | PRAUC | F1 | DDI rate | #Med |", "|---|---|---|---|---|---|---|"]
+        for name, m in models.items():
+            g = m["groups"][group]
+            lines.append(f"| {name} | {len(m['seeds'])} | " + " | ".join(_cell(g, k) for k in metrics.METRICS) + " |")
+        lines.append("")
+    lines += ["## Paired comparisons (same test patients, seeds pooled, 95% bootstrap interval)", "",
+              "| a - b | group | Jaccard | PRAUC | F1 |", "|---|---|---|---|---|"]
+    rows: dict[tuple, dict] = {}
+    for c in comparisons:
+        rows.setdefault((c["a"], c["b"], c["group"]), {})[c["metric"]] = c
+    for (a, b, g), cs in rows.items():
+        cells = [f"{cs[k]['diff']:+.4f} [{cs[k]['low']:+.4f}, {cs[k]['high']:+.4f}]" + ("" if cs[k]["verdict"] == "within noise" else " *")
+                 for k in COMPARED]
+        lines.append(f"| {a} - {b} | {g.replace('_', '-')} | " + " | ".join(cells) + " |")
+    lines += ["", "`*`: the interval excludes 0 (beyond noise). In words:", ""]
+    for (a, b, g), cs in rows.items():
+        beyond = [f"{k} {cs[k]['diff']:+.4f} ({cs[k]['verdict']})" for k in COMPARED if cs[k]["verdict"] != "within noise"]
+        within = [k for k in COMPARED if cs[k]["verdict"] == "within noise"]
+        text = "; ".join(beyond) if beyond else "no difference beyond noise"
+        lines.append(f"- {a} vs {b}, {g.replace('_', '-')}: {text}" + (f"; within noise: {', '.join(within)}" if beyond and within else "") + ".")
+    lines += ["", "## Goal: the distilled student beats counting and the labels-only student", "",
+              "| check | interval low end | passed |", "|---|---|---|"]
+    for c in goal:
+        low = "-" if c["low"] is None else f"{c['low']:+.4f}"
+        passed = "n/a" if c["passed"] is None else ("yes" if c["passed"] else "NO")
+        lines.append(f"| {c['check']} | {low} | {passed} |")
+    lines += ["", "## Thresholds (overall, mean over seeds)", "",
+              "| model | threshold | Jaccard | F1 | #Med |", "|---|---|---|---|---|"]
+    for name, m in models.items():
+        for t, v in m["thresholds"].items():
+            label = "tuned on validation (per seed)" if t == "tuned" else t
+            lines.append(f"| {name} | {label} | {v['jaccard']:.4f} | {v['f1']:.4f} | {v['n_med']:.2f} |")
+    lines += ["", f"## The {protocol.name} protocol's figure (first seed)", "",
+              "| model | group | Jaccard | PRAUC | F1 | DDI rate | #Med |", "|---|---|---|---|---|---|---|"]
+    for name, m in models.items():
+        for g in ("overall", "single_visit", "multi_visit"):
+            st = m["protocol_groups"][g]
+            lines.append(f"| {name} | {g.replace('_', '-')} | " + " | ".join(
+                "-" if np.isnan(st[k][0]) else f"{st[k][0]:.4f} ± {st[k][1]:.4f}" for k in metrics.METRICS) + " |")
+    lines += ["", "## Size and speed", "", "| model | parameters (inference) | ms per patient (batch 1) |", "|---|---|---|"]
+    for name, m in models.items():
+        ms, n_params = m.get("inference_ms_per_patient"), m.get("n_params")
+        lines.append(f"| {name} | {'-' if n_params is None else f'{n_params:,}'} | {'-' if ms is None else f'{ms:.2f}'} |")
+    missing = [n for n in MODELS if n not in models]
+    if missing:
+        lines += ["", f"Not trained in this run: {', '.join(missing)}."]
+    lines += ["", "Plots: `training-curves.png`, `metrics-by-group.png` (one colour per model in both).", ""]
+    return "\n".join(lines)
+
+
+def summary_table(result: dict) -> str:
+    """Plain text for a terminal: overall and single-visit rows per model, then the comparisons."""
+    lines = [f"{result['protocol']['description']}; seeds {result['seeds']}"]
+    head = f"{'model':<18} {'seeds':>5}  {'group':<14} {'Jaccard':<17} {'PRAUC':<17} {'F1':<17}"
+    lines += [head, "-" * len(head)]
+    for name, m in result["models"].items():
+        for g in ("overall", "single_visit"):
+            cells = []
+            for k in COMPARED:
+                v = m["groups"][g][k]
+                cells.append("-" if v["mean"] is None else f"{v['mean']:.4f}" + ("" if v["std"] is None else f" ± {v['std']:.4f}"))
+            lines.append(f"{name:<18} {len(m['seeds']):>5}  {g:<14} " + " ".join(f"{c:<17}" for c in cells))
+    lines += ["", "paired differences (95% interval), overall and single-visit:"]
+    for c in result["comparisons"]:
+        if c["group"] in ("overall", "single_visit") and c["metric"] in ("prauc", "jaccard"):
+            lines.append(f"  {c['a'] + ' - ' + c['b']:<38} {c['group']:<13} {c['metric']:<8} {c['diff']:+.4f} "
+                         f"[{c['low']:+.4f}, {c['high']:+.4f}]  {c['verdict']}")
+    return "\n".join(lines)
+
+
+def write_report(run_dir: Path, data_dir: Path | None = None, *, protocol: str | None = None) -> dict:
+    """Score every model of RUN on the test split; write report.md, metrics.json and two PNGs.
+
+    Args:
+        run_dir: a run directory from `leader-edge train`.
+        data_dir: the dataset; defaults to RUN/run.json's "data".
+        protocol: must match the run's (RUN/run.json "protocol"); None takes it from there.
+
+    Returns:
+        The dict written to RUN/metrics.json: {"data", "seed", "seeds", "protocol", "models",
+        "comparisons", "goal"}.
+
+    Raises:
+        RuntimeError: no data directory known, a protocol other than the run's, or a predictions
+            file that does not match the split.
+    """
+    from leader_edge.evaluation.report_plots import plot_metrics_by_group, plot_training_curves
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise StateError(f"{run_dir} is not a run directory; train one with `leader-edge train --data DIR --out {run_dir}`")
+    run = _read_json(run_dir / "run.json")
+    if data_dir is None:
+        if "data" not in run:
+            raise StateError(f"{run_dir}/run.json names no data directory; pass --data DIR")
+        data_dir = Path(run["data"])
+    run_protocol = run.get("protocol", "leader")
+    if protocol is not None and protocol != run_protocol:
+        raise StateError(f"{run_dir} was trained under the {run_protocol} protocol (its splits and test samples); "
+                           f"evaluate it with --protocol {run_protocol}, or retrain with `leader-edge train --protocol {protocol}`")
+    proto = get_protocol(run_protocol)
+    data_dir = Path(data_dir)
+    seed = int(run.get("seed", 42))
+    seeds = [int(s) for s in run.get("seeds", [seed])]
+    ds = load_dataset(data_dir)
+    splits = dataset_splits(ds, seed=seed, protocol=proto)
+    models, per_unit = score_models(run_dir, ds, splits, protocol=proto, seeds=seeds)
+    comparisons = compare(per_unit)
+    goal = goals(comparisons)
+    result = metrics.json_ready({"data": str(data_dir.resolve()), "seed": seed, "seeds": seeds,
+                          "protocol": {"name": proto.name, "description": proto.describe()},
+                          "models": models, "comparisons": comparisons, "goal": goal})
+    plot_training_curves(run_dir, run_dir / "training-curves.png")
+    plot_metrics_by_group(result["models"], run_dir / "metrics-by-group.png", GROUPS)
+    atomic_write_text(run_dir / "report.md", render_markdown(models, comparisons, goal, run_dir, data_dir, proto, seeds))
+    atomic_write_text(run_dir / "metrics.json", json.dumps(result, indent=2) + "\n")
+    return result

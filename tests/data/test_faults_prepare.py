@@ -1,0 +1,134 @@
+"""Fault suite, prepare part (issue #12): `prepare mimic4` end to end on the real MIMIC-IV demo,
+checked against its SHA256SUMS.txt, and the damaged, doubled and mis-encoded tables it must name.
+
+Each refusal asserts exit 2, the file (line, column) and the fix, and that no dataset was written.
+Skipped when ../shared (the MIMIC demos and the NDC map) is absent."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from leader_edge.cli import main
+from leader_edge.data.dataset import load_dataset
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+MIMIC4 = SHARED / "mimic-iv-demo"
+MIMIC3 = SHARED / "mimic-iii-demo"
+NDC_MAP = SHARED / "mappings" / "ndc2rxnorm_mapping.txt"
+
+
+@pytest.fixture(scope="module")
+def mimic4() -> Path:
+    if not (MIMIC4 / "SHA256SUMS.txt").is_file() or not NDC_MAP.is_file():
+        pytest.skip(f"shared MIMIC-IV demo not found at {SHARED} (../shared is missing)")
+    return MIMIC4
+
+
+@pytest.fixture
+def copy4(mimic4: Path, tmp_path: Path) -> Path:
+    """A writable copy of the MIMIC-IV demo (3.5 MB), SHA256SUMS.txt included."""
+    root = tmp_path / "m4"
+    shutil.copytree(mimic4, root)
+    for p in root.rglob("*"):
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    return root
+
+
+def _prepare(source: str, root: Path, out: Path) -> tuple[int, str]:
+    res = CliRunner().invoke(main, ["prepare", source, "--root", str(root), "--out", str(out), "--med-level", "rxcui",
+                                    "--ndc-rxcui", str(NDC_MAP)])
+    return res.exit_code, res.output
+
+
+def _assert_refused(code: int, output: str, out: Path, *texts: str) -> None:
+    assert code == 2, output
+    assert "Traceback" not in output and "Fix:" in output, output
+    for text in texts:
+        assert text in output, (text, output)
+    assert not out.exists()
+
+
+def _gz_rows(path: Path) -> list[dict[str, str]]:
+    with gzip.open(path, "rt", newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def test_faults_prepare_mimic4_demo_end_to_end_checked_against_sha256sums(mimic4: Path, tmp_path: Path) -> None:
+    listed = {}
+    for line in (mimic4 / "SHA256SUMS.txt").read_text().splitlines():
+        digest, name = line.split()
+        listed[name] = digest
+        assert hashlib.sha256((mimic4 / name).read_bytes()).hexdigest() == digest, f"{name}: the shared copy is damaged"
+    code, output = _prepare("mimic4", mimic4, tmp_path / "ds")
+    assert code == 0, output
+    ds = load_dataset(tmp_path / "ds")
+    steps = {f["step"]: f for f in ds.meta["filters"]}
+    assert f"6 table files match their sha256 in {mimic4 / 'SHA256SUMS.txt'}" in steps["tables.sha256"]["reason"]
+    assert len(listed) == 7  # patients.csv.gz is listed, not read
+    c = ds.counts()
+    adm = _gz_rows(mimic4 / "hosp" / "admissions.csv.gz")
+    assert c["patients"] <= len({r["subject_id"] for r in adm}) == 100
+    assert len(adm) - sum(f.get("removed_visits", 0) for f in ds.meta["filters"]) == c["visits"] > c["patients"]
+    assert all(v.diagnoses and v.procedures and v.medications for v in ds.visits)
+    dx = ds.vocab("diagnosis")
+    assert all(d.startswith(("ICD9_", "ICD10_")) for d in dx)
+    assert any(d.startswith("ICD9_") for d in dx) and any(d.startswith("ICD10_") for d in dx)  # both versions
+    assert c.get("diagnosis_codes") == len(dx) and all(ds.name("diagnosis", d) != d for d in dx)  # d_icd names
+
+
+def test_faults_prepare_checksum_mismatch_refused_naming_the_file(copy4: Path, tmp_path: Path) -> None:
+    p = copy4 / "hosp" / "prescriptions.csv.gz"
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit: the gzip CRC would only fail at the end of the read
+    p.write_bytes(bytes(data))
+    code, output = _prepare("mimic4", copy4, tmp_path / "ds")
+    _assert_refused(code, output, tmp_path / "ds", f"{p}: has sha256", f"{copy4 / 'SHA256SUMS.txt'} lists",
+                    "for hosp/prescriptions.csv.gz", "Fix: download it again")
+
+
+@pytest.mark.parametrize("keep", [0.5, 100])
+def test_faults_prepare_truncated_gz_named(copy4: Path, tmp_path: Path, keep: float) -> None:
+    """Without a SHA256SUMS.txt to catch it first: cut in the data (pyarrow) or in the header (gzip)."""
+    (copy4 / "SHA256SUMS.txt").unlink()
+    p = copy4 / "hosp" / "prescriptions.csv.gz"
+    data = p.read_bytes()
+    p.write_bytes(data[: int(len(data) * keep) if keep < 1 else int(keep)])
+    code, output = _prepare("mimic4", copy4, tmp_path / "ds")
+    _assert_refused(code, output, tmp_path / "ds", f"{p}: is truncated or corrupt", "gzip -t prescriptions.csv.gz")
+    assert "Aborted" not in output
+
+
+def test_faults_prepare_table_in_two_files_refused_naming_both(copy4: Path, tmp_path: Path) -> None:
+    gz = copy4 / "hosp" / "admissions.csv.gz"
+    plain = copy4 / "hosp" / "admissions.csv"
+    plain.write_bytes(gzip.decompress(gz.read_bytes()))  # `gunzip -k`: the same table twice
+    code, output = _prepare("mimic4", copy4, tmp_path / "ds")
+    _assert_refused(code, output, tmp_path / "ds", "table ADMISSIONS is in 2 files", str(plain), str(gz),
+                    "keep one of them")
+    plain.unlink()
+    (copy4 / "admissions.csv.gz").write_bytes(gz.read_bytes())  # one in --root, one in hosp/
+    code, output = _prepare("mimic4", copy4, tmp_path / "ds")
+    _assert_refused(code, output, tmp_path / "ds", "table ADMISSIONS is in 2 files")
+
+
+def test_faults_prepare_latin1_byte_named_by_line_and_column(tmp_path: Path) -> None:
+    if not MIMIC3.is_dir() or not NDC_MAP.is_file():
+        pytest.skip(f"shared MIMIC-III demo not found at {SHARED} (../shared is missing)")
+    root = tmp_path / "m3"
+    shutil.copytree(MIMIC3, root)
+    p = root / "ADMISSIONS.csv"
+    p.chmod(0o644)
+    lines = p.read_bytes().split(b"\n")
+    lines[59] = lines[59].replace(b"Medicare", b"M\xe9dicare", 1)  # line 60 of the file
+    assert b"\xe9" in lines[59]
+    p.write_bytes(b"\n".join(lines))
+    code, output = _prepare("mimic3", root, tmp_path / "ds")
+    _assert_refused(code, output, tmp_path / "ds", "ADMISSIONS.csv, line 60, column 'INSURANCE'", "0xe9",
+                    "iconv -f latin1")

@@ -1,0 +1,112 @@
+"""The evaluation report from fabricated predictions: seeds, paired comparisons, protocols, plots."""
+
+import json
+
+import numpy as np
+import pytest
+
+from leader_edge.data.dataset import load_dataset, write_dataset
+from leader_edge.data.splits import dataset_splits
+from leader_edge.evaluation.metrics import paired_interval
+from leader_edge.bedside.recs import write_predictions
+from leader_edge.evaluation.report import goals, summary_table, write_report
+from leader_edge.data.synth import synth_dataset
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_dataset(synth_dataset(patients=200, seed=5), tmp_path_factory.mktemp("d") / "data", source="synth")
+
+
+def fabricate(run, data, name, *, noise: float, seed: int = 0, protocol: str = "leader", train_seed: int = 42):
+    """RUN/<name> with predictions = truth blurred by `noise`, and a metrics.json."""
+    ds = load_dataset(data)
+    test = dataset_splits(ds, seed=42, protocol=protocol)["test"]
+    meds = ds.vocab("medication")
+    truth = np.array([[c in s.target.medications for c in meds] for s in test], dtype=float)
+    prob = np.clip(truth * (1 - noise) + np.random.default_rng(seed).random(truth.shape) * noise, 0, 1)
+    (run / name).mkdir(parents=True)
+    write_predictions(run / name / "predictions-test.csv", [s.patient_id for s in test], [s.target.visit_id for s in test],
+                      prob, meds, 0.5)
+    n_params = {"total": 1234, "trainable": 12} if name == "teacher" else 1234  # the teacher writes both
+    (run / name / "metrics.json").write_text(json.dumps({"n_params": n_params, "inference_ms_per_patient": 1.5,
+                                                         "threshold": 0.5, "train_seed": train_seed}))
+
+
+def test_write_report_pools_seeds_and_compares_models(data, tmp_path):
+    (tmp_path / "run.json").write_text(json.dumps({"data": str(data), "seed": 42, "seeds": [42, 43]}))
+    fabricate(tmp_path, data, "student", noise=0.8, seed=1)
+    fabricate(tmp_path, data, "student.seed-43", noise=0.8, seed=2, train_seed=43)
+    fabricate(tmp_path, data, "student-nodistill", noise=0.98, seed=3)
+    fabricate(tmp_path, data, "teacher", noise=0.6)
+    (tmp_path / "student" / "history.json").write_text(json.dumps([{"epoch": 1, "train_loss": 0.3, "val_prauc": 0.5},
+                                                                    {"epoch": 2, "train_loss": 0.2, "val_prauc": 0.6}]))
+    result = write_report(tmp_path)
+    assert list(result["models"]) == ["frequency", "student-nodistill", "student", "teacher"]
+    student = result["models"]["student"]
+    assert student["seeds"] == [42, 43] and len(student["groups"]["overall"]["prauc"]["by_seed"]) == 2
+    assert student["groups"]["overall"]["prauc"]["std"] > 0  # two different seeds
+    assert result["models"]["teacher"]["groups"]["overall"]["prauc"]["std"] is None  # one seed: no spread claimed
+    assert set(student["thresholds"]) == {"tuned", "0.5", "0.3"}
+    # noise 0.8 vs 0.98: the distilled student must be better beyond noise on PRAUC overall
+    c = next(c for c in result["comparisons"] if (c["a"], c["b"], c["group"], c["metric"]) == ("student", "student-nodistill", "overall", "prauc"))
+    assert c["low"] > 0 and c["verdict"] == "student better" and c["low"] <= c["diff"] <= c["high"]
+    assert result["protocol"]["name"] == "leader" and "protocol leader" in (tmp_path / "report.md").read_text()
+    report = (tmp_path / "report.md").read_text()
+    assert "| student - student-nodistill | overall |" in report and "rare-diagnosis" in report and "1,234" in report
+    assert json.loads((tmp_path / "metrics.json").read_text())["goal"] == result["goal"]
+    assert "student - student-nodistill" in summary_table(result)
+    for png in ("training-curves.png", "metrics-by-group.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+    assert not list(tmp_path.glob(".*"))  # no temp file left behind
+
+
+def test_write_report_safedrug_protocol_scores_every_test_visit(data, tmp_path):
+    (tmp_path / "run.json").write_text(json.dumps({"data": str(data), "seed": 42, "protocol": "safedrug"}))
+    fabricate(tmp_path, data, "student", noise=0.5, protocol="safedrug")
+    result = write_report(tmp_path)
+    ds = load_dataset(data)
+    patients = list(ds.patients())
+    n_train = int(len(patients) * 2 / 3)
+    test_patients = patients[n_train:n_train + int((len(patients) - n_train) / 2)]  # file order, SafeDrug arithmetic
+    assert result["models"]["student"]["groups"]["overall"]["n"] == len(test_patients)
+    with pytest.raises(RuntimeError, match="safedrug protocol"):
+        write_report(tmp_path, protocol="leader")
+
+
+def test_write_report_refuses_predictions_of_another_split(data, tmp_path):
+    fabricate(tmp_path, data, "student", noise=0.2)
+    lines = (tmp_path / "student" / "predictions-test.csv").read_text().splitlines()
+    (tmp_path / "student" / "predictions-test.csv").write_text("\n".join(lines[:-1]) + "\n")
+    with pytest.raises(RuntimeError, match="lacks 1 test visit"):
+        write_report(tmp_path, data)
+    with pytest.raises(RuntimeError, match="names no data directory"):
+        write_report(tmp_path)
+
+
+def test_paired_interval_hand_worked():
+    # a constant difference has a zero-width interval at that difference
+    d, lo, hi = paired_interval(np.array([[0.5, 0.6, 0.7]]), np.array([[0.4, 0.5, 0.6]]))
+    assert (d, lo, hi) == pytest.approx((0.1, 0.1, 0.1))
+    # seeds are averaged per unit before pairing: a = mean([0.2, 0.4]) = 0.3 per unit vs 0.3 -> 0
+    d, lo, hi = paired_interval(np.array([[0.2, 0.2], [0.4, 0.4]]), np.array([0.3, 0.3]))
+    assert d == pytest.approx(0.0) and lo == pytest.approx(0.0) and hi == pytest.approx(0.0)
+    # symmetric noise around 0 gives an interval that contains 0
+    rng = np.random.default_rng(0)
+    d, lo, hi = paired_interval(rng.normal(0, 1, 500), rng.normal(0, 1, 500))
+    assert lo < 0 < hi
+
+
+def test_goals_need_the_interval_above_zero():
+    comps = [{"a": "student", "b": b, "group": g, "metric": k, "low": 0.001 if b == "frequency" else -0.001}
+             for b in ("frequency", "student-nodistill") for g in ("overall", "single_visit") for k in ("prauc", "jaccard")]
+    assert [c["passed"] for c in goals(comps)] == [True] * 4 + [False] * 4
+    assert all(c["passed"] is None for c in goals([]))
+
+
+def test_write_report_leaves_out_seeds_of_an_earlier_run(data, tmp_path):
+    (tmp_path / "run.json").write_text(json.dumps({"data": str(data), "seed": 42, "seeds": [42]}))
+    fabricate(tmp_path, data, "student", noise=0.8, seed=1)
+    fabricate(tmp_path, data, "student.seed-43", noise=0.8, seed=2, train_seed=43)  # left by a --seeds 2 run
+    result = write_report(tmp_path)
+    assert result["models"]["student"]["seeds"] == [42]
