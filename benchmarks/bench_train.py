@@ -4,8 +4,9 @@
 
 The machine is shared and noisy, so the two code versions run alternately (A B A B ...) on the
 same finished teacher (RUN/teacher, linked, never written) and the same dataset, and the table
-gives the median seconds per student epoch of each (the stage's own `train_seconds / epochs_run`,
-so imports and evaluation are outside the timing) and their ratio. The revision is checked out
+gives the median seconds per student epoch of each (the stage's own `train_seconds / epochs_run`:
+its setup - the prior's out-of-fold fit, epoch 0's validation - is included and amortised over the
+epochs; imports and test scoring are not) and their ratio. The revision is checked out
 into a temporary git worktree; the package-dir mapping of pyproject.toml (leader_edge.train ->
 train/, .kernels, .export) is recreated there with links, and PYTHONPATH points at it, so the
 installed environment runs the old code without reinstalling.
