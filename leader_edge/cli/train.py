@@ -107,6 +107,7 @@ def train(data_dir, run_dir, teacher, stage, no_distill, show_prompt, resume, se
     elif stage == "all":
         click.echo(f"reusing the finished teacher stage in {run_dir / 'teacher'}", err=True)
     if stage == "teacher" or rank != 0:
+        _leave_distributed_run()
         return
     if not teacher_done(run_dir):
         raise click.ClickException(f"{run_dir}/teacher has no finished teacher stage; run with --stage teacher (or all) first")
@@ -122,6 +123,23 @@ def train(data_dir, run_dir, teacher, stage, no_distill, show_prompt, resume, se
 
     # The frequency baseline as RUN/frequency: `export --model frequency` serves counting like a model.
     write_frequency_student(data_dir, run_dir, seed=seed, protocol=protocol, config=student_config)
+    _leave_distributed_run()
+
+
+def _leave_distributed_run() -> None:
+    """Under torchrun (WORLD_SIZE > 1), end this rank's process now that its outputs are written
+    and its process group destroyed: skip the interpreter's teardown of torch's C++ state, which on
+    this machine intermittently aborted a finished rank ("terminate called without an active
+    exception", SIGABRT; 2 of ~10 CI runs of tests/train/test_teacher_ddp.py) - torchrun then killed
+    the other rank and reported the run failed. Outside torchrun this does nothing."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _student_config(fields_: dict, path: Path | None):
