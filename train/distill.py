@@ -42,6 +42,11 @@ log = logging.getLogger(__name__)
 
 
 
+def _model_default(name: str):
+    """A StudentConfig field's default: the model's shape settings have one definition, there."""
+    return StudentConfig.__dataclass_fields__[name].default
+
+
 @dataclass
 class DistillConfig:
     epochs: int = 40  # upper bound; early stopping ends synth runs at ~15-25 epochs
@@ -49,6 +54,13 @@ class DistillConfig:
     batch_size: int = 64
     lr: float = 5e-4  # LEADER's Adam learning rate
     weight_decay: float = 0.0
+    # The model's shape, as LEADER(S) (defaults: StudentConfig's, so they are written once).
+    dim: int = _model_default("dim")
+    heads: int = _model_default("heads")
+    hidden: int = _model_default("hidden")
+    dropout: float = _model_default("dropout")
+    ffn_mult: int = _model_default("ffn_mult")
+    temperature: float = _model_default("temperature")
     train_all_visits: bool = True  # one sample per visit prefix: test Jaccard 0.401 -> 0.417 on default synth (no-distill)
     # Feature MSE weight. LEADER uses 0.4 (MIMIC-III); on default synth with the smollm2-12-layer teacher
     # (test PRAUC 0.54, below the label-only student) 0.4 and 1.0 peak at epoch 1 (val PRAUC 0.640/0.641),
@@ -98,6 +110,9 @@ class DistillConfig:
     backend: str = "auto"
 
     def __post_init__(self) -> None:
+        # The model's shape is checked where it is defined, now rather than after the teacher stage.
+        StudentConfig(1, 1, 1, 0, dim=self.dim, heads=self.heads, hidden=self.hidden, dropout=self.dropout,
+                      ffn_mult=self.ffn_mult, temperature=self.temperature)
         if self.kd < 0:
             raise ConfigError(f"DistillConfig.kd={self.kd} must be >= 0")
         if self.kd > 0 and self.wide == "none" and self.prior == "none":
@@ -204,6 +219,8 @@ def train_student(
         max_visits=encoder.max_visits, teacher_dim=0 if teacher is None else teacher["train"].shape[1],
         alpha=config.alpha if teacher is not None else 0.0, info_nce=config.info_nce, ddi_weight=config.ddi_weight,
         wide=config.wide, set_encoder=config.set_encoder, prior=config.prior, backend=config.backend,
+        dim=config.dim, heads=config.heads, hidden=config.hidden, dropout=config.dropout, ffn_mult=config.ffn_mult,
+        temperature=config.temperature,
     )
     prior_tables, prior_train = None, None
     if config.prior != "none":

@@ -268,3 +268,29 @@ def test_code_limit_covers_the_longest_visit_of_the_data():
     short = Visit("q", "w", datetime(2130, 1, 1), ("d1",), (), ("A",))
     assert code_limit(Dataset([long, short]), DistillConfig()) == 40  # no code of the data is cut
     assert code_limit(Dataset([short]), DistillConfig()) == 32
+
+
+def test_student_shape_settings_reach_the_model_from_a_run_config(tmp_path):
+    """[student] dim/heads/hidden/dropout/ffn_mult/temperature (defaults: StudentConfig's) build the model."""
+    import torch
+
+    from leader_edge.bedside.encoding import KINDS, Encoder
+    from leader_edge.cli.train import _student_config
+    from leader_edge.errors import ConfigError
+    from leader_edge.train.distill import code_limit, train_student
+    from leader_edge.train.student import StudentConfig
+    from leader_edge.train.teacher_config import load_run_config
+
+    assert DistillConfig().dim == StudentConfig.__dataclass_fields__["dim"].default  # one definition
+    toml = tmp_path / "run.toml"
+    toml.write_text("[student]\nepochs = 1\nbatch_size = 16\nmax_visits = 2\ndim = 16\nheads = 2\nhidden = 24\n"
+                    "dropout = 0.1\nffn_mult = 1\ntemperature = 0.2\n")
+    config = _student_config(load_run_config(toml)[1], toml)
+    ds = synth_dataset(patients=16, seed=3)
+    samples = dataset_splits(ds, seed=0, train_all_visits=True)
+    encoder = Encoder.from_visits({k: ds.vocab(k) for k in KINDS}, ds.visits, max_visits=2, max_codes=code_limit(ds, config))
+    model, _, _ = train_student(ds, samples, encoder, config, teacher=None, seed=0, device=torch.device("cpu"))
+    c = model.config
+    assert (c.dim, c.heads, c.hidden, c.dropout, c.ffn_mult, c.temperature) == (16, 2, 24, 0.1, 1, 0.2)
+    with pytest.raises(ConfigError, match="dim=30 must be divisible by heads=4"):
+        DistillConfig(dim=30)
