@@ -62,19 +62,17 @@ class DistillConfig:
     ffn_mult: int = _model_default("ffn_mult")
     temperature: float = _model_default("temperature")
     train_all_visits: bool = True  # one sample per visit prefix: test Jaccard 0.401 -> 0.417 on default synth (no-distill)
-    # Feature MSE weight. LEADER uses 0.4 (MIMIC-III); on default synth with the smollm2-12-layer teacher
-    # (test PRAUC 0.54, below the label-only student) 0.4 and 1.0 peak at epoch 1 (val PRAUC 0.640/0.641),
-    # 0.1 trains normally and reaches val PRAUC 0.644 (no-distill 0.636).
-    alpha: float = 0.1
-    info_nce: float = 0.005  # profile/medication InfoNCE weight (LEADER MIMIC-III)
-    ddi_weight: float = 0.0  # off: LEADER has no DDI term
-    max_visits: int = 8
+    # The model's settings with StudentConfig's defaults (reasons there): alpha 0.1, InfoNCE 0.005,
+    # no DDI term, 8 visits, wide "max", set encoder "mean", counting prior "frequency", backend "auto".
+    alpha: float = _model_default("alpha")
+    info_nce: float = _model_default("info_nce")
+    ddi_weight: float = _model_default("ddi_weight")
+    max_visits: int = _model_default("max_visits")
     max_codes: int = 32  # per visit and kind; raised to the dataset's longest visit (`code_limit`)
     timing_patients: int = 100  # test patients timed one at a time for the per-patient latency
     code_groups: bool = True  # ICD/ATC parent embeddings: test Jaccard 0.4635 -> 0.4691 (earlier synth; within noise)
     threads: int = 1  # torch CPU threads; on the shared 2-core VM 2 threads ran epochs 1.1-9x SLOWER (contention)
-    wide: str = "max"  # Wide & Deep path over the current visit's codes: "max", "mean" or "none";
-    # default synth, no-distill, val PRAUC 0.6075 -> 0.6358 with "max" + co-occurrence init
+    wide: str = _model_default("wide")  # default synth, no-distill, val PRAUC 0.6075 -> 0.6358 with "max" + cooc init
     wide_rank: int | None = None  # None: full [n_codes, n_meds] table if it fits the 1M budget, else rank 64
     wide_init: str = "cooc"  # "cooc": training co-occurrence log-odds lift; "zero": learned from zero
     wide_smoothing: float = 2.0  # pseudo-visits pulling a rare code's P(med|code) toward the prior
@@ -89,10 +87,7 @@ class DistillConfig:
     teacher_spec: str | None = None  # backbone for code_init; None: RUN/teacher/config.json's
     zero_head: bool = False  # deep head starts at 0 (training starts at the wide init): val PRAUC 0.6395 vs 0.6358, noise
     wide_neighbours: int = 0  # distilled only: smooth the wide init toward the k name-nearest codes (0 = global prior)
-    # StudentConfig.set_encoder. Default synth, no-distill, seeds 42/1/2: val PRAUC transformer
-    # 0.6358/0.6458/0.6320, "mean" 0.6435/0.6392/0.6347 (equal within noise); test PRAUC 0.6529/0.6452/0.6393
-    # vs 0.6410/0.6414/0.6351 (-0.007 on average); model-only ORT fp32 batch 1024 3.7x faster (7,852 vs 2,139 patients/s).
-    set_encoder: str = "mean"
+    set_encoder: str = _model_default("set_encoder")
     # StudentConfig.prior: "frequency" adds the frequency baseline's logit (out-of-fold on training
     # samples) and starts the learned terms at 0, so training starts AT counting; validation
     # before the first epoch is a candidate, so early stopping can keep the counting prior itself.
@@ -100,14 +95,16 @@ class DistillConfig:
     # 0.6379/0.6399/0.6359; "frequency" with validation's one rule 0.6403 x3 (epoch 0 kept every time:
     # training only made it worse); with prior_rule "stack" 0.6512/0.6527/0.6522. BENCHMARKS.md
     # "Beat counting" has the held-out check (8,000 patients) and the second synthetic setting.
-    prior: str = "frequency"
-    prior_rule: str = "stack"  # "stack": all four counting rules mixed (see StudentConfig); "chosen": validation's one rule
+    prior: str = _model_default("prior")
+    # How the built model's StudentConfig.prior_rule is chosen: "stack" (all four counting rules
+    # mixed) or "chosen" (validation's one rule). A recipe choice, so it is defined here.
+    prior_rule: str = "stack"
     # Output-level distillation: weight of BCE(student logits, teacher probabilities) on training
     # samples (the teacher's head applied to its cached features); 0 = off (LEADER has none).
     kd: float = 0.0
     # StudentConfig.backend: "auto" runs the Triton kernels on CUDA and the torch forms on CPU;
     # "triton" forces the kernels (CPU only under TRITON_INTERPRET=1: tests), "torch" the torch forms.
-    backend: str = "auto"
+    backend: str = _model_default("backend")
 
     def __post_init__(self) -> None:
         # The model's shape is checked where it is defined, now rather than after the teacher stage.

@@ -140,7 +140,7 @@ def load_student(directory: str | Path, *, backend: str = "auto") -> tuple[Stude
     if (d / "metrics.json").exists():
         check_stage_file(d, "model.safetensors", "student")
     config = json.loads((d / "config.json").read_text(encoding="utf-8"))
-    model = Student(StudentConfig(**{**config["student"], "backend": backend}))
+    model = Student(StudentConfig.from_json(config["student"], backend=backend))
     model.load_state_dict(load_file(str(d / "model.safetensors")))
     return model.eval(), Encoder.from_json(config["encoder"]), float(config["threshold"])
 

@@ -130,7 +130,7 @@ def test_student_mean_set_encoder_is_padding_invariant_and_smaller():
     alone = torch.cat([m.predict_proba(**tensors(enc.encode([p]))) for p in PATIENTS])
     torch.testing.assert_close(together, alone, atol=1e-6, rtol=1e-5)
     assert torch.isfinite(together).all()
-    assert m.n_params() < model(enc).n_params()  # no per-code attention
+    assert m.n_params() < model(enc, set_encoder="transformer").n_params()  # no per-code attention
     # The pooled set vector is the mean of (code + group) embeddings, fed to the set MLP.
     codes = torch.tensor([[enc.med_offset, enc.med_offset + 2, -1]])
     rows = m.code_emb[codes[0, :2]] + m.group_emb[m.code_group[codes[0, :2]]]
@@ -186,7 +186,7 @@ def with_prior(m: Student, seed: int = 0) -> Student:
 
 WIDE = {"max": dict(wide="max"), "mean": dict(wide="mean"), "max-lowrank": dict(wide="max", wide_rank=2),
         "mean-lowrank": dict(wide="mean", wide_rank=2), "none": dict(wide="none")}
-PRIOR = {"none": dict(), **{r: dict(prior="frequency", prior_rule=r) for r in ("mean", "max", "noisy_or", "specificity", "stack")}}
+PRIOR = {"none": dict(prior="none"), **{r: dict(prior="frequency", prior_rule=r) for r in ("mean", "max", "noisy_or", "specificity", "stack")}}
 
 
 @pytest.mark.parametrize("prior", list(PRIOR))
@@ -276,3 +276,14 @@ def test_student_log1p_and_expm1_keep_small_arguments_in_plain_ops():
     assert ((torch.log(1 + x).double() - want).abs() / want.abs().clamp(min=1e-30))[2] > 1e-3  # why they exist
     neg = x[x <= 0]
     torch.testing.assert_close(expm1(neg).double(), torch.expm1(neg.double()), atol=0, rtol=2e-7)
+
+
+def test_student_config_of_an_older_saved_student_keeps_its_trained_behaviour():
+    """Fields added after a student was saved take the value it was trained with, not today's default."""
+    old = {"n_codes": 10, "n_meds": 3, "n_profile_ids": 2, "med_offset": 7}  # saved before set_encoder/prior existed
+    c = StudentConfig.from_json(old)
+    assert (c.set_encoder, c.prior, c.prior_rule) == ("transformer", "none", "max")
+    assert StudentConfig(10, 3, 2, 7).set_encoder == "mean"  # today's default: the shipped recipe's
+    from leader_edge.train.distill import DistillConfig
+
+    assert (DistillConfig().alpha, DistillConfig().set_encoder, DistillConfig().prior) == (c.alpha, "mean", "frequency")
