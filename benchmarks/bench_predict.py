@@ -112,7 +112,6 @@ def model_speed(visits: Path, fp32: Path, int8: Path, run: Path, n_single: int =
     torch's 2 OpenMP threads collapse when another process holds a core."""
     import torch
 
-    from leader_edge.export.onnx import batch1_ms, ort_runner
     from leader_edge.train.stage_files import load_student
     from leader_edge.bedside.visit_stream import read_patients
 
@@ -149,6 +148,31 @@ def model_speed(visits: Path, fp32: Path, int8: Path, run: Path, n_single: int =
         out[name] = {"p50_ms": p50, "p99_ms": p99, "batch1024_patients_per_s": statistics.median(rates)}
     out["int8_variant"] = json.loads((int8 / "manifest.json").read_text())["model"]["variant"]
     return out
+
+
+def batch1_ms(run, singles: list[dict], repeats: int = 1) -> tuple[float, float]:
+    """(p50, p99) milliseconds of `run(inputs)` at batch 1 over `singles` (after 5 warm-up calls)."""
+    import numpy as np
+
+    for b in singles[:5]:
+        run(b)
+    times = []
+    for _ in range(repeats):
+        for b in singles:
+            t = time.perf_counter()
+            run(b)
+            times.append(time.perf_counter() - t)
+    return float(np.percentile(times, 50) * 1e3), float(np.percentile(times, 99) * 1e3)
+
+
+def ort_runner(path: Path, threads: int = 1):
+    """`inputs -> probabilities` for an ONNX file (one intra-op thread: batch-1 latency)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return lambda inputs: session.run(None, inputs)[0]
 
 
 def main() -> None:

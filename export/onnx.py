@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 import warnings
 from pathlib import Path
 
@@ -181,30 +180,6 @@ def ort_proba(path: Path, encoded: list[dict[str, np.ndarray]]) -> np.ndarray:
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return np.concatenate([session.run(None, b)[0] for b in encoded])
-
-
-def batch1_ms(run, singles: list[dict[str, np.ndarray]], repeats: int = 1) -> tuple[float, float]:
-    """(p50, p99) milliseconds of `run(inputs)` at batch 1 over `singles` (after 5 warm-up calls).
-    For benchmarks: the export decides nothing by time."""
-    for b in singles[:5]:
-        run(b)
-    times = []
-    for _ in range(repeats):
-        for b in singles:
-            t = time.perf_counter()
-            run(b)
-            times.append(time.perf_counter() - t)
-    return float(np.percentile(times, 50) * 1e3), float(np.percentile(times, 99) * 1e3)
-
-
-def ort_runner(path: Path, threads: int = 1):
-    """`inputs -> probabilities` for an ONNX file (one intra-op thread: batch-1 latency)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return lambda inputs: session.run(None, inputs)[0]
 
 
 def stamp_sizes(src: Path, dst: Path, sizes: dict[str, int]) -> Path:

@@ -46,7 +46,6 @@ if TYPE_CHECKING:
 KINDS = ("diagnosis", "procedure", "medication")
 CODE_COLUMNS = ("diagnoses", "procedures", "medications")  # the visit field (and CSV column) of each kind
 PAD = -1
-UNKNOWN_VALUE = "<unknown>"
 # Inputs of the student's tensor path, in the order of `Batch.inputs()` (ONNX input names too).
 INPUT_NAMES = ("diagnoses", "procedures", "medications", "profile", "visit_mask")
 
