@@ -234,14 +234,20 @@ def unit_values(values: np.ndarray, units: np.ndarray | None = None) -> np.ndarr
 
 
 def paired_interval(
-    a: np.ndarray, b: np.ndarray, *, rounds: int = 2000, level: float = 0.95, seed: int = 0
+    a: np.ndarray, b: np.ndarray, *, rounds: int = 2000, level: float = 0.95, seed: int = 0,
+    resample_seeds: bool = False,
 ) -> tuple[float, float, float]:
     """Mean difference a - b over the same units with a paired bootstrap percentile interval.
 
     Args:
         a, b: [S, U] or [U] per-unit values of two models (S seeds, U units - the same patients in
-            the same order). Seeds are pooled: each unit's values are averaged over seeds first, so
-            the interval reflects patient sampling of the seed-averaged model.
+            the same order).
+        resample_seeds: False: seeds are pooled - each unit's values are averaged over seeds first,
+            so the interval reflects patient sampling of the seed-averaged model only. True: a
+            two-level bootstrap - each round also draws each model's training seeds with
+            replacement (the same seed indices for both when they have as many seeds, so a pair
+            trained with one seed stays paired), so the interval carries the spread between training
+            runs too. A model with one seed (a deterministic baseline, or one run) keeps its row.
 
     Returns:
         (difference, low, high) at `level` (e.g. 0.95).
@@ -255,10 +261,16 @@ def paired_interval(
         return float("nan"), float("nan"), float("nan")
     rng = np.random.default_rng(seed)
     means = np.empty(rounds)
-    step = max(1, 4_000_000 // u)  # bound the [rounds, U] index block to ~32 MB
-    for start in range(0, rounds, step):
-        k = min(step, rounds - start)
-        means[start:start + k] = d[rng.integers(0, u, size=(k, u))].mean(1)
+    if resample_seeds and max(len(a), len(b)) > 1:
+        for r in range(rounds):
+            ia = rng.integers(0, len(a), size=len(a))
+            ib = ia if len(a) == len(b) else rng.integers(0, len(b), size=len(b))
+            means[r] = (a[ia].mean(0) - b[ib].mean(0))[rng.integers(0, u, size=u)].mean()
+    else:
+        step = max(1, 4_000_000 // u)  # bound the [rounds, U] index block to ~32 MB
+        for start in range(0, rounds, step):
+            k = min(step, rounds - start)
+            means[start:start + k] = d[rng.integers(0, u, size=(k, u))].mean(1)
     lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
     return float(d.mean()), float(lo), float(hi)
 

@@ -97,6 +97,39 @@ def test_paired_interval_hand_worked():
     assert lo < 0 < hi
 
 
+def test_seed_resampled_interval_carries_training_run_spread():
+    # seed 1 puts a above b by 0.1 on every patient, seed 2 below by 0.05: the seed-averaged model
+    # is +0.025 on every patient, so the pooled interval is that point, but a redraw of the training
+    # seeds gives +0.1 (both draws seed 1), -0.05 (both seed 2) or +0.025: it must reach both signs.
+    a = np.array([[0.6] * 400, [0.45] * 400])
+    b = np.full((2, 400), 0.5)
+    d, lo, hi = paired_interval(a, b)
+    assert (d, lo, hi) == pytest.approx((0.025, 0.025, 0.025))
+    d, lo, hi = paired_interval(a, b, resample_seeds=True)
+    assert d == pytest.approx(0.025) and lo == pytest.approx(-0.05) and hi == pytest.approx(0.1)
+    # a model with one seed keeps its row; with one seed on both sides the two intervals are equal
+    assert paired_interval(a[:1], b[:1], resample_seeds=True) == pytest.approx(paired_interval(a[:1], b[:1]))
+    _, lo, hi = paired_interval(a, np.full(400, 0.5), resample_seeds=True)
+    assert (lo, hi) == pytest.approx((-0.05, 0.1))
+
+
+def test_verdict_and_goal_need_every_interval(data, tmp_path, monkeypatch):
+    # the same disagreeing seeds through the report: pooled alone would call it "student better"
+    from leader_edge.evaluation import report
+
+    per_unit = {name: {g: {k: vals for k in report.COMPARED} for g in report.GROUPS}
+                for name, vals in (("student", np.array([[0.6] * 400, [0.45] * 400])),
+                                   ("student-nodistill", np.full((2, 400), 0.5)), ("frequency", np.full((1, 400), 0.4)))}
+    comps = report.compare(per_unit)
+    c = next(c for c in comps if (c["a"], c["b"], c["group"], c["metric"]) == ("student", "student-nodistill", "overall", "prauc"))
+    assert c["low"] > 0 and c["seed_low"] < 0 and c["verdict"] == "within noise"
+    f = next(c for c in comps if (c["a"], c["b"], c["group"], c["metric"]) == ("student", "frequency", "overall", "prauc"))
+    assert f["seed_low"] == pytest.approx(0.05) and f["verdict"] == "student better"
+    checks = {g["check"]: g for g in goals(comps)}
+    assert checks["student - student-nodistill, prauc, overall"]["passed"] is False
+    assert checks["student - frequency, prauc, overall"]["passed"] is True
+
+
 def test_goals_need_the_interval_above_zero():
     comps = [{"a": "student", "b": b, "group": g, "metric": k, "low": 0.001 if b == "frequency" else -0.001}
              for b in ("frequency", "student-nodistill") for g in ("overall", "single_visit") for k in ("prauc", "jaccard")]
