@@ -9,12 +9,15 @@ exercises the installed CLI exactly; the commands are echoed so they can be copi
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from leader_edge.evaluation.report import report_files, summary_table
 
 
 def _run(args: list[str], *, stdout: Path | None = None) -> None:
@@ -68,9 +71,16 @@ def main(argv: list[str] | None = None) -> None:
     _run(["predict", "--bundle", str(bundle), "--input", str(test_visits), "--out", str(recs)])
     _run(["evaluate", "--truth", str(test_visits), "--predictions", str(recs), "--ddi", str(data / "ddi.csv"),
           "--label-space", str(bundle)])
-    print(f"\ndemo finished in {time.perf_counter() - started:.0f} s. Report (every model x metric, the protocol, "
-          f"{a.seeds} seeds, paired intervals): {run / 'report.md'}; plots: {run / 'training-curves.png'}, "
-          f"{run / 'metrics-by-group.png'}; JSON: {run / 'metrics.json'}", file=sys.stderr)
+    print_report_summary(run)
+    print(f"\ndemo finished in {time.perf_counter() - started:.0f} s. {report_files(run)}", file=sys.stderr, flush=True)
+
+
+def print_report_summary(run: Path) -> None:
+    """The run's report, as `evaluate --run` wrote it to RUN/metrics.json, rendered for the terminal
+    (stdout) by the report's own `summary_table`: every group x model x metric, the paired comparisons
+    and their verdicts, the tuned / 0.5 / 0.3 rows, the protocol and the seeds."""
+    result = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
+    print(f"\n== the report of {run} (also in {run / 'report.md'}) ==\n{summary_table(result)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -51,9 +51,12 @@ GROUPS = ("overall", "single_visit", "multi_visit", "rare_diagnosis")
 FIXED_THRESHOLDS = (0.5, 0.3)  # SafeDrug / LEADER's teacher, and LEADER's student
 RARE_BELOW = 5  # a diagnosis seen in fewer training visits is "rare"
 COMPARED = ("jaccard", "prauc", "f1")
-# (a, b): is a better than b? The distilled student against everything, then the rest against counting.
+# (a, b): is a better than b? The distilled student against everything, then the labels-only student
+# against counting and the teacher (does the teacher's knowledge need distilling at all?), the teacher
+# against counting: every pair of the four models.
 COMPARISONS = (("student", "student-nodistill"), ("student", "frequency"), ("student", "teacher"),
-               ("student-nodistill", "frequency"), ("teacher", "frequency"))
+               ("student-nodistill", "frequency"), ("student-nodistill", "teacher"), ("teacher", "frequency"))
+THRESHOLD_LABELS = {"tuned": "tuned on validation", "as_written": "as written"}  # the rows before the fixed ones
 
 
 def _read_json(path: Path) -> dict:
@@ -148,7 +151,7 @@ def score_models(run_dir: Path, ds: Dataset, splits: dict[str, list[Sample]], *,
                 runs.append((seed, y_pred, y_prob, info))
         if not runs:
             continue
-        by_seed, fixed, values = [], {t: [] for t in ("tuned", *FIXED_THRESHOLDS)}, []
+        by_seed, fixed, values = [], {t: [] for t in ("tuned", *map(str, FIXED_THRESHOLDS))}, []
         for seed, y_pred, y_prob, _ in runs:
             pv = metrics.per_visit_metrics(y_true, y_prob, y_pred, ddi)
             by_seed.append(metrics.by_masks(pv, masks, rounds=protocol.rounds, frac=protocol.frac, seed=rounds_seed,
@@ -156,9 +159,10 @@ def score_models(run_dir: Path, ds: Dataset, splits: dict[str, list[Sample]], *,
             values.append({g: {k: metrics.unit_values(pv[k][mask], np.unique(units[mask], return_inverse=True)[1])
                                for k in COMPARED} for g, mask in masks.items()})
             fixed["tuned"].append(metrics.point_estimate(pv, units))
-            for t in FIXED_THRESHOLDS:
-                at = metrics.per_visit_metrics(y_true, y_prob, y_prob >= t, ddi) if y_prob is not None else pv
-                fixed[t].append(metrics.point_estimate(at, units))
+            at = (at_fixed_thresholds(y_true, y_prob, ddi, units) if y_prob is not None
+                  else {str(t): fixed["tuned"][-1] for t in FIXED_THRESHOLDS})
+            for t, row in at.items():
+                fixed[t].append(row)
         groups = {}
         for g in GROUPS:
             groups[g] = {"n": int(by_seed[0][g]["n"][0])}
@@ -171,12 +175,32 @@ def score_models(run_dir: Path, ds: Dataset, splits: dict[str, list[Sample]], *,
             "seeds": [s for s, *_ in runs],
             "groups": groups,
             "protocol_groups": by_seed[0],
-            "thresholds": {str(t): {k: float(np.mean([f[k] for f in fixed[t]])) for k in ("jaccard", "f1", "n_med", "ddi_rate")}
-                           for t in fixed},
+            "thresholds": {t: {k: float(np.mean([f[k] for f in fixed[t]])) for k in THRESHOLD_METRICS} for t in fixed},
             **info,
         }
         per_unit[name] = {g: {k: np.stack([v[g][k] for v in values]) for k in COMPARED} for g in GROUPS}
     return models, per_unit
+
+
+THRESHOLD_METRICS = ("jaccard", "f1", "ddi_rate", "n_med")  # PRAUC does not depend on the threshold
+
+
+def at_fixed_thresholds(y_true: np.ndarray, y_prob: np.ndarray, ddi: np.ndarray | None,
+                        units: np.ndarray | None = None) -> dict[str, dict[str, float]]:
+    """The same probabilities cut at each of `FIXED_THRESHOLDS`, so rows can be set beside published tables.
+
+    Args:
+        y_true: [N visits, M codes] bool; y_prob: [N, M] scores; ddi: [M, M] bool or None;
+        units: [N] patient index per visit (the protocol's averaging unit) or None (visits).
+
+    Returns:
+        {"0.5": {"jaccard", "f1", "ddi_rate", "n_med"}, "0.3": {...}}: point estimates over every unit.
+    """
+    out = {}
+    for t in FIXED_THRESHOLDS:
+        point = metrics.point_estimate(metrics.per_visit_metrics(y_true, y_prob, y_prob >= t, ddi), units)
+        out[str(t)] = {k: float(point[k]) for k in THRESHOLD_METRICS}
+    return out
 
 
 def compare(per_unit: dict[str, dict], *, seed: int = 0) -> list[dict]:
@@ -219,6 +243,31 @@ def _cell(g: dict, k: str) -> str:
     return f"{m['mean']:.4f}" + ("" if m["std"] is None else f" ± {m['std']:.4f}")
 
 
+def _num(v: float | None, digits: int = 4) -> str:
+    return "-" if v is None or np.isnan(v) else f"{v:.{digits}f}"
+
+
+def _difference(c: dict) -> str:
+    """a - b, its interval with patients resampled and, after `/`, with training seeds resampled too."""
+    return (f"{c['diff']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}]"
+            + (f" / [{c['seed_low']:+.4f}, {c['seed_high']:+.4f}]" if max(c["seeds"]) > 1 else ""))
+
+
+def _by_pair(comparisons: list[dict]) -> dict[tuple, dict]:
+    """(a, b, group) -> metric -> comparison, in COMPARISONS order."""
+    rows: dict[tuple, dict] = {}
+    for c in comparisons:
+        rows.setdefault((c["a"], c["b"], c["group"]), {})[c["metric"]] = c
+    return rows
+
+
+def _in_words(a: str, b: str, g: str, cs: dict) -> str:
+    beyond = [f"{k} {cs[k]['diff']:+.4f} ({cs[k]['verdict']})" for k in COMPARED if cs[k]["verdict"] != "within noise"]
+    within = [k for k in COMPARED if cs[k]["verdict"] == "within noise"]
+    text = "; ".join(beyond) if beyond else "no difference beyond noise"
+    return f"{a} vs {b}, {g.replace('_', '-')}: {text}" + (f"; within noise: {', '.join(within)}" if beyond and within else "") + "."
+
+
 def render_markdown(models: dict[str, dict], comparisons: list[dict], goal: list[dict], run_dir: Path, data_dir: Path,
                     protocol, seeds: list[int]) -> str:
     lines = [f"# Evaluation of `{run_dir}`", "", f"Data: `{data_dir}`. {protocol.describe()}.",
@@ -236,20 +285,12 @@ def render_markdown(models: dict[str, dict], comparisons: list[dict], goal: list
               "Each cell: the difference, its interval with patients resampled (seeds pooled), and after `/` the "
               "interval with patients and training seeds resampled (shown where a model has several seeds).", "",
               "| a - b | group | Jaccard | PRAUC | F1 |", "|---|---|---|---|---|"]
-    rows: dict[tuple, dict] = {}
-    for c in comparisons:
-        rows.setdefault((c["a"], c["b"], c["group"]), {})[c["metric"]] = c
+    rows = _by_pair(comparisons)
     for (a, b, g), cs in rows.items():
-        cells = [f"{c['diff']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}]"
-                 + (f" / [{c['seed_low']:+.4f}, {c['seed_high']:+.4f}]" if max(c["seeds"]) > 1 else "")
-                 + ("" if c["verdict"] == "within noise" else " *") for c in (cs[k] for k in COMPARED)]
+        cells = [_difference(c) + ("" if c["verdict"] == "within noise" else " *") for c in (cs[k] for k in COMPARED)]
         lines.append(f"| {a} - {b} | {g.replace('_', '-')} | " + " | ".join(cells) + " |")
     lines += ["", "`*`: every interval excludes 0 on the same side (beyond noise). In words:", ""]
-    for (a, b, g), cs in rows.items():
-        beyond = [f"{k} {cs[k]['diff']:+.4f} ({cs[k]['verdict']})" for k in COMPARED if cs[k]["verdict"] != "within noise"]
-        within = [k for k in COMPARED if cs[k]["verdict"] == "within noise"]
-        text = "; ".join(beyond) if beyond else "no difference beyond noise"
-        lines.append(f"- {a} vs {b}, {g.replace('_', '-')}: {text}" + (f"; within noise: {', '.join(within)}" if beyond and within else "") + ".")
+    lines += [f"- {_in_words(a, b, g, cs)}" for (a, b, g), cs in rows.items()]
     lines += ["", "## Goal: the distilled student beats counting and the labels-only student", "",
               "| check | interval low end | passed |", "|---|---|---|"]
     for c in goal:
@@ -257,11 +298,11 @@ def render_markdown(models: dict[str, dict], comparisons: list[dict], goal: list
         passed = "n/a" if c["passed"] is None else ("yes" if c["passed"] else "NO")
         lines.append(f"| {c['check']} | {low} | {passed} |")
     lines += ["", "## Thresholds (overall, mean over seeds)", "",
-              "| model | threshold | Jaccard | F1 | #Med |", "|---|---|---|---|---|"]
+              "| model | threshold | Jaccard | F1 | DDI rate | #Med |", "|---|---|---|---|---|---|"]
     for name, m in models.items():
         for t, v in m["thresholds"].items():
-            label = "tuned on validation (per seed)" if t == "tuned" else t
-            lines.append(f"| {name} | {label} | {v['jaccard']:.4f} | {v['f1']:.4f} | {v['n_med']:.2f} |")
+            lines.append(f"| {name} | {THRESHOLD_LABELS.get(t, t)} | {_num(v['jaccard'])} | {_num(v['f1'])} | "
+                         f"{_num(v['ddi_rate'])} | {_num(v['n_med'], 2)} |")
     lines += ["", f"## The {protocol.name} protocol's figure (first seed)", "",
               "| model | group | Jaccard | PRAUC | F1 | DDI rate | #Med |", "|---|---|---|---|---|---|---|"]
     for name, m in models.items():
@@ -280,24 +321,54 @@ def render_markdown(models: dict[str, dict], comparisons: list[dict], goal: list
     return "\n".join(lines)
 
 
-def summary_table(result: dict) -> str:
-    """Plain text for a terminal: overall and single-visit rows per model, then the comparisons."""
-    lines = [f"{result['protocol']['description']}; seeds {result['seeds']}"]
-    head = f"{'model':<18} {'seeds':>5}  {'group':<14} {'Jaccard':<17} {'PRAUC':<17} {'F1':<17}"
-    lines += [head, "-" * len(head)]
-    for name, m in result["models"].items():
-        for g in ("overall", "single_visit"):
-            cells = []
-            for k in COMPARED:
-                v = m["groups"][g][k]
-                cells.append("-" if v["mean"] is None else f"{v['mean']:.4f}" + ("" if v["std"] is None else f" ± {v['std']:.4f}"))
-            lines.append(f"{name:<18} {len(m['seeds']):>5}  {g:<14} " + " ".join(f"{c:<17}" for c in cells))
-    lines += ["", "paired differences (95% interval), overall and single-visit:"]
-    for c in result["comparisons"]:
-        if c["group"] in ("overall", "single_visit") and c["metric"] in ("prauc", "jaccard"):
-            lines.append(f"  {c['a'] + ' - ' + c['b']:<38} {c['group']:<13} {c['metric']:<8} {c['diff']:+.4f} "
-                         f"[{c['low']:+.4f}, {c['high']:+.4f}]  {c['verdict']}")
+def threshold_table(rows: dict[str, dict[str, dict]]) -> str:
+    """Plain text: rows[model][threshold] = {"jaccard", "f1", "ddi_rate", "n_med"} (None or NaN: "-")."""
+    head = f"{'model':<22} {'threshold':<20} {'Jaccard':>8} {'F1':>8} {'DDI rate':>8} {'#Med':>6}"
+    lines = [head, "-" * len(head)]
+    for name, by_t in rows.items():
+        for t, v in by_t.items():
+            lines.append(f"{name:<22} {THRESHOLD_LABELS.get(t, t):<20} {_num(v['jaccard']):>8} {_num(v['f1']):>8} "
+                         f"{_num(v['ddi_rate']):>8} {_num(v['n_med'], 2):>6}")
     return "\n".join(lines)
+
+
+def summary_table(result: dict) -> str:
+    """Plain text for a terminal, from `write_report`'s result (or RUN/metrics.json): the protocol and
+    seeds; per group every model x metric; every paired comparison with both intervals and its verdict;
+    the goal checks; the tuned / 0.5 / 0.3 threshold rows."""
+    lines = [f"{result['protocol']['description']}; training seeds {', '.join(map(str, result['seeds']))} "
+             "(students; the teacher and the baseline are trained once)",
+             "cells: the value over every test patient, mean ± std across seeds (no ± with one seed)"]
+    models = result["models"]
+    head = f"{'model':<18} {'seeds':>5}  " + " ".join(f"{h:<17}" for h in ("Jaccard", "PRAUC", "F1", "DDI rate", "#Med"))
+    for g in GROUPS:
+        n = next(iter(models.values()))["groups"][g]["n"] if models else 0
+        lines += ["", f"{g.replace('_', '-')} ({n} patients)", head, "-" * len(head)]
+        lines += [f"{name:<18} {len(m['seeds']):>5}  " + " ".join(f"{_cell(m['groups'][g], k):<17}" for k in metrics.METRICS)
+                  for name, m in models.items()]
+    lines += ["", "paired differences a - b over the same test patients: 95% interval with patients resampled "
+              "(seeds pooled) / with patients and training seeds resampled; 'better' only when every interval excludes 0"]
+    by_group: dict[str, list[str]] = {}
+    for (a, b, g), cs in _by_pair(result["comparisons"]).items():
+        by_group.setdefault(g, []).extend(f"  {a + ' - ' + b:<31} {k:<8} {_difference(cs[k]):<50} {cs[k]['verdict']}"
+                                          for k in COMPARED)
+    for g, rows in by_group.items():
+        lines += [g.replace("_", "-"), *rows]
+    if result.get("goal"):
+        w = max(len(c["check"]) for c in result["goal"])
+        lines += ["", "goal: the distilled student beats counting and the labels-only student (interval low end > 0)"]
+        lines += [f"  {c['check']:<{w}} {'-' if c['low'] is None else format(c['low'], '+.4f'):>8}  "
+                  f"{'n/a' if c['passed'] is None else 'yes' if c['passed'] else 'NO'}" for c in result["goal"]]
+    lines += ["", "thresholds (overall, mean over seeds): the recommended sets as tuned on validation, and the same "
+              "probabilities at the published tables' fixed thresholds",
+              threshold_table({name: m["thresholds"] for name, m in models.items()})]
+    return "\n".join(lines)
+
+
+def report_files(run_dir: Path) -> str:
+    """Where `write_report` put its files, in one line."""
+    return (f"report: {run_dir / 'report.md'}; plots: {run_dir / 'training-curves.png'}, "
+            f"{run_dir / 'metrics-by-group.png'}; metrics: {run_dir / 'metrics.json'}")
 
 
 def write_report(run_dir: Path, data_dir: Path | None = None, *, protocol: str | None = None) -> dict:

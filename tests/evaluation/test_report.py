@@ -9,7 +9,7 @@ from leader_edge.data.dataset import load_dataset, write_dataset
 from leader_edge.data.splits import dataset_splits
 from leader_edge.evaluation.metrics import paired_interval
 from leader_edge.bedside.recs import write_predictions
-from leader_edge.evaluation.report import goals, summary_table, write_report
+from leader_edge.evaluation.report import COMPARISONS, GROUPS, MODELS, goals, summary_table, write_report
 from leader_edge.data.synth import synth_dataset
 
 
@@ -33,15 +33,22 @@ def fabricate(run, data, name, *, noise: float, seed: int = 0, protocol: str = "
                                                          "threshold": 0.5, "train_seed": train_seed}))
 
 
-def test_write_report_pools_seeds_and_compares_models(data, tmp_path):
-    (tmp_path / "run.json").write_text(json.dumps({"data": str(data), "seed": 42, "seeds": [42, 43]}))
-    fabricate(tmp_path, data, "student", noise=0.8, seed=1)
-    fabricate(tmp_path, data, "student.seed-43", noise=0.8, seed=2, train_seed=43)
-    fabricate(tmp_path, data, "student-nodistill", noise=0.98, seed=3)
-    fabricate(tmp_path, data, "teacher", noise=0.6)
-    (tmp_path / "student" / "history.json").write_text(json.dumps([{"epoch": 1, "train_loss": 0.3, "val_prauc": 0.5},
-                                                                    {"epoch": 2, "train_loss": 0.2, "val_prauc": 0.6}]))
-    result = write_report(tmp_path)
+@pytest.fixture(scope="module")
+def report_run(data, tmp_path_factory):
+    """(RUN, write_report's result): every model, the student with two seeds (~15 s on the 2-core VM, so once)."""
+    run = tmp_path_factory.mktemp("run")
+    (run / "run.json").write_text(json.dumps({"data": str(data), "seed": 42, "seeds": [42, 43]}))
+    fabricate(run, data, "student", noise=0.8, seed=1)
+    fabricate(run, data, "student.seed-43", noise=0.8, seed=2, train_seed=43)
+    fabricate(run, data, "student-nodistill", noise=0.98, seed=3)
+    fabricate(run, data, "teacher", noise=0.6)
+    (run / "student" / "history.json").write_text(json.dumps([{"epoch": 1, "train_loss": 0.3, "val_prauc": 0.5},
+                                                              {"epoch": 2, "train_loss": 0.2, "val_prauc": 0.6}]))
+    return run, write_report(run)
+
+
+def test_write_report_pools_seeds_and_compares_models(report_run):
+    tmp_path, result = report_run
     assert list(result["models"]) == ["frequency", "student-nodistill", "student", "teacher"]
     student = result["models"]["student"]
     assert student["seeds"] == [42, 43] and len(student["groups"]["overall"]["prauc"]["by_seed"]) == 2
@@ -55,7 +62,8 @@ def test_write_report_pools_seeds_and_compares_models(data, tmp_path):
     report = (tmp_path / "report.md").read_text()
     assert "| student - student-nodistill | overall |" in report and "rare-diagnosis" in report and "1,234" in report
     assert json.loads((tmp_path / "metrics.json").read_text())["goal"] == result["goal"]
-    assert "student - student-nodistill" in summary_table(result)
+    assert {(c["a"], c["b"]) for c in result["comparisons"]} == set(COMPARISONS)  # every pair of the four models
+    assert ("student-nodistill", "teacher") in COMPARISONS  # the issue asks for labels-only vs teacher too
     for png in ("training-curves.png", "metrics-by-group.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
     assert not list(tmp_path.glob(".*"))  # no temp file left behind
@@ -143,3 +151,67 @@ def test_write_report_leaves_out_seeds_of_an_earlier_run(data, tmp_path):
     fabricate(tmp_path, data, "student.seed-43", noise=0.8, seed=2, train_seed=43)  # left by a --seeds 2 run
     result = write_report(tmp_path)
     assert result["models"]["student"]["seeds"] == [42]
+
+
+def test_summary_table_prints_every_group_metric_comparison_and_threshold(report_run):
+    # what `make demo` ends with, rendered from metrics.json as the demo reads it
+    run, result = report_run
+    text = summary_table(json.loads((run / "metrics.json").read_text()))
+    lines = text.splitlines()
+    assert "protocol leader" in lines[0] and "training seeds 42, 43" in lines[0]
+    for g in GROUPS:
+        at = next(i for i, line in enumerate(lines) if line.startswith(f"{g.replace('_', '-')} ("))
+        assert lines[at + 1].split() == ["model", "seeds", "Jaccard", "PRAUC", "F1", "DDI", "rate", "#Med"]
+        rows = [line.split()[0] for line in lines[at + 3:at + 3 + len(MODELS)]]
+        assert rows == list(MODELS)
+    student = next(line for line in lines if line.startswith("student ") and "±" in line).split()
+    assert len(student) == 2 + 3 * 5  # model, seeds, then mean ± std for each of the five metrics
+    # every pair, group and metric once, with its verdict in words; both intervals where a model has two seeds
+    pairs = [line for line in lines if line.startswith("  ") and " - " in line and line.split()[3] in ("jaccard", "prauc", "f1")]
+    assert len(pairs) == len(COMPARISONS) * len(GROUPS) * 3
+    assert sum("student-nodistill - teacher" in line for line in pairs) == len(GROUPS) * 3
+    assert all(line.endswith(("better", "within noise")) for line in pairs)
+    assert all("] / [" in line for line in pairs if line.split()[0] == "student")
+    assert any(line.endswith("student better") for line in pairs)  # noise 0.8 vs 0.98
+    assert sum(line.strip().endswith(("yes", "NO", "n/a")) for line in lines) == 8  # the goal checks
+    thresholds = lines[next(i for i, line in enumerate(lines) if line.startswith("thresholds")):]
+    for name in MODELS:
+        labels = [line[23:43].strip() for line in thresholds if line.startswith(f"{name:<22} ")]
+        assert labels == ["tuned on validation", "0.5", "0.3"], name
+
+
+def test_report_plots_one_colour_per_model_in_both_figures(tmp_path, monkeypatch):
+    from matplotlib.colors import to_hex
+
+    from leader_edge.evaluation import report_plots
+
+    figures = []
+    monkeypatch.setattr(report_plots, "save_figure", lambda fig, path: figures.append(fig))
+    history = json.dumps([{"epoch": 1, "train_loss": 0.3, "val_prauc": 0.5}, {"epoch": 2, "train_loss": 0.2, "val_prauc": 0.6}])
+    for d in ("student", "student.seed-43", "student-nodistill"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "history.json").write_text(history)
+    (tmp_path / "teacher").mkdir()
+    (tmp_path / "teacher" / "metrics.json").write_text(json.dumps({"history": [{"epoch": 1, "loss": 2.0, "val_prauc": 0.4}]}))
+    assert report_plots.plot_training_curves(tmp_path, tmp_path / "curves.png")
+    stat = {"mean": 0.5, "std": 0.01}
+    models = {name: {"seeds": [42], "groups": {g: {"jaccard": stat, "prauc": stat} for g in GROUPS}} for name in MODELS}
+    report_plots.plot_metrics_by_group(models, tmp_path / "bars.png", GROUPS)
+    curves, bars = figures
+    line_colour = {}
+    for line in curves.axes[0].lines:  # the first line of each model carries its name; every seed's line its colour
+        line_colour.setdefault(line.get_label(), set()).add(to_hex(line.get_color()))
+    by_colour = {to_hex(line.get_color()) for line in curves.axes[0].lines + curves.axes[1].lines}
+    bar_colour = {}
+    for ax in bars.axes:
+        for container in ax.containers:
+            if hasattr(container, "patches"):
+                name = container.get_label().split(" (")[0]
+                bar_colour.setdefault(name, set()).update(to_hex(p.get_facecolor()) for p in container.patches)
+    assert set(bar_colour) == set(MODELS)
+    for name in MODELS:
+        assert bar_colour[name] == {report_plots.MODEL_COLORS[name]}, name
+    for name in ("student-nodistill", "student", "teacher"):
+        assert line_colour[name] == bar_colour[name], name
+    assert by_colour == {report_plots.MODEL_COLORS[n] for n in ("student-nodistill", "student", "teacher")}
+    assert len(set(report_plots.MODEL_COLORS.values())) == len(MODELS)  # one colour per model, none shared
