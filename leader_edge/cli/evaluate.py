@@ -43,7 +43,9 @@ def evaluate(truth, predictions, visits, label_space, skip_missing, ddi, baselin
              output) -> None:
     """Score medication recommendations: Jaccard, PRAUC, F1, DDI rate, #Med over every scored
     visit (the point estimate) and as mean +- std over 10 random 80% subsamples, overall and for
-    single- vs multi-visit patients. The protocol is named in every table and metrics file.
+    single- vs multi-visit patients. The protocol is named in every table and metrics file. Where
+    there are scores, the same scores cut at 0.5 and 0.3 (the published tables' thresholds) are
+    given beside the recommended sets (overall, point estimates; JSON "thresholds").
 
     \b
     Examples:
@@ -62,11 +64,10 @@ def evaluate(truth, predictions, visits, label_space, skip_missing, ddi, baselin
             raise click.UsageError(f"--out {output} is one of the input files; choose another path")
     if run_dir is not None:
         result = _evaluate_run(run_dir, data, protocol)
-        from leader_edge.evaluation.report import summary_table
+        from leader_edge.evaluation.report import report_files, summary_table
 
         click.echo(summary_table(result))
-        click.echo(f"report: {run_dir / 'report.md'}; plots: {run_dir / 'training-curves.png'}, "
-                   f"{run_dir / 'metrics-by-group.png'}; metrics: {run_dir / 'metrics.json'}", err=True)
+        click.echo(report_files(run_dir), err=True)
     else:
         from leader_edge.data.splits import get_protocol
 
@@ -83,6 +84,11 @@ def evaluate(truth, predictions, visits, label_space, skip_missing, ddi, baselin
         from leader_edge.evaluation.metrics import format_table
 
         click.echo(format_table(result["groups"], title=result["title"]))
+        if result.get("thresholds"):
+            from leader_edge.evaluation.report import threshold_table
+
+            click.echo("\noverall, the same scores at the published tables' fixed thresholds (value over every scored patient):")
+            click.echo(threshold_table({predictions.name if predictions else "frequency": result["thresholds"]}))
         click.echo("cells: value over every scored patient (mean +- std over the protocol's subsamples)", err=True)
     if output is not None:
         _write_json(output, result)
@@ -129,7 +135,7 @@ def _evaluate_file(truth: Path, predictions: Path, visits_path: Path | None, lab
     import numpy as np
 
     from leader_edge.data.dataset import read_ddi, read_visits
-    from leader_edge.evaluation.metrics import by_group, ddi_matrix, per_visit_metrics
+    from leader_edge.evaluation.metrics import by_group, ddi_matrix, per_visit_metrics, point_estimate
     from leader_edge.bedside.recs import Prediction, prediction_matrices, predicted_codes, read_predictions
 
     rows, truth_visits = _read_targets(truth)
@@ -195,8 +201,14 @@ def _evaluate_file(truth: Path, predictions: Path, visits_path: Path | None, lab
     ddi = ddi_matrix(read_ddi(ddi_path), med_codes) if ddi_path is not None else None
     per_visit = per_visit_metrics(y_true, y_prob, y_pred, ddi)
     units = np.unique([r.patient_id for r in rows], return_inverse=True)[1] if proto.per_patient else None
+    thresholds = {}
     if y_prob is None:
         notes.append("no scores column: PRAUC not computed")
+    else:  # the recommended sets as written, then the same scores cut at 0.5 and 0.3 (published tables' thresholds)
+        from leader_edge.evaluation.report import THRESHOLD_METRICS, at_fixed_thresholds
+
+        written = point_estimate(per_visit, units)
+        thresholds = {"as_written": {k: written[k] for k in THRESHOLD_METRICS}, **at_fixed_thresholds(y_true, y_prob, ddi, units)}
     if ddi is None:
         notes.append("no --ddi: DDI rate not computed")
     if visits:
@@ -216,6 +228,7 @@ def _evaluate_file(truth: Path, predictions: Path, visits_path: Path | None, lab
         "missing_counted_as_empty": bool(missing) and not skip_missing,
         "label_space_size": len(med_codes),
         "groups": groups,
+        "thresholds": thresholds,
     }
 
 
@@ -225,7 +238,8 @@ def _evaluate_baseline(data: Path, proto, seed: int, rounds: int) -> dict:
     from leader_edge.evaluation.baselines import fit_frequency_baseline, labels
     from leader_edge.data.dataset import load_dataset
     from leader_edge.data.splits import dataset_splits
-    from leader_edge.evaluation.metrics import by_group, ddi_matrix, per_visit_metrics
+    from leader_edge.evaluation.metrics import by_group, ddi_matrix, per_visit_metrics, point_estimate
+    from leader_edge.evaluation.report import THRESHOLD_METRICS, at_fixed_thresholds
 
     ds = load_dataset(data)
     splits = dataset_splits(ds, seed=seed, protocol=proto)
@@ -240,6 +254,8 @@ def _evaluate_baseline(data: Path, proto, seed: int, rounds: int) -> dict:
     n_visits = {pid: len(v) for pid, v in ds.patients().items()}
     multi = np.array([n_visits[s.patient_id] > 1 for s in test])
     units = np.unique([s.patient_id for s in test], return_inverse=True)[1] if proto.per_patient else None
+    tuned = point_estimate(per_visit, units)
+    thresholds = {"tuned": {k: tuned[k] for k in THRESHOLD_METRICS}, **at_fixed_thresholds(y_true, prob, ddi, units)}
     return {
         "title": f"frequency baseline ({model.rule}, a={model.smoothing}, threshold {threshold:.2f}) on {data}: "
                  f"{len(set(s.patient_id for s in test))} test patients, split seed {seed}; {proto.describe()}",
@@ -248,6 +264,7 @@ def _evaluate_baseline(data: Path, proto, seed: int, rounds: int) -> dict:
         "model": {"rule": model.rule, "smoothing": model.smoothing, "threshold": threshold},
         "validation": trials,
         "groups": by_group(per_visit, multi, rounds=rounds, frac=proto.frac, seed=seed, units=units),
+        "thresholds": thresholds,
     }
 
 

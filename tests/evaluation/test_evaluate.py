@@ -1,6 +1,7 @@
 import json
 import random
 from datetime import datetime, timedelta
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -91,6 +92,11 @@ def test_evaluate_baseline_cli_table_and_json(data_dir, tmp_path):
     assert got["groups"]["overall"]["n"] == 8
     assert 0 < got["groups"]["overall"]["jaccard"]["mean"] <= 1
     assert got["groups"]["overall"]["ddi_rate"]["mean"] is not None
+    # the tuned row is the table's point estimate; 0.5 and 0.3 cut the same probabilities
+    assert list(got["thresholds"]) == ["tuned", "0.5", "0.3"]
+    assert got["thresholds"]["tuned"]["jaccard"] == pytest.approx(got["groups"]["overall"]["point"]["jaccard"])
+    assert got["thresholds"]["0.3"]["n_med"] >= got["thresholds"]["0.5"]["n_med"]
+    assert "tuned on validation" in r.stdout
 
 
 def _write_truth_and_recs(tmp_path, rows, header="patient_id,visit_id,medications,scores"):
@@ -160,6 +166,56 @@ def test_evaluate_file_prauc_ranks_over_the_label_space(tmp_path):
     assert r.exit_code == 2 and "not in the label space" in r.output
 
 
+def test_evaluate_file_prauc_ranks_over_a_dataset_directory_label_space(tmp_path):
+    truth, recs, _ = _two_predictions(tmp_path)
+    visits = [Visit("q", "v0", datetime(2130, 1, 1), ("d",), (), ("A", "B", "C"))]
+    data = write_dataset(Dataset(visits=visits, names={"medication": {"D": "only in codes.csv"}}), tmp_path / "data", source="test")
+    got, _ = _eval_json(tmp_path, "--truth", truth, "--predictions", recs, "--label-space", data)
+    assert got["label_space_size"] == 4  # A, B, C from visits.csv and D from codes.csv
+    assert got["groups"]["overall"]["point"]["prauc"] == pytest.approx((1 + 1 + 1 / 4) / 3)  # e: C tied with 3 others
+
+
+def test_evaluate_file_prauc_ranks_over_a_bundle_label_space(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "bedside"))
+    from test_runtime import MEDS, write_fake_bundle  # the hand-built bundle of the runtime tests (~0.2 s)
+
+    bundle = write_fake_bundle(tmp_path / "bundle")
+    truth = tmp_path / "visits.csv"  # _two_predictions with A, B, C renamed to the bundle's M1, M2, M3; e also takes Z9
+    truth.write_text("patient_id,visit_id,visit_time,diagnoses,procedures,medications\n"
+                     "p1,a,2130-01-01,d,,M1;M2\np1,b,2130-02-01,d,,M1\np2,c,2130-01-01,d,,M2;M3\np3,e,2130-01-01,d,,M3;Z9\n")
+    recs = tmp_path / "recs.csv"
+    recs.write_text("patient_id,visit_id,medications,scores\np1,b,M1;M3,M1:0.9;M3:0.8\np2,c,M2;M3,M2:0.7;M3:0.6;M1:0.1\n")
+    got, r = _eval_json(tmp_path, "--truth", truth, "--predictions", recs, "--label-space", bundle)
+    assert got["label_space_size"] == len(MEDS) + 1  # the bundle's 6 codes and Z9, which no model can rank
+    assert "1 true medication code(s) are outside the label space" in r.stderr
+    # e: two positives (M3, Z9) among 7 codes all scored 0: precision 2/7 at every recall
+    assert got["groups"]["overall"]["point"]["prauc"] == pytest.approx((1 + 1 + 2 / 7) / 3)
+    recs.write_text("patient_id,visit_id,medications,scores\np1,b,A,A:0.9\n")  # a code the bundle cannot write
+    r = _run_eval("--truth", truth, "--predictions", recs, "--label-space", bundle)
+    assert r.exit_code == 2 and "not in the label space" in r.output
+
+
+def test_evaluate_file_fixed_threshold_rows(tmp_path):
+    # LEADER protocol scores b, c, e (e has no prediction: empty at every threshold):
+    #        as written          at 0.5              at 0.3
+    # b {A}: {A}   J 1  F1 1     {A}   J 1   F1 1    {A,C} J 1/2 F1 2/3  (C 0.4)
+    # c {B,C}: {B,C} J 1 F1 1    {C}   J 1/2 F1 2/3  {B,C} J 1   F1 1    (B 0.45)
+    truth, recs, ddi = _write_truth_and_recs(tmp_path, ["p1,b,A,A:0.9;C:0.4", "p2,c,B;C,B:0.45;C:0.6"])
+    got, r = _eval_json(tmp_path, "--truth", truth, "--predictions", recs, "--ddi", ddi, "--rounds", "1")
+    t = got["thresholds"]
+    assert list(t) == ["as_written", "0.5", "0.3"]
+    assert [t[k]["jaccard"] for k in t] == pytest.approx([2 / 3, 1.5 / 3, 1.5 / 3])
+    assert [t[k]["f1"] for k in t] == pytest.approx([2 / 3, (1 + 2 / 3) / 3, (2 / 3 + 1) / 3])
+    assert [t[k]["n_med"] for k in t] == pytest.approx([1, 2 / 3, 4 / 3])
+    assert t["as_written"]["jaccard"] == pytest.approx(got["groups"]["overall"]["point"]["jaccard"])
+    assert t["as_written"]["ddi_rate"] == 0 and t["0.3"]["ddi_rate"] > 0  # b's {A, C} interacts at 0.3
+    table = r.stdout[r.stdout.index("fixed thresholds"):].splitlines()
+    assert [line.split()[1:3] for line in table[3:]] == [["as", "written"], ["0.5", "0.5000"], ["0.3", "0.5000"]]
+    # the SafeDrug protocol averages per patient: p1 (a: nothing predicted, b), p2 (c), p3 (e)
+    got, _ = _eval_json(tmp_path, "--truth", truth, "--predictions", recs, "--protocol", "safedrug", "--rounds", "1")
+    assert got["thresholds"]["0.3"]["jaccard"] == pytest.approx(((0 + 0.5) / 2 + 1 + 0) / 3)
+
+
 def test_evaluate_three_column_truth_takes_groups_from_the_visits(tmp_path):
     truth, recs, _ = _two_predictions(tmp_path)
     targets = tmp_path / "targets.csv"
@@ -199,6 +255,7 @@ def test_evaluate_file_without_scores_has_no_prauc(tmp_path):
     assert r.exit_code == 0, r.output
     assert "PRAUC not computed" in r.stdout
     assert "1.0000 +- 0.0000" in r.stdout and "no prediction" not in r.stderr
+    assert "fixed thresholds" not in r.stdout  # no scores to cut
 
 
 def test_evaluate_file_unknown_visit_names_line(tmp_path):
