@@ -3,7 +3,9 @@
     python -m leader_edge.demo --out demo-out [--patients 2000] [--teacher smollm2]
 
 Each step is the same `leader-edge` command a user would type, run as a subprocess so the demo
-exercises the installed CLI exactly; the commands are echoed so they can be copied.
+exercises the installed CLI exactly; the commands are echoed so they can be copied. It ends by
+printing the run's report (RUN/metrics.json through the report's own `summary_table`) and where
+report.md, the plots and metrics.json are.
 """
 
 from __future__ import annotations
