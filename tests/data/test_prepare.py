@@ -21,16 +21,14 @@ from leader_edge.data.sources import maps
 from leader_edge.data.sources.mimic import PrepareConfig, prepare_mimic
 from leader_edge.data.sources.tables import nearest_century, parse_times
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-DEMO = SHARED / "mimic-iii-demo"
-NDC_MAP = SHARED / "mappings" / "ndc2rxnorm_mapping.txt"
+from test_faults_prepare import MIMIC3 as DEMO, NDC_MAP, require_shared  # ../shared/data; missing fails
+
 TABLES = ("ADMISSIONS", "DIAGNOSES_ICD", "PROCEDURES_ICD", "PRESCRIPTIONS", "D_ICD_DIAGNOSES", "D_ICD_PROCEDURES")
 
 
 @pytest.fixture(scope="module")
 def demo() -> Path:
-    if not DEMO.is_dir() or not NDC_MAP.is_file():
-        pytest.skip(f"shared MIMIC-III demo not found at {SHARED} (../shared is missing)")
+    require_shared(DEMO / "ADMISSIONS.csv", NDC_MAP)
     return DEMO
 
 
