@@ -46,7 +46,7 @@ from leader_edge.data.dataset import load_dataset
 from leader_edge.bedside.encoding import Encoder, RawVisit
 from leader_edge.errors import ConfigError, DataError, StateError
 from leader_edge.export import onnx as onnx_export
-from leader_edge.files import atomic_directory, sha256
+from leader_edge.files import atomic_directory, sha256, temp_directory
 from leader_edge.bedside.manifest import BUNDLE_FORMAT, MANIFEST, MODEL, SELFTEST, SELFTEST_ATOL, SIGNATURE, manifest_digest, signed_message
 from leader_edge.progress import progress
 from leader_edge.bedside.runtime import Bundle, open_session
@@ -315,9 +315,11 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, model: str = DEFAULT_
     batched, singles = encode_batches(encoder, invariance, batch_size), encode_batches(encoder, invariance, 1)
 
     # Steps: trace model and explanation graphs, score fp32, (int8: three variants), write and reload.
-    with tempfile.TemporaryDirectory(prefix=".export-", dir=out.parent if out.parent.exists() else None) as tmp, \
+    # The work directory (.BUNDLE.export.leader-edge.HOST.PID.RAND.tmp) is removed on success, error,
+    # SIGTERM or SIGINT; one a SIGKILLed export left is removed by the next export to the same --out.
+    beside = out.parent if out.parent.is_dir() else Path(tempfile.gettempdir())
+    with temp_directory(beside / f"{out.name}.export") as work, \
             progress(5 if int8 else 2, desc="export", unit="step") as bar:
-        work = Path(tmp)
         example = onnx_export.example_inputs(encoder.n_codes, encoder.n_profile_ids, len(encoder.profile_fields))
         fp32 = onnx_export.export_onnx(student, work / "fp32.onnx", example)
         explain = onnx_export.export_onnx(student, work / EXPLAIN, example, graph="explain")

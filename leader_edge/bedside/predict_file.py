@@ -22,19 +22,16 @@ import errno
 import json
 import logging
 import os
-import secrets
 import shutil
-import signal
-import socket
 import stat
 import sys
 import tempfile
-import threading
 from pathlib import Path
 
 import numpy as np
 
 from leader_edge.errors import DataError
+from leader_edge.files import hold, output_mode, remove_stale_temps, signals_raise, temp_path
 from leader_edge.progress import progress
 from leader_edge.bedside.recs import Scored, csv_lines, header, json_records
 from leader_edge.bedside.runtime import Bundle
@@ -63,10 +60,10 @@ def predict_file(bundle: Bundle, input_path: str, output: str, *, fmt: str = "cs
     - the output goes to a hidden temp file first (beside `output`, or in the temp dir for stdout),
       renamed (or copied to stdout) only when the whole input was read without error; the rename
       is atomic, so `output` is either the old file or the complete new one;
-    - SIGTERM and SIGINT raise `Interrupted` (exit 128 + signal) and the temp file is removed; the
-      temp file of a run killed outright (SIGKILL, power loss) carries the host and process id in
-      its name (`.NAME.leader-edge.HOST.PID.XXXX.tmp`) and is removed by the next run once that
-      process is gone, or else ignored;
+    - SIGTERM and SIGINT raise `leader_edge.files.Interrupted` (exit 128 + signal) and the temp file
+      is removed; the temp file of a run killed outright (SIGKILL, power loss) carries the host and
+      process id in its name (`.NAME.leader-edge.HOST.PID.XXXX.tmp`) and is removed by the next run
+      once that process is gone and holds no lock on it, or else ignored (`files.remove_stale_temps`);
     - a new output gets the mode the umask gives (0644 under umask 022), a replaced one keeps its mode;
     - a failed write (disk full, quota) names the output and what to do.
 
@@ -102,19 +99,20 @@ def predict_file(bundle: Bundle, input_path: str, output: str, *, fmt: str = "cs
     stats = {"patients": 0, "visits": 0, "codes": 0, "unknown_codes": 0, "visits_with_unknown": 0,
              "codes_over_limit": 0, "visits_over_limit": 0}
     tmp = None
-    with stream, _signals_raise():
+    with stream, signals_raise():
         try:
             directory.mkdir(parents=True, exist_ok=True)
-            _remove_stale_temps(directory, stem)
+            remove_stale_temps(directory / stem)
             # The name is known before the file exists: a SIGINT between creating it and learning its
             # name (inside mkstemp) left it behind; now the cleanup below always knows what to remove.
-            tmp = str(directory / f".{stem}.{_temp_tag()}{secrets.token_hex(4)}.tmp")
+            tmp = str(temp_path(directory / stem))
             try:
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             except OSError as e:
                 raise _write_error(e, target, directory) from None
+            hold(fd)  # while this descriptor is open, no other run takes the file for a stale one
             if target is not None:  # created 0600, as mkstemp would
-                os.fchmod(fd, _output_mode(target))
+                os.fchmod(fd, output_mode(target))
             out = os.fdopen(fd, "wb")
 
             def put(data: bytes | None) -> None:
@@ -223,37 +221,6 @@ def _file_size(stream) -> int | None:
 # The output file: never the input, never left half-written
 
 
-class Interrupted(SystemExit):
-    """SIGTERM or SIGINT during `predict_file`: raised in the main thread so that the temp file is
-    removed on the way out. Exits 128 + the signal number (143 for SIGTERM, 130 for SIGINT)."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(128 + signum)
-        self.signum = signum
-        self.name = signal.Signals(signum).name
-
-
-@contextlib.contextmanager
-def _signals_raise():
-    """While the block runs, SIGTERM and SIGINT raise `Interrupted` (the default SIGTERM action ends
-    the process at once, leaving the temp file). Only the main thread can take signals."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupted(signum, frame):
-        raise Interrupted(signum)
-
-    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    for s in before:
-        signal.signal(s, interrupted)
-    try:
-        yield
-    finally:
-        for s, handler in before.items():
-            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
-
-
 def _check_output(target: Path, input_path: str, bundle_dir: Path) -> None:
     """Refuse an output path that is the input file, lies in the bundle or is a directory."""
     if input_path != "-" and (target.resolve() == Path(input_path).resolve()
@@ -266,51 +233,6 @@ def _check_output(target: Path, input_path: str, bundle_dir: Path) -> None:
                         fix="write the recommendations outside the bundle")
     if target.is_dir():
         raise DataError(target, "is a directory", fix="pass a file path as --out, e.g. recs.csv")
-
-
-def _temp_tag() -> str:
-    """`leader-edge.HOST.PID.`: whose temp file it is (see `_remove_stale_temps`)."""
-    return f"leader-edge.{socket.gethostname().replace('/', '_')}.{os.getpid()}."
-
-
-def _remove_stale_temps(directory: Path, stem: str) -> None:
-    """Remove this host's temp files for `stem` whose process is gone (a run killed outright)."""
-    prefix, host = f".{stem}.leader-edge.", socket.gethostname().replace("/", "_")
-    try:
-        names = os.listdir(directory)
-    except OSError:
-        return
-    for entry in names:
-        if not (entry.startswith(prefix) and entry.endswith(".tmp")):
-            continue
-        parts = entry[len(prefix):].rsplit(".", 3)  # HOST, PID, random, "tmp"
-        if len(parts) != 4 or parts[0] != host or not parts[1].isdigit() or _alive(int(parts[1])):
-            continue
-        try:
-            os.unlink(directory / entry)
-            log.warning("removed %s, left by an earlier run that was killed (process %s)", directory / entry, parts[1])
-        except OSError:
-            pass  # another run removed it first, or no permission: it is ignored either way
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
-def _output_mode(target: Path) -> int:
-    """Permission bits for the output: the replaced file's, or what the umask gives a new file."""
-    try:
-        return stat.S_IMODE(os.stat(target).st_mode)
-    except FileNotFoundError:
-        umask = os.umask(0o022)  # the only way to read it; set back at once
-        os.umask(umask)
-        return 0o666 & ~umask
 
 
 def _write_error(e: OSError, target: Path | None, directory: Path) -> DataError:

@@ -49,8 +49,9 @@ def predict(bundle: Path, input_path: str, output: str, fmt: str, all_visits: bo
       leader-edge predict --bundle bundle --trust key.pub.pem --input visits.csv --out recs.csv
       leader-edge predict --bundle bundle --input visits.csv --format jsonl --explain --top-k 5
     """
-    from leader_edge.bedside.predict_file import MAX_UNKNOWN_SHARE, Interrupted, predict_file
+    from leader_edge.bedside.predict_file import MAX_UNKNOWN_SHARE, predict_file
     from leader_edge.bedside.runtime import Bundle
+    from leader_edge.files import Interrupted
 
     if explain and fmt != "jsonl":
         raise InputError("--explain writes nested explanations: add --format jsonl")
@@ -66,6 +67,7 @@ def predict(bundle: Path, input_path: str, output: str, fmt: str, all_visits: bo
                              max_unknown=None if allow_unknown else MAX_UNKNOWN_SHARE, explainer=explainer)
     except Interrupted as e:
         click.echo(f"predict: stopped by {e.name}; nothing written (the temp file is removed)", err=True)
+        e.reported = True  # the group's generic line would say it again
         raise
     summary = (f"{stats['visits']:,} visit(s) of {stats['patients']:,} patient(s) predicted; "
                f"{stats['unknown_codes']:,} unknown code(s) ignored in {stats['visits_with_unknown']:,} visit(s)")

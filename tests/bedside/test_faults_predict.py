@@ -21,6 +21,7 @@ from test_runtime import HEADER, write_fake_bundle
 
 from leader_edge.bedside import predict_file as runtime  # the output half of the runtime (split from runtime.py)
 from leader_edge.cli import main
+from leader_edge.files import temp_tag
 
 GOOD = HEADER + "p1,v1,2100-01-01,D1;D2,P1,M1,Private\np1,v2,2100-02-01,D1;X9,,,Private\np2,v3,2100-01-01,D1;D2;D3,P2,M5,\n"
 ROWS = "".join(f"q{i},w{i},2100-01-01,D1,,,\n" for i in range(3))  # valid rows before a bad one: lines 2-4
@@ -235,7 +236,7 @@ def test_faults_predict_killed_runs_leave_nothing_and_rerun_gives_the_same_bytes
     assert CliRunner().invoke(main, args).exit_code == 0
     out = tmp_path / "out" / "recs.csv"
     out.parent.mkdir()
-    live = out.parent / f".recs.csv.{runtime._temp_tag()}live.tmp"  # a temp file of a running process (this one)
+    live = out.parent / f".recs.csv.{temp_tag()}live.tmp"  # a temp file of a running process (this one)
     live.write_bytes(b"partial")
 
     p = _start(bundle, str(src), out)  # SIGKILL cannot be caught: its temp file stays ...

@@ -1,5 +1,5 @@
 """Export: ONNX round trip vs torch, int8 gate (pass, refuse, --force), batch invariance, one run one
-bundle, --model, --sign, bundle refusals, manifest.
+bundle, --model, --sign, bundle refusals, manifest, SIGKILL/SIGTERM mid-export.
 
 Two torch->ONNX exports per module (~15 s each on the shared VM): the fp32 bundle's, and the
 determinism test's, which must run the whole export again. The other exports reuse the first one's
@@ -7,6 +7,10 @@ raw ONNX file by replacing `export_onnx` with a copy, so they cost only quantiza
 
 import json
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -187,6 +191,41 @@ def test_export_gate_failure_refused_then_forced(run_dir, reuse_export, monkeypa
     assert result.exit_code == 0, result.output
     assert "FAILED the validation gate" in result.output
     assert json.loads((tmp_path / "b" / "manifest.json").read_text())["validation"]["forced"] is True
+
+
+def _export_process(run_dir: Path, out: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "leader_edge", "export", "--run", str(run_dir), "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _work_dir(p: subprocess.Popen, parent: Path, holding: str | None = None) -> Path:
+    """Export `p`'s work directory once it exists (and holds `holding`)."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        for d in parent.glob(f".bundle.export.leader-edge.*.{p.pid}.*.tmp"):
+            if holding is None or (d / holding).is_file():
+                return d
+        assert p.poll() is None, "export ended before it could be killed: " + p.stderr.read()
+        time.sleep(0.01)
+    raise AssertionError("no work directory appeared")
+
+
+def test_export_killed_leaves_no_temp_and_the_next_run_removes_a_killed_runs(run_dir, tmp_path):
+    """The audit's repro: SIGTERM after the fp32 trace left .export-XXXX/fp32.onnx (3.9 MB) for good."""
+    out = tmp_path / "ex" / "bundle"
+    out.parent.mkdir()
+    p = _export_process(run_dir, out)  # SIGKILL cannot be caught: its work directory stays ...
+    stale = _work_dir(p, out.parent)
+    p.kill()
+    assert p.wait() == -signal.SIGKILL and stale.is_dir()
+    p = _export_process(run_dir, out)  # ... until the next export to the same --out removes it
+    _work_dir(p, out.parent, holding="fp32.onnx")
+    assert not stale.exists()
+    p.send_signal(signal.SIGTERM)
+    stderr = p.stderr.read()
+    assert p.wait() == 128 + signal.SIGTERM, stderr
+    assert f"removed {stale}" in stderr and "export: stopped by SIGTERM" in stderr and "Traceback" not in stderr
+    assert list(out.parent.iterdir()) == []
 
 
 def test_export_refuses_run_dir_and_foreign_directory(run_dir, fp32_bundle, reuse_export, tmp_path):
