@@ -15,6 +15,17 @@ validation PRAUC per model and seed (the only numbers used to choose defaults), 
 Jaccard/PRAUC/F1 per model, and paired 95% bootstrap intervals (seeds pooled) for distilled -
 baseline, distilled - labels-only and variant - base, overall / single-visit / multi-visit /
 rare-diagnosis (a diagnosis seen in < 5 training visits).
+
+Two intervals per comparison: patients resampled with the seeds pooled (the patient sampling of the
+seed-averaged model), and patients AND training seeds resampled (`paired_interval(resample_seeds=True)`),
+which also carries the spread between training runs - a comparison is called beyond noise only when
+that one excludes 0. Each comparison also lists its per-seed differences.
+
+`--select-share F` splits the held-out patients (a seeded permutation) into a selection part (a share
+F, for choosing between variants: a validation cohort 20x the split's own) and a test part (the rest,
+reported only); every number is then given for both parts. Per-patient metrics of every model and seed
+are written to EXP/per_visit.npz for re-analysis. Labels-only students are trained once per set of
+settings they depend on (`--variants` that differ only in distillation settings share them).
 """
 
 from __future__ import annotations
@@ -41,7 +52,13 @@ VARIANTS = {
     "stack-nowide": {"prior": "frequency", "prior_rule": "stack", "wide": "none"},
     "stack-kd": {"prior": "frequency", "prior_rule": "stack", "kd": 0.5},  # + the teacher's probabilities as soft targets
     "stack-names": {"prior": "frequency", "prior_rule": "stack", "code_init": "input"},  # codes start from the teacher's name embeddings
+    # the weight of the feature loss (shipped 0.1)
+    "stack-a03": {"prior": "frequency", "prior_rule": "stack", "alpha": 0.3},
+    "stack-a1": {"prior": "frequency", "prior_rule": "stack", "alpha": 1.0},
+    "stack-a3": {"prior": "frequency", "prior_rule": "stack", "alpha": 3.0},
 }
+# Settings a labels-only student never reads: variants differing only in these share its runs.
+DISTILL_ONLY = ("alpha", "kd", "code_init", "code_init_layers", "code_init_scale", "teacher_spec", "wide_neighbours")
 GROUPS = ("overall", "single_visit", "multi_visit", "rare_diagnosis")
 
 
@@ -84,6 +101,52 @@ def counting_stack(ds, splits, seed: int):
     return model, enc, metrics.tune_threshold(y_val, val_prob), metrics.score(y_val, val_prob, 0.5)["prauc"]
 
 
+def train_and_score(a, variant: str, distill: bool, seeds: list[int], samples, y, ddi, score) -> tuple[list, list]:
+    """Train (or reuse) one variant's students for every seed; per-visit held-out metrics and
+    validation PRAUC per seed."""
+    import torch
+
+    from leader_edge.train.distill import DistillConfig, predict, run_student_stage
+    from leader_edge.train.stage_files import load_student, student_dir_name
+
+    settings = VARIANTS[variant]
+    if distill:
+        exp = a.out / variant
+    else:  # one labels-only run per set of settings it reads
+        shared = {k: v for k, v in sorted(settings.items()) if k not in DISTILL_ONLY}
+        exp = a.out / ("_nodistill-" + ("-".join(f"{k}={v}" for k, v in shared.items()) or "default"))
+    exp.mkdir(parents=True, exist_ok=True)
+    if distill and not (exp / "teacher").exists():
+        os.symlink((a.teacher_run / "teacher").resolve(), exp / "teacher")
+    config = DistillConfig(**{**asdict(DistillConfig()), **settings})
+    runs, val = [], []
+    for seed in seeds:
+        d = exp / student_dir_name(distill, seeds[0], seed)
+        if not (d / "metrics.json").exists():
+            t0 = time.perf_counter()
+            run_student_stage(a.data, exp, distill=distill, seed=seeds[0], train_seed=seed, epochs=a.epochs, config=config)
+            print(f"trained {variant} {'distilled' if distill else 'labels-only'} seed {seed} in "
+                  f"{time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+        model, encoder, thr = load_student(d)
+        with torch.no_grad():
+            pr = predict(model, encoder.encode([s.visits for s in samples]), torch.device("cpu"))
+        runs.append(score(pr, thr))
+        val.append(json.loads((d / "metrics.json").read_text())["val"]["prauc"])
+    return runs, val
+
+
+def compare(per_visit: dict, x: str, z: str, mask: np.ndarray, k: str) -> dict:
+    """a - b on the patients of `mask`: pooled and seed-resampled intervals, per-seed differences."""
+    from leader_edge.evaluation import metrics
+
+    ra = np.stack([r[k][mask] for r in per_visit[x]])
+    rb = np.stack([r[k][mask] for r in per_visit[z]])
+    d, lo, hi = metrics.paired_interval(ra, rb)
+    _, slo, shi = metrics.paired_interval(ra, rb, resample_seeds=True)
+    by_seed = [float(v) for v in (ra.mean(1) - rb.mean(1))] if len(ra) == len(rb) else [float(v) for v in ra.mean(1) - rb.mean()]
+    return {"diff": d, "low": lo, "high": hi, "seed_low": slo, "seed_high": shi, "by_seed": by_seed}
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, required=True)
@@ -93,6 +156,8 @@ def main(argv=None) -> None:
     p.add_argument("--variants", default="base,prior")
     p.add_argument("--seeds", default="42,43,44")
     p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--select-share", type=float, default=0.0,
+                   help="share of held-out patients set aside for choosing between variants (0: none)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
 
@@ -103,8 +168,7 @@ def main(argv=None) -> None:
     from leader_edge.data.dataset import load_dataset
     from leader_edge.data.splits import dataset_splits
     from leader_edge.evaluation.report import group_masks
-    from leader_edge.train.distill import DistillConfig, predict, run_student_stage
-    from leader_edge.train.stage_files import load_student, student_dir_name
+    from leader_edge.train.distill import predict
 
     ds, held = load_dataset(a.data), load_dataset(a.heldout)
     seeds = [int(s) for s in a.seeds.split(",")]
@@ -114,69 +178,66 @@ def main(argv=None) -> None:
         sys.exit(f"{a.heldout} has another medication vocabulary than {a.data}: not the same generator world")
     samples, y = heldout_matrices(held, med_codes)
     masks = group_masks(ds, splits, samples, held)
+    parts = {"all": np.ones(len(samples), dtype=bool)}
+    if a.select_share > 0:
+        order = np.random.default_rng(0).permutation(len(samples))
+        select = np.zeros(len(samples), dtype=bool)
+        select[order[: int(round(a.select_share * len(samples)))]] = True
+        parts = {"select": select, "test": ~select}
     ddi = metrics.ddi_matrix(ds.ddi, med_codes)
+
+    def score(prob, threshold):
+        return metrics.per_visit_metrics(y, prob, prob >= threshold, ddi)
+
     base, threshold, _ = fit_frequency_baseline(ds, splits)
-    prob = base.predict_proba(samples)
-    per_visit = {"frequency": [metrics.per_visit_metrics(y, prob, prob >= threshold, ddi)]}
+    per_visit = {"frequency": [score(base.predict_proba(samples), threshold)]}
     stack_model, stack_enc, stack_thr, stack_val = counting_stack(ds, splits, seeds[0])
     with torch.no_grad():
-        pr = predict(stack_model, stack_enc.encode([s.visits for s in samples]), torch.device("cpu"))
-    per_visit["counting-stack"] = [metrics.per_visit_metrics(y, pr, pr >= stack_thr, ddi)]
+        per_visit["counting-stack"] = [score(predict(stack_model, stack_enc.encode([s.visits for s in samples]),
+                                                     torch.device("cpu")), stack_thr)]
     val = {"counting-stack": [stack_val]}
-    rows = []
-    for variant in a.variants.split(","):
-        exp = a.out / variant
-        exp.mkdir(parents=True, exist_ok=True)
-        if not (exp / "teacher").exists():
-            os.symlink((a.teacher_run / "teacher").resolve(), exp / "teacher")
-        config = DistillConfig(**{**asdict(DistillConfig()), **VARIANTS[variant]})
+    variants = a.variants.split(",")
+    for variant in variants:
         for distill in (True, False):
             name = f"{variant}/{'student' if distill else 'student-nodistill'}"
-            per_visit[name], val[name] = [], []
-            for seed in seeds:
-                d = exp / student_dir_name(distill, seeds[0], seed)
-                if not (d / "metrics.json").exists():
-                    t0 = time.perf_counter()
-                    run_student_stage(a.data, exp, distill=distill, seed=seeds[0], train_seed=seed, epochs=a.epochs, config=config)
-                    print(f"trained {name} seed {seed} in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
-                m = json.loads((d / "metrics.json").read_text())
-                model, encoder, thr = load_student(d)
-                with torch.no_grad():
-                    pr = predict(model, encoder.encode([s.visits for s in samples]), torch.device("cpu"))
-                per_visit[name].append(metrics.per_visit_metrics(y, pr, pr >= thr, ddi))
-                val[name].append(m["val"]["prauc"])
-    units = np.arange(len(samples))
-    summary = {}
-    for name, runs in per_visit.items():
-        summary[name] = {g: {k: float(np.mean([r[k][mask].mean() for r in runs])) for k in ("jaccard", "prauc", "f1")}
-                         for g, mask in masks.items()}
-        summary[name]["val_prauc"] = val.get(name)
+            per_visit[name], val[name] = train_and_score(a, variant, distill, seeds, samples, y, ddi, score)
+    np.savez_compressed(a.out / "per_visit.npz", **{f"{name}|{i}|{k}": r[k].astype(np.float32)
+                                                    for name, runs in per_visit.items() for i, r in enumerate(runs)
+                                                    for k in ("prauc", "jaccard")},
+                        **{f"mask|{g}": m for g, m in masks.items()}, **{f"part|{q}": m for q, m in parts.items()})
+    summary = {q: {name: {g: {k: float(np.mean([r[k][mask & part].mean() for r in runs])) for k in ("jaccard", "prauc", "f1")}
+                          for g, mask in masks.items()} for name, runs in per_visit.items()} for q, part in parts.items()}
     pairs = []
-    variants = a.variants.split(",")
     for v in variants:
         pairs += [(f"{v}/student", "frequency"), (f"{v}/student", f"{v}/student-nodistill"), (f"{v}/student-nodistill", "frequency")]
         if v != variants[0]:
             pairs += [(f"{v}/student", f"{variants[0]}/student")]
         pairs += [(f"{v}/student", "counting-stack"), (f"{v}/student-nodistill", "counting-stack")]
-    for x, z in pairs:
-        for g, mask in masks.items():
-            for k in ("prauc", "jaccard"):
-                d, lo, hi = metrics.paired_interval(np.stack([r[k][mask] for r in per_visit[x]]),
-                                                    np.stack([r[k][mask] for r in per_visit[z]]))
-                rows.append({"a": x, "b": z, "group": g, "metric": k, "diff": d, "low": lo, "high": hi})
+    rows = [{"part": q, "a": x, "b": z, "group": g, "metric": k, **compare(per_visit, x, z, mask & part, k)}
+            for q, part in parts.items() for x, z in pairs for g, mask in masks.items() for k in ("prauc", "jaccard")]
     out = {"data": str(a.data), "heldout": str(a.heldout), "heldout_patients": len(samples),
-           "groups_n": {g: int(m.sum()) for g, m in masks.items()}, "seeds": seeds, "models": summary, "comparisons": rows,
-           "baseline": {"rule": base.rule, "smoothing": base.smoothing, "threshold": threshold}, "units": len(units)}
+           "parts": {q: int(m.sum()) for q, m in parts.items()},
+           "groups_n": {q: {g: int((m & part).sum()) for g, m in masks.items()} for q, part in parts.items()},
+           "seeds": seeds, "val_prauc": val, "models": summary, "comparisons": rows,
+           "baseline": {"rule": base.rule, "smoothing": base.smoothing, "threshold": threshold}}
     (a.out / "results.json").write_text(json.dumps(out, indent=2) + "\n")
-    print(f"held-out: {len(samples)} patients ({ {g: int(m.sum()) for g, m in masks.items()} }); seeds {seeds}")
-    print(f"{'model':<32} {'val PRAUC (seeds)':<26} " + " ".join(f"{g[:12]:>13}" for g in GROUPS) + "   (held-out PRAUC / Jaccard)")
-    for name, s in summary.items():
-        vp = "-" if not s["val_prauc"] else " ".join(f"{v:.4f}" for v in s["val_prauc"])
-        print(f"{name:<32} {vp:<26} " + " ".join(f"{s[g]['prauc']:.4f}/{s[g]['jaccard']:.4f}" for g in GROUPS))
-    print("\npaired differences, 95% interval (seeds pooled):")
-    for r in rows:
-        flag = "*" if r["low"] > 0 or r["high"] < 0 else " "
-        print(f"{flag} {r['a']:<26} - {r['b']:<26} {r['group']:<15} {r['metric']:<8} {r['diff']:+.4f} [{r['low']:+.4f}, {r['high']:+.4f}]")
+    print(f"held-out: {len(samples)} patients, parts {out['parts']}; seeds {seeds}")
+    for name, v in val.items():
+        print(f"validation split PRAUC  {name:<34} " + " ".join(f"{x:.4f}" for x in v) + f"   mean {np.mean(v):.4f}")
+    for q in parts:
+        print(f"\n[{q}] {out['groups_n'][q]}")
+        print(f"{'model':<34} " + " ".join(f"{g[:13]:>15}" for g in GROUPS) + "   (PRAUC / Jaccard, mean over seeds)")
+        for name, s in summary[q].items():
+            print(f"{name:<34} " + " ".join(f"{s[g]['prauc']:.4f}/{s[g]['jaccard']:.4f}".rjust(15) for g in GROUPS))
+        print(f"\n[{q}] paired differences: patients resampled (seeds pooled) | patients and seeds resampled; "
+              "* = the second excludes 0; then the difference per seed")
+        for r in rows:
+            if r["part"] != q:
+                continue
+            flag = "*" if r["seed_low"] > 0 or r["seed_high"] < 0 else " "
+            print(f"{flag} {r['a']:<24} - {r['b']:<26} {r['group']:<15} {r['metric']:<8} {r['diff']:+.4f} "
+                  f"[{r['low']:+.4f}, {r['high']:+.4f}] | [{r['seed_low']:+.4f}, {r['seed_high']:+.4f}]  "
+                  + " ".join(f"{v:+.4f}" for v in r["by_seed"]))
 
 
 if __name__ == "__main__":
