@@ -54,7 +54,7 @@ from leader_edge.data.splits import dataset_splits
 
 log = logging.getLogger(__name__)
 
-MAX_JACCARD_DROP = 0.01  # the issue's gate; the target is <= 0.005
+MAX_JACCARD_DROP = 0.005  # issue #12's goal: Jaccard within 0.005 of the torch student (was 0.01)
 # Two int8 candidates within this Jaccard of each other are "equally accurate": INT8_PREFERENCE decides.
 JACCARD_TIE = 0.002
 # int8-weights first: its arithmetic is fp32's, so it is as batch-invariant as fp32 by construction.

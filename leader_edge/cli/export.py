@@ -21,14 +21,14 @@ from leader_edge.cli import user_errors
               help="Training samples that calibrate static int8 quantization.")
 @click.option("--sign", "sign_key", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Ed25519 private key (unencrypted PEM): sign the bundle's digest (signature.json).")
-@click.option("--force", is_flag=True, help="Write the bundle even if it fails the validation gate (Jaccard drop > 0.01).")
+@click.option("--force", is_flag=True, help="Write the bundle even if it fails the validation gate (Jaccard drop > 0.005).")
 @user_errors
 def export(run_dir: Path, out: Path, model_name: str, int8: bool, calibration_samples: int, sign_key: Path | None,
            force: bool) -> None:
     """Export RUN/MODEL (--run, --model) to the bundle directory --out (model.onnx, explain.onnx,
     names.json, selftest.json, manifest.json), validated against the
     torch student on the validation split: max |dp|, Jaccard and PRAUC deltas are printed, and a
-    Jaccard drop over 0.01 is refused unless --force. A model whose probabilities depend on the batch
+    Jaccard drop over 0.005 is refused unless --force. A model whose probabilities depend on the batch
     (batch 1 vs 1024) is refused. The same run exports to a byte-identical bundle; its digest covers
     every file and manifest field, and `predict` checks it (and the signature, with --trust).
 
