@@ -6,7 +6,8 @@
 
 Only the decoder body is loaded (`AutoModel`, no LM head): LEADER replaces the LM head with a
 medication head. `num_layers` keeps the first layers only (a depth-truncated teacher, see
-train/teacher_config.py for why the CPU default needs it).
+train/teacher_config.py for why the CPU default needs it). `weight_dtype(bf16)` is the dtype the
+weights are loaded in, for the run and for `train --dry-run`'s memory estimate alike.
 """
 
 from __future__ import annotations
@@ -96,8 +97,18 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
 
 
-def tiny_model(vocab_size: int, num_layers: int = 2):
-    """A small Llama (hidden 32, 2 layers by default) initialised from a fixed seed: same weights every time."""
+def weight_dtype(bf16: bool) -> torch.dtype:
+    """The dtype of the frozen backbone weights: bf16 in a bf16 run, else fp32.
+
+    A 7B model is 13.5 GB in bf16 and 27 GB in fp32 per rank; loading fp32 and autocasting would
+    pay the fp32 memory for bf16 compute. `dry_run` counts weight bytes with this same function.
+    """
+    return torch.bfloat16 if bf16 else torch.float32
+
+
+def tiny_model(vocab_size: int, num_layers: int = 2, dtype: torch.dtype = torch.float32):
+    """A small Llama (hidden 32, 2 layers by default) initialised from a fixed seed: same weights every time
+    (the bf16 model is the fp32 one rounded)."""
     from transformers import AutoModel, LlamaConfig
 
     config = LlamaConfig(
@@ -107,7 +118,12 @@ def tiny_model(vocab_size: int, num_layers: int = 2):
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        return AutoModel.from_config(config, dtype=torch.float32)
+        model = AutoModel.from_config(config, dtype=torch.float32)
+    # Rounded after the fp32 init, not initialised in bf16: the same random model in both precisions.
+    # Only parameters are cast; the rotary inv_freq buffer stays fp32 as from_pretrained keeps it.
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
+    return model
 
 
 def resolve(spec: str) -> str:
@@ -123,12 +139,13 @@ def resolve(spec: str) -> str:
     return str(path.resolve())
 
 
-def load_backbone(spec: str, *, num_layers: int | None = None):
-    """Load (decoder body, tokenizer) for a --teacher value, fp32, eval mode, gradients off.
+def load_backbone(spec: str, *, num_layers: int | None = None, dtype: torch.dtype = torch.float32):
+    """Load (decoder body, tokenizer) for a --teacher value, eval mode, gradients off.
 
     Args:
         spec: "smollm2", "tiny" or a local directory (see `resolve`).
         num_layers: keep only the first `num_layers` decoder layers (None: all).
+        dtype: the weights' dtype (`weight_dtype(config.bf16)` for a teacher run).
 
     Returns:
         (model, tokenizer): `model(input_ids, attention_mask).last_hidden_state` is [B, T, hidden].
@@ -139,7 +156,7 @@ def load_backbone(spec: str, *, num_layers: int | None = None):
     if tok.eos_token_id is None:
         raise ConfigError(f"the tokenizer of {spec} has no EOS token; LEADER appends one to every prompt")
     if spec == "tiny":
-        model = tiny_model(len(tok), num_layers or 2)
+        model = tiny_model(len(tok), num_layers or 2, dtype)
     else:
         import sys
 
@@ -151,7 +168,7 @@ def load_backbone(spec: str, *, num_layers: int | None = None):
         if quiet() or not sys.stderr.isatty():  # its "Loading weights" bar otherwise fills logs and CI output
             hf_logging.disable_progress_bar()
         path = smollm2_dir() if spec == "smollm2" else Path(spec)
-        model = AutoModel.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+        model = AutoModel.from_pretrained(path, local_files_only=True, dtype=dtype)
     if num_layers is not None:
         layers = decoder_layers(model)
         if not 1 <= num_layers <= len(layers):

@@ -10,14 +10,22 @@ otherwise estimated at 4 characters per token, and said so), parameters, trainab
 and time per epoch from a stated throughput. The memory and time figures are estimates from the
 formulas below, not measurements; users decide how many GPUs to rent from them.
 
-    weights per rank         params x (2 bytes bf16 | 4 bytes fp32)           (DDP: a full copy per rank)
+    weights per rank         params x bytes of `backbone.weight_dtype(bf16)`      (2 bf16, 4 fp32: the dtype
+                             `load_backbone` loads them in; DDP: a full copy per rank)
     trainable state          trainable x 16 bytes                             (fp32 weight, grad, Adam m and v)
     activations per rank     batch x longest prompt x hidden x adapted layers x 34 bytes
                              (bf16, per layer per token; Korthikanti et al. 2022, no recomputation);
                              with gradient checkpointing: batch x longest x hidden x (2 x layers + 34) bytes
-    cache on disk            0 when every layer is adapted (token ids only), else tokens x hidden x (2 | 4) bytes
-                             (`state_cache="disk"`, the default; host memory then holds one 256 MiB shard;
-                             with `state_cache="memory"` this is host memory)
+    frozen-state cache       tokens x 8 bytes (int64 ids) when every layer is adapted, else tokens x hidden x
+                             (2 bf16 | 4 fp32) bytes: on disk with `state_cache="disk"` (the default), in host
+                             memory with "memory"
+    host memory per rank     the weights again (each rank builds the body on the host, then moves it to
+                             its GPU) + token tables (every rank encodes every split: ~40 bytes per token,
+                             a Python int and its list slot) + labels and prior offsets (2 x prompts x
+                             medications x 4 bytes) + the frozen-state buffer (disk: one shard being
+                             written + one batch of states; memory: the rank's share of the cache)
+    host memory per node     ranks per node x per rank + rank 0's extra at the end (features of every
+                             prompt, prompts x hidden x 4 bytes; memory cache: the rest of the cache)
     time per epoch           6 x adapted-part params x training tokens / (tflops x 1e12 x world size)
                              + 2 x frozen-part params x tokens once (the frozen pass)
 """
@@ -29,6 +37,10 @@ from pathlib import Path
 
 ACT_BYTES_PER_TOKEN_LAYER = 34  # x hidden, bf16 activations of one transformer layer (Korthikanti et al. 2022)
 CHARS_PER_TOKEN = 4.0  # estimate when no tokenizer is available
+# Host bytes per prompt token in `Encoded.ids` (list[list[int]]): an 8-byte list slot + a 28-byte int
+# object in a 32-byte block (ids above 256 are not interned; real vocabularies are 32k-150k).
+# tracemalloc on 2,000 lists of 500 ids in 1..32000, built as encode_prompt builds them: 39.8 bytes per id.
+TOKEN_TABLE_BYTES = 40
 
 
 def _meta_model(spec: str):
@@ -53,12 +65,18 @@ def _meta_model(spec: str):
     return model, tok
 
 
-def dry_run(data_dir: Path, config, *, world_size: int = 1, tflops: float = 400.0, sample: int = 500) -> dict:
-    """The plan of a teacher run (see the module docstring); `config` is a TeacherConfig."""
+def dry_run(data_dir: Path, config, *, world_size: int = 1, ranks_per_node: int | None = None, tflops: float = 400.0,
+            sample: int = 500) -> dict:
+    """The plan of a teacher run (see the module docstring); `config` is a TeacherConfig.
+
+    Args:
+        ranks_per_node: processes (GPUs) per node for the host-memory figure; None: `world_size` (one node).
+    """
     from leader_edge.data.dataset import load_dataset
     from leader_edge.data.splits import dataset_splits
     from leader_edge.train.prompts import build_prompt
-    from leader_edge.train.backbone import decoder_layers
+    from leader_edge.train.backbone import decoder_layers, is_llama_style, weight_dtype
+    from leader_edge.train.state_store import SHARD_BYTES
     from leader_edge.train.teacher_data import encode_prompt
 
     ds = load_dataset(data_dir)
@@ -86,7 +104,7 @@ def dry_run(data_dir: Path, config, *, world_size: int = 1, tflops: float = 400.
     per_layer = [sum(p.numel() for p in layer.parameters()) for layer in layers[:n_layers]]
     other = sum(p.numel() for p in model.parameters()) - sum(sum(p.numel() for p in layer.parameters()) for layer in layers)
     params = other + sum(per_layer)
-    lora_layers = min(config.lora_layers, n_layers)
+    lora_layers = config.adapted_layers(n_layers)  # refuses a count above the model's depth, as the run does
     lora = 0
     for layer in layers[n_layers - lora_layers:n_layers]:
         for name, module in layer.named_modules():
@@ -96,9 +114,10 @@ def dry_run(data_dir: Path, config, *, world_size: int = 1, tflops: float = 400.
     trainable = lora + head
     adapted = sum(per_layer[n_layers - lora_layers:]) + (other if lora_layers == n_layers else 0)
     frozen = params - adapted
-    bytes_w = 2 if config.bf16 else 4
+    bytes_w = weight_dtype(config.bf16).itemsize  # what load_backbone loads (and the disk store keeps)
     train_tokens = tokens["train"]["tokens"]
     all_tokens = sum(t["tokens"] for t in tokens.values())
+    all_prompts = sum(t["prompts"] for t in tokens.values())
     micro = config.batch_size
     longest = min(config.max_tokens, max(t["max_tokens_seen"] for t in tokens.values()))
     gib = 1024 ** 3
@@ -112,7 +131,26 @@ def dry_run(data_dir: Path, config, *, world_size: int = 1, tflops: float = 400.
             else lora_layers * ACT_BYTES_PER_TOKEN_LAYER) / gib,
     }
     mem["gpu_per_rank_gib"] = sum(mem.values())
-    mem["cache_gib"] = 0.0 if lora_layers == n_layers else all_tokens * hidden * bytes_w / gib
+    states = is_llama_style(model) and not config.plain and lora_layers < n_layers  # else the cache holds token ids
+    cache = all_tokens * (hidden * bytes_w if states else 8)
+    mem["cache_gib"] = cache / gib
+    # Host, per rank: what it holds while loading and caching (see the module docstring).
+    tune_share = (train_tokens + tokens["val"]["tokens"]) / max(all_tokens, 1) * cache / world_size
+    if config.state_cache == "disk":
+        buffer = min(SHARD_BYTES, tune_share) + config.cache_batch_tokens * (hidden * bytes_w if states else 8)
+    else:
+        buffer = tune_share
+    host = {
+        "host_weights_gib": params * bytes_w / gib,
+        "host_tables_gib": (all_tokens * TOKEN_TABLE_BYTES + 2 * all_prompts * n_meds * 4) / gib,
+        "host_state_buffer_gib": buffer / gib,
+    }
+    host["host_per_rank_gib"] = sum(host.values())
+    per_node = ranks_per_node or world_size
+    rank0_extra = all_prompts * hidden * 4 + (cache - tune_share if config.state_cache == "memory" else 0)
+    host["host_rank0_extra_gib"] = rank0_extra / gib
+    host["host_per_node_gib"] = per_node * host["host_per_rank_gib"] + host["host_rank0_extra_gib"]
+    mem.update(host)
     flops_epoch = 6 * adapted * train_tokens
     flops_frozen = 2 * frozen * all_tokens
     rate = tflops * 1e12 * world_size
@@ -121,6 +159,8 @@ def dry_run(data_dir: Path, config, *, world_size: int = 1, tflops: float = 400.
         "gradient_checkpointing": config.gradient_checkpointing, "layers": n_layers, "lora_layers": lora_layers,
         "hidden_size": hidden, "medications": n_meds, "tokenizer": tok is not None, "splits": tokens,
         "parameters": params, "trainable_parameters": trainable,
+        "weight_dtype": str(weight_dtype(config.bf16)).replace("torch.", ""), "weight_bytes": params * bytes_w,
+        "ranks_per_node": per_node,
         "effective_batch": config.batch_size * config.grad_accum * world_size,
         "optimizer_steps_per_epoch": math.ceil(tokens["train"]["prompts"] / (config.batch_size * config.grad_accum * world_size)),
         "memory": {k: round(v, 3) for k, v in mem.items()},
@@ -142,11 +182,16 @@ def format_plan(plan: dict) -> str:
         lines.append(f"  {name:<5} {t['prompts']:>8,} prompts  {t['tokens']:>12,} tokens  (mean {t['mean_tokens']}, max seen "
                      f"{t['max_tokens_seen']}; {how})")
     lines += [f"parameters {plan['parameters']:,}; trainable {plan['trainable_parameters']:,} (LoRA + head)",
-              f"GPU memory per rank (estimate): {m['gpu_per_rank_gib']:.2f} GiB = weights {m['weights_gib']:.2f} + trainable "
+              f"GPU memory per rank (estimate): {m['gpu_per_rank_gib']:.2f} GiB = weights {m['weights_gib']:.2f} "
+              f"({plan['weight_dtype']}) + trainable "
               f"state {m['trainable_state_gib']:.2f} + activations {m['activations_gib']:.2f} (micro-batch, "
               + ("gradient checkpointing)" if plan["gradient_checkpointing"] else "no recomputation)"),
-              f"frozen-state cache: {m['cache_gib']:.2f} GiB "
-              + ("on disk (host memory: one shard)" if plan["state_cache"] == "disk" else "in host memory"),
+              f"frozen-state cache: {m['cache_gib']:.2f} GiB " + ("on disk" if plan["state_cache"] == "disk" else "in host memory"),
+              f"host memory per node (estimate, {plan['ranks_per_node']} rank{'s' if plan['ranks_per_node'] != 1 else ''} per node): {m['host_per_node_gib']:.2f} GiB = "
+              f"{plan['ranks_per_node']} x {m['host_per_rank_gib']:.2f} per rank (weights {m['host_weights_gib']:.2f} in "
+              f"{plan['weight_dtype']}, built on the host before moving to the GPU + token and label tables "
+              f"{m['host_tables_gib']:.2f} + frozen-state buffer {m['host_state_buffer_gib']:.2f}) + rank 0's features at the end "
+              f"{m['host_rank0_extra_gib']:.2f}",
               f"time at {plan['assumed_tflops_per_gpu']:g} TFLOP/s per GPU (assumed): frozen pass {plan['frozen_pass_minutes']:.1f} min, "
               f"{plan['epoch_minutes']:.1f} min per epoch, up to {plan['epochs']} epochs"]
     return "\n".join(lines)

@@ -65,7 +65,9 @@ def _store(out: Path, name: str, n: int, config: TeacherConfig):
         return None
     from leader_edge.train.state_store import StateStore
 
-    return StateStore.create(out / ".cache" / name, n, dtype=torch.bfloat16 if config.bf16 else torch.float32)
+    from leader_edge.train.backbone import weight_dtype
+
+    return StateStore.create(out / ".cache" / name, n, dtype=weight_dtype(config.bf16))  # bf16 states in a bf16 run
 
 
 def _drop_cache(out: Path, rank: int) -> None:
@@ -239,7 +241,6 @@ def _teacher_stage(data_dir: Path, run_dir: Path, config: TeacherConfig, *, resu
         state, best = load_checkpoint(ckpt, model, opt)
         log.info("resumed after epoch %d (best validation PRAUC %.4f)", state["epoch"], state["best_prauc"])
     y_val = enc["val"].labels.astype(bool)
-    autocast = config.bf16 and device.type == "cuda"
     while state["epoch"] < config.epochs and state["bad"] < config.patience:
         epoch = state["epoch"]
         torch.manual_seed(config.seed + 1000 * (epoch + 1) + rank)  # dropout: reproducible on resume
@@ -252,7 +253,7 @@ def _teacher_stage(data_dir: Path, run_dir: Path, config: TeacherConfig, *, resu
             y = torch.from_numpy(tune.labels[batch]).to(device)
             sync = (j + 1) % config.grad_accum == 0 or j + 1 == len(batches)
             ctx = train_model.no_sync() if world > 1 and not sync else contextlib.nullcontext()
-            with ctx, torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            with ctx:  # bf16 autocast, when the run is bf16, is the model's own (TeacherModel._precision)
                 logits = train_model(x.to(device), lengths.to(device)) + torch.from_numpy(tune_offsets[batch]).to(device)
                 loss = F.binary_cross_entropy_with_logits(logits.float(), y)
                 (loss / config.grad_accum).backward()
@@ -369,7 +370,7 @@ def _finish(model, ds, enc, offsets, tune_states, val_states, mine, val_mine, ou
         "inference_ms_per_patient": _time_per_patient(model, enc["test"], config.timing_patients, device),
         "best_epoch": state["best_epoch"],
         "history": state["history"],
-        "backbone": {"teacher": config.teacher, "layers": model.n_layers, "lora_layers": config.lora_layers, "prior": config.prior,
+        "backbone": {"teacher": config.teacher, "layers": model.n_layers, "lora_layers": model.lora_layers, "prior": config.prior,
                      "hidden_size": model.hidden_size},
         "wall_s": round(time.perf_counter() - t_start, 1),
         **({"ddp": state["ddp"]} if "ddp" in state else {}),

@@ -24,13 +24,14 @@ from leader_edge.errors import ConfigError
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CPU_BACKBONE_LAYERS = 9  # see the module docstring: the depth that fits 10 minutes on 2 cores
+ALL_LAYERS = "all"  # lora_layers value: LoRA on every kept layer, whatever the model's depth (LEADER)
 
 
 @dataclass
 class TeacherConfig:
     teacher: str = "smollm2"  # "smollm2", "tiny" or a local Hugging Face directory
     backbone_layers: int | None = None  # keep the first N decoder layers; None: all (CLI: CPU_BACKBONE_LAYERS on CPU)
-    lora_layers: int = 1  # LoRA on the top N layers; the rest is frozen and run once per sample
+    lora_layers: int | str = 1  # LoRA on the top N layers, or "all"; the rest is frozen and run once per sample
     lora_r: int = 8  # LEADER
     lora_alpha: int = 32  # LEADER
     lora_dropout: float = 0.1  # LEADER
@@ -53,7 +54,9 @@ class TeacherConfig:
     # batch; host memory bounded by a shard: train/state_store.py) or "memory" (a list; fastest on
     # small data). States are stored in bf16 when the run is bf16.
     state_cache: str = "disk"
-    bf16: bool = False  # autocast on CUDA only; measured 2x slower on this CPU
+    # bf16 run: the frozen backbone weights are loaded in bf16 (half of fp32's memory; LoRA and the
+    # head stay fp32) and the forward runs under bf16 autocast. Measured 2x slower on this CPU.
+    bf16: bool = False
     # Recompute each adapted layer's activations in backward (torch.utils.checkpoint): activation
     # memory per rank drops from ~34 x hidden bytes per token and layer to ~2 x hidden (bf16 layer
     # inputs) at ~1/3 more compute. For 7B-class teachers with all layers adapted (configs/leader-7b.toml).
@@ -68,12 +71,17 @@ class TeacherConfig:
 
     def __post_init__(self) -> None:
         self.lora_targets = tuple(self.lora_targets)
-        for name in ("lora_layers", "lora_r", "lora_alpha", "epochs", "patience", "batch_size", "grad_accum", "max_tokens"):
+        if isinstance(self.lora_layers, (str, bool)):  # TOML `true` is no layer count either
+            if self.lora_layers != ALL_LAYERS:
+                raise ConfigError(f"TeacherConfig.lora_layers={self.lora_layers!r}; use a layer count >= 1 or {ALL_LAYERS!r}")
+        elif self.lora_layers < 1:
+            raise ConfigError(f"TeacherConfig.lora_layers={self.lora_layers} must be >= 1 (or {ALL_LAYERS!r} for every layer)")
+        for name in ("lora_r", "lora_alpha", "epochs", "patience", "batch_size", "grad_accum", "max_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"TeacherConfig.{name}={getattr(self, name)} must be >= 1")
         if self.backbone_layers is not None and self.backbone_layers < 1:
             raise ConfigError(f"TeacherConfig.backbone_layers={self.backbone_layers} must be >= 1 (or None for all)")
-        if self.backbone_layers is not None and self.lora_layers > self.backbone_layers:
+        if self.backbone_layers is not None and self.lora_layers != ALL_LAYERS and self.lora_layers > self.backbone_layers:
             raise ConfigError(
                 f"lora_layers={self.lora_layers} > backbone_layers={self.backbone_layers}; adapt at most all kept layers"
             )
@@ -91,6 +99,19 @@ class TeacherConfig:
             raise ConfigError(f"TeacherConfig.protocol={self.protocol!r}; use 'leader' or 'safedrug'")
         if self.max_history < 0:
             raise ConfigError(f"TeacherConfig.max_history={self.max_history} must be >= 0")
+
+    def adapted_layers(self, n_layers: int) -> int:
+        """How many of a backbone's `n_layers` (kept) layers get LoRA: `lora_layers`, or all of them.
+
+        Raises:
+            ConfigError: `lora_layers` is a count above `n_layers`.
+        """
+        if self.lora_layers == ALL_LAYERS:
+            return n_layers
+        if self.lora_layers > n_layers:
+            raise ConfigError(f"lora_layers={self.lora_layers} but {self.teacher} keeps {n_layers} layers; "
+                              f"choose 1..{n_layers}, or {ALL_LAYERS!r} for every layer")
+        return self.lora_layers
 
     def to_dict(self) -> dict:
         d = asdict(self)

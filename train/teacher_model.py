@@ -9,10 +9,15 @@ The body is split at layer `split = n_layers - lora_layers`:
   and MLP for one token (~6% of a full layer per token for SmolLM2), exact again.
 Bodies without the Llama layout (GPT-2) and the `plain` benchmark baseline run the full body
 forward on token ids instead.
+
+Precision: in a bf16 run (`config.bf16`) the frozen weights are bf16 (`backbone.weight_dtype`), the
+LoRA adapters and the head fp32 (peft upcasts adapters of a bf16 base to fp32), and `lower`,
+`features` and `forward` run under bf16 autocast on any device; an fp32 run is fp32 throughout.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import warnings
@@ -23,7 +28,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from leader_edge.errors import ConfigError, StateError
-from leader_edge.train.backbone import decoder_layers, is_llama_style, load_backbone
+from leader_edge.train.backbone import decoder_layers, is_llama_style, load_backbone, weight_dtype
 from leader_edge.train.teacher_config import TeacherConfig
 
 log = logging.getLogger(__name__)
@@ -46,20 +51,20 @@ class TeacherModel(nn.Module):
 
         self.config = config
         self.med_codes = list(med_codes)
-        body, self.tokenizer = load_backbone(config.teacher, num_layers=config.backbone_layers)
+        body, self.tokenizer = load_backbone(config.teacher, num_layers=config.backbone_layers,
+                                             dtype=weight_dtype(config.bf16))
         layers = decoder_layers(body)
         self.n_layers = len(layers)
-        if config.lora_layers > self.n_layers:
-            raise ConfigError(f"lora_layers={config.lora_layers} but the backbone has {self.n_layers} layers")
+        self.lora_layers = config.adapted_layers(self.n_layers)  # "all" -> n_layers
         self.exact_split = is_llama_style(body) and not config.plain
-        self.split = self.n_layers - config.lora_layers if self.exact_split else 0
+        self.split = self.n_layers - self.lora_layers if self.exact_split else 0
         present = {n.rsplit(".", 1)[-1] for n, m in body.named_modules() if isinstance(m, nn.Linear)}
         targets = [t for t in config.lora_targets if t in present]
         if not targets:
             raise ConfigError(f"none of the LoRA targets {list(config.lora_targets)} exist in {config.teacher}; its linear layers are {sorted(present)}")
         lora = LoraConfig(
             r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, target_modules=targets,
-            layers_to_transform=list(range(self.n_layers - config.lora_layers, self.n_layers)),
+            layers_to_transform=list(range(self.n_layers - self.lora_layers, self.n_layers)),
             layers_pattern="layers" if hasattr(body, "layers") else "h",
         )
         with torch.random.fork_rng(devices=[]):
@@ -69,6 +74,12 @@ class TeacherModel(nn.Module):
                 self.body = get_peft_model(body, lora)
             self.hidden_size = int(body.config.hidden_size)
             self.head = nn.Linear(self.hidden_size, len(self.med_codes))  # bias: medication priors
+
+    def _precision(self, x: torch.Tensor):
+        """bf16 autocast around a forward in a bf16 run (mixed bf16 weights / fp32 adapters and head), else nothing."""
+        if not self.config.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(x.device.type, dtype=torch.bfloat16)
 
     @property
     def inner(self):
@@ -87,15 +98,15 @@ class TeacherModel(nn.Module):
             lengths: [B] int64 number of real tokens.
 
         Returns:
-            [B, T, hidden] float32 (pad positions hold garbage; slice [:length]). With every layer
+            [B, T, hidden] float32, bf16 in a bf16 run (pad positions hold garbage; slice [:length]). With every layer
             adapted (split 0), the ids themselves. For a body that
             is not split, the ids themselves as [B, T] (the upper part embeds them).
         """
         if not self.exact_split or self.split == 0:
             return ids  # nothing frozen: caching embeddings would cost T x hidden floats per prompt for nothing
-        inner = self.inner
-        hidden = inner.embed_tokens(ids)
-        return self._layers(hidden, lengths, 0, self.split)
+        with self._precision(ids):
+            hidden = self.inner.embed_tokens(ids)
+            return self._layers(hidden, lengths, 0, self.split)
 
     def _mask_and_positions(self, hidden: torch.Tensor, lengths: torch.Tensor):
         from transformers.masking_utils import create_causal_mask
@@ -134,8 +145,12 @@ class TeacherModel(nn.Module):
             lengths: [B] real tokens per row (the last one is the appended EOS).
 
         Returns:
-            [B, hidden] float32.
+            [B, hidden] float32 (in a bf16 run too: the distillation target and the head's input).
         """
+        with self._precision(lower):
+            return self._features(lower, lengths).float()
+
+    def _features(self, lower: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         rows = torch.arange(lengths.shape[0], device=lengths.device)
         if not self.exact_split:
             t = lower.shape[1]
@@ -151,7 +166,8 @@ class TeacherModel(nn.Module):
 
     def forward(self, lower: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Medication logits [B, M] (train on logits, serve sigmoid probabilities)."""
-        return self.head(self.features(lower, lengths))
+        with self._precision(lower):
+            return self.head(self._features(lower, lengths))
 
     # -----------------------------------------------------------------------------------------
     # Save / load: LoRA + head in one safetensors file, the config in JSON.

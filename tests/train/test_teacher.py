@@ -1,6 +1,7 @@
 """Teacher: head, exact layer split, LoRA training, the run-directory files, save/load, resume, CLI."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from leader_edge.train.teacher_config import TeacherConfig
 from leader_edge.train.teacher_data import encode_samples, pad_batch
 from leader_edge.train.teacher_model import TeacherModel
 
+LEADER_7B = Path(__file__).resolve().parents[2] / "configs" / "leader-7b.toml"
 # Byte-level tokens: ~700 per prompt; max_tokens keeps the tiny runs at a few seconds.
 TINY = dict(teacher="tiny", max_tokens=400, epochs=2, batch_size=8, grad_accum=2, timing_patients=2)
 
@@ -293,3 +295,110 @@ def test_teacher_config_reads_the_field_name_of_older_runs():
 
     assert TeacherConfig.from_dict({"train_per_visit": False}).train_all_visits is False  # RUN/teacher/config.json before the rename
     assert TeacherConfig.from_dict({"train_all_visits": False}).train_all_visits is False
+
+
+def test_teacher_bf16_run_loads_bf16_weights_and_keeps_adapters_and_head_fp32(data_dir, tmp_path):
+    meds = load_dataset(data_dir).vocab("medication")
+    models = {bf16: TeacherModel(TeacherConfig(teacher="tiny", lora_layers=1, bf16=bf16), meds).eval() for bf16 in (False, True)}
+    frozen = {n: p.dtype for n, p in models[True].named_parameters() if not p.requires_grad}
+    trained = {n: p.dtype for n, p in models[True].named_parameters() if p.requires_grad}
+    assert set(frozen.values()) == {torch.bfloat16} and len(frozen) > 10
+    assert set(trained.values()) == {torch.float32} and "head.weight" in trained and any("lora_A" in n for n in trained)
+    assert {p.dtype for p in models[False].parameters()} == {torch.float32}
+    ids, lengths, _ = _batch(models[False], data_dir)
+    with torch.no_grad():
+        f = {bf16: m.features(m.lower(ids, lengths), lengths) for bf16, m in models.items()}
+    assert f[True].dtype == torch.float32
+    # the same random model rounded to bf16 and run under bf16 autocast: within a few bf16 ulps
+    torch.testing.assert_close(f[True], f[False], atol=0.15, rtol=0.05)
+    result = run_teacher_stage(data_dir, tmp_path, TeacherConfig(**{**TINY, "epochs": 1, "bf16": True}))  # CPU autocast too
+    assert 0.0 <= result["val"]["prauc"] <= 1.0
+    assert np.isfinite(load_file(str(tmp_path / "teacher" / "features.safetensors"))["train"].numpy()).all()
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_dry_run_counts_the_weight_bytes_the_teacher_loads(data_dir, bf16):
+    from leader_edge.train.dry_run import dry_run
+
+    config = TeacherConfig(teacher="tiny", lora_layers=1, bf16=bf16)
+    plan = dry_run(data_dir, config)
+    model = TeacherModel(config, load_dataset(data_dir).vocab("medication"))
+    loaded = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+    assert plan["weight_bytes"] == loaded and plan["weight_dtype"] == ("bfloat16" if bf16 else "float32")
+    assert plan["memory"]["weights_gib"] == round(loaded / 1024 ** 3, 3)
+
+
+def test_dry_run_host_memory_per_node_on_config_json_alone(data_dir, tmp_path):
+    import transformers
+
+    from leader_edge.cli import main
+    from leader_edge.train.dry_run import TOKEN_TABLE_BYTES, dry_run
+    from leader_edge.train.state_store import SHARD_BYTES
+
+    model_dir = tmp_path / "model"
+    transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                             num_attention_heads=4, num_key_value_heads=2).save_pretrained(model_dir)
+    config = TeacherConfig(teacher=str(model_dir), lora_layers=1, bf16=True, cache_batch_tokens=512)
+    plan = dry_run(data_dir, config, world_size=4, ranks_per_node=2)
+    gib, m, splits = 1024 ** 3, plan["memory"], plan["splits"].values()
+    tokens, prompts = sum(s["tokens"] for s in splits), sum(s["prompts"] for s in splits)
+    n_meds = plan["medications"]
+    assert m["host_weights_gib"] == round(plan["parameters"] * 2 / gib, 3)  # bf16: what each rank builds on the host
+    assert m["host_tables_gib"] == round((tokens * TOKEN_TABLE_BYTES + 2 * prompts * n_meds * 4) / gib, 3)
+    cache = tokens * 64 * 2  # bf16 states of the 2 frozen layers
+    share = (plan["splits"]["train"]["tokens"] + plan["splits"]["val"]["tokens"]) / tokens * cache / 4
+    assert m["host_state_buffer_gib"] == round((min(SHARD_BYTES, share) + 512 * 64 * 2) / gib, 3)
+    assert m["host_per_node_gib"] == pytest.approx(2 * m["host_per_rank_gib"] + prompts * 64 * 4 / gib, abs=2e-3)
+    r = CliRunner().invoke(main, ["train", "--data", str(data_dir), "--teacher", str(model_dir), "--dry-run", "--world-size", "2",
+                                  "--lora-layers", "1", "--config", str(LEADER_7B)])
+    assert r.exit_code == 0, r.output
+    assert "host memory per node (estimate, 2 ranks per node)" in r.output and "weights 0.00 (bfloat16)" in r.output
+
+
+def test_teacher_all_layers_adapted_cache_keeps_only_token_ids(data_dir, tmp_path, monkeypatch):
+    from leader_edge.train.state_store import StateStore
+
+    stored = []
+    put = StateStore.put
+    monkeypatch.setattr(StateStore, "put", lambda self, i, state: (stored.append(state.clone()), put(self, i, state)))
+    result = run_teacher_stage(data_dir, tmp_path, TeacherConfig(**{**TINY, "epochs": 1, "lora_layers": "all"}))
+    assert result["backbone"]["lora_layers"] == result["backbone"]["layers"] == 2
+    ds = load_dataset(data_dir)
+    n = sum(len(v) for v in dataset_splits(ds, train_all_visits=True).values())
+    assert len(stored) == n  # every prompt of every split went through the store ...
+    assert all(s.dtype == torch.int64 and s.dim() == 1 for s in stored)  # ... as its token ids, no [L, hidden] state
+    model = TeacherModel.load(tmp_path / "teacher")
+    enc = encode_samples(ds, dataset_splits(ds, train_all_visits=True)["test"], model.tokenizer, model.med_codes,
+                         max_history=3, max_tokens=400)
+    assert {tuple(ids) for ids in enc.ids} <= {tuple(s.tolist()) for s in stored}
+
+
+def test_teacher_config_lora_layers_all_adapts_every_layer_of_any_depth():
+    from leader_edge.errors import ConfigError
+
+    config = TeacherConfig(lora_layers="all")
+    assert config.adapted_layers(28) == 28 and config.adapted_layers(32) == 32  # Qwen2-7B, Llama-2-7B
+    assert TeacherConfig.from_dict(config.to_dict()).lora_layers == "all"
+    with pytest.raises(ConfigError, match="choose 1..28"):
+        TeacherConfig(lora_layers=32).adapted_layers(28)
+    for bad in ("most", 0, True):
+        with pytest.raises(ConfigError, match="lora_layers"):
+            TeacherConfig(lora_layers=bad)
+
+
+def test_leader_7b_config_lists_leaders_lora_and_fits_a_28_layer_qwen2(data_dir, tmp_path):
+    import transformers
+
+    from leader_edge.train.dry_run import dry_run
+    from leader_edge.train.teacher_config import LORA_TARGETS, load_run_config
+
+    text = LEADER_7B.read_text(encoding="utf-8")
+    assert text.startswith("# torchrun --nproc_per_node 4 -m leader_edge train ") and "--config configs/leader-7b.toml" in text.splitlines()[0]
+    assert "shared" in text and "--resume" in text  # multi-node resume needs RUN on a filesystem every node mounts
+    teacher, _ = load_run_config(LEADER_7B)
+    assert teacher["lora_targets"] == list(LORA_TARGETS) == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model_dir = tmp_path / "qwen2"
+    transformers.Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=28,
+                             num_attention_heads=4, num_key_value_heads=2).save_pretrained(model_dir)
+    plan = dry_run(data_dir, TeacherConfig.from_dict({**teacher, "teacher": str(model_dir)}), world_size=4)
+    assert plan["layers"] == plan["lora_layers"] == 28 and plan["weight_dtype"] == "bfloat16"
