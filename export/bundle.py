@@ -43,7 +43,7 @@ import numpy as np
 
 from leader_edge.evaluation import metrics
 from leader_edge.data.dataset import load_dataset
-from leader_edge.bedside.encoding import Encoder, RawVisit
+from leader_edge.bedside.encoding import KINDS, Encoder, RawVisit
 from leader_edge.errors import ConfigError, DataError, StateError
 from leader_edge.export import onnx as onnx_export
 from leader_edge.files import atomic_directory, sha256, temp_directory
@@ -67,7 +67,7 @@ BATCH_ATOL = 1e-4
 # Validation visits, then training visits, scored one at a time per candidate (~0.2 ms each). 200
 # validation visits alone let int8-static pass; its flips show in ~1 of 1,000 visits.
 INVARIANCE_VISITS = 2000
-SELFTEST_PATIENTS = 16  # synthetic, so no patient record of the training data travels with the bundle
+SELFTEST_PATIENTS = 16  # random ones, then `coverage_patients`; synthetic: no training record travels with the bundle
 EXPLAIN = "explain.onnx"  # Student.logit_parts, fp32, the model's inputs (issue #16)
 EXPLAIN_SLOTS = "diagnoses|procedures|medications of the current visit, input column order"
 NAMES = "names.json"  # {kind: {code: name}} from the dataset's codes.csv, vocabulary codes only
@@ -173,12 +173,13 @@ def gate(reference: np.ndarray, y_prob: np.ndarray, y_true: np.ndarray, threshol
 
 
 def selftest_patients(encoder: Encoder, n: int = SELFTEST_PATIENTS, seed: int = 0) -> list[list[dict]]:
-    """`n` synthetic patients drawn from the vocabularies, as JSON visits.
+    """`n` synthetic patients drawn from the vocabularies, then `coverage_patients`, as JSON visits.
 
     Synthetic rather than validation patients: a bundle leaves the hospital that trained it, and no
     record of its data may travel with it. History lengths cycle through 1..max_visits + 1 (the
     oldest dropped), codes walk a seeded permutation of each vocabulary (a reordered vocabulary
-    moves the probabilities), and one code is unknown (counted, ignored)."""
+    moves the probabilities), and one code is unknown (counted, ignored). The coverage patients
+    touch every code, so that swapping any two codes of a vocabulary moves some probability."""
     rng = np.random.default_rng(seed)
     walks = {k: [c for c in rng.permutation(encoder.codes[k]).tolist()] for k in encoder.codes}
     pos = dict.fromkeys(walks, 0)
@@ -202,7 +203,41 @@ def selftest_patients(encoder: Encoder, n: int = SELFTEST_PATIENTS, seed: int = 
                            "medications": take("medication", int(rng.integers(0, 10))), "profile": profile})
         patients.append(visits)
     patients[0][0]["diagnoses"].append("<selftest-unknown>")
-    return patients
+    return patients + coverage_patients(encoder)
+
+
+def coverage_chunks(codes: list[str], width: int) -> list[list[str]]:
+    """Visits' code lists (each <= `width`) in which every code appears twice and no two codes share
+    every visit: the codes fill a grid `width` wide, and each row, then each column (cut into pieces
+    of <= `width`), is one visit. Two codes of one row sit in different columns, so swapping any two
+    codes of the vocabulary changes some visit. 1,166 diagnoses at width 32: 37 rows + 64 column
+    pieces = 101 visits."""
+    rows = [codes[i : i + width] for i in range(0, len(codes), width)]
+    columns = [[row[j] for row in rows if j < len(row)] for j in range(width)]
+    return rows + [col[i : i + width] for col in columns for i in range(0, len(col), width)]
+
+
+def coverage_patients(encoder: Encoder) -> list[list[dict]]:
+    """Synthetic patients whose visits touch every code of every vocabulary, as the model reads them:
+    `coverage_chunks` of each kind (in vocabulary order, so a reordered vocabulary moves them),
+    packed `max_visits - 1` history visits to a patient, then a closing visit (a visit's medications
+    are read only as the next visit's history; the last visit's are the labels). The 16 random
+    patients alone used 454 of the demo's 1,166 diagnoses: a resealed manifest with two of the others
+    swapped loaded, and recommended otherwise (#12)."""
+    width = encoder.max_codes
+    chunks = {k: coverage_chunks(list(encoder.codes[k]), width) for k in KINDS}
+    n_visits = max(len(c) for c in chunks.values())
+    first = {k: list(encoder.codes[k][:1]) for k in KINDS}  # the closing visit, and a visit a kind has no chunk for
+    profile = {f: (vals[0] if vals else "<selftest-unseen>") for f, vals in encoder.profile_values.items()}
+
+    def visit(i: int | None) -> dict:
+        codes = {k: chunks[k][i] if i is not None and i < len(chunks[k]) else first[k] for k in KINDS}
+        return {"diagnoses": codes["diagnosis"], "procedures": codes["procedure"], "medications": codes["medication"],
+                "profile": profile}
+
+    per_patient = max(encoder.max_visits - 1, 1)
+    return [[visit(i) for i in range(start, min(start + per_patient, n_visits))] + [visit(None)]
+            for start in range(0, n_visits, per_patient)]
 
 
 def _ddi_pairs(pairs, encoder: Encoder) -> list[list[str]]:
@@ -382,7 +417,7 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, model: str = DEFAULT_
             "profile_fields": encoder.profile_fields,
             "encoder": encoder.to_json(),
             "ddi_pairs": _ddi_pairs(ds.ddi, encoder),
-            "selftest": {"file": SELFTEST, "patients": SELFTEST_PATIENTS,
+            "selftest": {"file": SELFTEST, "patients": SELFTEST_PATIENTS, "coverage": "every code of every vocabulary",
                          "atol": SELFTEST_ATOL[chosen.name]},
             "explain": {"file": EXPLAIN, "outputs": list(onnx_export.EXPLAIN_OUTPUTS), "slots": EXPLAIN_SLOTS},
             "names": {"file": NAMES},
@@ -409,13 +444,17 @@ def write_bundle(directory: Path, model_file: Path, manifest: dict, encoder: Enc
     """Fill `directory` with model.onnx, selftest.json, the `extra` files ({bundle name: source}:
     explain.onnx, names.json), manifest.json (+ signature.json with `key`).
 
-    `manifest` gets its `files` (every file but the manifest and signature) and `digest`; the
+    `manifest` gets its `files` (every file but the manifest and signature) and `digest`, and
+    `selftest.patients` (the random patients asked for, then `coverage_patients`) its count; the
     self-test probabilities come from the runtime's own scoring path, so the exporting machine
     reproduces them exactly. Returns the manifest."""
     (directory / MODEL).write_bytes(model_file.read_bytes())
     for name, source in (extra or {}).items():
         (directory / name).write_bytes(Path(source).read_bytes())
-    patients = selftest_patients(encoder, manifest["selftest"]["patients"])
+    spec = manifest["selftest"]  # "patients" in: how many random ones; out: how many in all
+    n_random = spec.setdefault("random_patients", spec["patients"])
+    patients = selftest_patients(encoder, n_random)
+    spec["patients"] = len(patients)
     scorer = Bundle(directory, manifest, open_session(directory / MODEL, threads=1))
     prob, _ = scorer.predict_proba([[RawVisit(**v) for v in p] for p in patients])
     if not np.isfinite(prob).all():

@@ -164,7 +164,7 @@ def _selftest(edit):
 FILE_CASES = {
     # name: (alteration, reseal, file in the message, what it says)
     "model_other_resealed": (_replace_model(bias=0.5), True, "model.onnx", "scores the self-test patients of selftest.json up to"),
-    "model_nan_resealed": (_replace_model(bias=math.nan), True, "model.onnx", "gives NaN or infinite probabilities for 6 of the 6 self-test patients"),
+    "model_nan_resealed": (_replace_model(bias=math.nan), True, "model.onnx", "gives NaN or infinite probabilities for 7 of the 7 self-test patients"),
     "model_no_sizes_resealed": (_replace_model(sizes={}), True, "model.onnx", "carries no table size 'leader_edge.n_codes'"),
     "model_wrong_sizes_resealed": (_replace_model(sizes={"n_codes": 99, "n_meds": 6, "n_profile_ids": 3, "max_visits": 8}),
                                    True, "model.onnx", "has 99 rows in its codes table but manifest.json field 'encoder.codes' gives 13"),

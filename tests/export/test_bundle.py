@@ -326,6 +326,39 @@ def test_export_reordered_diagnoses_refused_by_self_test(fp32_bundle, tmp_path):
     assert "manifest.json field 'encoder'" in result.output and "export the bundle again" in result.output
 
 
+def test_export_self_test_touches_every_code_so_a_swapped_pair_is_refused(fp32_bundle, tmp_path):
+    """The audit's case: two diagnoses the 16 random self-test patients never use, swapped in a
+    resealed manifest (digest recomputed), loaded and recommended otherwise. Now every code of every
+    vocabulary is read by some self-test visit, and no two codes of a kind share every visit."""
+    import time
+
+    manifest = json.loads((fp32_bundle / "manifest.json").read_text())
+    test = json.loads((fp32_bundle / "selftest.json").read_text())
+    encoder = Encoder.from_json(manifest["encoder"])
+    random_part = bundle_module.selftest_patients(encoder)[: manifest["selftest"]["random_patients"]]
+    for kind, column in zip(KINDS, ("diagnoses", "procedures", "medications")):
+        used = {c for p in test["patients"] for v in (p if kind != "medication" else p[:-1]) for c in v[column]}
+        assert set(encoder.codes[kind]) <= used, kind  # medications are read as the next visit's history
+    dx = manifest["encoder"]["codes"]["diagnosis"]
+    random_dx = {c for p in random_part for v in p for c in v["diagnoses"]}
+    unused = [i for i, c in enumerate(dx) if c not in random_dx][:2]
+    assert len(unused) == 2  # a pair the old self-test could not see
+    loaded = Bundle.load(fp32_bundle, threads=1)
+    t0 = time.perf_counter()
+    loaded.self_test()  # ~0.01 s idle; the bound leaves room for a loaded shared VM
+    assert time.perf_counter() - t0 < 0.5 and (fp32_bundle / "selftest.json").stat().st_size < 200_000
+    for k, pair in enumerate(((0, 1), tuple(unused), (len(dx) - 2, len(dx) - 1))):
+        d = tmp_path / f"b{k}"
+        shutil.copytree(fp32_bundle, d)
+        m = json.loads((d / "manifest.json").read_text())
+        codes = m["encoder"]["codes"]["diagnosis"]
+        codes[pair[0]], codes[pair[1]] = codes[pair[1]], codes[pair[0]]
+        m["digest"] = manifest_digest(m)
+        (d / "manifest.json").write_text(json.dumps(m))
+        result = CliRunner().invoke(main, ["predict", "--bundle", str(d), "--input", str(fp32_bundle.parent / "data" / "visits.csv")])
+        assert result.exit_code == 2 and "scores the self-test patients" in result.output, (pair, result.output)
+
+
 def test_export_explain_graph_and_names_in_the_bundle(run_dir, fp32_bundle):
     """explain.onnx gives Student.logit_parts, its parts add up to model.onnx's logit, and names.json
     holds the dataset's names of the vocabulary's codes; both are listed in `files`."""
