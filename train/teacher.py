@@ -237,7 +237,12 @@ def _teacher_stage(data_dir: Path, run_dir: Path, config: TeacherConfig, *, resu
     state = {"epoch": 0, "step": 0, "best_prauc": -1.0, "best_epoch": 0, "bad": 0, "history": []}
     best = model.trainable_state()
     ckpt = out / "checkpoint"
-    if resume and (ckpt / "state.json").is_file():
+    found = _checkpoint_seen(ckpt) if resume else None
+    if world > 1 and resume:  # every rank reads the checkpoint itself: all must see the same one
+        seen: list = [None] * world
+        torch.distributed.all_gather_object(seen, found)
+        same_checkpoint_everywhere(seen, ckpt)
+    if found:
         state, best = load_checkpoint(ckpt, model, opt)
         log.info("resumed after epoch %d (best validation PRAUC %.4f)", state["epoch"], state["best_prauc"])
     y_val = enc["val"].labels.astype(bool)
@@ -298,6 +303,30 @@ def _teacher_stage(data_dir: Path, run_dir: Path, config: TeacherConfig, *, resu
     if rank != 0:
         return {}
     return _finish(model, ds, enc, offsets, tune_states, val_states, mine, val_mine, out, state, config, device, t_start)
+
+
+def _checkpoint_seen(ckpt: Path) -> str | None:
+    """sha256 of RUN/teacher/checkpoint/state.json as this rank sees it, None without one."""
+    from leader_edge.files import sha256
+
+    return sha256(ckpt / "state.json") if (ckpt / "state.json").is_file() else None
+
+
+def same_checkpoint_everywhere(seen: list[str | None], ckpt: Path) -> None:
+    """Refuse a --resume where ranks see different checkpoints (`_checkpoint_seen` of each rank).
+
+    Only rank 0 writes the checkpoint and every rank reads it: with the run directory on each node's
+    own disk, the ranks of other nodes see none (or a stale one), would start over, and the ranks
+    would hang in a collective or train apart.
+    """
+    if len(set(seen)) <= 1:
+        return
+    groups = {}
+    for rank, digest in enumerate(seen):
+        groups.setdefault("none" if digest is None else digest[:12], []).append(rank)
+    raise RuntimeError(f"--resume: the ranks see different checkpoints in {ckpt} (state.json sha256 prefix -> ranks: {groups}); "
+                       "on several nodes --out must be on a filesystem every node mounts (NFS, Lustre, ...), "
+                       "or start the run again without --resume")
 
 
 def _digest(state: dict[str, torch.Tensor]) -> str:

@@ -402,3 +402,15 @@ def test_leader_7b_config_lists_leaders_lora_and_fits_a_28_layer_qwen2(data_dir,
                              num_attention_heads=4, num_key_value_heads=2).save_pretrained(model_dir)
     plan = dry_run(data_dir, TeacherConfig.from_dict({**teacher, "teacher": str(model_dir)}), world_size=4)
     assert plan["layers"] == plan["lora_layers"] == 28 and plan["weight_dtype"] == "bfloat16"
+
+
+def test_teacher_resume_refuses_ranks_that_see_different_checkpoints(tmp_path):
+    from leader_edge.train.teacher import same_checkpoint_everywhere
+
+    same_checkpoint_everywhere(["ab12", "ab12", "ab12", "ab12"], tmp_path)  # one shared filesystem
+    same_checkpoint_everywhere([None, None], tmp_path)  # a fresh run
+    with pytest.raises(RuntimeError, match="filesystem every node mounts") as e:
+        same_checkpoint_everywhere(["ab12", "ab12", None, None], tmp_path)  # node 2's local disk has none
+    assert "{'ab12': [0, 1], 'none': [2, 3]}" in str(e.value)
+    with pytest.raises(RuntimeError, match="different checkpoints"):
+        same_checkpoint_everywhere(["ab12", "cd34"], tmp_path)  # a stale copy on another node
