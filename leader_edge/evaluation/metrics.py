@@ -262,10 +262,19 @@ def paired_interval(
     rng = np.random.default_rng(seed)
     means = np.empty(rounds)
     if resample_seeds and max(len(a), len(b)) > 1:
-        for r in range(rounds):
-            ia = rng.integers(0, len(a), size=len(a))
-            ib = ia if len(a) == len(b) else rng.integers(0, len(b), size=len(b))
-            means[r] = (a[ia].mean(0) - b[ib].mean(0))[rng.integers(0, u, size=u)].mean()
+        # A round's mean is sum_s sum_u c_s w_u x[s, u] / (S U) with c the drawn seed counts and w
+        # the drawn patient counts: one [k, U] @ [U, S] product per block of rounds, not a gather.
+        paired = len(a) == len(b)
+        step = max(1, 4_000_000 // u)
+        for start in range(0, rounds, step):
+            k = min(step, rounds - start)
+            w = np.stack([np.bincount(row, minlength=u) for row in rng.integers(0, u, size=(k, u))]).astype(np.float64)
+            ca = rng.multinomial(len(a), np.full(len(a), 1.0 / len(a)), size=k)  # [k, S_a] seed counts
+            cb = ca if paired else rng.multinomial(len(b), np.full(len(b), 1.0 / len(b)), size=k)
+            if paired:
+                means[start:start + k] = ((w @ (a - b).T) * ca).sum(1) / (len(a) * u)
+            else:
+                means[start:start + k] = ((w @ a.T) * ca).sum(1) / (len(a) * u) - ((w @ b.T) * cb).sum(1) / (len(b) * u)
     else:
         step = max(1, 4_000_000 // u)  # bound the [rounds, U] index block to ~32 MB
         for start in range(0, rounds, step):
