@@ -24,7 +24,7 @@ that one excludes 0. Each comparison also lists its per-seed differences.
 `--select-share F` splits the held-out patients (a seeded permutation) into a selection part (a share
 F, for choosing between variants: a validation cohort 20x the split's own) and a test part (the rest,
 reported only); every number is then given for both parts. Per-patient metrics of every model and seed
-are written to EXP/per_visit.npz for re-analysis. Labels-only students are trained once per set of
+are written to EXP/per_visit.npz (`--reuse-scores` reads them back instead of scoring again). Labels-only students are trained once per set of
 settings they depend on (`--variants` that differ only in distillation settings share them).
 """
 
@@ -101,9 +101,9 @@ def counting_stack(ds, splits, seed: int):
     return model, enc, metrics.tune_threshold(y_val, val_prob), metrics.score(y_val, val_prob, 0.5)["prauc"]
 
 
-def train_and_score(a, variant: str, distill: bool, seeds: list[int], samples, y, ddi, score) -> tuple[list, list]:
-    """Train (or reuse) one variant's students for every seed; per-visit held-out metrics and
-    validation PRAUC per seed."""
+def train_and_score(a, variant: str, distill: bool, seeds: list[int], samples, y, ddi, score, saved) -> tuple[list, list]:
+    """Train (or reuse) one variant's students for every seed; per-visit held-out metrics (from
+    `saved`, an earlier run's per_visit.npz, where it holds them) and validation PRAUC per seed."""
     import torch
 
     from leader_edge.train.distill import DistillConfig, predict, run_student_stage
@@ -127,10 +127,14 @@ def train_and_score(a, variant: str, distill: bool, seeds: list[int], samples, y
             run_student_stage(a.data, exp, distill=distill, seed=seeds[0], train_seed=seed, epochs=a.epochs, config=config)
             print(f"trained {variant} {'distilled' if distill else 'labels-only'} seed {seed} in "
                   f"{time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
-        model, encoder, thr = load_student(d)
-        with torch.no_grad():
-            pr = predict(model, encoder.encode([s.visits for s in samples]), torch.device("cpu"))
-        runs.append(score(pr, thr))
+        name = f"{variant}/{'student' if distill else 'student-nodistill'}"
+        if f"{name}|{seed}|prauc" in saved:
+            runs.append({k: saved[f"{name}|{seed}|{k}"] for k in ("prauc", "jaccard")})
+        else:
+            model, encoder, thr = load_student(d)
+            with torch.no_grad():
+                pr = predict(model, encoder.encode([s.visits for s in samples]), torch.device("cpu"))
+            runs.append(score(pr, thr))
         val.append(json.loads((d / "metrics.json").read_text())["val"]["prauc"])
     return runs, val
 
@@ -158,6 +162,8 @@ def main(argv=None) -> None:
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--select-share", type=float, default=0.0,
                    help="share of held-out patients set aside for choosing between variants (0: none)")
+    p.add_argument("--reuse-scores", action="store_true",
+                   help="read held-out metrics of students already scored from OUT/per_visit.npz (same held-out file)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
 
@@ -197,12 +203,16 @@ def main(argv=None) -> None:
                                                      torch.device("cpu")), stack_thr)]
     val = {"counting-stack": [stack_val]}
     variants = a.variants.split(",")
+    saved = {}
+    if a.reuse_scores and (a.out / "per_visit.npz").exists():
+        with np.load(a.out / "per_visit.npz") as z:
+            saved = {k: z[k].astype(np.float64) for k in z.files if "|" in k and not k.startswith(("mask|", "part|"))}
     for variant in variants:
         for distill in (True, False):
             name = f"{variant}/{'student' if distill else 'student-nodistill'}"
-            per_visit[name], val[name] = train_and_score(a, variant, distill, seeds, samples, y, ddi, score)
-    np.savez_compressed(a.out / "per_visit.npz", **{f"{name}|{i}|{k}": r[k].astype(np.float32)
-                                                    for name, runs in per_visit.items() for i, r in enumerate(runs)
+            per_visit[name], val[name] = train_and_score(a, variant, distill, seeds, samples, y, ddi, score, saved)
+    np.savez_compressed(a.out / "per_visit.npz", **{f"{name}|{seed}|{k}": r[k].astype(np.float32)
+                                                    for name, runs in per_visit.items() for seed, r in zip(seeds, runs)
                                                     for k in ("prauc", "jaccard")},
                         **{f"mask|{g}": m for g, m in masks.items()}, **{f"part|{q}": m for q, m in parts.items()})
     summary = {q: {name: {g: {k: float(np.mean([r[k][mask & part].mean() for r in runs])) for k in ("jaccard", "prauc", "f1")}
