@@ -7,14 +7,20 @@
 
 Host memory is bounded by one shard (`SHARD_BYTES`) while writing and by one batch while
 reading: the states of 15,000 MIMIC-III prompts x ~500 tokens x 4096 dims would be ~120 GB in
-fp32 in memory, and are a few shard files here. Shards are read through safetensors' memory map
-(`safe_open`), one handle per shard kept open; each `store[i]` copies that sample's rows out.
+fp32 in memory, and are a few shard files here. Each `store[i]` reads that sample's bytes with
+one positioned read (offsets from the shard's safetensors header, parsed once), not through a
+memory map: the pages of a mapped shard, once touched, stay in the process's RSS until unmapped,
+so reading every sample each epoch kept the whole store in RSS: peak RSS of the teacher stage grew
++993 MB when the states grew by 0.95 GB, +150 MB with positioned reads (benchmarks/bench_teacher_memory.py,
+2026-12-02). The kernel's page cache still serves repeated reads.
 The directory belongs to the run and is removed by `StateStore.remove()` when the stage ends.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
+import struct
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,6 +28,7 @@ import numpy as np
 import torch
 
 SHARD_BYTES = 256 * 1024 * 1024  # 256 MiB per shard: few files, bounded writer memory
+_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "I64": torch.int64, "I32": torch.int32}
 
 
 class StateStore(Sequence):
@@ -35,7 +42,7 @@ class StateStore(Sequence):
         self._pending: dict[str, torch.Tensor] = {}
         self._pending_bytes = 0
         self._shards = 0
-        self._handles: dict[int, object] = {}
+        self._headers: dict[int, dict] = {}  # shard -> its safetensors header (key -> dtype, shape, offsets)
 
     @classmethod
     def create(cls, directory: str | Path, n: int, *, dtype: torch.dtype = torch.float32) -> "StateStore":
@@ -79,16 +86,28 @@ class StateStore(Sequence):
         if shard == self._shards:  # still in the writer's buffer
             t = self._pending[key]
             return t.float() if t.is_floating_point() else t
-        handle = self._handles.get(shard)
-        if handle is None:
-            from safetensors import safe_open
-
-            handle = self._handles[shard] = safe_open(str(self.directory / f"shard-{shard:05d}.safetensors"), framework="pt")
-        t = handle.get_tensor(key)
+        t = self._read(shard, key)
         return t.float() if t.is_floating_point() else t  # bf16 on disk, fp32 to compute
 
+    def _read(self, shard: int, key: str) -> torch.Tensor:
+        """One tensor of a shard file, read at its offset (safetensors layout: u64 header size, JSON
+        header, data; offsets relative to the data)."""
+        path = self.directory / f"shard-{shard:05d}.safetensors"
+        with open(path, "rb") as f:
+            header = self._headers.get(shard)
+            if header is None:
+                (size,) = struct.unpack("<Q", f.read(8))
+                header = self._headers[shard] = {"start": 8 + size, **json.loads(f.read(size))}
+            entry = header[key]
+            begin, end = entry["data_offsets"]
+            out = torch.empty(entry["shape"], dtype=_DTYPES[entry["dtype"]])
+            f.seek(header["start"] + begin)
+            if f.readinto(out.view(torch.uint8).reshape(-1).numpy()) != end - begin:
+                raise RuntimeError(f"{path}: short read of sample {key}; the frozen-state cache is damaged - rerun the stage")
+        return out
+
     def remove(self) -> None:
-        self._handles.clear()
+        self._headers.clear()
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
