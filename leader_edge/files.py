@@ -14,8 +14,9 @@ A run killed outright (SIGKILL, power loss) cannot clean up; its temporaries car
 process id in their names (`.NAME.leader-edge.HOST.PID.RAND.tmp[SUFFIX]`) and are held under an
 flock while in use, so the next writer of the same output removes them once that process is gone
 and nobody holds them (`remove_stale_temps`); a temporary that might be live is left alone.
-New outputs get the mode the umask gives (0644 / 0755 under umask 022), replaced ones keep theirs
-(`output_mode`); temporaries are private (0600 / 0700) while they are written.
+New outputs get the mode the umask gives (0644 / 0755 under umask 022; inside a directory output,
+every file and subdirectory), replaced ones keep theirs (`output_mode`); temporaries are private
+(0600 / 0700) while they are written.
 Torch-free and numpy-free, so the bedside runtime can use it.
 """
 
@@ -196,7 +197,7 @@ def _held_directory(path: Path) -> Iterator[Path]:
 @contextmanager
 def atomic_directory(directory: str | Path, *, marker: str, what: str) -> Iterator[Path]:
     """Yield a temp directory beside `directory`; on success it replaces `directory` (with
-    `output_mode`), on any error it is removed, so no half-written output is ever left. Stale
+    `output_mode`, and the umask's mode for everything inside), on any error it is removed, so no half-written output is ever left. Stale
     temporaries of `directory` from killed runs are removed first.
 
     An existing `directory` is replaced only when it is empty or holds `marker` (a file that a
@@ -209,10 +210,25 @@ def atomic_directory(directory: str | Path, *, marker: str, what: str) -> Iterat
     remove_stale_temps(out)
     with _held_directory(temp_path(out)) as tmp:
         yield tmp
+        _umask_modes(tmp)
         os.chmod(tmp, output_mode(out, directory=True))
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
+
+
+def _umask_modes(directory: Path) -> None:
+    """Give everything inside `directory` the mode the umask gives a new file or directory: some
+    writers create private files whatever the umask (safetensors' save_file: 0600, so a student's
+    model.safetensors was unreadable to the group that may read its config.json)."""
+    umask = _umask()
+    for root, dirs, files in os.walk(directory):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~umask)
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~umask)
 
 
 @contextmanager

@@ -71,11 +71,15 @@ def test_atomic_outputs_take_the_mode_the_umask_gives_and_replaced_ones_keep_the
         atomic_write_text(tmp_path / "metrics.json", "{}")  # mkstemp made every output 0600 whatever the umask
         with atomic_directory(tmp_path / "bundle", marker="manifest.json", what="bundle") as tmp:
             (tmp / "manifest.json").write_text("{}")  # mkdtemp: 0700
+            os.close(os.open(tmp / "model.safetensors", os.O_CREAT | os.O_WRONLY, 0o600))  # as safetensors' save_file
+            (tmp / "sub").mkdir(mode=0o700)
         assert output_mode(tmp_path / "new.csv") == file_mode
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "metrics.json").stat().st_mode) == file_mode
     assert stat.S_IMODE((tmp_path / "bundle").stat().st_mode) == dir_mode
+    assert stat.S_IMODE((tmp_path / "bundle" / "model.safetensors").stat().st_mode) == file_mode
+    assert stat.S_IMODE((tmp_path / "bundle" / "sub").stat().st_mode) == dir_mode
     (tmp_path / "metrics.json").chmod(0o640)
     (tmp_path / "bundle").chmod(0o750)
     atomic_write_text(tmp_path / "metrics.json", "{}")
