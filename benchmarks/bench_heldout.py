@@ -60,6 +60,7 @@ VARIANTS = {
 # Settings a labels-only student never reads: variants differing only in these share its runs.
 DISTILL_ONLY = ("alpha", "kd", "code_init", "code_init_layers", "code_init_scale", "teacher_spec", "wide_neighbours")
 GROUPS = ("overall", "single_visit", "multi_visit", "rare_diagnosis")
+METRICS = ("jaccard", "prauc", "f1")  # per-visit metrics kept in per_visit.npz
 
 
 def heldout_matrices(held, med_codes):
@@ -129,7 +130,7 @@ def train_and_score(a, variant: str, distill: bool, seeds: list[int], samples, y
                   f"{time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
         name = f"{variant}/{'student' if distill else 'student-nodistill'}"
         if f"{name}|{seed}|prauc" in saved:
-            runs.append({k: saved[f"{name}|{seed}|{k}"] for k in ("prauc", "jaccard")})
+            runs.append({k: saved[f"{name}|{seed}|{k}"] for k in METRICS if f"{name}|{seed}|{k}" in saved})
         else:
             model, encoder, thr = load_student(d)
             with torch.no_grad():
@@ -213,9 +214,9 @@ def main(argv=None) -> None:
             per_visit[name], val[name] = train_and_score(a, variant, distill, seeds, samples, y, ddi, score, saved)
     np.savez_compressed(a.out / "per_visit.npz", **{f"{name}|{seed}|{k}": r[k].astype(np.float32)
                                                     for name, runs in per_visit.items() for seed, r in zip(seeds, runs)
-                                                    for k in ("prauc", "jaccard")},
+                                                    for k in METRICS if k in r},
                         **{f"mask|{g}": m for g, m in masks.items()}, **{f"part|{q}": m for q, m in parts.items()})
-    summary = {q: {name: {g: {k: float(np.mean([r[k][mask & part].mean() for r in runs])) for k in ("jaccard", "prauc", "f1")}
+    summary = {q: {name: {g: {k: float(np.mean([r[k][mask & part].mean() for r in runs])) for k in METRICS if k in runs[0]}
                           for g, mask in masks.items()} for name, runs in per_visit.items()} for q, part in parts.items()}
     pairs = []
     for v in variants:

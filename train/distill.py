@@ -119,6 +119,16 @@ class DistillConfig:
                 raise ConfigError(f"DistillConfig.{name}={getattr(self, name)} must be >= 1")
         if self.lr <= 0:
             raise ConfigError(f"DistillConfig.lr={self.lr} must be > 0")
+        if self.prior != "none":
+            # The counting prior starts every learned term at 0, so the wide table's initial values
+            # are never used: these settings would be silently ignored (a 10-seed held-out run of
+            # wide_neighbours=10 with the default prior scored identically to the default).
+            fields = DistillConfig.__dataclass_fields__
+            ignored = [f"{name}={getattr(self, name)!r}" for name in ("wide_init", "wide_smoothing", "wide_neighbours", "zero_head")
+                       if getattr(self, name) != fields[name].default]
+            if ignored:
+                raise ConfigError(f"DistillConfig {', '.join(ignored)} has no effect with prior={self.prior!r}: the "
+                                  "counting prior starts the wide table at 0; remove it, or set prior = \"none\" to use it")
         for name, allowed in (("wide", ("max", "mean", "none")), ("wide_init", ("cooc", "zero")),
                               ("code_init", ("none", "input", "hidden")),
                               ("set_encoder", ("transformer", "mean")), ("prior", ("none", "frequency")),

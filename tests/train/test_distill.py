@@ -17,7 +17,7 @@ from leader_edge.train.stage_files import load_student, load_teacher_features
 from leader_edge.train.teacher_data import sample_key
 
 HIDDEN = 16
-FAST = DistillConfig(epochs=2, patience=1, batch_size=32, timing_patients=3, code_init="input", wide_neighbours=3)
+FAST = DistillConfig(epochs=2, patience=1, batch_size=32, timing_patients=3, code_init="input")
 
 
 @pytest.fixture(scope="module")
@@ -294,3 +294,13 @@ def test_student_shape_settings_reach_the_model_from_a_run_config(tmp_path):
     assert (c.dim, c.heads, c.hidden, c.dropout, c.ffn_mult, c.temperature) == (16, 2, 24, 0.1, 1, 0.2)
     with pytest.raises(ConfigError, match="dim=30 must be divisible by heads=4"):
         DistillConfig(dim=30)
+
+
+def test_settings_the_counting_prior_ignores_are_refused():
+    from leader_edge.errors import ConfigError
+
+    for bad in ({"wide_neighbours": 10}, {"wide_init": "zero"}, {"wide_smoothing": 8.0}, {"zero_head": True}):
+        name = next(iter(bad))
+        with pytest.raises(ConfigError, match=f"{name}=.*no effect with prior='frequency'.*prior = \"none\""):
+            DistillConfig(**bad)
+        assert getattr(DistillConfig(prior="none", **bad), name) == bad[name]  # where they act, they are kept
