@@ -16,6 +16,23 @@ from leader_edge.train.teacher_config import CPU_BACKBONE_LAYERS  # dataclasses 
 STAGES = ("teacher", "student", "all")
 
 
+class LoraLayers(click.ParamType):
+    """--lora-layers: an integer >= 1 or "all" (TeacherConfig.lora_layers takes both)."""
+
+    name = "N|all"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) or value == "all":
+            return value
+        try:
+            n = int(value)
+        except ValueError:
+            n = 0
+        if n < 1:
+            self.fail(f"{value!r} is not an integer >= 1 or 'all'", param, ctx)
+        return n
+
+
 @click.command()
 @click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Dataset directory (from `leader-edge synth` or `prepare`).")
@@ -41,20 +58,22 @@ STAGES = ("teacher", "student", "all")
 @click.option("--epochs", type=click.IntRange(min=1), help="Teacher epochs (upper bound; early stopping).")
 @click.option("--backbone-layers", type=click.IntRange(min=1),
               help=f"Keep the first N layers of the teacher [default: {CPU_BACKBONE_LAYERS} for smollm2 on CPU, all otherwise].")
-@click.option("--lora-layers", type=click.IntRange(min=1), help="LoRA on the top N layers [default: 1].")
+@click.option("--lora-layers", type=LoraLayers(), help="LoRA on the top N layers, or 'all' [default: 1].")
 @click.option("--student-epochs", type=click.IntRange(min=1), help="Student epochs (upper bound; early stopping).")
 @click.option("--dry-run", is_flag=True,
               help="Print prompts and tokens per split, parameters, memory per GPU and host, and time per epoch for "
                    "this config and world size, without loading any weights (config.json is enough); then exit.")
 @click.option("--world-size", type=click.IntRange(min=1), envvar="WORLD_SIZE", default=1, show_default=True,
               help="GPUs the run will use (--dry-run; torchrun sets WORLD_SIZE).")
+@click.option("--ranks-per-node", type=click.IntRange(min=1), envvar="LOCAL_WORLD_SIZE",
+              help="Processes (GPUs) per node for --dry-run's host-memory figure [default: the world size, one node].")
 @click.option("--assume-tflops", type=click.FloatRange(min=0.001), default=400.0, show_default=True,
               help="Sustained bf16 TFLOP/s per GPU that --dry-run's time estimate assumes (H100 SXM: ~400 at 40% MFU).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Student device (the teacher uses CUDA when present).")
 @user_errors
 def train(data_dir, run_dir, teacher, stage, no_distill, show_prompt, resume, seed, seeds, protocol, config_file, epochs,
-          backbone_layers, lora_layers, student_epochs, dry_run, world_size, assume_tflops, device) -> None:
+          backbone_layers, lora_layers, student_epochs, dry_run, world_size, ranks_per_node, assume_tflops, device) -> None:
     """Train the teacher LLM and distil the student (LEADER).
 
     \b
@@ -82,7 +101,11 @@ def train(data_dir, run_dir, teacher, stage, no_distill, show_prompt, resume, se
     if dry_run:
         from leader_edge.train.dry_run import dry_run as plan_run, format_plan
 
-        click.echo(format_plan(plan_run(data_dir, TeacherConfig.from_dict(conf), world_size=world_size, tflops=assume_tflops)))
+        if ranks_per_node is not None and world_size % ranks_per_node:
+            raise click.BadParameter(f"{ranks_per_node} does not divide --world-size {world_size}: every node runs as "
+                                     "many ranks", param_hint="--ranks-per-node")
+        click.echo(format_plan(plan_run(data_dir, TeacherConfig.from_dict(conf), world_size=world_size,
+                                        ranks_per_node=ranks_per_node, tflops=assume_tflops)))
         return
     if run_dir is None:
         raise click.UsageError("--out is required (except with --show-prompt)")

@@ -353,6 +353,16 @@ def test_dry_run_host_memory_per_node_on_config_json_alone(data_dir, tmp_path):
                                   "--lora-layers", "1", "--config", str(LEADER_7B)])
     assert r.exit_code == 0, r.output
     assert "host memory per node (estimate, 2 ranks per node)" in r.output and "weights 0.00 (bfloat16)" in r.output
+    # the CLI's --ranks-per-node (torchrun's LOCAL_WORLD_SIZE) and --lora-layers all reach the plan
+    r = CliRunner().invoke(main, ["train", "--data", str(data_dir), "--teacher", str(model_dir), "--dry-run", "--world-size", "4",
+                                  "--ranks-per-node", "2", "--lora-layers", "all", "--config", str(LEADER_7B)])
+    assert r.exit_code == 0, r.output
+    assert "host memory per node (estimate, 2 ranks per node)" in r.output and "(LoRA on 3)" in r.output
+    r = CliRunner().invoke(main, ["train", "--data", str(data_dir), "--teacher", str(model_dir), "--dry-run", "--world-size", "4",
+                                  "--ranks-per-node", "3"])
+    assert r.exit_code == 2 and "3 does not divide --world-size 4" in r.output
+    r = CliRunner().invoke(main, ["train", "--data", str(data_dir), "--dry-run", "--lora-layers", "some"])
+    assert r.exit_code == 2 and "'some' is not an integer >= 1 or 'all'" in r.output
 
 
 def test_teacher_all_layers_adapted_cache_keeps_only_token_ids(data_dir, tmp_path, monkeypatch):
