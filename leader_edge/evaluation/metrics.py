@@ -235,7 +235,7 @@ def unit_values(values: np.ndarray, units: np.ndarray | None = None) -> np.ndarr
 
 def paired_interval(
     a: np.ndarray, b: np.ndarray, *, rounds: int = 2000, level: float = 0.95, seed: int = 0,
-    resample_seeds: bool = False,
+    resample_seeds: bool = False, paired_seeds: bool | None = None,
 ) -> tuple[float, float, float]:
     """Mean difference a - b over the same units with a paired bootstrap percentile interval.
 
@@ -248,6 +248,9 @@ def paired_interval(
             replacement (the same seed indices for both when they have as many seeds, so a pair
             trained with one seed stays paired), so the interval carries the spread between training
             runs too. A model with one seed (a deterministic baseline, or one run) keeps its row.
+        paired_seeds: whether row i of `a` and row i of `b` were trained with the same seed (so
+            are drawn together); None: when they have as many rows. Give False when the rows are
+            different seeds: each model's seeds are then drawn on their own.
 
     Returns:
         (difference, low, high) at `level` (e.g. 0.95).
@@ -264,11 +267,12 @@ def paired_interval(
     if resample_seeds and max(len(a), len(b)) > 1:
         # A round's mean is sum_s sum_u c_s w_u x[s, u] / (S U) with c the drawn seed counts and w
         # the drawn patient counts: one [k, U] @ [U, S] product per block of rounds, not a gather.
-        paired = len(a) == len(b)
+        paired = len(a) == len(b) if paired_seeds is None else paired_seeds and len(a) == len(b)
         step = max(1, 4_000_000 // u)
         for start in range(0, rounds, step):
             k = min(step, rounds - start)
-            w = np.stack([np.bincount(row, minlength=u) for row in rng.integers(0, u, size=(k, u))]).astype(np.float64)
+            draws = rng.integers(0, u, size=(k, u)) + np.arange(k)[:, None] * u  # round r's patients -> r*U + j
+            w = np.bincount(draws.ravel(), minlength=k * u).reshape(k, u).astype(np.float64)  # [k, U] patient counts
             ca = rng.multinomial(len(a), np.full(len(a), 1.0 / len(a)), size=k)  # [k, S_a] seed counts
             cb = ca if paired else rng.multinomial(len(b), np.full(len(b), 1.0 / len(b)), size=k)
             if paired:

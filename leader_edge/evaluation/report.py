@@ -203,8 +203,13 @@ def at_fixed_thresholds(y_true: np.ndarray, y_prob: np.ndarray, ddi: np.ndarray 
     return out
 
 
-def compare(per_unit: dict[str, dict], *, seed: int = 0) -> list[dict]:
-    """Paired 95% bootstrap intervals of a - b for `COMPARISONS` present in the run, every group and metric."""
+def compare(per_unit: dict[str, dict], *, seed: int = 0, seeds: dict[str, list[int]] | None = None) -> list[dict]:
+    """Paired 95% bootstrap intervals of a - b for `COMPARISONS` present in the run, every group and metric.
+
+    `seeds` (model -> its training seeds, in per_unit's row order): two models' runs are drawn as
+    pairs only when they were trained with the same seeds; otherwise each model's seeds are drawn on
+    their own (a seed missing from one model must not pair seed 43 with 44). None: rows pair by position.
+    """
     out = []
     for a, b in COMPARISONS:
         if a not in per_unit or b not in per_unit:
@@ -215,7 +220,8 @@ def compare(per_unit: dict[str, dict], *, seed: int = 0) -> list[dict]:
                 d, lo, hi = metrics.paired_interval(ua, ub, seed=seed)
                 slo, shi = lo, hi
                 if max(len(ua), len(ub)) > 1:
-                    _, slo, shi = metrics.paired_interval(ua, ub, seed=seed, resample_seeds=True)
+                    same = None if seeds is None else seeds.get(a) == seeds.get(b)
+                    _, slo, shi = metrics.paired_interval(ua, ub, seed=seed, resample_seeds=True, paired_seeds=same)
                 verdict = (f"{a} better" if min(lo, slo) > 0 else f"{b} better" if max(hi, shi) < 0 else "within noise")
                 out.append({"a": a, "b": b, "group": g, "metric": k, "diff": d, "low": lo, "high": hi,
                             "seed_low": slo, "seed_high": shi, "verdict": verdict, "seeds": [len(ua), len(ub)]})
@@ -250,7 +256,7 @@ def _num(v: float | None, digits: int = 4) -> str:
 def _difference(c: dict) -> str:
     """a - b, its interval with patients resampled and, after `/`, with training seeds resampled too."""
     return (f"{c['diff']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}]"
-            + (f" / [{c['seed_low']:+.4f}, {c['seed_high']:+.4f}]" if max(c["seeds"]) > 1 else ""))
+            + (f" / [{c['seed_low']:+.4f}, {c['seed_high']:+.4f}]" if max(c["seeds"]) > 1 and "seed_low" in c else ""))
 
 
 def _by_pair(comparisons: list[dict]) -> dict[tuple, dict]:
@@ -408,7 +414,7 @@ def write_report(run_dir: Path, data_dir: Path | None = None, *, protocol: str |
     ds = load_dataset(data_dir)
     splits = dataset_splits(ds, seed=seed, protocol=proto)
     models, per_unit = score_models(run_dir, ds, splits, protocol=proto, seeds=seeds)
-    comparisons = compare(per_unit)
+    comparisons = compare(per_unit, seeds={name: m["seeds"] for name, m in models.items()})
     goal = goals(comparisons)
     result = metrics.json_ready({"data": str(data_dir.resolve()), "seed": seed, "seeds": seeds,
                           "protocol": {"name": proto.name, "description": proto.describe()},

@@ -121,6 +121,39 @@ def test_seed_resampled_interval_carries_training_run_spread():
     assert (lo, hi) == pytest.approx((-0.05, 0.1))
 
 
+def test_seed_resampled_interval_matches_a_two_level_bootstrap_written_out():
+    # unequal seed counts draw each model's seeds on their own; checked against the bootstrap spelled
+    # out round by round (different random streams: the quantiles agree to Monte Carlo error)
+    rng = np.random.default_rng(7)
+    a = rng.normal(0.6, 0.2, (3, 300)) + rng.normal(0, 0.03, (3, 1))
+    b = rng.normal(0.55, 0.2, (2, 300)) + rng.normal(0, 0.03, (2, 1))
+    ref = []
+    for _ in range(4000):
+        ia, ib, j = rng.integers(0, 3, 3), rng.integers(0, 2, 2), rng.integers(0, 300, 300)
+        ref.append(a[ia].mean(0)[j].mean() - b[ib].mean(0)[j].mean())
+    lo, hi = np.quantile(ref, [0.025, 0.975])
+    d, got_lo, got_hi = paired_interval(a, b, resample_seeds=True, rounds=4000)
+    assert d == pytest.approx(a.mean() - b.mean()) and (got_lo, got_hi) == pytest.approx((lo, hi), abs=0.006)
+    # rows that are different seeds are not drawn as pairs, even when the counts match
+    a2, b2 = np.array([[0.6] * 400, [0.45] * 400]), np.array([[0.55] * 400, [0.40] * 400])
+    assert paired_interval(a2, b2, resample_seeds=True)[1:] == pytest.approx((0.05, 0.05))
+    _, lo, hi = paired_interval(a2, b2, resample_seeds=True, paired_seeds=False)
+    assert (lo, hi) == pytest.approx((-0.1, 0.2))
+
+
+def test_compare_pairs_seeds_by_id_not_by_row():
+    from leader_edge.evaluation import report
+
+    rows = {"student": np.array([[0.6] * 400, [0.45] * 400]), "student-nodistill": np.array([[0.55] * 400, [0.40] * 400])}
+    per_unit = {name: {g: {k: v for k in report.COMPARED} for g in report.GROUPS} for name, v in rows.items()}
+    pick = lambda comps: next(c for c in comps if (c["a"], c["group"], c["metric"]) == ("student", "overall", "prauc"))  # noqa: E731
+    same = pick(report.compare(per_unit, seeds={"student": [42, 43], "student-nodistill": [42, 43]}))
+    assert same["verdict"] == "student better"
+    # seed 43 of one and 44 of the other (a seed missing on each side) must not be paired
+    other = pick(report.compare(per_unit, seeds={"student": [42, 43], "student-nodistill": [42, 44]}))
+    assert other["seed_low"] < 0 < other["seed_high"] and other["verdict"] == "within noise"
+
+
 def test_verdict_and_goal_need_every_interval(data, tmp_path, monkeypatch):
     # the same disagreeing seeds through the report: pooled alone would call it "student better"
     from leader_edge.evaluation import report
