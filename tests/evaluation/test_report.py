@@ -248,3 +248,11 @@ def test_report_plots_one_colour_per_model_in_both_figures(tmp_path, monkeypatch
         assert line_colour[name] == bar_colour[name], name
     assert by_colour == {report_plots.MODEL_COLORS[n] for n in ("student-nodistill", "student", "teacher")}
     assert len(set(report_plots.MODEL_COLORS.values())) == len(MODELS)  # one colour per model, none shared
+
+
+def test_comparison_from_before_the_seed_interval_still_renders():
+    from leader_edge.evaluation import report
+
+    old = {"a": "student", "b": "frequency", "group": "overall", "metric": "prauc", "diff": 0.01, "low": 0.002,
+           "high": 0.02, "verdict": "student better", "seeds": [3, 1]}  # a metrics.json written before ca96728
+    assert report._difference(old) == "+0.0100 [+0.0020, +0.0200]"
