@@ -56,6 +56,9 @@ VARIANTS = {
     "stack-a03": {"prior": "frequency", "prior_rule": "stack", "alpha": 0.3},
     "stack-a1": {"prior": "frequency", "prior_rule": "stack", "alpha": 1.0},
     "stack-a3": {"prior": "frequency", "prior_rule": "stack", "alpha": 3.0},
+    # the shipped settings under another name, so a run can distil them from another --teacher-run
+    # (e.g. a teacher trained with TeacherConfig.prior="frequency": it learns what counting misses)
+    "stack-t2": {"prior": "frequency", "prior_rule": "stack"},
 }
 # Settings a labels-only student never reads: variants differing only in these share its runs.
 DISTILL_ONLY = ("alpha", "kd", "code_init", "code_init_layers", "code_init_scale", "teacher_spec", "wide_neighbours")
@@ -204,17 +207,24 @@ def main(argv=None) -> None:
                                                      torch.device("cpu")), stack_thr)]
     val = {"counting-stack": [stack_val]}
     variants = a.variants.split(",")
+    from leader_edge.files import sha256
+
+    held_sha = sha256(a.heldout / "visits.csv")
     saved = {}
     if a.reuse_scores and (a.out / "per_visit.npz").exists():
         with np.load(a.out / "per_visit.npz") as z:
-            saved = {k: z[k].astype(np.float64) for k in z.files if "|" in k and not k.startswith(("mask|", "part|"))}
+            if "heldout_sha256" not in z.files or str(z["heldout_sha256"]) != held_sha:
+                sys.exit(f"{a.out / 'per_visit.npz'} was scored on another held-out file than {a.heldout / 'visits.csv'} "
+                         "(sha256 differs or was not recorded): drop --reuse-scores, or use another --out")
+            saved = {k: z[k].astype(np.float64) for k in z.files if k.count("|") == 2 and not k.startswith(("mask|", "part|"))}
     for variant in variants:
         for distill in (True, False):
             name = f"{variant}/{'student' if distill else 'student-nodistill'}"
             per_visit[name], val[name] = train_and_score(a, variant, distill, seeds, samples, y, ddi, score, saved)
-    np.savez_compressed(a.out / "per_visit.npz", **{f"{name}|{seed}|{k}": r[k].astype(np.float32)
-                                                    for name, runs in per_visit.items() for seed, r in zip(seeds, runs)
-                                                    for k in METRICS if k in r},
+    scored = {f"{name}|{seed}|{k}": r[k] for name, runs in per_visit.items() if "/" in name
+              for seed, r in zip(seeds, runs) for k in METRICS if k in r}
+    np.savez_compressed(a.out / "per_visit.npz", heldout_sha256=np.array(held_sha),  # earlier variants' scores kept
+                        **{k: v.astype(np.float32) for k, v in {**saved, **scored}.items()},
                         **{f"mask|{g}": m for g, m in masks.items()}, **{f"part|{q}": m for q, m in parts.items()})
     summary = {q: {name: {g: {k: float(np.mean([r[k][mask & part].mean() for r in runs])) for k in METRICS if k in runs[0]}
                           for g, mask in masks.items()} for name, runs in per_visit.items()} for q, part in parts.items()}
