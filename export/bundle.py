@@ -179,7 +179,7 @@ def selftest_patients(encoder: Encoder, n: int = SELFTEST_PATIENTS, seed: int = 
     record of its data may travel with it. History lengths cycle through 1..max_visits + 1 (the
     oldest dropped), codes walk a seeded permutation of each vocabulary (a reordered vocabulary
     moves the probabilities), and one code is unknown (counted, ignored). The coverage patients
-    touch every code, so that swapping any two codes of a vocabulary moves some probability."""
+    touch every code of the `coverage_kinds`, so that swapping any two of them moves some probability."""
     rng = np.random.default_rng(seed)
     walks = {k: [c for c in rng.permutation(encoder.codes[k]).tolist()] for k in encoder.codes}
     pos = dict.fromkeys(walks, 0)
@@ -217,15 +217,34 @@ def coverage_chunks(codes: list[str], width: int) -> list[list[str]]:
     return rows + [col[i : i + width] for col in columns for i in range(0, len(col), width)]
 
 
+def coverage_kinds(encoder: Encoder) -> tuple[str, ...]:
+    """The vocabularies `coverage_patients` make the model read in full: every one, but medications
+    only when `max_visits` >= 2 (a visit's medications are read only as the next visit's history;
+    with one visit kept there is no history, and the current visit's medications are the labels).
+    Reordered medications are refused all the same: selftest.json records the output columns' order."""
+    return KINDS if encoder.max_visits > 1 else tuple(k for k in KINDS if k != "medication")
+
+
+def coverage_text(encoder: Encoder) -> str:
+    """The manifest's `selftest.coverage`: what `coverage_patients` make the model read."""
+    if encoder.max_visits > 1:
+        return "every code of every vocabulary"
+    return ("every diagnosis and procedure code; no medication code (max_visits 1: medications are read "
+            "only as the previous visit's, and no previous visit is kept)")
+
+
 def coverage_patients(encoder: Encoder) -> list[list[dict]]:
-    """Synthetic patients whose visits touch every code of every vocabulary, as the model reads them:
-    `coverage_chunks` of each kind (in vocabulary order, so a reordered vocabulary moves them),
-    packed `max_visits - 1` history visits to a patient, then a closing visit (a visit's medications
-    are read only as the next visit's history; the last visit's are the labels). The 16 random
-    patients alone used 454 of the demo's 1,166 diagnoses: a resealed manifest with two of the others
-    swapped loaded, and recommended otherwise (#12)."""
+    """Synthetic patients whose kept visits touch every code of the `coverage_kinds`, as the model
+    reads them: `coverage_chunks` of each kind (in vocabulary order, so a reordered vocabulary moves
+    them), packed `max_visits - 1` history visits to a patient, then a closing visit (a visit's
+    medications are read only as the next visit's history; the last visit's are the labels), so the
+    encoder, which keeps the last `max_visits`, drops none. With `max_visits` 1 a patient is one
+    visit holding diagnosis and procedure chunks (two visits would lose the first: every chunk).
+    The 16 random patients alone used 454 of the demo's 1,166 diagnoses: a resealed manifest with
+    two of the others swapped loaded, and recommended otherwise (#12)."""
     width = encoder.max_codes
-    chunks = {k: coverage_chunks(list(encoder.codes[k]), width) for k in KINDS}
+    kinds = coverage_kinds(encoder)
+    chunks = {k: coverage_chunks(list(encoder.codes[k]), width) if k in kinds else [] for k in KINDS}
     n_visits = max(len(c) for c in chunks.values())
     first = {k: list(encoder.codes[k][:1]) for k in KINDS}  # the closing visit, and a visit a kind has no chunk for
     profile = {f: (vals[0] if vals else "<selftest-unseen>") for f, vals in encoder.profile_values.items()}
@@ -235,7 +254,9 @@ def coverage_patients(encoder: Encoder) -> list[list[dict]]:
         return {"diagnoses": codes["diagnosis"], "procedures": codes["procedure"], "medications": codes["medication"],
                 "profile": profile}
 
-    per_patient = max(encoder.max_visits - 1, 1)
+    if encoder.max_visits == 1:
+        return [[visit(i)] for i in range(n_visits)]
+    per_patient = encoder.max_visits - 1
     return [[visit(i) for i in range(start, min(start + per_patient, n_visits))] + [visit(None)]
             for start in range(0, n_visits, per_patient)]
 
@@ -417,7 +438,7 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, model: str = DEFAULT_
             "profile_fields": encoder.profile_fields,
             "encoder": encoder.to_json(),
             "ddi_pairs": _ddi_pairs(ds.ddi, encoder),
-            "selftest": {"file": SELFTEST, "patients": SELFTEST_PATIENTS, "coverage": "every code of every vocabulary",
+            "selftest": {"file": SELFTEST, "patients": SELFTEST_PATIENTS, "coverage": coverage_text(encoder),
                          "atol": SELFTEST_ATOL[chosen.name]},
             "explain": {"file": EXPLAIN, "outputs": list(onnx_export.EXPLAIN_OUTPUTS), "slots": EXPLAIN_SLOTS},
             "names": {"file": NAMES},

@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from leader_edge.cli import main
 from leader_edge.data.dataset import load_dataset, write_dataset
 from leader_edge.data.splits import dataset_splits
-from leader_edge.bedside.encoding import KINDS, Encoder
+from leader_edge.bedside.encoding import KINDS, Encoder, RawVisit
 from leader_edge.export import bundle as bundle_module
 from leader_edge.export.bundle import BATCH_ATOL, Candidate, choose_int8, export_bundle
 from leader_edge.files import sha256
@@ -357,6 +357,51 @@ def test_export_self_test_touches_every_code_so_a_swapped_pair_is_refused(fp32_b
         (d / "manifest.json").write_text(json.dumps(m))
         result = CliRunner().invoke(main, ["predict", "--bundle", str(d), "--input", str(fp32_bundle.parent / "data" / "visits.csv")])
         assert result.exit_code == 2 and "scores the self-test patients" in result.output, (pair, result.output)
+
+
+@pytest.mark.parametrize("max_visits", [1, 2, 3, 8])
+def test_export_coverage_patients_read_in_full_for_any_max_visits(fp32_bundle, max_visits):
+    """The bundle's encoder at each max_visits encodes the coverage patients without dropping a visit,
+    and its inputs hold every code index of each covered vocabulary. max_visits 1 used to lay two
+    visits per patient: the encoder kept the closing one, and only each vocabulary's first code was read."""
+    import dataclasses
+
+    manifest = json.loads((fp32_bundle / "manifest.json").read_text())
+    encoder = dataclasses.replace(Encoder.from_json(manifest["encoder"]), max_visits=max_visits)
+    patients = bundle_module.coverage_patients(encoder)
+    batch = encoder.encode([[RawVisit(**v) for v in p] for p in patients])
+    assert int(batch.visit_mask.sum()) == sum(map(len, patients))  # no visit dropped
+    inputs = dict(zip(KINDS, (batch.diagnoses, batch.procedures, batch.medications)))
+    start = dict(zip(KINDS, np.cumsum([0] + [len(encoder.codes[k]) for k in KINDS])))
+    covered = bundle_module.coverage_kinds(encoder)
+    assert covered == (KINDS if max_visits > 1 else ("diagnosis", "procedure"))
+    for kind in covered:
+        want = set(range(start[kind], start[kind] + len(encoder.codes[kind])))
+        assert want and want <= set(inputs[kind].ravel().tolist()), (kind, max_visits)
+    text = bundle_module.coverage_text(encoder)
+    if max_visits > 1:
+        assert text == "every code of every vocabulary" == manifest["selftest"]["coverage"]
+    else:
+        assert text.startswith("every diagnosis and procedure code; no medication code (max_visits 1")
+
+
+def test_export_manifest_coverage_with_max_visits_1(run_dir, reuse_export, tmp_path):
+    """A student whose encoder keeps one visit exports a manifest that says what its self-test reads."""
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    config = json.loads((run / "student" / "config.json").read_text())
+    config["encoder"]["max_visits"] = 1
+    (run / "student" / "config.json").write_text(json.dumps(config))
+    manifest = export_bundle(run, tmp_path / "b")
+    encoder = Encoder.from_json(manifest["encoder"])
+    assert encoder.max_visits == 1
+    assert manifest["selftest"]["coverage"] == bundle_module.coverage_text(encoder) != "every code of every vocabulary"
+    test = json.loads((tmp_path / "b" / "selftest.json").read_text())
+    coverage = test["patients"][manifest["selftest"]["random_patients"]:]
+    assert coverage and all(len(p) == 1 for p in coverage)
+    for kind, column in (("diagnosis", "diagnoses"), ("procedure", "procedures")):
+        assert {c for p in coverage for c in p[0][column]} == set(encoder.codes[kind]), kind
+    assert Bundle.load(tmp_path / "b").self_test() == 0.0
 
 
 def test_export_explain_graph_and_names_in_the_bundle(run_dir, fp32_bundle):
