@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from leader_edge.errors import StateError
+
 SHARD_BYTES = 256 * 1024 * 1024  # 256 MiB per shard: few files, bounded writer memory
 _DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "I64": torch.int64, "I32": torch.int32}
 
@@ -98,17 +100,27 @@ class StateStore(Sequence):
             if header is None:
                 (size,) = struct.unpack("<Q", f.read(8))
                 header = self._headers[shard] = {"start": 8 + size, **json.loads(f.read(size))}
-            entry = header[key]
+            entry = header.get(key)
+            if entry is None:
+                raise _damaged(path, f"its header has no sample {key}")
+            dtype = _DTYPES.get(entry.get("dtype"))
+            if dtype is None:
+                raise _damaged(path, f"sample {key} has dtype {entry.get('dtype')!r}, not one of {sorted(_DTYPES)}")
             begin, end = entry["data_offsets"]
-            out = torch.empty(entry["shape"], dtype=_DTYPES[entry["dtype"]])
+            out = torch.empty(entry["shape"], dtype=dtype)
             f.seek(header["start"] + begin)
             if f.readinto(out.view(torch.uint8).reshape(-1).numpy()) != end - begin:
-                raise RuntimeError(f"{path}: short read of sample {key}; the frozen-state cache is damaged - rerun the stage")
+                raise _damaged(path, f"short read of sample {key}")
         return out
 
     def remove(self) -> None:
         self._headers.clear()
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _damaged(path: Path, what: str) -> StateError:
+    """A shard that does not hold what the store wrote: named, with the fix (the store is a cache)."""
+    return StateError(f"{path}: {what}; the frozen-state cache is damaged - rerun the stage")
 
 
 class Pick(Sequence):

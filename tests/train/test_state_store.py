@@ -1,9 +1,14 @@
-"""Frozen-layer states on disk: shards, any write order, bf16 storage, views, stale caches."""
+"""Frozen-layer states on disk: shards, any write order, bf16 storage, views, stale caches, damaged shards."""
+
+import json
+import re
+import struct
 
 import numpy as np
 import pytest
 import torch
 
+from leader_edge.errors import StateError
 from leader_edge.train import state_store
 from leader_edge.train.state_store import Pick, StateStore, lengths_of
 
@@ -46,6 +51,37 @@ def test_stale_cache_of_a_killed_run_is_replaced(tmp_path):
     store.put(0, torch.ones(2, 2))
     store.close()
     assert np.array_equal(store[0].numpy(), np.ones((2, 2)))
+
+
+def _damage_header(shard, change) -> None:
+    """Apply `change` to a shard's safetensors header in place, its size kept (space-padded, as written)."""
+    data = bytearray(shard.read_bytes())
+    (size,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + size])
+    change(header)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    assert len(text) <= size
+    data[8 : 8 + size] = text.ljust(size)
+    shard.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda h: h.update({"7": h.pop("1")}), "its header has no sample 1"),
+    (lambda h: h["1"].update(dtype="F64"), "sample 1 has dtype 'F64', not one of"),
+])
+def test_state_store_damaged_shard_named_with_the_fix(tmp_path, damage, message):
+    """A shard whose header lost a sample or names a dtype the store never writes: the error names the
+    shard file and says to rerun the stage (was a bare KeyError: '1' / 'F64')."""
+    store = StateStore.create(tmp_path / "s", 2)
+    store.put(0, torch.ones(2, 3))
+    store.put(1, torch.zeros(4, 3))
+    store.close()
+    shard = tmp_path / "s" / "shard-00000.safetensors"
+    _damage_header(shard, damage)
+    assert torch.equal(store[0], torch.ones(2, 3))  # the undamaged sample still reads
+    want = rf"^{re.escape(str(shard))}: {message}.*; the frozen-state cache is damaged - rerun the stage$"
+    with pytest.raises(StateError, match=want):
+        store[1]
 
 
 def _rss_file_kb() -> int:
