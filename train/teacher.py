@@ -408,17 +408,15 @@ def _finish(model, ds, enc, offsets, tune_states, val_states, mine, val_mine, ou
     write_predictions(out / PREDICTIONS, [s.patient_id for s in test.samples], [s.target.visit_id for s in test.samples],
                       p_test, med_codes, threshold)
     keys = {"train": enc["train"].keys, "val": enc["val"].keys, "test": test.keys}
-    tmp = out / f".{FEATURES}.tmp"
-    save_file({"train": torch.from_numpy(f_train), "val": torch.from_numpy(f_val), "test": torch.from_numpy(f_test)},
-              str(tmp), metadata={"keys": json.dumps(keys), "hidden_size": str(model.hidden_size)})
-    tmp.replace(out / FEATURES)
-    from leader_edge.files import sha256
+    from leader_edge.files import atomic_file, atomic_write_text, sha256
+
+    with atomic_file(out / FEATURES) as tmp:  # the umask's mode; a killed run's temp is removed by the next
+        save_file({"train": torch.from_numpy(f_train), "val": torch.from_numpy(f_val), "test": torch.from_numpy(f_test)},
+                  str(tmp), metadata={"keys": json.dumps(keys), "hidden_size": str(model.hidden_size)})
 
     # Checked before reuse (`stage_files.load_teacher_features`): a damaged or swapped file is refused.
     result["files"] = {name: sha256(out / name) for name in (FEATURES, ADAPTER)}
-    tmpm = out / f".{METRICS}.tmp"
-    tmpm.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    tmpm.replace(out / METRICS)  # written last: its presence marks a finished stage
+    atomic_write_text(out / METRICS, json.dumps(result, indent=2) + "\n")  # written last: its presence marks a finished stage
     log.warning("teacher: validation %s, test %s, %.0f s", _short(result["val"]), _short(result["test"]), result["wall_s"])
     return result
 

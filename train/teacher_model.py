@@ -193,15 +193,14 @@ class TeacherModel(nn.Module):
         """Write `adapter.safetensors` and `config.json` into `directory` (each via temp + rename)."""
         from safetensors.torch import save_file
 
+        from leader_edge.files import atomic_file, atomic_write_text
+
         directory.mkdir(parents=True, exist_ok=True)
-        tmp = directory / f".{ADAPTER}.tmp"
-        save_file(self.trainable_state(), str(tmp), metadata={"format": "leader-edge-teacher"})
-        tmp.replace(directory / ADAPTER)
+        with atomic_file(directory / ADAPTER) as tmp:
+            save_file(self.trainable_state(), str(tmp), metadata={"format": "leader-edge-teacher"})
         meta = {"teacher": self.config.to_dict(), "med_codes": self.med_codes, "hidden_size": self.hidden_size,
                 "n_layers": self.n_layers, "split": self.split, **(extra or {})}
-        tmpj = directory / f".{CONFIG}.tmp"
-        tmpj.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        tmpj.replace(directory / CONFIG)
+        atomic_write_text(directory / CONFIG, json.dumps(meta, indent=2) + "\n")
 
     @classmethod
     def load(cls, directory: Path) -> "TeacherModel":

@@ -1,6 +1,7 @@
 """Teacher: head, exact layer split, LoRA training, the run-directory files, save/load, resume, CLI."""
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -157,6 +158,12 @@ def test_teacher_stage_writes_the_contract_files(tiny_run, data_dir):
     assert {"threshold", "n_params", "inference_ms_per_patient", "test"} <= set(saved)
     preds = read_predictions(run / "teacher" / "predictions-test.csv")
     assert [p.visit_id for p in preds] == [s.target.visit_id for s in splits["test"]]
+    # written through files.atomic_file: the umask's mode (safetensors alone makes 0600), no temp left
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("features.safetensors", "adapter.safetensors", "metrics.json", "config.json"):
+        assert (run / "teacher" / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+    assert not [p.name for p in (run / "teacher").iterdir() if p.name.startswith(".")]
 
 
 def test_teacher_save_load_reproduces_probabilities(tiny_run):
