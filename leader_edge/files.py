@@ -12,8 +12,11 @@ No output is ever left half-written: a failure, SIGINT or (under `signals_raise`
 command runs in) SIGTERM removes the temporary and leaves the old file or directory as it was.
 A run killed outright (SIGKILL, power loss) cannot clean up; its temporaries carry the host and
 process id in their names (`.NAME.leader-edge.HOST.PID.RAND.tmp[SUFFIX]`) and are held under an
-flock while in use, so the next writer of the same output removes them once that process is gone
-and nobody holds them (`remove_stale_temps`); a temporary that might be live is left alone.
+flock while in use (a temp directory: its sidecar `<temp dir>.lock`), so the next writer of the same
+output removes them once that process is gone and nobody holds them (`remove_stale_temps`); a
+temporary that might be live is left alone. A process blocked outside Python when the signal comes
+(a gloo/NCCL collective) cannot raise: it exits 128 + signal after a grace period without cleanup
+(`signals_raise`, LEADER_EDGE_SIGNAL_GRACE).
 New outputs get the mode the umask gives (0644 / 0755 under umask 022; inside a directory output,
 every file and subdirectory), replaced ones keep theirs (`output_mode`); temporaries are private
 (0600 / 0700) while they are written.
@@ -26,6 +29,7 @@ import contextlib
 import fcntl
 import hashlib
 import logging
+import math
 import os
 import re
 import secrets
@@ -38,13 +42,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from leader_edge.errors import DataError
+from leader_edge.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
 # `.NAME.` + this + `HOST.PID.RAND.tmp[SUFFIX]`: whose temporary it is (see `remove_stale_temps`).
 TEMP_TAG = "leader-edge."
-_TEMP_REST = re.compile(r"^(?P<host>.+)\.(?P<pid>\d+)\.(?P<rand>[0-9a-z]+)\.tmp(?P<suffix>\.[^.]*)?$")
+# A trailing `.lock` is a temp directory's sidecar lock file (`_sidecar`).
+_TEMP_REST = re.compile(r"^(?P<host>.+)\.(?P<pid>\d+)\.(?P<rand>[0-9a-z]+)\.tmp(?P<suffix>\.[^.]*)?(?:\.lock)?$")
+_ASIDE = ".old"  # suffix of the old copy of a directory output while the new one is swapped in
+_LOCK = ".lock"
 
 
 def sha256(path: str | Path) -> str:
@@ -96,36 +103,84 @@ def temp_path(path: str | Path, suffix: str = "") -> Path:
 
 def remove_stale_temps(path: str | Path) -> list[Path]:
     """Remove the temporaries for `path` (named by `temp_path`) that a killed run of this host left:
-    its process is gone and no process holds the entry's flock. Anything else is left alone (another
-    host's, a live process's, one that cannot be locked). Returns what was removed."""
+    its process is gone and no process holds the entry's lock. Anything else is left alone (another
+    host's, a live process's, one that cannot be locked). Returns what was removed.
+
+    The lock of a temp file is an flock on the file, of a temp directory one on its sidecar file
+    `<temp dir>.lock` (made before the directory and removed after it, see `_held_directory`); a
+    sidecar whose directory is gone is removed like a temp file. Both are opened for writing: on NFS
+    (the shared file system multi-node runs need) flock is a POSIX lock, whose LOCK_EX fails with
+    EBADF on a descriptor opened read-only - every stale temp was skipped there - and a directory
+    cannot be opened for writing at all. The old copy of a directory output set aside while its new
+    one is swapped in (`.old`, see `atomic_directory`) is renamed back when the output is missing (a
+    run killed between the two renames), and removed otherwise."""
     path = Path(path)
     prefix, host, removed = f".{path.name}.{TEMP_TAG}", _host(), []
     try:
         names = os.listdir(path.parent)
     except OSError:
         return removed
-    for entry in names:
+    for entry in sorted(names):
         m = _TEMP_REST.match(entry[len(prefix):]) if entry.startswith(prefix) else None
         if m is None or m["host"] != host or _alive(int(m["pid"])):
             continue
         stale = path.parent / entry
         try:
-            fd = os.open(stale, os.O_RDONLY | os.O_NOFOLLOW)
+            mode = os.lstat(stale).st_mode
         except OSError:
-            continue  # removed meanwhile, a symlink, or unreadable: not ours to judge
+            continue  # removed meanwhile
+        directory = stat.S_ISDIR(mode)
+        if directory:
+            lock, flags = _sidecar(stale), os.O_CREAT  # a killed writer's sidecar may be gone, or never made
+        elif stat.S_ISREG(mode) and not (entry.endswith(_LOCK) and _is_dir(path.parent / entry[:-len(_LOCK)])):
+            lock, flags = stale, 0
+        else:
+            continue  # a symlink, a special file, or the sidecar of a directory (locked with it): not ours
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held by whoever still writes it
-            if os.path.isdir(stale) and not os.path.islink(stale):
-                shutil.rmtree(stale)
-            else:
-                os.unlink(stale)
+            fd = os.open(lock, os.O_RDWR | os.O_NOFOLLOW | flags, 0o600)
         except OSError:
-            continue  # held, or removed by another run first: ignored either way
+            continue  # removed meanwhile, or not writable: not ours to judge
+        restore = directory and m["suffix"] == _ASIDE and not os.path.lexists(path)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # held by whoever still writes it
+            try:
+                if restore:
+                    os.rename(stale, path)
+                elif directory:
+                    shutil.rmtree(stale)
+                else:
+                    os.unlink(stale)
+            except OSError:
+                continue  # removed by another run first, or not ours to remove
+            finally:
+                if directory:
+                    with contextlib.suppress(OSError):
+                        os.unlink(lock)  # still under the lock
         finally:
             os.close(fd)
-        log.warning("removed %s, left by an earlier run that was killed (process %s)", stale, m["pid"])
-        removed.append(stale)
+        if restore:
+            log.warning("restored %s from %s, set aside by a run that was killed while replacing it (process %s)",
+                        path, stale, m["pid"])
+        else:
+            log.warning("removed %s, left by an earlier run that was killed (process %s)", stale, m["pid"])
+            removed.append(stale)
     return removed
+
+
+def _sidecar(directory: Path) -> Path:
+    """The file whose flock holds the temp directory `directory` (a directory cannot be opened for
+    writing, which NFS's emulated flock needs)."""
+    return directory.with_name(directory.name + _LOCK)
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _alive(pid: int) -> bool:
@@ -139,7 +194,9 @@ def _alive(pid: int) -> bool:
 
 
 def hold(fd: int) -> None:
-    """flock `fd` for as long as it is open: `remove_stale_temps` never removes a held entry."""
+    """flock `fd` for as long as it is open: `remove_stale_temps` never removes a held entry. `fd`
+    must be open for writing (O_WRONLY or O_RDWR): on NFS flock is a POSIX lock, and LOCK_EX on a
+    read-only descriptor fails. A directory is held through its sidecar (`_held_directory`)."""
     with contextlib.suppress(OSError):  # no locks on this file system: the process id still protects it
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
@@ -162,9 +219,9 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
         hold(fd)
         yield tmp
         os.chmod(tmp, output_mode(path))
-        os.replace(tmp, path)
+        os.replace(tmp, path)  # one step: `path` is the old file or the new one at every moment, no window to guard
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)  # after a completed replace there is no `tmp`: the new file stays
         raise
     finally:
         if fd is not None:
@@ -179,26 +236,37 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 @contextmanager
 def _held_directory(path: Path) -> Iterator[Path]:
-    """Create the private directory `path` (0700), held under an flock; removed on any error."""
+    """Create the private directory `path` (0700), held under an flock on its sidecar `path.lock`
+    (made first, removed last, so the directory is never unheld while it exists); on any error the
+    directory is removed."""
+    lock = _sidecar(path)
     fd = None
     try:
-        os.mkdir(path, 0o700)
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         hold(fd)
+        os.mkdir(path, 0o700)
         yield path
     except BaseException:
         shutil.rmtree(path, ignore_errors=True)
         raise
     finally:
         if fd is not None:
+            lock.unlink(missing_ok=True)
             os.close(fd)
 
 
 @contextmanager
 def atomic_directory(directory: str | Path, *, marker: str, what: str) -> Iterator[Path]:
     """Yield a temp directory beside `directory`; on success it replaces `directory` (with
-    `output_mode`, and the umask's mode for everything inside), on any error it is removed, so no half-written output is ever left. Stale
-    temporaries of `directory` from killed runs are removed first.
+    `output_mode`, and the umask's mode for everything inside), on any error it is removed, so no
+    half-written output is ever left and the old directory is left as it was. Stale temporaries of
+    `directory` from killed runs are removed first.
+
+    The swap renames the old directory aside (`.NAME.leader-edge.HOST.PID.RAND.tmp.old`), renames
+    the new one in, then removes the old copy: one of the two always exists (removing the old one
+    first lost both to a SIGTERM between the two steps), a failed rename puts the old one back, and
+    SIGTERM/SIGINT are held back until both renames are done (`_signals_deferred`). A run killed
+    outright between them leaves the old copy aside; the next writer renames it back.
 
     An existing `directory` is replaced only when it is empty or holds `marker` (a file that a
     previous run of the same writer left there): anything else is refused, not overwritten.
@@ -212,22 +280,47 @@ def atomic_directory(directory: str | Path, *, marker: str, what: str) -> Iterat
         yield tmp
         _umask_modes(tmp)
         os.chmod(tmp, output_mode(out, directory=True))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        _swap_in(tmp, out)
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Rename the directory `tmp` to `out`, replacing what is there (see `atomic_directory`)."""
+    aside = None
+    try:
+        with _signals_deferred():
+            if os.path.lexists(out):
+                aside = temp_path(out, _ASIDE)
+                os.rename(out, aside)
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                if aside is not None:
+                    os.rename(aside, out)
+                    aside = None
+                raise
+    finally:
+        if aside is not None:  # the new output is in place; a signal now leaves this to the next run
+            if _is_dir(aside):
+                shutil.rmtree(aside)
+            else:
+                aside.unlink()
 
 
 def _umask_modes(directory: Path) -> None:
     """Give everything inside `directory` the mode the umask gives a new file or directory: some
     writers create private files whatever the umask (safetensors' save_file: 0600, so a student's
-    model.safetensors was unreadable to the group that may read its config.json)."""
+    model.safetensors was unreadable to the group that may read its config.json). A file with an
+    executable bit gets 0o777 & ~umask (it stays executable), others 0o666 & ~umask. Symlinks are
+    skipped and never followed: os.walk lists one to a directory among the directories, and chmod
+    through it changed a directory outside the output."""
     umask = _umask()
     for root, dirs, files in os.walk(directory):
-        for name in dirs:
-            os.chmod(os.path.join(root, name), 0o777 & ~umask)
-        for name in files:
+        for name in dirs + files:
             path = os.path.join(root, name)
-            if not os.path.islink(path):
+            mode = os.lstat(path).st_mode  # the directory is private (0700) and ours: nobody swaps in a link
+            if stat.S_ISDIR(mode) or (stat.S_ISREG(mode) and mode & 0o111):
+                os.chmod(path, 0o777 & ~umask)
+            elif stat.S_ISREG(mode):
                 os.chmod(path, 0o666 & ~umask)
 
 
@@ -258,12 +351,29 @@ class Interrupted(SystemExit):
         self.name = signal.Signals(signum).name
 
 
+# Seconds a process may still run after the first SIGTERM/SIGINT under `signals_raise` before it is
+# ended without cleanup. Cleanup is renames and removals of temporaries: well under a second locally,
+# seconds on NFS; a scheduler's own SIGKILL (Slurm's KillWait, Kubernetes' grace) comes after 30 s.
+GRACE_ENV = "LEADER_EDGE_SIGNAL_GRACE"
+DEFAULT_GRACE_S = 30.0
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
 @contextmanager
 def signals_raise() -> Iterator[None]:
     """While the block runs, SIGTERM and SIGINT raise `Interrupted` (the default SIGTERM action ends
     the process at once, leaving its temporaries). The first signal raises; later ones are ignored
     while the cleanup it started runs (SIGKILL still ends the process; the next run then removes
-    what it left). Only the main thread can take signals: elsewhere this does nothing."""
+    what it left). Only the main thread can take signals: elsewhere this does nothing.
+
+    Python runs a handler only between bytecodes, so a main thread blocked in C (a gloo/NCCL
+    collective whose peer is gone, a long torch op) never raises: the first signal also starts a
+    watchdog that ends the process with os._exit(128 + signal) if it is still in the block
+    LEADER_EDGE_SIGNAL_GRACE seconds later (default 30; inf: never). Leaving the block stops it.
+
+    Raises:
+        ConfigError: LEADER_EDGE_SIGNAL_GRACE is not a number of seconds >= 0.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -276,14 +386,139 @@ def signals_raise() -> Iterator[None]:
         raised.append(signum)
         raise Interrupted(signum)
 
-    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    for s in before:
-        signal.signal(s, interrupted)
+    watchdog = _Watchdog(_grace())
+    before = {}
     try:
+        watchdog.start()
+        for s in _STOP_SIGNALS:
+            before[s] = signal.getsignal(s)
+            signal.signal(s, interrupted)
         yield
     finally:
         for s, handler in before.items():
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        watchdog.stop()
+
+
+def _grace() -> float:
+    text = os.environ.get(GRACE_ENV, "").strip()
+    if not text:
+        return DEFAULT_GRACE_S
+    try:
+        grace = float(text)
+    except ValueError:
+        grace = math.nan
+    if not grace >= 0:
+        raise ConfigError(f"{GRACE_ENV}={text!r} is not a number of seconds >= 0: set e.g. {GRACE_ENV}=60, "
+                          f"or unset it for {DEFAULT_GRACE_S:g} s")
+    return grace
+
+
+class _Watchdog:
+    """Ends the process `grace` seconds after the first SIGTERM/SIGINT unless stopped first.
+
+    It must see a signal that Python has not handled yet (the main thread is blocked in C): the C
+    handler writes each signal's number to the wakeup fd (`signal.set_wakeup_fd`) whatever thread
+    took it, and a daemon thread reads that pipe. A wakeup fd set before is restored at the end and
+    is given every byte meanwhile (a nested `signals_raise`, an asyncio loop). A forked child (a
+    DataLoader worker) gets the wakeup fd it had before: its signals are not this process's."""
+
+    active: list[_Watchdog] = []  # started and not stopped, outermost first
+
+    def __init__(self, grace: float) -> None:
+        self.grace = grace
+        self.timer: threading.Timer | None = None
+        self.previous = -1
+        self.thread: threading.Thread | None = None
+        self.stopped = False
+
+    def start(self) -> None:
+        if math.isinf(self.grace):
+            return
+        self.read_fd, self.write_fd = os.pipe()
+        os.set_blocking(self.write_fd, False)  # set_wakeup_fd needs it: a signal handler must never block
+        self.previous = signal.set_wakeup_fd(self.write_fd, warn_on_full_buffer=False)
+        _Watchdog.active.append(self)
+        self.thread = threading.Thread(target=self._read, name="leader-edge-signal-watchdog", daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        try:
+            while True:
+                data = os.read(self.read_fd, 512)
+                if not data or self.stopped:
+                    return
+                if self.previous != -1:
+                    with contextlib.suppress(OSError):
+                        os.write(self.previous, data)
+                signum = next((s for s in data if s in _STOP_SIGNALS), None)
+                if signum is not None and self.timer is None:
+                    self.timer = threading.Timer(self.grace, self._exit, (signum,))
+                    self.timer.name, self.timer.daemon = "leader-edge-signal-watchdog-timer", True
+                    self.timer.start()
+        finally:
+            os.close(self.read_fd)
+
+    def _exit(self, signum: int) -> None:
+        # os.write, not logging: the blocked main thread may hold the logging or stderr lock.
+        with contextlib.suppress(OSError):
+            os.write(2, (f"leader-edge: still running {self.grace:g} s after {signal.Signals(signum).name} (blocked "
+                         f"outside Python, e.g. in a collective): exiting {128 + signum} without cleanup; the next "
+                         f"run removes its temp files ({GRACE_ENV} sets the grace)\n").encode())
+        os._exit(128 + signum)
+
+    def stop(self) -> None:
+        if self.thread is None:
+            return
+        signal.set_wakeup_fd(self.previous)
+        with contextlib.suppress(ValueError):
+            _Watchdog.active.remove(self)
+        self.stopped = True
+        with contextlib.suppress(OSError):
+            os.write(self.write_fd, b"\0")  # wakes the reader: a forked child may hold the pipe open, so no EOF
+        os.close(self.write_fd)
+        self.thread.join(timeout=5)
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer.join()
+
+    @staticmethod
+    def forget_in_child() -> None:
+        if _Watchdog.active:
+            with contextlib.suppress(ValueError, OSError):
+                signal.set_wakeup_fd(_Watchdog.active[0].previous)
+            _Watchdog.active.clear()
+
+
+os.register_at_fork(after_in_child=_Watchdog.forget_in_child)
+
+
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGTERM and SIGINT back for the block: they are recorded, then raised again once the old
+    handlers are back (whatever those do: `Interrupted`, KeyboardInterrupt, the default exit).
+    A stand-in handler, not pthread_sigmask: a signal sent to the process goes to any thread that
+    does not block it (torch and gloo start threads), and CPython then runs the handler in the main
+    thread all the same. Outside the main thread there is nothing to hold: handlers raise there."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+
+    def defer(signum, frame):
+        pending.append(signum)
+
+    before = {}
+    try:
+        for s in _STOP_SIGNALS:
+            before[s] = signal.getsignal(s)
+            signal.signal(s, defer)
+        yield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        for s in dict.fromkeys(pending):
+            signal.raise_signal(s)
 
 
 @contextmanager

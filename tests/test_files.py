@@ -1,19 +1,22 @@
 """leader_edge.files: atomic writes leave the old output on failure (and on SIGTERM/SIGINT under the CLI),
 take the umask's mode, clean what a killed run left; the lock excludes another process."""
 
+import errno
 import fcntl
 import os
 import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
+from pathlib import Path
 
 import pytest
 
 from leader_edge.errors import DataError
-from leader_edge.files import (atomic_directory, atomic_file, atomic_write_text, file_lock, output_mode, sha256, temp_directory,
-                               temp_path, temp_tag)
+from leader_edge.files import (Interrupted, atomic_directory, atomic_file, atomic_write_text, file_lock, output_mode,
+                               remove_stale_temps, sha256, signals_raise, temp_directory, temp_path, temp_tag)
 
 
 def test_atomic_file_replaces_on_success_and_keeps_the_old_file_on_failure(tmp_path):
@@ -95,6 +98,19 @@ def _dead_pid() -> int:
     return p.pid  # gone; reused within this test only by a rare wrap-around of the pid counter
 
 
+def _host() -> str:
+    return temp_tag().split(".", 1)[1].rsplit(".", 2)[0]
+
+
+def _mode(path) -> int:
+    return stat.S_IMODE(os.lstat(path).st_mode)
+
+
+def _write_dir(out, text):
+    with atomic_directory(out, marker="m", what="checkpoint") as tmp:
+        (tmp / "m").write_text(text)
+
+
 def test_stale_temps_of_a_killed_run_removed_live_and_foreign_ones_left(tmp_path):
     out = tmp_path / "bundle"
     host = temp_tag().split(".", 1)[1].rsplit(".", 2)[0]
@@ -110,7 +126,7 @@ def test_stale_temps_of_a_killed_run_removed_live_and_foreign_ones_left(tmp_path
     other_host.mkdir()
     held = tmp_path / f".bundle.leader-edge.{host}.{_dead_pid()}.0b1b2c3d.tmp"  # pid gone, yet locked by a writer
     held.mkdir()
-    fd = os.open(held, os.O_RDONLY)
+    fd = os.open(f"{held}.lock", os.O_RDWR | os.O_CREAT, 0o600)  # a temp directory is held through its sidecar
     fcntl.flock(fd, fcntl.LOCK_EX)
     other_output = tmp_path / f".bundles.leader-edge.{host}.{dead}.0a1b2c3d.tmp"  # another output's
     other_output.mkdir()
@@ -160,9 +176,189 @@ def test_cli_signal_mid_write_removes_every_temp_and_exits_128_plus_signal(tmp_p
     out.mkdir()
     p = subprocess.Popen([sys.executable, str(script), str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "writing"
-    assert len(list(out.iterdir())) == 2  # both temporaries exist
+    assert len(list(out.iterdir())) == 3  # both temporaries exist, and the temp directory's sidecar lock
     p.send_signal(signum)
     stderr = p.stderr.read()
     assert p.wait(timeout=30) == 128 + signum, stderr
     assert f"slowwrite: stopped by {signal.Signals(signum).name}" in stderr and "Traceback" not in stderr
     assert list(out.iterdir()) == []
+
+
+def test_atomic_directory_keeps_the_old_output_when_the_swap_fails(tmp_path, monkeypatch):
+    """The old swap removed the old directory first: an Interrupted at the rename lost both copies."""
+    out = tmp_path / "ckpt"
+    _write_dir(out, "old")
+    real = os.replace
+
+    def replace(src, dst):
+        if Path(dst) == out:  # renaming the new copy in
+            raise Interrupted(signal.SIGTERM)
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(Interrupted):
+        _write_dir(out, "new")
+    assert (out / "m").read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+
+
+def test_atomic_directory_holds_a_signal_back_until_the_swap_is_done(tmp_path, monkeypatch):
+    """A SIGTERM between the two renames (under the CLI's signals_raise) raises only after both."""
+    out = tmp_path / "ckpt"
+    _write_dir(out, "old")
+    real = os.replace
+
+    def replace(src, dst):
+        if Path(dst) == out:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(Interrupted):
+        with signals_raise():
+            _write_dir(out, "new")
+    assert (out / "m").read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+    assert not [t for t in threading.enumerate() if t.name.startswith("leader-edge-signal-watchdog")]
+
+
+def test_stale_aside_copy_of_a_run_killed_mid_swap_is_restored(tmp_path):
+    out, host, dead = tmp_path / "ckpt", _host(), _dead_pid()
+    aside = tmp_path / f".ckpt.leader-edge.{host}.{dead}.0a1b2c3d.tmp.old"  # SIGKILLed between the two renames
+    aside.mkdir()
+    (aside / "m").write_text("old")
+    new = tmp_path / f".ckpt.leader-edge.{host}.{dead}.0b1b2c3d.tmp"
+    new.mkdir()
+    assert remove_stale_temps(out) == [new]
+    assert (out / "m").read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+    aside.mkdir()  # with the output in place, an aside copy is only removed
+    assert remove_stale_temps(out) == [aside] and (out / "m").read_text() == "old"
+
+
+def test_stale_temps_are_locked_through_a_writable_descriptor_as_nfs_needs(tmp_path, monkeypatch):
+    """NFS emulates flock with a POSIX lock: LOCK_EX on a read-only descriptor fails with EBADF."""
+    real = fcntl.flock
+
+    def nfs_flock(fd, operation):
+        if operation & fcntl.LOCK_EX and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+        return real(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", nfs_flock)
+    host, dead = _host(), _dead_pid()
+    stale_file = tmp_path / f".out.json.leader-edge.{host}.{dead}.0a1b2c3d.tmp.json"
+    stale_file.write_text("half")
+    stale_dir = tmp_path / f".out.leader-edge.{host}.{dead}.0a1b2c3d.tmp"
+    stale_dir.mkdir()
+    (stale_dir / "model.onnx").write_bytes(b"x")
+    held = tmp_path / f".out.leader-edge.{host}.{_dead_pid()}.0b1b2c3d.tmp"  # pid gone, a forked worker holds it
+    held.mkdir()
+    fd = os.open(f"{held}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        assert remove_stale_temps(tmp_path / "out.json") == [stale_file]
+        assert remove_stale_temps(tmp_path / "out") == [stale_dir]
+        with temp_directory(tmp_path / "out") as work:  # this process's own temp directory is held too
+            probe = os.open(f"{work}.lock", os.O_RDWR)
+            try:
+                with pytest.raises(BlockingIOError):
+                    fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            finally:
+                os.close(probe)
+    finally:
+        os.close(fd)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [held.name, held.name + ".lock"]
+
+
+def test_atomic_directory_modes_skip_symlinks_and_keep_executable_bits(tmp_path):
+    outside, secret = tmp_path / "outside", tmp_path / "secret"
+    outside.mkdir()
+    outside.chmod(0o700)
+    secret.write_text("s")
+    secret.chmod(0o600)
+    out = tmp_path / "bundle"
+    old = os.umask(0o022)
+    try:
+        with atomic_directory(out, marker="m", what="bundle") as tmp:
+            (tmp / "m").write_text("{}")
+            (tmp / "run.sh").write_text("#!/bin/sh\n")
+            (tmp / "run.sh").chmod(0o700)
+            (tmp / "link").symlink_to(outside, target_is_directory=True)  # os.walk lists it among the dirs
+            (tmp / "sub").mkdir(mode=0o700)
+            (tmp / "sub" / "secret").symlink_to(secret)
+    finally:
+        os.umask(old)
+    assert _mode(outside) == 0o700 and _mode(secret) == 0o600
+    assert _mode(out / "run.sh") == 0o755 and _mode(out / "m") == 0o644 and _mode(out / "sub") == 0o755
+
+
+_BLOCKED = """
+import ctypes, os, signal, sys, threading, time
+from leader_edge.files import Interrupted, signals_raise
+
+def ready(main):  # once the main thread waits on a futex (x86-64: syscall 202, arm64: 98), or after 5 s
+    for _ in range(500):
+        try:
+            if open(f"/proc/self/task/{main}/syscall").read().split()[0] in ("202", "98"):
+                break
+        except OSError:
+            pass
+        time.sleep(0.01)
+    print("blocked", flush=True)
+
+try:
+    with signals_raise():
+        if sys.argv[1] == "in-c":  # as a collective whose peer is gone: a wait in C that a signal does not end
+            threading.Thread(target=ready, args=(threading.get_native_id(),), daemon=True).start()
+            libc, mutex = ctypes.CDLL(None), ctypes.create_string_buffer(64)  # zeros: a default glibc mutex
+            libc.pthread_mutex_lock(mutex)
+            libc.pthread_mutex_lock(mutex)  # relocked by its owner: blocks for good, no bytecode runs
+        elif sys.argv[1] == "in-python":
+            print("blocked", flush=True)
+            time.sleep(60)
+        else:  # a forked child (a DataLoader worker) stopped by SIGTERM: not the parent's signal
+            print("blocked", flush=True)
+            child = os.fork()
+            if child == 0:
+                try:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                finally:
+                    os._exit(0)
+            os.waitpid(child, 0)
+            time.sleep(1.0)
+            raise Interrupted(signal.SIGTERM)
+except Interrupted:
+    time.sleep(1.0)  # past the grace, outside the block: the watchdog is stopped
+    print("alive", flush=True)
+"""
+
+
+@pytest.mark.parametrize("where", ["in-c", "in-python", "in-a-child"])
+def test_signals_raise_ends_a_process_blocked_in_c_after_the_grace(tmp_path, where):
+    script = tmp_path / "blocked.py"
+    script.write_text(_BLOCKED)
+    env = {**os.environ, "LEADER_EDGE_SIGNAL_GRACE": "0.3"}
+    p = subprocess.Popen([sys.executable, str(script), where], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=env)
+    try:
+        assert p.stdout.readline().strip() == "blocked"
+        t0 = time.monotonic()
+        if where != "in-a-child":
+            p.send_signal(signal.SIGTERM)
+        rc = p.wait(timeout=20)
+        waited = time.monotonic() - t0
+    finally:
+        p.kill()
+    out, err = p.communicate()
+    if where == "in-c":
+        assert rc == 143 and 0.3 <= waited < 20 and "still running 0.3 s after SIGTERM" in err, err
+    else:
+        assert rc == 0 and out.strip() == "alive", err
+
+
+def test_cli_refuses_a_bad_signal_grace(monkeypatch):
+    from click.testing import CliRunner
+
+    from leader_edge.cli import main
+
+    monkeypatch.setenv("LEADER_EDGE_SIGNAL_GRACE", "soon")
+    result = CliRunner().invoke(main, ["synth", "--help"])
+    assert result.exit_code == 2 and "LEADER_EDGE_SIGNAL_GRACE='soon'" in result.output, result.output

@@ -84,7 +84,8 @@ class LazyGroup(click.Group):
 # Environment fallbacks, one rule: every option of every command reads LEADER_EDGE_<COMMAND>_<OPTION>
 # (e.g. LEADER_EDGE_SYNTH_PATIENTS=500, LEADER_EDGE_PREDICT_TOP_K=5); an option naming the same thing in
 # several commands has one shared name instead: LEADER_EDGE_BUNDLE, _TRUST, _DATA, _CONFIG, _TEACHER.
-# Process-wide settings: LEADER_EDGE_QUIET, LEADER_EDGE_LOG_LEVEL, LEADER_EDGE_CACHE (the model cache).
+# Process-wide settings: LEADER_EDGE_QUIET, LEADER_EDGE_LOG_LEVEL, LEADER_EDGE_CACHE (the model cache),
+# LEADER_EDGE_SIGNAL_GRACE (seconds a command may still run after SIGTERM/SIGINT; files.signals_raise).
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "LEADER_EDGE"})
 @click.version_option(__version__, "--version", prog_name="leader-edge")
 @click.option("-v", "--verbose", count=True, help="More log output on stderr (-vv for debug).")
@@ -109,9 +110,14 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
     level = os.environ.get("LEADER_EDGE_LOG_LEVEL") or ("DEBUG" if verbose > 1 else "INFO" if verbose else "WARNING")
     logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     if ctx.invoked_subcommand not in OWN_SIGNALS:
+        from leader_edge.errors import ConfigError
         from leader_edge.files import signals_raise
 
         # Until the command ends, SIGTERM and SIGINT raise files.Interrupted, so every atomic writer and
         # temp directory removes its temporaries on the way out: the default SIGTERM action ends the
-        # process at once (an export left its 3.9 MB fp32.onnx in .export-XXXX/ for good).
-        ctx.with_resource(signals_raise())
+        # process at once (an export left its 3.9 MB fp32.onnx in .export-XXXX/ for good). A command
+        # blocked in C (a collective) exits after LEADER_EDGE_SIGNAL_GRACE seconds instead.
+        try:
+            ctx.with_resource(signals_raise())
+        except ConfigError as e:  # a bad LEADER_EDGE_SIGNAL_GRACE
+            raise InputError(str(e)) from None
