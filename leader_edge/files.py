@@ -1,11 +1,11 @@
-"""Small file utilities every layer uses: digests, atomic writes, temp names, signals, a lock.
+"""Small file utilities every layer uses: digests, atomic writes, temp names, a lock.
 
     sha256(path)                                  # hex digest, read in 1 MiB blocks
     with atomic_file(path) as tmp: write(tmp)     # tmp beside path; replaces path only on success
     atomic_write_text(path, text)                 # the same for a text
     with atomic_directory(d, marker=..., what=...) as tmp: ...   # a whole directory, swapped in at the end
     with temp_directory(path) as work: ...        # a private working directory beside path, always removed
-    with signals_raise(): ...                     # SIGTERM/SIGINT raise Interrupted, so the above clean up
+    (leader_edge.signals.signals_raise: SIGTERM/SIGINT raise Interrupted, so the above clean up)
     with file_lock(path): ...                     # exclusive between processes (filelock)
 
 No output is ever left half-written: a failure, SIGINT or (under `signals_raise`, which every CLI
@@ -16,7 +16,7 @@ flock while in use (a temp directory: its sidecar `<temp dir>.lock`), so the nex
 output removes them once that process is gone and nobody holds them (`remove_stale_temps`); a
 temporary that might be live is left alone. A process blocked outside Python when the signal comes
 (a gloo/NCCL collective) cannot raise: it exits 128 + signal after a grace period without cleanup
-(`signals_raise`, LEADER_EDGE_SIGNAL_GRACE).
+(`leader_edge.signals`, LEADER_EDGE_SIGNAL_GRACE).
 New outputs get the mode the umask gives (0644 / 0755 under umask 022; inside a directory output,
 every file and subdirectory), replaced ones keep theirs (`output_mode`); temporaries are private
 (0600 / 0700) while they are written.
@@ -29,20 +29,18 @@ import contextlib
 import fcntl
 import hashlib
 import logging
-import math
 import os
 import re
 import secrets
 import shutil
-import signal
 import socket
 import stat
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from leader_edge.errors import ConfigError, DataError
+from leader_edge.errors import DataError
+from leader_edge.signals import signals_deferred
 
 log = logging.getLogger(__name__)
 
@@ -265,7 +263,7 @@ def atomic_directory(directory: str | Path, *, marker: str, what: str) -> Iterat
     The swap renames the old directory aside (`.NAME.leader-edge.HOST.PID.RAND.tmp.old`), renames
     the new one in, then removes the old copy: one of the two always exists (removing the old one
     first lost both to a SIGTERM between the two steps), a failed rename puts the old one back, and
-    SIGTERM/SIGINT are held back until both renames are done (`_signals_deferred`). A run killed
+    SIGTERM/SIGINT are held back until both renames are done (`signals.signals_deferred`). A run killed
     outright between them leaves the old copy aside; the next writer renames it back.
 
     An existing `directory` is replaced only when it is empty or holds `marker` (a file that a
@@ -287,7 +285,7 @@ def _swap_in(tmp: Path, out: Path) -> None:
     """Rename the directory `tmp` to `out`, replacing what is there (see `atomic_directory`)."""
     aside = None
     try:
-        with _signals_deferred():
+        with signals_deferred():
             if os.path.lexists(out):
                 aside = temp_path(out, _ASIDE)
                 os.rename(out, aside)
@@ -335,190 +333,6 @@ def temp_directory(path: str | Path) -> Iterator[Path]:
             yield tmp
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# Signals
-
-
-class Interrupted(SystemExit):
-    """SIGTERM or SIGINT under `signals_raise`: raised in the main thread so that every temporary is
-    removed on the way out. Exits 128 + the signal number (143 for SIGTERM, 130 for SIGINT)."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(128 + signum)
-        self.signum = signum
-        self.name = signal.Signals(signum).name
-
-
-# Seconds a process may still run after the first SIGTERM/SIGINT under `signals_raise` before it is
-# ended without cleanup. Cleanup is renames and removals of temporaries: well under a second locally,
-# seconds on NFS; a scheduler's own SIGKILL (Slurm's KillWait, Kubernetes' grace) comes after 30 s.
-GRACE_ENV = "LEADER_EDGE_SIGNAL_GRACE"
-DEFAULT_GRACE_S = 30.0
-_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-
-@contextmanager
-def signals_raise() -> Iterator[None]:
-    """While the block runs, SIGTERM and SIGINT raise `Interrupted` (the default SIGTERM action ends
-    the process at once, leaving its temporaries). The first signal raises; later ones are ignored
-    while the cleanup it started runs (SIGKILL still ends the process; the next run then removes
-    what it left). Only the main thread can take signals: elsewhere this does nothing.
-
-    Python runs a handler only between bytecodes, so a main thread blocked in C (a gloo/NCCL
-    collective whose peer is gone, a long torch op) never raises: the first signal also starts a
-    watchdog that ends the process with os._exit(128 + signal) if it is still in the block
-    LEADER_EDGE_SIGNAL_GRACE seconds later (default 30; inf: never). Leaving the block stops it.
-
-    Raises:
-        ConfigError: LEADER_EDGE_SIGNAL_GRACE is not a number of seconds >= 0.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    raised: list[int] = []
-
-    def interrupted(signum, frame):
-        if raised:
-            log.warning("%s: already stopping, cleaning up", signal.Signals(signum).name)
-            return
-        raised.append(signum)
-        raise Interrupted(signum)
-
-    watchdog = _Watchdog(_grace())
-    before = {}
-    try:
-        watchdog.start()
-        for s in _STOP_SIGNALS:
-            before[s] = signal.getsignal(s)
-            signal.signal(s, interrupted)
-        yield
-    finally:
-        for s, handler in before.items():
-            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
-        watchdog.stop()
-
-
-def _grace() -> float:
-    text = os.environ.get(GRACE_ENV, "").strip()
-    if not text:
-        return DEFAULT_GRACE_S
-    try:
-        grace = float(text)
-    except ValueError:
-        grace = math.nan
-    if not grace >= 0:
-        raise ConfigError(f"{GRACE_ENV}={text!r} is not a number of seconds >= 0: set e.g. {GRACE_ENV}=60, "
-                          f"or unset it for {DEFAULT_GRACE_S:g} s")
-    return grace
-
-
-class _Watchdog:
-    """Ends the process `grace` seconds after the first SIGTERM/SIGINT unless stopped first.
-
-    It must see a signal that Python has not handled yet (the main thread is blocked in C): the C
-    handler writes each signal's number to the wakeup fd (`signal.set_wakeup_fd`) whatever thread
-    took it, and a daemon thread reads that pipe. A wakeup fd set before is restored at the end and
-    is given every byte meanwhile (a nested `signals_raise`, an asyncio loop). A forked child (a
-    DataLoader worker) gets the wakeup fd it had before: its signals are not this process's."""
-
-    active: list[_Watchdog] = []  # started and not stopped, outermost first
-
-    def __init__(self, grace: float) -> None:
-        self.grace = grace
-        self.timer: threading.Timer | None = None
-        self.previous = -1
-        self.thread: threading.Thread | None = None
-        self.stopped = False
-
-    def start(self) -> None:
-        if math.isinf(self.grace):
-            return
-        self.read_fd, self.write_fd = os.pipe()
-        os.set_blocking(self.write_fd, False)  # set_wakeup_fd needs it: a signal handler must never block
-        self.previous = signal.set_wakeup_fd(self.write_fd, warn_on_full_buffer=False)
-        _Watchdog.active.append(self)
-        self.thread = threading.Thread(target=self._read, name="leader-edge-signal-watchdog", daemon=True)
-        self.thread.start()
-
-    def _read(self) -> None:
-        try:
-            while True:
-                data = os.read(self.read_fd, 512)
-                if not data or self.stopped:
-                    return
-                if self.previous != -1:
-                    with contextlib.suppress(OSError):
-                        os.write(self.previous, data)
-                signum = next((s for s in data if s in _STOP_SIGNALS), None)
-                if signum is not None and self.timer is None:
-                    self.timer = threading.Timer(self.grace, self._exit, (signum,))
-                    self.timer.name, self.timer.daemon = "leader-edge-signal-watchdog-timer", True
-                    self.timer.start()
-        finally:
-            os.close(self.read_fd)
-
-    def _exit(self, signum: int) -> None:
-        # os.write, not logging: the blocked main thread may hold the logging or stderr lock.
-        with contextlib.suppress(OSError):
-            os.write(2, (f"leader-edge: still running {self.grace:g} s after {signal.Signals(signum).name} (blocked "
-                         f"outside Python, e.g. in a collective): exiting {128 + signum} without cleanup; the next "
-                         f"run removes its temp files ({GRACE_ENV} sets the grace)\n").encode())
-        os._exit(128 + signum)
-
-    def stop(self) -> None:
-        if self.thread is None:
-            return
-        signal.set_wakeup_fd(self.previous)
-        with contextlib.suppress(ValueError):
-            _Watchdog.active.remove(self)
-        self.stopped = True
-        with contextlib.suppress(OSError):
-            os.write(self.write_fd, b"\0")  # wakes the reader: a forked child may hold the pipe open, so no EOF
-        os.close(self.write_fd)
-        self.thread.join(timeout=5)
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer.join()
-
-    @staticmethod
-    def forget_in_child() -> None:
-        if _Watchdog.active:
-            with contextlib.suppress(ValueError, OSError):
-                signal.set_wakeup_fd(_Watchdog.active[0].previous)
-            _Watchdog.active.clear()
-
-
-os.register_at_fork(after_in_child=_Watchdog.forget_in_child)
-
-
-@contextmanager
-def _signals_deferred() -> Iterator[None]:
-    """Hold SIGTERM and SIGINT back for the block: they are recorded, then raised again once the old
-    handlers are back (whatever those do: `Interrupted`, KeyboardInterrupt, the default exit).
-    A stand-in handler, not pthread_sigmask: a signal sent to the process goes to any thread that
-    does not block it (torch and gloo start threads), and CPython then runs the handler in the main
-    thread all the same. Outside the main thread there is nothing to hold: handlers raise there."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    pending: list[int] = []
-
-    def defer(signum, frame):
-        pending.append(signum)
-
-    before = {}
-    try:
-        for s in _STOP_SIGNALS:
-            before[s] = signal.getsignal(s)
-            signal.signal(s, defer)
-        yield
-    finally:
-        for s, handler in before.items():
-            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
-        for s in dict.fromkeys(pending):
-            signal.raise_signal(s)
 
 
 @contextmanager

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from leader_edge.errors import DataError
-from leader_edge.files import (Interrupted, atomic_directory, atomic_file, atomic_write_text, file_lock, output_mode,
-                               remove_stale_temps, sha256, signals_raise, temp_directory, temp_path, temp_tag)
+from leader_edge.files import (atomic_directory, atomic_file, atomic_write_text, file_lock, output_mode,
+                               remove_stale_temps, sha256, temp_directory, temp_path, temp_tag)
+from leader_edge.signals import Interrupted, signals_raise
 
 
 def test_atomic_file_replaces_on_success_and_keeps_the_old_file_on_failure(tmp_path):
@@ -292,7 +293,7 @@ def test_atomic_directory_modes_skip_symlinks_and_keep_executable_bits(tmp_path)
 
 _BLOCKED = """
 import ctypes, os, signal, sys, threading, time
-from leader_edge.files import Interrupted, signals_raise
+from leader_edge.signals import Interrupted, signals_raise
 
 def ready(main):  # once the main thread waits on a futex (x86-64: syscall 202, arm64: 98), or after 5 s
     for _ in range(500):

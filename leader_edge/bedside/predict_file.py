@@ -31,7 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from leader_edge.errors import DataError
-from leader_edge.files import hold, output_mode, remove_stale_temps, signals_raise, temp_path
+from leader_edge.files import hold, output_mode, remove_stale_temps, temp_path
+from leader_edge.signals import signals_raise
 from leader_edge.progress import progress
 from leader_edge.bedside.recs import Scored, csv_lines, header, json_records
 from leader_edge.bedside.runtime import Bundle
@@ -60,7 +61,7 @@ def predict_file(bundle: Bundle, input_path: str, output: str, *, fmt: str = "cs
     - the output goes to a hidden temp file first (beside `output`, or in the temp dir for stdout),
       renamed (or copied to stdout) only when the whole input was read without error; the rename
       is atomic, so `output` is either the old file or the complete new one;
-    - SIGTERM and SIGINT raise `leader_edge.files.Interrupted` (exit 128 + signal) and the temp file
+    - SIGTERM and SIGINT raise `leader_edge.signals.Interrupted` (exit 128 + signal) and the temp file
       is removed; the temp file of a run killed outright (SIGKILL, power loss) carries the host and
       process id in its name (`.NAME.leader-edge.HOST.PID.XXXX.tmp`) and is removed by the next run
       once that process is gone and holds no lock on it, or else ignored (`files.remove_stale_temps`);

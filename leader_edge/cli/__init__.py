@@ -57,7 +57,7 @@ OWN_SIGNALS = {"serve"}
 class LazyGroup(click.Group):
     def invoke(self, ctx: click.Context):
         """Run the subcommand; a SIGTERM or SIGINT (see `main`) is reported in one line, exit 143 / 130."""
-        from leader_edge.files import Interrupted
+        from leader_edge.signals import Interrupted
 
         try:
             return super().invoke(ctx)
@@ -85,7 +85,7 @@ class LazyGroup(click.Group):
 # (e.g. LEADER_EDGE_SYNTH_PATIENTS=500, LEADER_EDGE_PREDICT_TOP_K=5); an option naming the same thing in
 # several commands has one shared name instead: LEADER_EDGE_BUNDLE, _TRUST, _DATA, _CONFIG, _TEACHER.
 # Process-wide settings: LEADER_EDGE_QUIET, LEADER_EDGE_LOG_LEVEL, LEADER_EDGE_CACHE (the model cache),
-# LEADER_EDGE_SIGNAL_GRACE (seconds a command may still run after SIGTERM/SIGINT; files.signals_raise).
+# LEADER_EDGE_SIGNAL_GRACE (seconds a command may still run after SIGTERM/SIGINT; signals.signals_raise).
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "LEADER_EDGE"})
 @click.version_option(__version__, "--version", prog_name="leader-edge")
 @click.option("-v", "--verbose", count=True, help="More log output on stderr (-vv for debug).")
@@ -111,9 +111,9 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
     logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     if ctx.invoked_subcommand not in OWN_SIGNALS:
         from leader_edge.errors import ConfigError
-        from leader_edge.files import signals_raise
+        from leader_edge.signals import signals_raise
 
-        # Until the command ends, SIGTERM and SIGINT raise files.Interrupted, so every atomic writer and
+        # Until the command ends, SIGTERM and SIGINT raise signals.Interrupted, so every atomic writer and
         # temp directory removes its temporaries on the way out: the default SIGTERM action ends the
         # process at once (an export left its 3.9 MB fp32.onnx in .export-XXXX/ for good). A command
         # blocked in C (a collective) exits after LEADER_EDGE_SIGNAL_GRACE seconds instead.

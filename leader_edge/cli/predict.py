@@ -51,7 +51,7 @@ def predict(bundle: Path, input_path: str, output: str, fmt: str, all_visits: bo
     """
     from leader_edge.bedside.predict_file import MAX_UNKNOWN_SHARE, predict_file
     from leader_edge.bedside.runtime import Bundle
-    from leader_edge.files import Interrupted
+    from leader_edge.signals import Interrupted
 
     if explain and fmt != "jsonl":
         raise InputError("--explain writes nested explanations: add --format jsonl")
