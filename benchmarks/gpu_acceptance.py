@@ -60,7 +60,10 @@ def steps(out: Path, smoke: bool) -> list[tuple[str, list[str], dict]]:
         ("synth", [*cli, "synth", "--out", str(data), "--patients", "60" if smoke else "2000", "--seed", "42"], {}),
         ("teacher + students", [*cli, "train", "--data", str(data), "--out", str(run), "--seed", "42", *teacher], {}),
         ("report", [*cli, "evaluate", "--run", str(run)], {}),
-        ("export", [*cli, "export", "--run", str(run), "--out", str(bundle), "--int8"], {}),
+        # The smoke cohort's validation split holds 6 patients: one changed recommendation moves Jaccard
+        # by more than the export gate's 0.005, so the smoke run writes the bundle with --force (a loud,
+        # recorded override; the gate itself is tested in tests/export). The GPU run keeps the gate.
+        ("export", [*cli, "export", "--run", str(run), "--out", str(bundle), "--int8", *(["--force"] if smoke else [])], {}),
         ("test visits", [py, "-c", "import sys; from pathlib import Path; from leader_edge.demo import write_split_visits; "
                          "write_split_visits(Path(sys.argv[1]), Path(sys.argv[2]), split='test', seed=42)",
                          str(data), str(out / "test-visits.csv")], {}),
