@@ -105,7 +105,7 @@ def counting_stack(ds, splits, seed: int):
     return model, enc, metrics.tune_threshold(y_val, val_prob), metrics.score(y_val, val_prob, 0.5)["prauc"]
 
 
-def train_and_score(a, variant: str, distill: bool, seeds: list[int], samples, y, ddi, score, saved) -> tuple[list, list]:
+def train_and_score(a, variant: str, distill: bool, seeds: list[int], samples, score, saved) -> tuple[list, list]:
     """Train (or reuse) one variant's students for every seed; per-visit held-out metrics (from
     `saved`, an earlier run's per_visit.npz, where it holds them) and validation PRAUC per seed."""
     import torch
@@ -220,7 +220,7 @@ def main(argv=None) -> None:
     for variant in variants:
         for distill in (True, False):
             name = f"{variant}/{'student' if distill else 'student-nodistill'}"
-            per_visit[name], val[name] = train_and_score(a, variant, distill, seeds, samples, y, ddi, score, saved)
+            per_visit[name], val[name] = train_and_score(a, variant, distill, seeds, samples, score, saved)
     scored = {f"{name}|{seed}|{k}": r[k] for name, runs in per_visit.items() if "/" in name
               for seed, r in zip(seeds, runs) for k in METRICS if k in r}
     np.savez_compressed(a.out / "per_visit.npz", heldout_sha256=np.array(held_sha),  # earlier variants' scores kept

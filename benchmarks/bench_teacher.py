@@ -81,7 +81,7 @@ def main() -> None:
         del model, states
     base = rows[0][2]
     print(f"\n{args.samples} prompts, {tokens} tokens; full stage: {full} tokens ({train_tokens} training)\n")
-    print(f"| loop | one-off cache s | train tokens/s | x plain-all | est. 3-epoch stage s |")
+    print("| loop | one-off cache s | train tokens/s | x plain-all | est. 3-epoch stage s |")
     print("|---|---|---|---|---|")
     for name, cache_s, tps, stage in rows:
         print(f"| {name} | {cache_s:.1f} | {tps:.0f} | {tps / base:.1f} | {stage:.0f} |")

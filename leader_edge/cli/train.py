@@ -11,7 +11,7 @@ import click
 
 from leader_edge.cli import user_errors
 from leader_edge.errors import ConfigError
-from leader_edge.train.teacher_config import CPU_BACKBONE_LAYERS  # dataclasses only: no torch at import
+from leader_edge.train.teacher_config import ALL_LAYERS, CPU_BACKBONE_LAYERS  # dataclasses only: no torch at import
 
 STAGES = ("teacher", "student", "all")
 
@@ -22,14 +22,14 @@ class LoraLayers(click.ParamType):
     name = "N|all"
 
     def convert(self, value, param, ctx):
-        if isinstance(value, int) or value == "all":
+        if isinstance(value, int) or value == ALL_LAYERS:
             return value
         try:
             n = int(value)
         except ValueError:
             n = 0
         if n < 1:
-            self.fail(f"{value!r} is not an integer >= 1 or 'all'", param, ctx)
+            self.fail(f"{value!r} is not an integer >= 1 or {ALL_LAYERS!r}", param, ctx)
         return n
 
 
