@@ -39,6 +39,15 @@ from pathlib import Path
 CLI = [sys.executable, "-m", "leader_edge"]
 
 
+def shipped_set_encoder() -> str:
+    """`StudentConfig.set_encoder`'s default: the set encoder of the student `train` ships."""
+    from dataclasses import fields
+
+    from leader_edge.train.student import StudentConfig
+
+    return next(f.default for f in fields(StudentConfig) if f.name == "set_encoder")
+
+
 def visits_for_run(synth_visits: Path, run: Path, out: Path) -> Path:
     """`synth_visits` with each kind's codes mapped onto the vocabulary of RUN/student: the synth
     code of frequency rank i becomes the run's code i (modulo its vocabulary); a visit keeps its
@@ -222,8 +231,8 @@ def main() -> None:
     parser.add_argument("--patients", type=int, default=100_000)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/leader-edge-bench"))
     parser.add_argument("--run", type=Path, help="a trained run directory (default: a random-weight student)")
-    parser.add_argument("--set-encoder", choices=("transformer", "mean"), default="transformer",
-                        help="set encoder of the random-weight student")
+    parser.add_argument("--set-encoder", choices=("transformer", "mean"), default=shipped_set_encoder(),
+                        help="set encoder of the random-weight student (default: the shipped one, StudentConfig's)")
     parser.add_argument("--baseline-src", type=Path, help="an older leader_edge source tree to compare end to end")
     parser.add_argument("--baseline-workdir", type=Path, help="where that code exported its bundles (same names)")
     parser.add_argument("--repeats", type=int, default=3, help="end-to-end runs per side (fp32/int8, or baseline/this code)")

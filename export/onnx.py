@@ -63,7 +63,8 @@ def example_inputs(n_codes: int, n_profile_ids: int, n_fields: int, *, batch: in
 
 def export_onnx(model, path: str | Path, inputs: dict[str, np.ndarray], *, graph: str = "proba") -> Path:
     """Export the student's `predict_proba` ("proba") or `logit_parts` ("explain") to ONNX with
-    dynamic batch, visit and code axes, then check onnxruntime against torch.
+    dynamic batch, visit and code axes, then check onnxruntime against torch. What is traced is
+    `Student.for_export()` (group rows folded into the code rows); the check runs the student as given.
 
     Args:
         model: a `leader_edge.train.student.Student` (any device; exported on CPU in eval mode, so a
@@ -97,7 +98,8 @@ def export_onnx(model, path: str | Path, inputs: dict[str, np.ndarray], *, graph
             out = getattr(self.inner, method)(diagnoses, procedures, medications, profile, visit_mask)
             return tuple(out[n] for n in outputs) if isinstance(out, dict) else out
 
-    wrapper = _Graph(model.cpu().eval())
+    original = _Graph(model.cpu().eval())
+    wrapper = _Graph(model.for_export())  # traced: the same function in fewer ops; checked against `original`
     args = tuple(torch.from_numpy(np.ascontiguousarray(inputs[n])) for n in INPUT_NAMES)
     dim = torch.export.Dim
     batch, visits = dim("batch", min=1), dim("visits", min=1, max=model.config.max_visits)
@@ -117,7 +119,7 @@ def export_onnx(model, path: str | Path, inputs: dict[str, np.ndarray], *, graph
         )
     program.save(str(path), external_data=False)
     fold_constant_concats(path)
-    _check_against_torch(wrapper, path, inputs, outputs, ATOL[graph])
+    _check_against_torch(original, path, inputs, outputs, ATOL[graph])
     log.info("exported %s (%.1f KiB)", path, path.stat().st_size / 1024)
     return path
 
@@ -218,6 +220,10 @@ def check_explain(path: Path, encoded: list[dict[str, np.ndarray]], y_prob: np.n
     return diff
 
 
+ELEMENTWISE_OPS = frozenset({"Abs", "Add", "Clip", "Div", "Exp", "Log", "Mul", "Neg", "Sub"})
+ELEMENTWISE = "elementwise"  # a reader of a weight that needs no scale axis (`quantize_weights_int8`)
+
+
 def quantize_weights_int8(src: str | Path, dst: str | Path, min_size: int = 4096) -> Path:
     """Weight-only int8: every large 2-D weight stored as int8 + one scale per output channel.
 
@@ -239,10 +245,13 @@ def quantize_weights_int8(src: str | Path, dst: str | Path, min_size: int = 4096
         for i, name in enumerate(node.input):
             trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
             axis = {("Gather", 0): 0, ("GatherND", 0): 0, ("MatMul", 1): 1, ("Gemm", 1): 0 if trans_b else 1}
-            uses.setdefault(name, set()).add(axis.get((node.op_type, i)))  # the axis of one scale per channel
+            axis = ELEMENTWISE if node.op_type in ELEMENTWISE_OPS else axis.get((node.op_type, i))
+            uses.setdefault(name, set()).add(axis)  # the axis of one scale per channel
     nodes = []
     for init in list(graph.initializer):
-        axes = uses.get(init.name, {None})
+        # Elementwise readers (the prior's log table, computed from its rows) take the rebuilt weight
+        # as it is; the scale's axis comes from the Gathers and matmuls, which must agree on one.
+        axes = uses.get(init.name, {None}) - {ELEMENTWISE}
         table = numpy_helper.to_array(init)
         if len(axes) != 1 or None in axes or table.dtype != np.float32 or table.ndim != 2 or table.size < min_size:
             continue

@@ -39,7 +39,7 @@ instead of NaN. `logit_parts` splits the logit into what a reader can be shown (
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +66,24 @@ def padded_rows(table: torch.Tensor, codes: torch.Tensor, fill: float) -> torch.
     of the [V + 1, D] table, so no mask pass over [N, L, D] is needed."""
     padded = torch.cat([table, table.new_full((1, table.shape[1]), fill)])  # [V + 1, D], row V = row -1
     return padded[codes.clamp(min=-1)]
+
+
+def packed_codes(codes: torch.Tensor) -> torch.Tensor:
+    """codes int64 [B, L] (-1 padded anywhere) -> [B, L']: each row's codes in the same order, its
+    padding after them, L' = the most codes any row holds (at least 1, a padding column when every
+    row is empty). What the wide path and the prior compute is the same over these slots - a max, or
+    sums to which padding adds exact zeros - and their [B, L, n_meds] gathers shrink with L: the
+    current visit's diagnoses, procedures and previous medications, each padded to the batch's
+    widest visit of any slot, were ~half padding on sorted synth batches. An index sort and a gather
+    on [B, L]; the width is data (exported as a Slice whose end the graph computes)."""
+    length = codes.shape[1]
+    mask = codes >= 0
+    pos = torch.arange(length, device=codes.device)
+    order = torch.sort(torch.where(mask, pos, pos + length), dim=1).indices  # real slots first, in order
+    width = mask.sum(dim=1).max().clamp(min=1).item()
+    torch._check(width >= 1)
+    torch._check(width <= length)
+    return torch.gather(codes, 1, order).narrow(1, 0, width)
 
 
 def sum_terms(terms: dict) -> torch.Tensor:
@@ -276,6 +294,23 @@ class Student(nn.Module):
         self.prior_global.copy_(torch.as_tensor(global_row, dtype=torch.float32))
         self.prior_global_weight.fill_(float(global_weight))
 
+    def for_export(self) -> "Student":
+        """The same function in fewer ops, to trace (`export.onnx.export_onnx`): a copy whose code
+        rows hold code + group, with the group path off. Every set encoder reads a code as the sum of
+        its row and its group's row (the mean encoder as mean(code) + mean(group), which equals
+        mean(code + group)), so the graph gathers and sums one table per kind instead of two: ~10%
+        of model.onnx's time on the demo student. Equal within float32 rounding; self when the
+        student has no groups."""
+        if not self.config.n_groups:
+            return self
+        out = Student(replace(self.config, n_groups=0)).to(self.code_emb.device)
+        state = {k: v for k, v in self.state_dict().items() if k not in ("group_emb", "code_group")}
+        state["code_emb"] = self.code_emb.detach() + self.group_emb.detach()[self.code_group]
+        missing, unexpected = out.load_state_dict(state, strict=False)
+        if unexpected or set(missing) != {"group_emb", "code_group"}:
+            raise RuntimeError(f"for_export: unexpected state {unexpected}, missing {missing}")
+        return out.train(self.training)
+
     def n_params(self, *, inference: bool = True) -> int:
         """Parameters; `inference` leaves out the distillation projection (not exported)."""
         skip = {id(p) for p in self.proj.parameters()} if (inference and self.proj is not None) else set()
@@ -388,8 +423,7 @@ class Student(nn.Module):
             extra = self._wide(codes, False)["wide"]
         if self.config.prior != "none":
             if rule_logits is None:
-                rules = PRIOR_RULES if self.config.prior_rule == "stack" else (self.config.prior_rule,)
-                rule_logits = torch.stack([self._rule(codes, r, False)[0] for r in rules], dim=-1)  # [B, M, R]
+                rule_logits = self.rule_logits(codes)
             prior = self.mix_prior(rule_logits)
             extra = prior if extra is None else extra + prior
         args = (h, self.head_weight, self.head_bias, self.wide_codes if fused_wide else None,
@@ -446,17 +480,19 @@ class Student(nn.Module):
         samples' out-of-fold ones).
         """
         terms = {"deep": F.linear(h, self.head_weight, self.head_bias), "wide": None, "prior": None}
+        if not explain and not codes.is_cuda and codes.shape[1] > 0:  # explain's shares are per input slot
+            codes = packed_codes(codes)
         if self.wide_codes is not None:
             terms.update(self._wide(codes, explain))
         if self.config.prior != "none":
             if rule_logits is not None:
                 terms["prior"] = self.mix_prior(rule_logits)
-            else:
-                rules = PRIOR_RULES if self.config.prior_rule == "stack" else (self.config.prior_rule,)
-                parts = [self._rule(codes, r, explain) for r in rules]
+            elif explain:
+                parts = [self._rule(codes, r, explain) for r in self.prior_rules()]
                 terms["prior"] = self.mix_prior(torch.stack([z for z, _ in parts], dim=-1))  # [B, M, R] -> [B, M]
-                if explain:
-                    terms["prior_codes"] = self.mix_prior(torch.stack([s for _, s in parts], dim=-1))  # [B, L, M, R]
+                terms["prior_codes"] = self.mix_prior(torch.stack([s for _, s in parts], dim=-1))  # [B, L, M, R]
+            else:
+                terms["prior"] = self.mix_prior(self.rule_logits(codes))
         return terms
 
     def wide_logits(self, diagnoses: torch.Tensor, procedures: torch.Tensor, medications: torch.Tensor) -> torch.Tensor:
@@ -493,9 +529,60 @@ class Student(nn.Module):
             out["wide_slot"] = torch.where(any_code, x.argmax(dim=1), -1)  # the first slot of a tie
         return out
 
-    def mix_prior(self, z: torch.Tensor) -> torch.Tensor:
-        """[..., R] rule logits or shares (R = 4 for "stack", else 1) -> [...]."""
-        return (z * self.prior_mix).sum(-1) if self.config.prior_rule == "stack" else z[..., 0]
+    def mix_prior(self, z: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """[..., R] rule logits or shares, or R tensors [...] (`rule_logits`; R = 4 for "stack", else
+        1) -> [...]. The tuple form mixes without stacking: a sum over a last axis of 4 was ~4% of
+        model.onnx's time, four scaled adds of [B, n_meds] are negligible."""
+        if self.config.prior_rule != "stack":
+            return z[0] if isinstance(z, tuple) else z[..., 0]
+        if not isinstance(z, tuple):
+            return (z * self.prior_mix).sum(-1)
+        out = z[0] * self.prior_mix[0]
+        for i in range(1, len(z)):
+            out = out + z[i] * self.prior_mix[i]
+        return out
+
+    def prior_rules(self) -> tuple[str, ...]:
+        """The counting rules the prior mixes: `PRIOR_RULES` for "stack", else the one rule."""
+        return PRIOR_RULES if self.config.prior_rule == "stack" else (self.config.prior_rule,)
+
+    def rule_logits(self, codes: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The prior's rule logits, R tensors [B, n_meds] (`prior_rules` order), from the current
+        visit's codes [B, L]: `_rule`'s values, every rule from one pass over the visit's codes.
+
+        `_rule` builds its [B, L, n_meds] rows once per rule: a gather of the table, the weight mask
+        and, for noisy_or, a log over them - four of each for "stack", which made the shipped
+        student's model.onnx ~2x slower than without the prior. Here a code the baseline never saw
+        reads the padding's zero row (the index is masked on [B, L], not the rows): P = 0 never wins
+        the max and adds 0 to a sum, log(1 - 0) = 0. The log moves onto the [n_codes + 1, n_meds]
+        table, a constant of the exported graph that onnxruntime folds once at load. So the visit
+        costs two gathers, the sums over its slots and one max. The same sums in the same order as
+        `_rule`'s, but for specificity's weighted sum (a matmul here): equal to it within float32
+        rounding (tests/train/test_student.py). The table reaches the graph as one initializer read
+        by a Gather and elementwise ops only, which int8-weights still quantises per row.
+        """
+        rules = self.prior_rules()
+        table = torch.cat([self.prior_table, self.prior_table.new_zeros(1, self.prior_table.shape[1])])  # row -1: zeros
+        g = self.prior_global
+        out = {}
+        w = padded_rows(self.prior_weight[:, None], codes, 0.0)[..., 0]  # [B, L] specificity weights, 0 unseen or padding
+        seen = torch.where(w > 0, codes, -1)  # [B, L]: unseen codes read the zero row, as padding does
+        if any(r in ("mean", "max", "specificity") for r in rules):
+            rows = table[seen]  # [B, L, n_meds]
+            if "mean" in rules:
+                n = (w > 0).to(w.dtype).sum(1, keepdim=True)  # [B, 1] codes the baseline saw
+                out["mean"] = _logit((rows.sum(1) + g) / (n + 1))
+            if "specificity" in rules:
+                gw = self.prior_global_weight
+                dt = torch.promote_types(w.dtype, rows.dtype)  # bf16 tables beside fp32 weights: as `_rule`'s w * rows
+                out["specificity"] = _logit(((w[:, None, :].to(dt) @ rows.to(dt))[:, 0] + gw * g) / (w.sum(1, keepdim=True) + gw))
+            if "max" in rules:
+                out["max"] = _logit(torch.maximum(rows.amax(1), g))
+        if "noisy_or" in rules:
+            keep = torch.log1p(-table.clamp(max=1 - 1e-6))[seen].sum(1)  # [B, n_meds], <= 0
+            s = (keep + torch.log1p(-g.clamp(max=1 - 1e-6))).clamp(math.log(P_CLAMP), math.log1p(-P_CLAMP))
+            out["noisy_or"] = torch.log(-expm1(s)) - s
+        return tuple(out[r] for r in rules)
 
     def _rule(self, codes: torch.Tensor, rule: str, explain: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The frequency baseline's logits [B, n_meds] under one combination rule from the current

@@ -189,10 +189,11 @@ def _stream(bundle: Bundle, stream, name: str, put, stats: dict, *, fmt: str, al
         stats["codes_over_limit"] += int(over.sum())
         stats["visits_over_limit"] += int((over > 0).sum())
 
-    # onnxruntime releases the GIL: the model scores chunk i while this thread reads chunk
-    # i + 1 and formats chunk i - 1. No gain on the 2-core VM at load ~3, where the process
-    # gets about one core (100k patients: 6.98-7.00 s vs 6.45-6.80 s in one thread); it is
-    # for idle multi-core bedside machines.
+    # onnxruntime releases the GIL: the model scores chunk i while this thread formats chunk
+    # i - 1 and reads and encodes chunk i + 1 - about equal shares on 100k synth patients with
+    # the shipped student (2.8 s of reading, encoding and formatting against ~3 s of model, one
+    # core each). On a loaded machine that gets about one core there is no gain (2-core VM at
+    # load ~3: 6.98-7.00 s vs 6.45-6.80 s in one thread); idle, the two overlap.
     size = _file_size(stream)  # progress in bytes read of a file (rate and ETA); patients for a pipe
     with ThreadPoolExecutor(1) as pool, progress(size, desc="predict", unit="B" if size else "patient") as bar:
         def done(scored: Scored, chunk) -> None:
@@ -201,7 +202,8 @@ def _stream(bundle: Bundle, stream, name: str, put, stats: dict, *, fmt: str, al
 
         pending = None
         for chunk in read_patients(stream, name):
-            future = pool.submit(bundle.predict, chunk, all_visits=all_visits, batch_size=batch_size)
+            future = pool.submit(bundle.predict, chunk, all_visits=all_visits, batch_size=batch_size,
+                                 encoded=bundle.encoder.encode_table(chunk))
             if pending is not None:
                 done(pending[0].result(), pending[1])
             pending = (future, chunk)

@@ -187,10 +187,12 @@ class Bundle:
         visits = self.encoder.encode_visits(patients)
         return self._score(visits, visits.last_rows(), batch_size)
 
-    def predict(self, chunk: VisitTable, *, all_visits: bool = False, batch_size: int = 1024) -> Scored:
+    def predict(self, chunk: VisitTable, *, all_visits: bool = False, batch_size: int = 1024,
+                encoded: EncodedVisits | None = None) -> Scored:
         """Score each patient's last visit of a reader's chunk, or every visit (`all_visits`, each
-        with its own history)."""
-        visits = self.encoder.encode_table(chunk)
+        with its own history). `encoded`: the chunk's `encoder.encode_table`, when the caller has
+        it already (`predict_file` encodes on its reading thread)."""
+        visits = self.encoder.encode_table(chunk) if encoded is None else encoded
         if all_visits:
             ends = np.arange(len(chunk.visit_ids))
             pids, vids = chunk.row_patients(), list(chunk.visit_ids)

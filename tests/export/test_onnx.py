@@ -1,5 +1,5 @@
-"""torch -> ONNX: the student is exported as written (no patched kernels, no swapped methods) and
-onnxruntime equals eager torch on other shapes than the traced ones, empty visits and padding
+"""torch -> ONNX: the student is exported as written (no patched kernels, no swapped methods; the
+traced copy is `Student.for_export`, the same function) and onnxruntime equals eager torch on other shapes than the traced ones, empty visits and padding
 included, for the probability graph and the explanation graph (`Student.logit_parts`)."""
 
 import numpy as np
@@ -79,6 +79,13 @@ def test_export_onnx_student_as_written_equals_eager(variant, tmp_path):
     np.testing.assert_allclose(1 / (1 + np.exp(-total)), got_p, atol=1e-6, rtol=0)
     assert not got["codes"][1].any()  # the visit with no code owns no share
     assert (got["wide_slot"][1] == -1).all()
+    empty = {n: v.copy() for n, v in x.items()}  # no patient's current visit has a code: one padding column
+    for name in INPUT_NAMES[:3]:
+        empty[name][:, -1] = -1
+    with torch.no_grad():
+        want_p = model.predict_proba(*(torch.from_numpy(empty[n]) for n in INPUT_NAMES)).numpy()
+    np.testing.assert_allclose(ort.InferenceSession(str(proba), providers=["CPUExecutionProvider"]).run(None, empty)[0],
+                               want_p, atol=2e-6, rtol=0)
 
 
 def test_export_onnx_refuses_triton_backend_and_unknown_graph(tmp_path):
@@ -87,3 +94,28 @@ def test_export_onnx_refuses_triton_backend_and_unknown_graph(tmp_path):
     with pytest.raises(ValueError, match="graph='logits'"):
         export_onnx(student(), tmp_path / "m.onnx", example_inputs(N_CODES, N_PROFILE, 1), graph="logits")
     assert not hasattr(onnx_export, "mock")  # the exporter patches nothing
+
+
+def test_quantize_weights_int8_takes_a_table_also_read_elementwise(tmp_path):
+    """A table read by a Gather and by elementwise ops (the prior's rows and its log table) is
+    quantised per row; one read only elementwise has no scale axis and stays fp32."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    table, other = rng.uniform(0.01, 0.9, (100, 64)).astype(np.float32), rng.normal(size=(100, 64)).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["rows"], axis=0),
+             helper.make_node("Neg", ["table"], ["neg"]), helper.make_node("Log", ["other"], ["log"]),
+             helper.make_node("Gather", ["neg", "ids"], ["neg_rows"], axis=0),
+             helper.make_node("Gather", ["log", "ids"], ["log_rows"], axis=0)]
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("rows", "neg_rows", "log_rows")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["n"])], outputs,
+                              [numpy_helper.from_array(table, "table"), numpy_helper.from_array(other, "other")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(tmp_path / "f.onnx"))
+    onnx_export.quantize_weights_int8(tmp_path / "f.onnx", tmp_path / "q.onnx")
+    names = {i.name for i in onnx.load(str(tmp_path / "q.onnx")).graph.initializer}
+    assert {"table_int8", "table_scale", "other"} <= names and "table" not in names and "other_int8" not in names
+    ids = np.array([0, 5, 99])
+    rows, neg_rows, _ = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"]).run(None, {"ids": ids})
+    np.testing.assert_allclose(rows, table[ids], atol=0.9 / 127)  # within a step of the row's scale
+    np.testing.assert_array_equal(neg_rows, -rows)

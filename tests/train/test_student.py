@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from leader_edge.bedside.encoding import INPUT_NAMES, Encoder, RawVisit
-from leader_edge.train.student import Student, StudentConfig
+from leader_edge.train.student import PRIOR_RULES, Student, StudentConfig, packed_codes
 from leader_edge.train.student_init import LOW_RANK
 
 VOCAB = {"diagnosis": ["4280", "4281", "486", "5849"], "procedure": ["3961", "9604"], "medication": ["A02B", "B01A", "C07A"]}
@@ -249,6 +249,55 @@ def test_student_prior_shares_follow_each_codes_row():
     g = m.prior_global.clamp(1e-4, 1 - 1e-4)
     torch.testing.assert_close(parts["rest"], (g.log() - (-g).log1p()).expand_as(parts["rest"]), atol=1e-5, rtol=0)
     assert ((parts["codes"] != 0).sum(1) <= 1).all()  # at most one owner per medication
+
+
+def test_packed_codes_keeps_each_rows_codes_in_order_and_drops_only_padding():
+    codes = torch.tensor([[-1, 5, -1, 2, 7, -1], [3, -1, -1, -1, -1, -1], [-1] * 6, [1, 2, 3, 4, -1, 6]])
+    packed = packed_codes(codes)
+    assert packed.shape == (4, 5)  # the fullest row holds 5 codes
+    assert packed.tolist() == [[5, 2, 7, -1, -1], [3, -1, -1, -1, -1], [-1] * 5, [1, 2, 3, 4, 6]]
+    assert packed_codes(torch.full((2, 3), -1)).shape == (2, 1)  # all padding: one padding column
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_student_rule_logits_are_each_rules_logits_over_unseen_codes_and_padding(seed):
+    """The one-pass prior (`rule_logits`, what logits and model.onnx run) equals the per-rule form
+    (`_rule`, what the explanation splits) for every rule: codes the baseline never saw, padding
+    anywhere in the row, repeated codes and rows with no code at all."""
+    torch.manual_seed(seed)
+    m = Student(StudentConfig(40, 9, 3, 30, prior="frequency", prior_rule="stack")).eval()
+    with_prior(m, seed)
+    assert (m.prior_weight == 0).any() and (m.prior_weight > 0).any()
+    codes = torch.randint(0, 40, (64, 11))
+    codes[torch.rand(64, 11) < 0.4] = -1
+    codes[:3] = -1  # empty visits: the global row alone
+    codes[3, :4] = 7  # one code four times
+    with torch.no_grad():
+        fast = m.rule_logits(codes)
+        for rule, z in zip(PRIOR_RULES, fast):
+            torch.testing.assert_close(z, m._rule(codes, rule, False)[0], atol=2e-6, rtol=1e-6)
+            torch.testing.assert_close(z, m.rule_logits(packed_codes(codes))[PRIOR_RULES.index(rule)], atol=2e-6, rtol=1e-6)
+        z = torch.stack(fast, -1)
+        torch.testing.assert_close(m.mix_prior(fast), m.mix_prior(z), atol=1e-6, rtol=1e-6)
+
+
+def test_student_for_export_folds_groups_into_codes_and_computes_the_same():
+    enc = encoder()
+    for kw in (dict(), dict(set_encoder="transformer")):
+        m = with_prior(model(enc, prior="frequency", prior_rule="stack", **kw))
+        with torch.no_grad():
+            m.group_emb.normal_(0, 0.3)  # groups that matter
+        folded = m.for_export()
+        assert folded.config.n_groups == 0 and m.config.n_groups > 0 and not folded.training
+        b = tensors(enc.encode(PATIENTS))
+        with torch.no_grad():
+            torch.testing.assert_close(folded.predict_proba(**b), m.predict_proba(**b), atol=1e-6, rtol=0)
+            want, got = m.logit_parts(**b), folded.logit_parts(**b)
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=0)
+    plain = model(enc, prior="none")
+    plain.config.n_groups = 0
+    assert plain.for_export() is plain
 
 
 def test_student_training_logits_are_the_eager_logits():
