@@ -106,6 +106,23 @@ def test_runtime_sorted_batches_return_input_order(bundle):
     assert np.argsort(one.y_prob[:, -1]).tolist() != list(range(23))  # rows genuinely differ
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+def test_runtime_scoring_threads_give_each_row_its_own_probabilities(threads, tmp_path):
+    """Batches scored side by side (and a call smaller than the threads' batches shared out among
+    them) come back in input order with the one-thread probabilities."""
+    rows = [f"p{i},v{i},2100-01-01,{';'.join(['D1', 'D2', 'D3', 'D4', 'D5'][: i % 5 + 1])},,,\n" for i in range(41)]
+    (chunk,) = _chunks(HEADER + "".join(rows))
+    d = write_fake_bundle(tmp_path / "b")
+    one, many = Bundle.load(d, threads=1), Bundle.load(d, threads=threads)
+    assert (one.workers, many.workers) == (1, threads)
+    for batch_size in (4, 1024):  # many batches; one batch's worth shared out
+        want, got = one.predict(chunk, batch_size=batch_size), many.predict(chunk, batch_size=batch_size)
+        assert got.visit_ids == want.visit_ids
+        np.testing.assert_allclose(got.y_prob, want.y_prob, rtol=1e-6)
+        np.testing.assert_array_equal(got.unknown, want.unknown)
+    assert Bundle.load(d, threads=0).workers >= 1  # one per usable CPU
+
+
 def test_runtime_bundle_sha256_mismatch_refused(tmp_path):
     d = write_fake_bundle(tmp_path / "b")
     data = bytearray((d / "model.onnx").read_bytes())
