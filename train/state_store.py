@@ -19,6 +19,8 @@ The directory belongs to the run and is removed by `StateStore.remove()` when th
 from __future__ import annotations
 
 import json
+import math
+import os
 import shutil
 import struct
 from collections.abc import Sequence
@@ -98,16 +100,21 @@ class StateStore(Sequence):
         with open(path, "rb") as f:
             header = self._headers.get(shard)
             if header is None:
-                (size,) = struct.unpack("<Q", f.read(8))
-                header = self._headers[shard] = {"start": 8 + size, **json.loads(f.read(size))}
+                header = self._headers[shard] = _read_header(f, path)
             entry = header.get(key)
-            if entry is None:
+            if not isinstance(entry, dict):
                 raise _damaged(path, f"its header has no sample {key}")
             dtype = _DTYPES.get(entry.get("dtype"))
             if dtype is None:
                 raise _damaged(path, f"sample {key} has dtype {entry.get('dtype')!r}, not one of {sorted(_DTYPES)}")
-            begin, end = entry["data_offsets"]
-            out = torch.empty(entry["shape"], dtype=dtype)
+            shape, offsets = entry.get("shape"), entry.get("data_offsets")
+            if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)
+                    and isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+                    and 0 <= offsets[0] <= offsets[1]
+                    and offsets[1] - offsets[0] == math.prod(shape) * torch.empty((), dtype=dtype).element_size()):
+                raise _damaged(path, f"sample {key} has shape {shape!r} and data offsets {offsets!r}, which do not agree")
+            begin, end = offsets
+            out = torch.empty(shape, dtype=dtype)
             f.seek(header["start"] + begin)
             if f.readinto(out.view(torch.uint8).reshape(-1).numpy()) != end - begin:
                 raise _damaged(path, f"short read of sample {key}")
@@ -116,6 +123,23 @@ class StateStore(Sequence):
     def remove(self) -> None:
         self._headers.clear()
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _read_header(f, path: Path) -> dict:
+    """A shard's safetensors header (+ "start", the data's offset), or `_damaged` when the file is
+    cut short or the header is not the JSON object the store wrote."""
+    raw = f.read(8)
+    if len(raw) < 8:
+        raise _damaged(path, f"it is {len(raw)} bytes long, shorter than a safetensors header size")
+    (size,) = struct.unpack("<Q", raw)
+    text = f.read(size) if size <= os.fstat(f.fileno()).st_size - 8 else b""
+    try:
+        header = json.loads(text) if len(text) == size else None
+    except (ValueError, UnicodeDecodeError):  # JSONDecodeError is a ValueError
+        header = None
+    if not isinstance(header, dict):
+        raise _damaged(path, f"its {size:,}-byte header is cut short or not a JSON object")
+    return {**header, "start": 8 + size}
 
 
 def _damaged(path: Path, what: str) -> StateError:

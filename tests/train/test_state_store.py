@@ -84,6 +84,40 @@ def test_state_store_damaged_shard_named_with_the_fix(tmp_path, damage, message)
         store[1]
 
 
+def _cut(n: int):
+    return lambda data: data[:n]
+
+
+@pytest.mark.parametrize("damage, message", [
+    (_cut(5), "it is 5 bytes long, shorter than a safetensors header size"),
+    (_cut(20), "header is cut short or not a JSON object"),  # the size names more bytes than remain
+    (lambda d: d[:8] + b"[" + d[9:], "header is cut short or not a JSON object"),  # not JSON
+    (lambda d: d[:8] + b"\xff" + d[9:], "header is cut short or not a JSON object"),  # not UTF-8
+    (lambda d: d[:8] + b"[1, 2]".ljust(struct.unpack("<Q", d[:8])[0]) + d[8 + struct.unpack("<Q", d[:8])[0]:],
+     "header is cut short or not a JSON object"),  # JSON, not an object
+])
+def test_state_store_cut_or_garbled_shard_header_is_named(tmp_path, damage, message):
+    """A shard cut short (a full disk, a killed copy) or with a garbled header: StateError naming the
+    shard and the fix (was struct.error / JSONDecodeError / UnicodeDecodeError tracebacks)."""
+    store = StateStore.create(tmp_path / "s", 1)
+    store.put(0, torch.ones(2, 3))
+    store.close()
+    shard = tmp_path / "s" / "shard-00000.safetensors"
+    shard.write_bytes(damage(shard.read_bytes()))
+    with pytest.raises(StateError, match=rf"^{re.escape(str(shard))}: .*{re.escape(message)}.*rerun the stage$"):
+        store[0]
+
+
+def test_state_store_offsets_that_disagree_with_the_shape_are_named(tmp_path):
+    store = StateStore.create(tmp_path / "s", 1)
+    store.put(0, torch.ones(2, 3))
+    store.close()
+    shard = tmp_path / "s" / "shard-00000.safetensors"
+    _damage_header(shard, lambda h: h["0"].update(shape=[4, 3]))
+    with pytest.raises(StateError, match=r"sample 0 has shape \[4, 3\] and data offsets .* do not agree"):
+        store[0]
+
+
 def _rss_file_kb() -> int:
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("RssFile:"))
