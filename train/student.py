@@ -298,9 +298,9 @@ class Student(nn.Module):
         """The same function in fewer ops, to trace (`export.onnx.export_onnx`): a copy whose code
         rows hold code + group, with the group path off. Every set encoder reads a code as the sum of
         its row and its group's row (the mean encoder as mean(code) + mean(group), which equals
-        mean(code + group)), so the graph gathers and sums one table per kind instead of two: ~10%
-        of model.onnx's time on the demo student. Equal within float32 rounding; self when the
-        student has no groups."""
+        mean(code + group)), so the graph gathers and sums one table per kind instead of two:
+        model.onnx ~6% faster on the demo student (32.3k -> 34.3k patients per CPU second, one run).
+        Equal within float32 rounding; self when the student has no groups."""
         if not self.config.n_groups:
             return self
         out = Student(replace(self.config, n_groups=0)).to(self.code_emb.device)
@@ -551,8 +551,8 @@ class Student(nn.Module):
         visit's codes [B, L]: `_rule`'s values, every rule from one pass over the visit's codes.
 
         `_rule` builds its [B, L, n_meds] rows once per rule: a gather of the table, the weight mask
-        and, for noisy_or, a log over them - four of each for "stack", which made the shipped
-        student's model.onnx ~2x slower than without the prior. Here a code the baseline never saw
+        and, for noisy_or, a log over them - four of each for "stack", which cost the shipped
+        student ~40% of predict's end-to-end speed (BENCHMARKS.md, bisected to the prior). Here a code the baseline never saw
         reads the padding's zero row (the index is masked on [B, L], not the rows): P = 0 never wins
         the max and adds 0 to a sum, log(1 - 0) = 0. The log moves onto the [n_codes + 1, n_meds]
         table, a constant of the exported graph that onnxruntime folds once at load. So the visit
