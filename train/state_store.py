@@ -114,9 +114,11 @@ class StateStore(Sequence):
                     and offsets[1] - offsets[0] == math.prod(shape) * torch.empty((), dtype=dtype).element_size()):
                 raise _damaged(path, f"sample {key} has shape {shape!r} and data offsets {offsets!r}, which do not agree")
             begin, end = offsets
+            if header["start"] + end > os.fstat(f.fileno()).st_size:  # before allocating what the header claims
+                raise _damaged(path, f"sample {key} ends past the end of the file (cut short)")
             out = torch.empty(shape, dtype=dtype)
             f.seek(header["start"] + begin)
-            if f.readinto(out.view(torch.uint8).reshape(-1).numpy()) != end - begin:
+            if f.readinto(out.reshape(-1).view(torch.uint8).numpy()) != end - begin:
                 raise _damaged(path, f"short read of sample {key}")
         return out
 

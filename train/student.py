@@ -303,10 +303,11 @@ class Student(nn.Module):
         Equal within float32 rounding; self when the student has no groups."""
         if not self.config.n_groups:
             return self
-        out = Student(replace(self.config, n_groups=0)).to(self.code_emb.device)
-        state = {k: v for k, v in self.state_dict().items() if k not in ("group_emb", "code_group")}
-        state["code_emb"] = self.code_emb.detach() + self.group_emb.detach()[self.code_group]
-        missing, unexpected = out.load_state_dict(state, strict=False)
+        out = Student(replace(self.config, n_groups=0))
+        state = {k: v.clone() for k, v in self.state_dict().items() if k not in ("group_emb", "code_group")}
+        state["code_emb"] = (self.code_emb.detach() + self.group_emb.detach()[self.code_group]).to(self.code_emb.dtype)
+        # assign: each tensor keeps its dtype and device (bf16 tables stay bf16), as in the student traced
+        missing, unexpected = out.load_state_dict(state, strict=False, assign=True)
         if unexpected or set(missing) != {"group_emb", "code_group"}:
             raise RuntimeError(f"for_export: unexpected state {unexpected}, missing {missing}")
         return out.train(self.training)

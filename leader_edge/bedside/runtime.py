@@ -89,16 +89,19 @@ class Bundle:
         self.ddi = np.array(pairs, dtype=np.int64).reshape(-1, 2)
 
     @classmethod
-    def load(cls, path: str | Path, *, threads: int = 0, trust: str | Path | None = None) -> "Bundle":
+    def load(cls, path: str | Path, *, threads: int = 0, trust: str | Path | None = None,
+             split: str = "batches") -> "Bundle":
         """Open a bundle that proves itself (see the module docstring), or refuse it.
 
         Args:
             path: the bundle directory written by `leader-edge export`.
-            threads: threads that score (0: one per CPU this process may use). Each scores whole
-                batches with a one-thread onnxruntime session: on 2 cores beside the CSV reader and
-                writer that was 12-15% faster end to end than splitting each operator of one
-                batch across threads (`predict`, 100k patients, 2026-12-02), and the batches, so
-                the probabilities, do not depend on the thread count.
+            threads: threads that score (0: one per CPU this process may use).
+            split: how they share the work. "batches": each scores whole batches with a one-thread
+                onnxruntime session - on 2 cores beside the CSV reader and writer, 12-15% faster
+                end to end than splitting operators (`predict`, 100k patients, 2026-12-02); a call
+                of one batch runs on one thread. "operators": one batch at a time, each operator
+                on `threads` onnxruntime threads (`serve`: a request is one batch). Either way
+                the batches, so the probabilities, do not depend on the thread count.
             trust: an Ed25519 public key (PEM); the bundle must then carry a valid signature by it.
 
         Raises:
@@ -110,7 +113,12 @@ class Bundle:
         if trust is not None:
             verify_signature(d, manifest, Path(trust))
         model = d / manifest["model"]["file"]
-        bundle = cls(d, manifest, open_session(model, threads=1), workers=threads or _usable_cpus())
+        if split not in ("batches", "operators"):
+            raise ValueError(f"split={split!r}; use 'batches' or 'operators'")
+        if split == "operators":
+            bundle = cls(d, manifest, open_session(model, threads), workers=1)
+        else:
+            bundle = cls(d, manifest, open_session(model, threads=1), workers=threads or _usable_cpus())
         bundle.check_model()
         bundle.self_test()
         return bundle
@@ -215,17 +223,15 @@ class Bundle:
         that a batch pads to similar lengths; a batch holds at most `batch_size` targets and
         `VISIT_SLOTS` padded visit slots (B x K), which bounds onnxruntime's memory arena: 1024
         patients x 8 visits made it grow to ~800 MB. Rows come back in `ends` order. With
-        `workers` > 1 the batches run side by side, and targets that would fill fewer batches than
-        there are workers are shared out among them (a patient's probabilities do not depend on
-        the batch: the export gate checks it).
+        `workers` > 1 the batches run side by side; which patients share a batch depends on the
+        data and `batch_size` only, never on the thread count, so neither do the probabilities
+        (the graph is batch-invariant only to ~3e-7, enough to move a 4-decimal score).
 
         Returns:
             (float32 [N, M] probabilities, int64 [N] unknown-code counts).
         """
         order = visits.size_order(ends)
         n = len(order)
-        if 1 < n <= (self.workers - 1) * batch_size:  # fewer batches than threads: share the targets out
-            batch_size = -(-n // self.workers)
         prob = np.empty((n, len(self.med_codes)), dtype=np.float32)
         unknown = np.empty(n, dtype=np.int64)
         widths = visits.kept(ends)[order].tolist()

@@ -25,7 +25,7 @@ LOOPBACK = ("127.0.0.1", "::1", "localhost")
 @click.option("--max-body-bytes", default=1 << 20, show_default=True, type=click.IntRange(min=1024), help="Largest request body.")
 @click.option("--max-batch", default=256, show_default=True, type=click.IntRange(min=1), help="Most patients per request.")
 @click.option("--threads", default=1, show_default=True, type=click.IntRange(min=0),
-              help="Threads scoring one request, its patients shared out among them (0: all cores).")
+              help="onnxruntime threads per model call (0: all cores).")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1),
               help="Processes, each with its own copy of the bundle (one per core). With more than one, SIGHUP to "
                    "the parent restarts them one at a time on the bundle at --bundle (a retiring worker closes its "

@@ -56,10 +56,10 @@ class Model:
     def load(cls, path: str | Path, *, trust: str | Path | None = None, threads: int = 1) -> "Model":
         """Load and prove a bundle (`Bundle.load`: digest, meaning, self-test). Raises `DataError`.
 
-        threads: threads scoring one call (`Bundle.load`: a call's patients shared out in batches,
-        one onnxruntime thread each). 1: a single patient is ~0.1 ms of model time, so the service
-        runs many calls at once rather than one call on many cores."""
-        return cls(Bundle.load(path, threads=threads, trust=trust), Path(path))
+        threads: onnxruntime intra-op threads per call (a request is one batch: `Bundle.load`'s
+        split="operators"). 1: a single patient is ~0.1 ms of model time, so the service runs
+        many calls at once rather than one call on many cores."""
+        return cls(Bundle.load(path, threads=threads, trust=trust, split="operators"), Path(path))
 
     @property
     def id(self) -> str:

@@ -107,20 +107,36 @@ def test_runtime_sorted_batches_return_input_order(bundle):
 
 
 @pytest.mark.parametrize("threads", [2, 3])
-def test_runtime_scoring_threads_give_each_row_its_own_probabilities(threads, tmp_path):
-    """Batches scored side by side (and a call smaller than the threads' batches shared out among
-    them) come back in input order with the one-thread probabilities."""
+def test_runtime_scoring_threads_change_nothing_but_the_schedule(threads, tmp_path):
+    """Batches scored side by side come back in input order with exactly the one-thread
+    probabilities: the batch plan depends on the data and the batch size, not on the threads."""
     rows = [f"p{i},v{i},2100-01-01,{';'.join(['D1', 'D2', 'D3', 'D4', 'D5'][: i % 5 + 1])},,,\n" for i in range(41)]
     (chunk,) = _chunks(HEADER + "".join(rows))
     d = write_fake_bundle(tmp_path / "b")
     one, many = Bundle.load(d, threads=1), Bundle.load(d, threads=threads)
     assert (one.workers, many.workers) == (1, threads)
-    for batch_size in (4, 1024):  # many batches; one batch's worth shared out
+    class Recorder:  # each batch the session scores, as its current visits' codes
+        def __init__(self, session) -> None:
+            self.session, self.plan = session, []
+
+        def run(self, outputs, feed):
+            self.plan.append(sorted(map(tuple, feed["diagnoses"][:, -1].tolist())))
+            return self.session.run(outputs, feed)
+
+    plans = {}
+    for bundle in (one, many):  # the fake graph is exactly batch-invariant: compare the batches themselves
+        bundle.session = Recorder(bundle.session)
+        plans[bundle] = bundle.session.plan
+    for batch_size in (4, 1024):  # many batches side by side; one batch on one thread
         want, got = one.predict(chunk, batch_size=batch_size), many.predict(chunk, batch_size=batch_size)
         assert got.visit_ids == want.visit_ids
-        np.testing.assert_allclose(got.y_prob, want.y_prob, rtol=1e-6)
+        np.testing.assert_array_equal(got.y_prob, want.y_prob)
         np.testing.assert_array_equal(got.unknown, want.unknown)
+    assert len(plans[one]) == 11 + 1 and sorted(plans[many]) == sorted(plans[one])  # the same batches
     assert Bundle.load(d, threads=0).workers >= 1  # one per usable CPU
+    assert Bundle.load(d, threads=threads, split="operators").workers == 1  # serve: one batch, operator threads
+    with pytest.raises(ValueError, match="split='rows'"):
+        Bundle.load(d, split="rows")
 
 
 def test_runtime_bundle_sha256_mismatch_refused(tmp_path):

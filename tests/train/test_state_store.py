@@ -108,13 +108,23 @@ def test_state_store_cut_or_garbled_shard_header_is_named(tmp_path, damage, mess
         store[0]
 
 
-def test_state_store_offsets_that_disagree_with_the_shape_are_named(tmp_path):
+def test_state_store_offsets_that_disagree_with_the_shape_or_the_file_are_named(tmp_path):
     store = StateStore.create(tmp_path / "s", 1)
     store.put(0, torch.ones(2, 3))
     store.close()
     shard = tmp_path / "s" / "shard-00000.safetensors"
     _damage_header(shard, lambda h: h["0"].update(shape=[4, 3]))
     with pytest.raises(StateError, match=r"sample 0 has shape \[4, 3\] and data offsets .* do not agree"):
+        store[0]
+    store = StateStore.create(tmp_path / "t", 1)
+    store.put(0, torch.ones(2, 3))
+    store.close()
+    shard = tmp_path / "t" / "shard-00000.safetensors"
+    # a shape and offsets that agree but lie past the file's end: refused before allocating what they
+    # claim (a claim of gigabytes was an allocator error)
+    size = {"BF16": 2, "F16": 2, "F32": 4}
+    _damage_header(shard, lambda h: h["0"].update(shape=[9_999, 3], data_offsets=[0, 9_999 * 3 * size[h["0"]["dtype"]]]))
+    with pytest.raises(StateError, match="sample 0 ends past the end of the file"):
         store[0]
 
 

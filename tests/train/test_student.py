@@ -295,6 +295,14 @@ def test_student_for_export_folds_groups_into_codes_and_computes_the_same():
             want, got = m.logit_parts(**b), folded.logit_parts(**b)
         for name in want:
             torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=0)
+    m = with_prior(model(enc, prior="frequency", prior_rule="stack"))
+    m.prior_table.data, m.wide_codes.data = m.prior_table.to(torch.bfloat16), m.wide_codes.data.to(torch.bfloat16)
+    folded = m.for_export()  # tensors keep their dtypes: the same function, not an fp32 copy of it
+    dtypes = {n: t.dtype for n, t in folded.state_dict().items() if n not in ("group_emb", "code_group")}
+    assert dtypes == {n: t.dtype for n, t in m.state_dict().items() if n not in ("group_emb", "code_group")}
+    assert dtypes["prior_table"] == dtypes["wide_codes"] == torch.bfloat16
+    with torch.no_grad():
+        torch.testing.assert_close(folded.predict_proba(**b), m.predict_proba(**b), atol=1e-6, rtol=0)
     plain = model(enc, prior="none")
     plain.config.n_groups = 0
     assert plain.for_export() is plain
