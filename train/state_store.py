@@ -111,10 +111,10 @@ class StateStore(Sequence):
             if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)
                     and isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
                     and 0 <= offsets[0] <= offsets[1]
-                    and offsets[1] - offsets[0] == math.prod(shape) * torch.empty((), dtype=dtype).element_size()):
+                    and offsets[1] - offsets[0] == math.prod(shape) * dtype.itemsize):
                 raise _damaged(path, f"sample {key} has shape {shape!r} and data offsets {offsets!r}, which do not agree")
             begin, end = offsets
-            if header["start"] + end > os.fstat(f.fileno()).st_size:  # before allocating what the header claims
+            if header["start"] + end > header["file_bytes"]:  # before allocating what the header claims
                 raise _damaged(path, f"sample {key} ends past the end of the file (cut short)")
             out = torch.empty(shape, dtype=dtype)
             f.seek(header["start"] + begin)
@@ -128,20 +128,22 @@ class StateStore(Sequence):
 
 
 def _read_header(f, path: Path) -> dict:
-    """A shard's safetensors header (+ "start", the data's offset), or `_damaged` when the file is
+    """A shard's safetensors header (+ "start", the data's offset, and "file_bytes", the shard's
+    size, read once with the header: a shard is complete before it is read), or `_damaged` when the file is
     cut short or the header is not the JSON object the store wrote."""
     raw = f.read(8)
     if len(raw) < 8:
         raise _damaged(path, f"it is {len(raw)} bytes long, shorter than a safetensors header size")
     (size,) = struct.unpack("<Q", raw)
-    text = f.read(size) if size <= os.fstat(f.fileno()).st_size - 8 else b""
+    file_bytes = os.fstat(f.fileno()).st_size
+    text = f.read(size) if size <= file_bytes - 8 else b""
     try:
         header = json.loads(text) if len(text) == size else None
     except (ValueError, UnicodeDecodeError):  # JSONDecodeError is a ValueError
         header = None
     if not isinstance(header, dict):
         raise _damaged(path, f"its {size:,}-byte header is cut short or not a JSON object")
-    return {**header, "start": 8 + size}
+    return {**header, "start": 8 + size, "file_bytes": file_bytes}
 
 
 def _damaged(path: Path, what: str) -> StateError:
