@@ -198,7 +198,8 @@ def at_fixed_thresholds(y_true: np.ndarray, y_prob: np.ndarray, ddi: np.ndarray 
     """
     out = {}
     for t in FIXED_THRESHOLDS:
-        point = metrics.point_estimate(metrics.per_visit_metrics(y_true, y_prob, y_prob >= t, ddi), units)
+        # No probabilities in: PRAUC does not depend on the cut, and THRESHOLD_METRICS leaves it out.
+        point = metrics.point_estimate(metrics.per_visit_metrics(y_true, None, y_prob >= t, ddi), units)
         out[str(t)] = {k: float(point[k]) for k in THRESHOLD_METRICS}
     return out
 
