@@ -151,8 +151,10 @@ def test_serve_workers_rolling_swap_under_traffic(bundle_dir, other_bundle_dir, 
 
     def answered_by(bundle_id: str) -> None:
         """Wait for the traffic to get an answer from `bundle_id` after this call (on 2 busy cores the
-        swaps can otherwise come and go between two of its requests)."""
-        seen, deadline = len(answers), time.monotonic() + 30
+        swaps can otherwise come and go between two of its requests). /readyz alone does not show
+        it: the probe's keep-alive connection sits on one worker, and the traffic's may sit on the
+        other, not yet replaced, one."""
+        seen, deadline = len(answers), time.monotonic() + 60
         while not any(body["bundle"]["id"] == bundle_id for _, body in answers[seen:]):
             assert time.monotonic() < deadline, f"no answer from {bundle_id}"
             time.sleep(0.05)
@@ -160,6 +162,7 @@ def test_serve_workers_rolling_swap_under_traffic(bundle_dir, other_bundle_dir, 
     threads = [threading.Thread(target=traffic) for _ in range(3)]
     for t in threads:
         t.start()
+    failure = None
     try:
         answered_by(id_a)
         point(link, other_bundle_dir)
@@ -168,6 +171,7 @@ def test_serve_workers_rolling_swap_under_traffic(bundle_dir, other_bundle_dir, 
         while not serving(id_b):
             assert time.monotonic() < deadline, "the workers were not replaced"
             time.sleep(0.2)
+        answered_by(id_b)
         (tmp_path / "broken").mkdir()
         point(link, tmp_path / "broken")
         server.proc.send_signal(signal.SIGHUP)  # the new worker refuses it: the old ones serve on
@@ -182,11 +186,14 @@ def test_serve_workers_rolling_swap_under_traffic(bundle_dir, other_bundle_dir, 
             assert time.monotonic() < deadline, "the admin route did not restart the workers"
             time.sleep(0.2)
         answered_by(id_a)
+    except AssertionError as e:  # shown with the service's own log (a restart uvicorn aborted, say)
+        failure = e
     finally:
         stop.set()
         for t in threads:
             t.join()
         output = server.stop()
+    assert failure is None, f"{failure}\n--- serve output ---\n{output}"
     assert len(answers) > 10 and {status for status, _ in answers} == {200}, output
     assert len(resets) <= 3 * 4, resets  # at most one per client connection per worker retired (4 retirements)
     assert {body["bundle"]["id"] for _, body in answers} == {id_a, id_b}
