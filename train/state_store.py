@@ -8,8 +8,8 @@
 Host memory is bounded by one shard (`SHARD_BYTES`) while writing and by one batch while
 reading: the states of 15,000 MIMIC-III prompts x ~500 tokens x 4096 dims would be ~120 GB in
 fp32 in memory, and are a few shard files here. Each `store[i]` reads that sample's bytes with
-one positioned read (offsets from the shard's safetensors header, parsed once), not through a
-memory map: the pages of a mapped shard, once touched, stay in the process's RSS until unmapped,
+one positioned read (pread on the shard's one descriptor, at offsets from its safetensors header,
+parsed once), not through a memory map: the pages of a mapped shard, once touched, stay in the process's RSS until unmapped,
 so reading every sample each epoch kept the whole store in RSS: peak RSS of the teacher stage grew
 +993 MB when the states grew by 0.95 GB, +150 MB with positioned reads (benchmarks/bench_teacher_memory.py,
 2026-12-02). The kernel's page cache still serves repeated reads.
@@ -18,6 +18,7 @@ The directory belongs to the run and is removed by `StateStore.remove()` when th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -47,6 +48,7 @@ class StateStore(Sequence):
         self._pending_bytes = 0
         self._shards = 0
         self._headers: dict[int, dict] = {}  # shard -> its safetensors header (key -> dtype, shape, offsets)
+        self._fds: dict[int, int] = {}  # shard -> its read descriptor (`_fd`)
 
     @classmethod
     def create(cls, directory: str | Path, n: int, *, dtype: torch.dtype = torch.float32) -> "StateStore":
@@ -97,46 +99,86 @@ class StateStore(Sequence):
         """One tensor of a shard file, read at its offset (safetensors layout: u64 header size, JSON
         header, data; offsets relative to the data)."""
         path = self.directory / f"shard-{shard:05d}.safetensors"
-        with open(path, "rb") as f:
-            header = self._headers.get(shard)
-            if header is None:
-                header = self._headers[shard] = _read_header(f, path)
-            entry = header.get(key)
-            if not isinstance(entry, dict):
-                raise _damaged(path, f"its header has no sample {key}")
-            dtype = _DTYPES.get(entry.get("dtype"))
-            if dtype is None:
-                raise _damaged(path, f"sample {key} has dtype {entry.get('dtype')!r}, not one of {sorted(_DTYPES)}")
-            shape, offsets = entry.get("shape"), entry.get("data_offsets")
-            if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)
-                    and isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
-                    and 0 <= offsets[0] <= offsets[1]
-                    and offsets[1] - offsets[0] == math.prod(shape) * dtype.itemsize):
-                raise _damaged(path, f"sample {key} has shape {shape!r} and data offsets {offsets!r}, which do not agree")
-            begin, end = offsets
-            if header["start"] + end > header["file_bytes"]:  # before allocating what the header claims
-                raise _damaged(path, f"sample {key} ends past the end of the file (cut short)")
-            out = torch.empty(shape, dtype=dtype)
-            f.seek(header["start"] + begin)
-            if f.readinto(out.reshape(-1).view(torch.uint8).numpy()) != end - begin:
-                raise _damaged(path, f"short read of sample {key}")
+        fd = self._fd(shard, path)
+        header = self._headers.get(shard)
+        if header is None:
+            header = self._headers[shard] = _read_header(fd, path)
+        entry = header.get(key)
+        if not isinstance(entry, dict):
+            raise _damaged(path, f"its header has no sample {key}")
+        dtype = _DTYPES.get(entry.get("dtype"))
+        if dtype is None:
+            raise _damaged(path, f"sample {key} has dtype {entry.get('dtype')!r}, not one of {sorted(_DTYPES)}")
+        shape, offsets = entry.get("shape"), entry.get("data_offsets")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)
+                and isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+                and 0 <= offsets[0] <= offsets[1]
+                and offsets[1] - offsets[0] == math.prod(shape) * dtype.itemsize):
+            raise _damaged(path, f"sample {key} has shape {shape!r} and data offsets {offsets!r}, which do not agree")
+        begin, end = offsets
+        if header["start"] + end > header["file_bytes"]:  # before allocating what the header claims
+            raise _damaged(path, f"sample {key} ends past the end of the file (cut short)")
+        out = torch.empty(shape, dtype=dtype)
+        if _pread_into(fd, out.reshape(-1).view(torch.uint8).numpy(), header["start"] + begin) != end - begin:
+            raise _damaged(path, f"short read of sample {key}")
         return out
 
+    def _fd(self, shard: int, path: Path) -> int:
+        """The shard's read descriptor, opened once (an open per sample is a server round trip on
+        NFS). Reads are positioned (pread), never seek + read: a descriptor a DataLoader worker
+        inherits by fork shares its file offset with the parent, its pread does not."""
+        fd = self._fds.get(shard)
+        if fd is None:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                raise StateError(f"{path}: the shard is gone; the frozen-state cache is damaged - rerun the stage") from None
+            kept = self._fds.setdefault(shard, fd)  # two threads opening it at once: keep one
+            if kept != fd:
+                os.close(fd)
+            fd = kept
+        return fd
+
+    def _close_fds(self) -> None:
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def __getstate__(self) -> dict:  # a spawned DataLoader worker opens its own descriptors
+        return {**self.__dict__, "_fds": {}}
+
+    def __del__(self) -> None:
+        if getattr(self, "_fds", None):  # not when __init__ never ran to the end
+            self._close_fds()
+
     def remove(self) -> None:
+        self._close_fds()
         self._headers.clear()
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
-def _read_header(f, path: Path) -> dict:
+def _pread_into(fd: int, buffer: np.ndarray, offset: int) -> int:
+    """Fill `buffer` from `fd` at `offset` (os.preadv may stop short of a large request); the bytes read."""
+    view, done = memoryview(buffer).cast("B"), 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:  # end of file
+            break
+        done += n
+    return done
+
+
+def _read_header(fd: int, path: Path) -> dict:
     """A shard's safetensors header (+ "start", the data's offset, and "file_bytes", the shard's
     size, read once with the header: a shard is complete before it is read), or `_damaged` when the file is
     cut short or the header is not the JSON object the store wrote."""
-    raw = f.read(8)
+    raw = os.pread(fd, 8, 0)
     if len(raw) < 8:
         raise _damaged(path, f"it is {len(raw)} bytes long, shorter than a safetensors header size")
     (size,) = struct.unpack("<Q", raw)
-    file_bytes = os.fstat(f.fileno()).st_size
-    text = f.read(size) if size <= file_bytes - 8 else b""
+    file_bytes = os.fstat(fd).st_size
+    text = os.pread(fd, size, 8) if size <= file_bytes - 8 else b""
     try:
         header = json.loads(text) if len(text) == size else None
     except (ValueError, UnicodeDecodeError):  # JSONDecodeError is a ValueError

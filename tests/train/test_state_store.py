@@ -148,3 +148,71 @@ def test_state_store_reads_do_not_keep_the_store_in_rss(tmp_path, monkeypatch):
     # benchmarks/bench_teacher_memory.py), the whole store at scale; positioned reads leave the
     # pages to the kernel's page cache
     assert _rss_file_kb() - before < 8 * 1024
+
+
+def _store_of(tmp_path, n: int = 30) -> StateStore:
+    store = StateStore.create(tmp_path / "s", n)
+    for i in range(n):
+        store.put(i, torch.full((i % 4 + 1, 3), float(i)))
+    return store.close()
+
+
+def test_state_store_opens_each_shard_once(tmp_path, monkeypatch):
+    """One descriptor per shard for every read (an open per sample is a round trip on NFS); remove()
+    closes them."""
+    monkeypatch.setattr(state_store, "SHARD_BYTES", 200)  # several shards
+    store = _store_of(tmp_path)
+    opened, real_open = [], state_store.os.open
+    monkeypatch.setattr(state_store.os, "open", lambda path, *a, **k: (opened.append(str(path)), real_open(path, *a, **k))[1])
+    for _ in range(3):
+        for i in range(len(store)):
+            assert torch.equal(store[i], torch.full((i % 4 + 1, 3), float(i)))
+    shards = sorted((tmp_path / "s").glob("shard-*.safetensors"))
+    assert len(shards) > 2 and sorted(opened) == [str(s) for s in shards]
+    fds = list(store._fds.values())
+    store.remove()
+    for fd in fds:
+        with pytest.raises(OSError):
+            state_store.os.fstat(fd)
+
+
+def test_state_store_reads_in_a_forked_worker_do_not_disturb_the_parent(tmp_path):
+    """A DataLoader worker forked after the parent opened a shard shares that descriptor: reads at a
+    position (pread) leave no shared file offset for the two to fight over."""
+    import multiprocessing
+
+    store = _store_of(tmp_path)
+    assert torch.equal(store[5], torch.full((2, 3), 5.0))  # the parent opens the shard before the fork
+    ctx = multiprocessing.get_context("fork")  # Process args are not pickled under fork: the children share the fd
+    workers = [ctx.Process(target=_sum_of_all, args=(store, tmp_path / f"sum{k}")) for k in range(3)]
+    for w in workers:
+        w.start()
+    for _ in range(3):  # the parent reads meanwhile
+        for i in range(len(store)):
+            assert torch.equal(store[i], torch.full((i % 4 + 1, 3), float(i)))
+    for w in workers:
+        w.join(60)
+        assert w.exitcode == 0
+    want = 3 * sum(float(i) * (i % 4 + 1) * 3 for i in range(len(store)))
+    assert [float((tmp_path / f"sum{k}").read_text()) for k in range(3)] == [want] * 3
+
+
+def _sum_of_all(store: StateStore, out) -> None:
+    assert store._fds  # inherited, not reopened
+    out.write_text(repr(sum(float(store[i].sum()) for _ in range(3) for i in range(len(store)))))
+
+
+def test_state_store_pickled_for_a_spawned_worker_opens_its_own_descriptors(tmp_path):
+    import pickle  # what a spawn-context DataLoader does to its dataset; never used for user files
+
+    store = _store_of(tmp_path)
+    store[0]
+    copy = pickle.loads(pickle.dumps(store))
+    assert copy._fds == {} and torch.equal(copy[7], store[7])
+
+
+def test_state_store_shard_removed_under_the_run_is_named(tmp_path):
+    store = _store_of(tmp_path)
+    (tmp_path / "s" / "shard-00000.safetensors").unlink()
+    with pytest.raises(StateError, match=r"shard-00000.safetensors: the shard is gone; .*rerun the stage$"):
+        store[0]
