@@ -75,9 +75,10 @@ def dry_run(data_dir: Path, config, *, world_size: int = 1, ranks_per_node: int 
     from leader_edge.data.dataset import load_dataset
     from leader_edge.data.splits import dataset_splits
     from leader_edge.train.prompts import build_prompt
-    from leader_edge.train.backbone import decoder_layers, is_llama_style, weight_dtype
+    from leader_edge.train.backbone import decoder_layers, weight_dtype
     from leader_edge.train.state_store import SHARD_BYTES
     from leader_edge.train.teacher_data import encode_prompt
+    from leader_edge.train.teacher_model import state_split
 
     ds = load_dataset(data_dir)
     splits = dataset_splits(ds, seed=config.seed, train_all_visits=True, protocol=config.protocol)
@@ -131,7 +132,7 @@ def dry_run(data_dir: Path, config, *, world_size: int = 1, ranks_per_node: int 
             else lora_layers * ACT_BYTES_PER_TOKEN_LAYER) / gib,
     }
     mem["gpu_per_rank_gib"] = sum(mem.values())
-    states = is_llama_style(model) and not config.plain and lora_layers < n_layers  # else the cache holds token ids
+    states = state_split(model, config, n_layers)[1] > 0  # else the cache holds token ids
     cache = all_tokens * (hidden * bytes_w if states else 8)
     mem["cache_gib"] = cache / gib
     # Host, per rank: what it holds while loading and caching (see the module docstring).
@@ -160,7 +161,7 @@ def dry_run(data_dir: Path, config, *, world_size: int = 1, ranks_per_node: int 
         "hidden_size": hidden, "medications": n_meds, "tokenizer": tok is not None, "splits": tokens,
         "parameters": params, "trainable_parameters": trainable,
         "weight_dtype": str(weight_dtype(config.bf16)).replace("torch.", ""), "weight_bytes": params * bytes_w,
-        "ranks_per_node": per_node,
+        "ranks_per_node": per_node, "cache_holds": "states" if states else "token ids",
         "effective_batch": config.batch_size * config.grad_accum * world_size,
         "optimizer_steps_per_epoch": math.ceil(tokens["train"]["prompts"] / (config.batch_size * config.grad_accum * world_size)),
         "memory": {k: round(v, 3) for k, v in mem.items()},
@@ -186,7 +187,8 @@ def format_plan(plan: dict) -> str:
               f"({plan['weight_dtype']}) + trainable "
               f"state {m['trainable_state_gib']:.2f} + activations {m['activations_gib']:.2f} (micro-batch, "
               + ("gradient checkpointing)" if plan["gradient_checkpointing"] else "no recomputation)"),
-              f"frozen-state cache: {m['cache_gib']:.2f} GiB " + ("on disk" if plan["state_cache"] == "disk" else "in host memory"),
+              f"frozen-state cache: {m['cache_gib']:.2f} GiB of {plan['cache_holds']} "
+              + ("on disk" if plan["state_cache"] == "disk" else "in host memory"),
               f"host memory per node (estimate, {plan['ranks_per_node']} rank{'s' if plan['ranks_per_node'] != 1 else ''} per node): {m['host_per_node_gib']:.2f} GiB = "
               f"{plan['ranks_per_node']} x {m['host_per_rank_gib']:.2f} per rank (weights {m['host_weights_gib']:.2f} in "
               f"{plan['weight_dtype']}, built on the host before moving to the GPU + token and label tables "

@@ -37,6 +37,14 @@ ADAPTER = "adapter.safetensors"
 CONFIG = "config.json"
 
 
+def state_split(body: nn.Module, config: TeacherConfig, n_layers: int) -> tuple[bool, int]:
+    """(exact, split): whether the body splits exactly (Llama layout, not the `plain` baseline) and the
+    layer it splits at (layers[:split] frozen, their states cached; 0 when it does not split or every
+    layer is tuned: then the cache holds token ids). `train --dry-run` plans the cache by this too."""
+    exact = is_llama_style(body) and not config.plain
+    return exact, (n_layers - config.adapted_layers(n_layers) if exact else 0)
+
+
 class TeacherModel(nn.Module):
     """Body (peft LoRA on the top `lora_layers`) + `Linear(hidden, n_meds)` head.
 
@@ -56,8 +64,7 @@ class TeacherModel(nn.Module):
         layers = decoder_layers(body)
         self.n_layers = len(layers)
         self.lora_layers = config.adapted_layers(self.n_layers)  # "all" -> n_layers
-        self.exact_split = is_llama_style(body) and not config.plain
-        self.split = self.n_layers - self.lora_layers if self.exact_split else 0
+        self.exact_split, self.split = state_split(body, config, self.n_layers)
         present = {n.rsplit(".", 1)[-1] for n, m in body.named_modules() if isinstance(m, nn.Linear)}
         targets = [t for t in config.lora_targets if t in present]
         if not targets:

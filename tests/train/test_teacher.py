@@ -335,6 +335,20 @@ def test_dry_run_counts_the_weight_bytes_the_teacher_loads(data_dir, bf16):
     assert plan["memory"]["weights_gib"] == round(loaded / 1024 ** 3, 3)
 
 
+@pytest.mark.parametrize("settings", [dict(lora_layers=1), dict(lora_layers="all"), dict(lora_layers=1, plain=True)])
+def test_dry_run_plans_the_cache_the_run_builds(data_dir, settings):
+    """States of the frozen layers when the body splits below its tuned layers, token ids otherwise:
+    the plan and the run decide it by one rule (`teacher_model.state_split`)."""
+    from leader_edge.train.dry_run import dry_run, format_plan
+
+    config = TeacherConfig(teacher="tiny", **settings)
+    plan = dry_run(data_dir, config)
+    model = TeacherModel(config, load_dataset(data_dir).vocab("medication"))
+    assert plan["cache_holds"] == ("states" if model.split > 0 else "token ids")
+    assert plan["cache_holds"] == ("states" if settings == dict(lora_layers=1) else "token ids")
+    assert f"GiB of {plan['cache_holds']} " in format_plan(plan)
+
+
 def test_dry_run_host_memory_per_node_on_config_json_alone(data_dir, tmp_path):
     import transformers
 
