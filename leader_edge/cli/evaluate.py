@@ -135,7 +135,7 @@ def _evaluate_file(truth: Path, predictions: Path, visits_path: Path | None, lab
     import numpy as np
 
     from leader_edge.data.dataset import read_ddi, read_visits
-    from leader_edge.evaluation.metrics import by_group, ddi_matrix, per_visit_metrics, point_estimate
+    from leader_edge.evaluation.metrics import by_group, ddi_matrix, per_visit_metrics
     from leader_edge.bedside.recs import Prediction, prediction_matrices, predicted_codes, read_predictions
 
     rows, truth_visits = _read_targets(truth)
@@ -205,10 +205,9 @@ def _evaluate_file(truth: Path, predictions: Path, visits_path: Path | None, lab
     if y_prob is None:
         notes.append("no scores column: PRAUC not computed")
     else:  # the recommended sets as written, then the same scores cut at 0.5 and 0.3 (published tables' thresholds)
-        from leader_edge.evaluation.report import THRESHOLD_METRICS, at_fixed_thresholds
+        from leader_edge.evaluation.report import threshold_rows
 
-        written = point_estimate(per_visit, units)
-        thresholds = {"as_written": {k: written[k] for k in THRESHOLD_METRICS}, **at_fixed_thresholds(y_true, y_prob, ddi, units)}
+        thresholds = threshold_rows("as_written", per_visit, y_true, y_prob, ddi, units)
     if ddi is None:
         notes.append("no --ddi: DDI rate not computed")
     if visits:
@@ -238,8 +237,8 @@ def _evaluate_baseline(data: Path, proto, seed: int, rounds: int) -> dict:
     from leader_edge.evaluation.baselines import fit_frequency_baseline, labels
     from leader_edge.data.dataset import load_dataset
     from leader_edge.data.splits import dataset_splits
-    from leader_edge.evaluation.metrics import by_group, ddi_matrix, per_visit_metrics, point_estimate
-    from leader_edge.evaluation.report import THRESHOLD_METRICS, at_fixed_thresholds
+    from leader_edge.evaluation.metrics import by_group, ddi_matrix, per_visit_metrics
+    from leader_edge.evaluation.report import threshold_rows
 
     ds = load_dataset(data)
     splits = dataset_splits(ds, seed=seed, protocol=proto)
@@ -254,8 +253,7 @@ def _evaluate_baseline(data: Path, proto, seed: int, rounds: int) -> dict:
     n_visits = {pid: len(v) for pid, v in ds.patients().items()}
     multi = np.array([n_visits[s.patient_id] > 1 for s in test])
     units = np.unique([s.patient_id for s in test], return_inverse=True)[1] if proto.per_patient else None
-    tuned = point_estimate(per_visit, units)
-    thresholds = {"tuned": {k: tuned[k] for k in THRESHOLD_METRICS}, **at_fixed_thresholds(y_true, prob, ddi, units)}
+    thresholds = threshold_rows("tuned", per_visit, y_true, prob, ddi, units)
     return {
         "title": f"frequency baseline ({model.rule}, a={model.smoothing}, threshold {threshold:.2f}) on {data}: "
                  f"{len(set(s.patient_id for s in test))} test patients, split seed {seed}; {proto.describe()}",

@@ -185,6 +185,14 @@ def score_models(run_dir: Path, ds: Dataset, splits: dict[str, list[Sample]], *,
 THRESHOLD_METRICS = ("jaccard", "f1", "ddi_rate", "n_med")  # PRAUC does not depend on the threshold
 
 
+def threshold_rows(label: str, per_visit: dict, y_true: np.ndarray, y_prob: np.ndarray, ddi: np.ndarray | None,
+                   units: np.ndarray | None = None) -> dict[str, dict[str, float]]:
+    """The recommended sets' row (`label`: "tuned" or "as_written", see THRESHOLD_LABELS; from
+    `per_visit`, the metrics of those sets) and then the same scores cut at each fixed threshold."""
+    point = metrics.point_estimate(per_visit, units)
+    return {label: {k: point[k] for k in THRESHOLD_METRICS}, **at_fixed_thresholds(y_true, y_prob, ddi, units)}
+
+
 def at_fixed_thresholds(y_true: np.ndarray, y_prob: np.ndarray, ddi: np.ndarray | None,
                         units: np.ndarray | None = None) -> dict[str, dict[str, float]]:
     """The same probabilities cut at each of `FIXED_THRESHOLDS`, so rows can be set beside published tables.
