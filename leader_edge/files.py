@@ -2,6 +2,7 @@
 
     sha256(path)                                  # hex digest, read in 1 MiB blocks
     with atomic_file(path) as tmp: write(tmp)     # tmp beside path; replaces path only on success
+    with held_temp(path) as held: ...             # the same temporary, written through held.fd; the caller renames it
     atomic_write_text(path, text)                 # the same for a text
     with atomic_directory(d, marker=..., what=...) as tmp: ...   # a whole directory, swapped in at the end
     with temp_directory(path) as work: ...        # a private working directory beside path, always removed
@@ -203,27 +204,50 @@ def hold(fd: int) -> None:
 # Atomic outputs
 
 
+class HeldTemp:
+    """A temporary made by `held_temp`: its `path`, and `fd`, open for writing and held (`hold`)
+    until `close()`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.fd = path, None
+
+    def close(self) -> None:
+        """Close the descriptor (on NFS a failed write may only show here); a second call does nothing."""
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            os.close(fd)
+
+
+@contextmanager
+def held_temp(path: str | Path, suffix: str = "") -> Iterator[HeldTemp]:
+    """A fresh temporary for the output `path` (`temp_path`, created O_EXCL with mode 0600 and held),
+    after the stale temporaries of `path` left by killed runs are removed. On any error in the block
+    it is removed; its descriptor is closed when the block ends. On success the block has renamed or
+    removed it (every writer of an output goes through here: `atomic_file`, `predict_file`)."""
+    path = Path(path)
+    remove_stale_temps(path)
+    held = HeldTemp(temp_path(path, suffix))  # named before it exists: an interrupt at any point knows what to remove
+    try:
+        held.fd = os.open(held.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        hold(held.fd)
+        yield held
+    except BaseException:
+        held.path.unlink(missing_ok=True)  # after a completed rename there is nothing here: the new file stays
+        raise
+    finally:
+        held.close()
+
+
 @contextmanager
 def atomic_file(path: str | Path) -> Iterator[Path]:
     """Yield a temp file path beside `path` (same suffix, so writers that look at it still work);
     on success it replaces `path` with `output_mode(path)`, on any error it is removed. Stale
     temporaries of `path` from killed runs are removed first."""
     path = Path(path)
-    remove_stale_temps(path)
-    tmp = temp_path(path, path.suffix)  # named before it exists: an interrupt at any point knows what to remove
-    fd = None
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        hold(fd)
-        yield tmp
-        os.chmod(tmp, output_mode(path))
-        os.replace(tmp, path)  # one step: `path` is the old file or the new one at every moment, no window to guard
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # after a completed replace there is no `tmp`: the new file stays
-        raise
-    finally:
-        if fd is not None:
-            os.close(fd)
+    with held_temp(path, path.suffix) as held:
+        yield held.path
+        os.chmod(held.path, output_mode(path))
+        os.replace(held.path, path)  # one step: `path` is the old file or the new one at every moment, no window to guard
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

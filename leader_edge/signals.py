@@ -39,6 +39,7 @@ class Interrupted(SystemExit):
 GRACE_ENV = "LEADER_EDGE_SIGNAL_GRACE"
 DEFAULT_GRACE_S = 30.0
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_raising = False  # a `signals_raise` block is running in the main thread
 
 
 @contextmanager
@@ -46,7 +47,8 @@ def signals_raise() -> Iterator[None]:
     """While the block runs, SIGTERM and SIGINT raise `Interrupted` (the default SIGTERM action ends
     the process at once, leaving its temporaries). The first signal raises; later ones are ignored
     while the cleanup it started runs (SIGKILL still ends the process; the next run then removes
-    what it left). Only the main thread can take signals: elsewhere this does nothing.
+    what it left). Only the main thread can take signals: elsewhere this does nothing, and inside
+    another `signals_raise` block (predict_file under the CLI) it leaves that one in charge.
 
     Python runs a handler only between bytecodes, so a main thread blocked in C (a gloo/NCCL
     collective whose peer is gone, a long torch op) never raises: the first signal also starts a
@@ -56,7 +58,8 @@ def signals_raise() -> Iterator[None]:
     Raises:
         ConfigError: LEADER_EDGE_SIGNAL_GRACE is not a number of seconds >= 0.
     """
-    if threading.current_thread() is not threading.main_thread():
+    global _raising
+    if threading.current_thread() is not threading.main_thread() or _raising:
         yield
         return
     raised: list[int] = []
@@ -71,9 +74,11 @@ def signals_raise() -> Iterator[None]:
     watchdog = _Watchdog(_grace())
     try:
         watchdog.start()
+        _raising = True
         with _handling(interrupted):
             yield
     finally:
+        _raising = False
         watchdog.stop()
 
 
@@ -161,6 +166,8 @@ class _Watchdog:
 
     @staticmethod
     def forget_in_child() -> None:
+        global _raising
+        _raising = False  # the child's own `signals_raise`, if it runs one, is in charge of it
         if _Watchdog.active:
             with contextlib.suppress(ValueError, OSError):
                 signal.set_wakeup_fd(_Watchdog.active[0].previous)

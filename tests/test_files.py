@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from leader_edge.errors import DataError
-from leader_edge.files import (atomic_directory, atomic_file, atomic_write_text, file_lock, output_mode,
+from leader_edge.files import (atomic_directory, atomic_file, atomic_write_text, file_lock, held_temp, output_mode,
                                remove_stale_temps, sha256, temp_directory, temp_path, temp_tag)
 from leader_edge.signals import Interrupted, signals_raise
 
@@ -31,6 +31,32 @@ def test_atomic_file_replaces_on_success_and_keeps_the_old_file_on_failure(tmp_p
     assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
     atomic_write_text(path, "new")
     assert path.read_text() == "new" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_held_temp_is_private_held_removed_on_failure_and_closed_once(tmp_path):
+    out = tmp_path / "recs.csv"
+    with pytest.raises(KeyboardInterrupt):
+        with held_temp(out) as held:
+            assert held.path.parent == tmp_path and held.path.name.startswith(".recs.csv.leader-edge.")
+            assert stat.S_IMODE(os.stat(held.path).st_mode) == 0o600
+            with pytest.raises(BlockingIOError):  # held: another descriptor cannot lock it
+                other = os.open(held.path, os.O_WRONLY)
+                try:
+                    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                finally:
+                    os.close(other)
+            fd = held.fd
+            os.write(fd, b"half")
+            raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(OSError):
+        os.fstat(fd)  # closed on the way out
+    with held_temp(out) as held:
+        os.write(held.fd, b"whole")
+        held.close()
+        held.close()  # a second close does nothing (the block's end closes it a third time)
+        os.replace(held.path, out)
+    assert out.read_bytes() == b"whole" and list(tmp_path.iterdir()) == [out]
 
 
 def test_atomic_directory_refuses_a_foreign_directory_and_cleans_up_on_failure(tmp_path):
@@ -363,3 +389,31 @@ def test_cli_refuses_a_bad_signal_grace(monkeypatch):
     monkeypatch.setenv("LEADER_EDGE_SIGNAL_GRACE", "soon")
     result = CliRunner().invoke(main, ["synth", "--help"])
     assert result.exit_code == 2 and "LEADER_EDGE_SIGNAL_GRACE='soon'" in result.output, result.output
+
+
+def test_nested_signals_raise_leaves_the_outer_block_in_charge():
+    """predict_file runs its own block for library callers; under the CLI's it adds no second
+    watchdog, and one signal raises once."""
+    def watchdogs() -> int:
+        return sum(t.name == "leader-edge-signal-watchdog" for t in threading.enumerate())
+
+    before = watchdogs()
+    caught = []
+    try:
+        with signals_raise():
+            assert watchdogs() == before + 1
+            try:
+                with signals_raise():
+                    assert watchdogs() == before + 1
+                    os.kill(os.getpid(), signal.SIGINT)
+                    time.sleep(5)  # the handler raises between bytecodes
+            except Interrupted as e:
+                caught.append(("inner", e.signum))
+                os.kill(os.getpid(), signal.SIGINT)  # during the cleanup: ignored, as for one block
+                time.sleep(0.2)
+                raise
+    except Interrupted as e:
+        caught.append(("outer", e.signum))
+    assert caught == [("inner", signal.SIGINT), ("outer", signal.SIGINT)]
+    with signals_raise():  # and a block after the first one is in charge again
+        assert watchdogs() == before + 1

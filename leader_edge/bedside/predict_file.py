@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from leader_edge.errors import DataError
-from leader_edge.files import hold, output_mode, remove_stale_temps, temp_path
+from leader_edge.files import held_temp, output_mode
 from leader_edge.signals import signals_raise
 from leader_edge.progress import progress
 from leader_edge.bedside.recs import Scored, csv_lines, header, json_records
@@ -99,63 +99,53 @@ def predict_file(bundle: Bundle, input_path: str, output: str, *, fmt: str = "cs
     stem = target.name if target is not None else "predict"
     stats = {"patients": 0, "visits": 0, "codes": 0, "unknown_codes": 0, "visits_with_unknown": 0,
              "codes_over_limit": 0, "visits_over_limit": 0}
-    tmp = None
-    with stream, signals_raise():
+    with stream, signals_raise(), contextlib.ExitStack() as stack:
         try:
             directory.mkdir(parents=True, exist_ok=True)
-            remove_stale_temps(directory / stem)
-            # The name is known before the file exists: a SIGINT between creating it and learning its
-            # name (inside mkstemp) left it behind; now the cleanup below always knows what to remove.
-            tmp = str(temp_path(directory / stem))
+            held = stack.enter_context(held_temp(directory / stem))  # removed on any error or signal
+        except OSError as e:
+            raise _write_error(e, target, directory) from None
+        if target is not None:  # created 0600, as mkstemp would
+            os.fchmod(held.fd, output_mode(target))
+        out = os.fdopen(held.fd, "wb", closefd=False)  # held.close() closes it (and releases the hold)
+
+        def put(data: bytes | None) -> None:
+            """Write `data`, or (None) flush and close; a failure names the output."""
             try:
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                if data is None:
+                    out.close()
+                    held.close()  # a full disk may only show at the flush (or, on NFS, only at close)
+                else:
+                    out.write(data)
             except OSError as e:
                 raise _write_error(e, target, directory) from None
-            hold(fd)  # while this descriptor is open, no other run takes the file for a stale one
-            if target is not None:  # created 0600, as mkstemp would
-                os.fchmod(fd, output_mode(target))
-            out = os.fdopen(fd, "wb")
 
-            def put(data: bytes | None) -> None:
-                """Write `data`, or (None) flush and close; a failure names the output."""
-                try:
-                    if data is None:
-                        out.close()  # flushes: a full disk may only show here (or, on NFS, only at close)
-                    else:
-                        out.write(data)
-                except OSError as e:
-                    raise _write_error(e, target, directory) from None
-
+        try:
+            _stream(bundle, stream, name, put, stats, fmt=fmt, all_visits=all_visits, top_k=top_k,
+                    threshold=threshold, batch_size=batch_size, explainer=explainer)
+            put(None)
+        finally:
+            if not out.closed:  # after a failure: the buffer cannot be written either
+                with contextlib.suppress(OSError):
+                    out.close()
+        share = stats["unknown_codes"] / max(stats["codes"], 1)
+        if max_unknown is not None and share > max_unknown:
+            raise DataError(name, f"{stats['unknown_codes']:,} of the {stats['codes']:,} codes the model read "
+                                  f"({share:.0%}) are not in the vocabulary of the bundle ({bundle.path}): the visits "
+                                  "use other codes than it was trained on (e.g. MIMIC-IV codes, ICD9_/ICD10_ "
+                                  "prefixed, for a MIMIC-III bundle); nothing was written",
+                            fix="score them with a bundle trained on this vocabulary, or map the codes to it; "
+                                "--allow-unknown writes the recommendations anyway")
+        if target is None:
+            with open(held.path, "rb") as f:
+                shutil.copyfileobj(f, sys.stdout.buffer)
+            sys.stdout.buffer.flush()
+            os.unlink(held.path)
+        else:
             try:
-                _stream(bundle, stream, name, put, stats, fmt=fmt, all_visits=all_visits, top_k=top_k,
-                        threshold=threshold, batch_size=batch_size, explainer=explainer)
-                put(None)
-            finally:
-                if not out.closed:  # after a failure: the buffer cannot be written either
-                    with contextlib.suppress(OSError):
-                        out.close()
-            share = stats["unknown_codes"] / max(stats["codes"], 1)
-            if max_unknown is not None and share > max_unknown:
-                raise DataError(name, f"{stats['unknown_codes']:,} of the {stats['codes']:,} codes the model read "
-                                      f"({share:.0%}) are not in the vocabulary of the bundle ({bundle.path}): the visits "
-                                      "use other codes than it was trained on (e.g. MIMIC-IV codes, ICD9_/ICD10_ "
-                                      "prefixed, for a MIMIC-III bundle); nothing was written",
-                                fix="score them with a bundle trained on this vocabulary, or map the codes to it; "
-                                    "--allow-unknown writes the recommendations anyway")
-            if target is None:
-                with open(tmp, "rb") as f:
-                    shutil.copyfileobj(f, sys.stdout.buffer)
-                sys.stdout.buffer.flush()
-                os.unlink(tmp)
-            else:
-                try:
-                    os.replace(tmp, target)
-                except OSError as e:
-                    raise _write_error(e, target, directory) from None
-        except BaseException:
-            if tmp is not None:
-                Path(tmp).unlink(missing_ok=True)
-            raise
+                os.replace(held.path, target)
+            except OSError as e:
+                raise _write_error(e, target, directory) from None
     return stats
 
 
