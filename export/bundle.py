@@ -509,7 +509,8 @@ def _verify_written(directory: Path, key, work: Path) -> None:
 def _candidate(name: str, path: Path, encoded, batched, singles, y_true: np.ndarray, threshold: float) -> Candidate:
     """Score a model file: validation metrics (`encoded`), and batch invariance (`batched` vs `singles`,
     the same visits)."""
-    y_prob = onnx_export.ort_proba(path, encoded)
-    dp = float(np.abs(onnx_export.ort_proba(path, batched) - onnx_export.ort_proba(path, singles)).max())
+    session = onnx_export.ort_session(path)  # one load for the three scorings
+    y_prob = onnx_export.ort_proba(session, encoded)
+    dp = float(np.abs(onnx_export.ort_proba(session, batched) - onnx_export.ort_proba(session, singles)).max())
     score = metrics.score(y_true, y_prob, threshold)
     return Candidate(name, path, y_prob, dp, score["jaccard"], score["prauc"])

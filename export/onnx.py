@@ -127,7 +127,6 @@ def export_onnx(model, path: str | Path, inputs: dict[str, np.ndarray], *, graph
 def _check_against_torch(wrapper, path: Path, traced: dict[str, np.ndarray], outputs, atol: float) -> None:
     """Run `path` in onnxruntime on a batch of other shapes than `traced` (one more row and visit
     slot, other code widths, an empty current visit) and hold every output to torch within `atol`."""
-    import onnxruntime as ort
     import torch
 
     c = wrapper.inner.config
@@ -137,8 +136,7 @@ def _check_against_torch(wrapper, path: Path, traced: dict[str, np.ndarray], out
                            visits=min(k + 1, c.max_visits), widths=widths, seed=1)
     for name in INPUT_NAMES[:3]:
         check[name][-1, -1] = -1  # a current visit with no code at all
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = session.run(list(outputs), check)
+    got = ort_session(path).run(list(outputs), check)
     with torch.no_grad():
         want = wrapper(*(torch.from_numpy(check[n]) for n in INPUT_NAMES))
     want = want if isinstance(want, tuple) else (want,)
@@ -176,11 +174,17 @@ def _quiet_third_party():
                 handler.removeFilter(drop)
 
 
-def ort_proba(path: Path, encoded: list[dict[str, np.ndarray]]) -> np.ndarray:
-    """Probabilities of an ONNX file over pre-encoded batches (concatenated rows)."""
+def ort_session(path: Path):
+    """An onnxruntime CPU session of an ONNX file."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def ort_proba(model, encoded: list[dict[str, np.ndarray]]) -> np.ndarray:
+    """Probabilities over pre-encoded batches (concatenated rows); `model` is an ONNX file's path or
+    an `ort_session` of it (load once, score several sets)."""
+    session = ort_session(model) if isinstance(model, (str, Path)) else model
     return np.concatenate([session.run(None, b)[0] for b in encoded])
 
 
@@ -203,9 +207,7 @@ def check_explain(path: Path, encoded: list[dict[str, np.ndarray]], y_prob: np.n
     Raises:
         RuntimeError: over `ATOL_EXPLAIN_SUM`.
     """
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = ort_session(path)
     names = [o.name for o in session.get_outputs()]
     logits = []
     for batch in encoded:
