@@ -226,8 +226,8 @@ def coverage_kinds(encoder: Encoder) -> tuple[str, ...]:
 
 
 def coverage_text(encoder: Encoder) -> str:
-    """The manifest's `selftest.coverage`: what `coverage_patients` make the model read."""
-    if encoder.max_visits > 1:
+    """The manifest's `selftest.coverage`: what `coverage_patients` make the model read (`coverage_kinds`)."""
+    if "medication" in coverage_kinds(encoder):
         return "every code of every vocabulary"
     return ("every diagnosis and procedure code; no medication code (max_visits 1: medications are read "
             "only as the previous visit's, and no previous visit is kept)")
