@@ -16,7 +16,7 @@ from leader_edge.data.splits import dataset_splits
 from leader_edge.bedside.recs import read_predictions
 from leader_edge.data.synth import synth_dataset
 from leader_edge.train.teacher import run_teacher_stage
-from leader_edge.train.teacher_config import TeacherConfig
+from leader_edge.train.teacher_config import TeacherConfig, load_run_config
 from leader_edge.train.teacher_data import encode_samples, pad_batch
 from leader_edge.train.teacher_model import TeacherModel
 
@@ -421,7 +421,7 @@ def test_leader_7b_config_lists_leaders_lora_and_fits_a_28_layer_qwen2(data_dir,
     import transformers
 
     from leader_edge.train.dry_run import dry_run
-    from leader_edge.train.teacher_config import LORA_TARGETS, load_run_config
+    from leader_edge.train.teacher_config import LORA_TARGETS
 
     text = LEADER_7B.read_text(encoding="utf-8")
     assert text.startswith("# torchrun --nproc_per_node 4 -m leader_edge train ") and "--config configs/leader-7b.toml" in text.splitlines()[0]
@@ -433,6 +433,24 @@ def test_leader_7b_config_lists_leaders_lora_and_fits_a_28_layer_qwen2(data_dir,
                              num_attention_heads=4, num_key_value_heads=2).save_pretrained(model_dir)
     plan = dry_run(data_dir, TeacherConfig.from_dict({**teacher, "teacher": str(model_dir)}), world_size=4)
     assert plan["layers"] == plan["lora_layers"] == 28 and plan["weight_dtype"] == "bfloat16"
+
+
+def test_leader_7b_config_runs_end_to_end_in_miniature(data_dir, tmp_path):
+    """The recipe never ran on GPUs here; in miniature (the tiny teacher, 1 teacher and 2 student
+    epochs) every one of its fields reaches the run: LoRA on all layers, bf16 weights, recomputation,
+    LEADER's loss weights in the student."""
+    from leader_edge.cli import main
+
+    run = tmp_path / "run"
+    r = CliRunner().invoke(main, ["train", "--data", str(data_dir), "--out", str(run), "--teacher", "tiny",
+                                  "--config", str(LEADER_7B), "--epochs", "1", "--student-epochs", "2"])
+    assert r.exit_code == 0, r.output
+    teacher = json.loads((run / "teacher" / "config.json").read_text())["teacher"]
+    want, student = load_run_config(LEADER_7B)
+    assert {k: teacher[k] for k in want if k != "epochs"} == {k: v for k, v in want.items() if k != "epochs"}
+    used = json.loads((run / "student" / "metrics.json").read_text())["config"]
+    assert {k: used[k] for k in student} == student and student["alpha"] == 0.4
+    assert 0.0 <= json.loads((run / "student" / "metrics.json").read_text())["test"]["prauc"] <= 1.0
 
 
 def test_teacher_resume_refuses_ranks_that_see_different_checkpoints(tmp_path):
