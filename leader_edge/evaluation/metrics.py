@@ -264,26 +264,21 @@ def paired_interval(
         return float("nan"), float("nan"), float("nan")
     rng = np.random.default_rng(seed)
     means = np.empty(rounds)
-    if resample_seeds and max(len(a), len(b)) > 1:
+    two_level = resample_seeds and max(len(a), len(b)) > 1
+    paired = len(a) == len(b) and (paired_seeds is None or paired_seeds)
+    step = max(1, 4_000_000 // u)  # bound a block's [rounds, U] arrays to ~32 MB
+    for start in range(0, rounds, step):
+        k = min(step, rounds - start)
+        if not two_level:
+            means[start:start + k] = d[rng.integers(0, u, size=(k, u))].mean(1)
+            continue
         # A round's mean is sum_s sum_u c_s w_u x[s, u] / (S U) with c the drawn seed counts and w
         # the drawn patient counts: one [k, U] @ [U, S] product per block of rounds, not a gather.
-        paired = len(a) == len(b) if paired_seeds is None else paired_seeds and len(a) == len(b)
-        step = max(1, 4_000_000 // u)
-        for start in range(0, rounds, step):
-            k = min(step, rounds - start)
-            draws = rng.integers(0, u, size=(k, u)) + np.arange(k)[:, None] * u  # round r's patients -> r*U + j
-            w = np.bincount(draws.ravel(), minlength=k * u).reshape(k, u).astype(np.float64)  # [k, U] patient counts
-            ca = rng.multinomial(len(a), np.full(len(a), 1.0 / len(a)), size=k)  # [k, S_a] seed counts
-            cb = ca if paired else rng.multinomial(len(b), np.full(len(b), 1.0 / len(b)), size=k)
-            if paired:
-                means[start:start + k] = ((w @ (a - b).T) * ca).sum(1) / (len(a) * u)
-            else:
-                means[start:start + k] = ((w @ a.T) * ca).sum(1) / (len(a) * u) - ((w @ b.T) * cb).sum(1) / (len(b) * u)
-    else:
-        step = max(1, 4_000_000 // u)  # bound the [rounds, U] index block to ~32 MB
-        for start in range(0, rounds, step):
-            k = min(step, rounds - start)
-            means[start:start + k] = d[rng.integers(0, u, size=(k, u))].mean(1)
+        draws = rng.integers(0, u, size=(k, u)) + np.arange(k)[:, None] * u  # round r's patients -> r*U + j
+        w = np.bincount(draws.ravel(), minlength=k * u).reshape(k, u).astype(np.float64)  # [k, U] patient counts
+        ca = rng.multinomial(len(a), np.full(len(a), 1.0 / len(a)), size=k)  # [k, S_a] seed counts
+        cb = ca if paired else rng.multinomial(len(b), np.full(len(b), 1.0 / len(b)), size=k)
+        means[start:start + k] = ((w @ a.T) * ca).sum(1) / (len(a) * u) - ((w @ b.T) * cb).sum(1) / (len(b) * u)
     lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
     return float(d.mean()), float(lo), float(hi)
 
