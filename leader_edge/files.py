@@ -232,6 +232,8 @@ def held_temp(path: str | Path, suffix: str = "") -> Iterator[HeldTemp]:
         hold(held.fd)
         yield held
     except BaseException:
+        with contextlib.suppress(OSError):  # a close error (NFS) must not hide the error that ended the block
+            held.close()
         held.path.unlink(missing_ok=True)  # after a completed rename there is nothing here: the new file stays
         raise
     finally:
@@ -246,6 +248,7 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     with held_temp(path, path.suffix) as held:
         yield held.path
+        held.close()  # before the rename: nothing can fail once `path` is the new file
         os.chmod(held.path, output_mode(path))
         os.replace(held.path, path)  # one step: `path` is the old file or the new one at every moment, no window to guard
 

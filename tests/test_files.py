@@ -59,6 +59,26 @@ def test_held_temp_is_private_held_removed_on_failure_and_closed_once(tmp_path):
     assert out.read_bytes() == b"whole" and list(tmp_path.iterdir()) == [out]
 
 
+def test_held_temp_close_error_does_not_hide_the_error_that_ended_the_block(tmp_path, monkeypatch):
+    """On NFS a failed write-back shows at close(): after a bad input row, that EIO must not replace
+    the row's DataError; the temp file is removed all the same."""
+    import leader_edge.files as files
+
+    real_close = os.close
+
+    def close(fd):
+        real_close(fd)
+        raise OSError(errno.EIO, "Input/output error")
+
+    with pytest.raises(DataError, match="bad row"):
+        with held_temp(tmp_path / "recs.csv") as held:
+            os.write(held.fd, b"part")
+            monkeypatch.setattr(files.os, "close", close)
+            raise DataError(tmp_path / "in.csv", "bad row")
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_atomic_directory_refuses_a_foreign_directory_and_cleans_up_on_failure(tmp_path):
     foreign = tmp_path / "mine"
     foreign.mkdir()
@@ -408,12 +428,13 @@ def test_nested_signals_raise_leaves_the_outer_block_in_charge():
                     os.kill(os.getpid(), signal.SIGINT)
                     time.sleep(5)  # the handler raises between bytecodes
             except Interrupted as e:
-                caught.append(("inner", e.signum))
+                caught.append(e)
                 os.kill(os.getpid(), signal.SIGINT)  # during the cleanup: ignored, as for one block
                 time.sleep(0.2)
+                caught.append("cleanup done")  # a second Interrupted would have left before this
                 raise
     except Interrupted as e:
-        caught.append(("outer", e.signum))
-    assert caught == [("inner", signal.SIGINT), ("outer", signal.SIGINT)]
+        caught.append(e)
+    assert caught[1] == "cleanup done" and caught[2] is caught[0] and caught[0].signum == signal.SIGINT
     with signals_raise():  # and a block after the first one is in charge again
         assert watchdogs() == before + 1

@@ -24,6 +24,9 @@ import math
 import os
 import shutil
 import struct
+import threading
+import weakref
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -33,6 +36,10 @@ import torch
 from leader_edge.errors import StateError
 
 SHARD_BYTES = 256 * 1024 * 1024  # 256 MiB per shard: few files, bounded writer memory
+# Read descriptors a store keeps open, the last read: 120 GB of fp32 states are ~470 shards, and the
+# soft limit on open files is often 1024. Past it the least recently read shard is reopened when needed.
+MAX_OPEN_SHARDS = 128
+_OPEN: "weakref.WeakSet[StateStore]" = weakref.WeakSet()  # stores that have opened a shard (`close_stores`)
 _DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "I64": torch.int64, "I32": torch.int32}
 
 
@@ -48,7 +55,8 @@ class StateStore(Sequence):
         self._pending_bytes = 0
         self._shards = 0
         self._headers: dict[int, dict] = {}  # shard -> its safetensors header (key -> dtype, shape, offsets)
-        self._fds: dict[int, int] = {}  # shard -> its read descriptor (`_fd`)
+        self._fds: OrderedDict[int, int] = OrderedDict()  # shard -> its read descriptor, least recently read first (`_fd`)
+        self._lock = threading.Lock()
 
     @classmethod
     def create(cls, directory: str | Path, n: int, *, dtype: torch.dtype = torch.float32) -> "StateStore":
@@ -99,7 +107,10 @@ class StateStore(Sequence):
         """One tensor of a shard file, read at its offset (safetensors layout: u64 header size, JSON
         header, data; offsets relative to the data)."""
         path = self.directory / f"shard-{shard:05d}.safetensors"
-        fd = self._fd(shard, path)
+        with self._lock:  # no other thread closes the descriptor under this read
+            return self._read_at(self._fd(shard, path), shard, key, path)
+
+    def _read_at(self, fd: int, shard: int, key: str, path: Path) -> torch.Tensor:
         header = self._headers.get(shard)
         if header is None:
             header = self._headers[shard] = _read_header(fd, path)
@@ -125,37 +136,54 @@ class StateStore(Sequence):
 
     def _fd(self, shard: int, path: Path) -> int:
         """The shard's read descriptor, opened once (an open per sample is a server round trip on
-        NFS). Reads are positioned (pread), never seek + read: a descriptor a DataLoader worker
-        inherits by fork shares its file offset with the parent, its pread does not."""
+        NFS), the `MAX_OPEN_SHARDS` last read kept open. Call with `_lock` held. Reads are
+        positioned (pread), never seek + read: a descriptor a DataLoader worker inherits by fork
+        shares its file offset with the parent, its pread does not."""
         fd = self._fds.get(shard)
-        if fd is None:
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            except FileNotFoundError:
-                raise StateError(f"{path}: the shard is gone; the frozen-state cache is damaged - rerun the stage") from None
-            kept = self._fds.setdefault(shard, fd)  # two threads opening it at once: keep one
-            if kept != fd:
-                os.close(fd)
-            fd = kept
+        if fd is not None:
+            self._fds.move_to_end(shard)
+            return fd
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise StateError(f"{path}: the shard is gone; the frozen-state cache is damaged - rerun the stage") from None
+        self._fds[shard] = fd
+        if len(self._fds) > MAX_OPEN_SHARDS:
+            os.close(self._fds.popitem(last=False)[1])
+        _OPEN.add(self)
         return fd
 
     def _close_fds(self) -> None:
-        fds, self._fds = self._fds, {}
-        for fd in fds.values():
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        with self._lock:
+            fds, self._fds = self._fds, OrderedDict()
+            for fd in fds.values():
+                with contextlib.suppress(OSError):
+                    os.close(fd)
 
     def __getstate__(self) -> dict:  # a spawned DataLoader worker opens its own descriptors
-        return {**self.__dict__, "_fds": {}}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_fds", "_lock")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _fds=OrderedDict(), _lock=threading.Lock())
 
     def __del__(self) -> None:
-        if getattr(self, "_fds", None):  # not when __init__ never ran to the end
+        if getattr(self, "_lock", None) is not None and self._fds:  # not when __init__ never ran to the end
             self._close_fds()
 
     def remove(self) -> None:
         self._close_fds()
         self._headers.clear()
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def close_stores(directory: str | Path) -> None:
+    """Close the read descriptors of every store under `directory`, before it is removed: a stage
+    that fails keeps its stores alive in the traceback, and a deleted shard that is still open keeps
+    its disk space until the process ends (on NFS it becomes a `.nfsXXXX` file that blocks the rmdir)."""
+    root = Path(directory).resolve()
+    for store in list(_OPEN):
+        if store.directory.resolve().is_relative_to(root):
+            store._close_fds()
 
 
 def _pread_into(fd: int, buffer: np.ndarray, offset: int) -> int:

@@ -74,7 +74,10 @@ def _drop_cache(out: Path, rank: int) -> None:
     """Remove this rank's frozen-state shards (rank 0: also the shared ones and the empty directory)."""
     import shutil
 
+    from leader_edge.train.state_store import close_stores
+
     cache = out / ".cache"
+    close_stores(cache)  # a failed stage's stores live on in its traceback: their descriptors close here
     for d in cache.glob(f"*-rank{rank}"):
         shutil.rmtree(d, ignore_errors=True)
     if rank == 0:

@@ -50,7 +50,8 @@ def test_serve_swap_under_traffic_drops_and_mixes_nothing(swap_server, bundle_di
         with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30) as c:
             while not stop.is_set():
                 r = c.post("/v1/recommend", json=request)
-                answers.append((r.status_code, r.json()))
+                answers.append((r.status_code, r.json() if r.headers.get("content-type", "").startswith("application/json")
+                                else {"text": r.text}))
 
     threads = [threading.Thread(target=traffic) for _ in range(4)]
     for t in threads:
@@ -144,7 +145,8 @@ def test_serve_workers_rolling_swap_under_traffic(bundle_dir, other_bundle_dir, 
                 except httpx.TransportError as e:  # a retired worker's keep-alive connection: retry
                     resets.append(repr(e))
                     continue
-                answers.append((r.status_code, r.json()))
+                answers.append((r.status_code, r.json() if r.headers.get("content-type", "").startswith("application/json")
+                                else {"text": r.text}))
 
     def serving(bundle_id: str, polls: int = 10) -> bool:
         return all(server.client.get("/readyz").json()["bundle"]["id"] == bundle_id for _ in range(polls))
@@ -155,7 +157,7 @@ def test_serve_workers_rolling_swap_under_traffic(bundle_dir, other_bundle_dir, 
         it: the probe's keep-alive connection sits on one worker, and the traffic's may sit on the
         other, not yet replaced, one."""
         seen, deadline = len(answers), time.monotonic() + 60
-        while not any(body["bundle"]["id"] == bundle_id for _, body in answers[seen:]):
+        while not any(status == 200 and body["bundle"]["id"] == bundle_id for status, body in answers[seen:]):
             assert time.monotonic() < deadline, f"no answer from {bundle_id}"
             time.sleep(0.05)
 
@@ -186,7 +188,7 @@ def test_serve_workers_rolling_swap_under_traffic(bundle_dir, other_bundle_dir, 
             assert time.monotonic() < deadline, "the admin route did not restart the workers"
             time.sleep(0.2)
         answered_by(id_a)
-    except AssertionError as e:  # shown with the service's own log (a restart uvicorn aborted, say)
+    except Exception as e:  # shown with the service's own log (a restart uvicorn aborted, say)
         failure = e
     finally:
         stop.set()

@@ -216,3 +216,30 @@ def test_state_store_shard_removed_under_the_run_is_named(tmp_path):
     (tmp_path / "s" / "shard-00000.safetensors").unlink()
     with pytest.raises(StateError, match=r"shard-00000.safetensors: the shard is gone; .*rerun the stage$"):
         store[0]
+
+
+def test_state_store_keeps_at_most_max_open_shards_descriptors(tmp_path, monkeypatch):
+    """A store of many shards (120 GB of fp32 states are ~470) keeps the last read open, not all:
+    the soft limit on open files is often 1024."""
+    monkeypatch.setattr(state_store, "SHARD_BYTES", 100)  # ~one sample per shard
+    monkeypatch.setattr(state_store, "MAX_OPEN_SHARDS", 3)
+    store = _store_of(tmp_path)
+    for _ in range(2):
+        for i in range(len(store)):
+            assert torch.equal(store[i], torch.full((i % 4 + 1, 3), float(i)))
+            assert len(store._fds) <= 3
+    assert list(store._fds) == sorted(store._fds)[-3:]  # the last three read, oldest first
+
+
+def test_close_stores_closes_the_descriptors_under_a_directory(tmp_path):
+    """What the teacher stage's cleanup calls before removing the cache: a failed stage's stores
+    live on in its traceback, and an open deleted shard keeps its disk space."""
+    inside, outside = _store_of(tmp_path / "cache"), _store_of(tmp_path / "other")
+    inside[0], outside[0]
+    fds = list(inside._fds.values())
+    state_store.close_stores(tmp_path / "cache")
+    assert inside._fds == {} and len(outside._fds) == 1
+    for fd in fds:
+        with pytest.raises(OSError):
+            state_store.os.fstat(fd)
+    assert torch.equal(inside[3], torch.full((4, 3), 3.0))  # still readable: it reopens

@@ -192,6 +192,29 @@ def test_teacher_resume_after_interruption_matches_uninterrupted(tiny_run, data_
     assert [h["epoch"] for h in history] == [1, 2]
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="lists open files through Linux's /proc")
+def test_failed_teacher_stage_leaves_no_open_or_stored_shard(data_dir, tmp_path, monkeypatch):
+    """A stage that fails while tuning on disk-cached states: its traceback keeps the stores alive,
+    yet the cache is removed and none of its shards is still open (an open deleted file keeps its
+    disk space; on NFS it would block the removal)."""
+    import leader_edge.train.teacher as teacher
+
+    calls = []
+
+    def failing_pad_states(states):
+        calls.append(1)
+        raise RuntimeError("out of memory (simulated)")
+
+    monkeypatch.setattr(teacher, "pad_states", failing_pad_states)
+    with pytest.raises(RuntimeError, match="simulated") as e:
+        run_teacher_stage(data_dir, tmp_path / "run", TeacherConfig(**{**TINY, "epochs": 1, "state_cache": "disk"}))
+    assert calls and e.value.__traceback__ is not None  # the failing frames (and their stores) are alive here
+    assert not (tmp_path / "run" / "teacher" / ".cache").exists()
+    open_files = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+                  if os.path.islink(f"/proc/self/fd/{fd}")]
+    assert not [f for f in open_files if str(tmp_path) in f], open_files
+
+
 def test_teacher_cli_show_prompt(data_dir):
     from leader_edge.cli import main
 
