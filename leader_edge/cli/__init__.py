@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
+import math
 import os
 import sys
 from typing import Callable
@@ -24,6 +25,17 @@ COMMANDS = {
     "predict": "Recommend medications from a bundle and a visits CSV (torch-free).",
     "serve": "Serve a bundle over HTTP: JSON and FHIR input, metrics, bundle swap (torch-free).",
 }
+
+
+class FiniteRange(click.FloatRange):
+    """click.FloatRange that also refuses nan and inf (FloatRange(0, 1) let "nan" through: every
+    comparison with NaN is false, so `predict --threshold nan` recommended nothing, exit 0)."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
 
 
 class InputError(click.ClickException):

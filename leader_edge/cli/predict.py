@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from leader_edge.cli import InputError, user_errors
+from leader_edge.cli import FiniteRange, InputError, user_errors
 
 
 @click.command()
@@ -17,7 +17,7 @@ from leader_edge.cli import InputError, user_errors
 @click.option("--format", "fmt", type=click.Choice(["csv", "jsonl"]), default="csv", show_default=True)
 @click.option("--all-visits", is_flag=True, help="Predict every visit (with the visits before it), not only each patient's last.")
 @click.option("--top-k", type=click.IntRange(min=1), help="Recommend the K most probable medications instead of thresholding.")
-@click.option("--threshold", type=click.FloatRange(0, 1), help="Decision threshold [default: the bundle's, tuned on validation].")
+@click.option("--threshold", type=FiniteRange(0, 1), help="Decision threshold [default: the bundle's, tuned on validation].")
 @click.option("--batch-size", default=1024, show_default=True, type=click.IntRange(min=1), help="Patients per model call.")
 @click.option("--trust", envvar="LEADER_EDGE_TRUST", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Ed25519 public key (PEM): refuse a bundle that is not signed by it (`export --sign`).")
@@ -55,6 +55,9 @@ def predict(bundle: Path, input_path: str, output: str, fmt: str, all_visits: bo
 
     if explain and fmt != "jsonl":
         raise InputError("--explain writes nested explanations: add --format jsonl")
+    if top_k is not None and threshold is not None:
+        raise click.UsageError("--top-k and --threshold are exclusive: --top-k recommends the K most probable "
+                               "medications whatever their probability (the threshold was ignored)")
     model = Bundle.load(bundle, trust=trust)
     explainer = None
     if explain:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from leader_edge.cli import user_errors
+from leader_edge.cli import FiniteRange, user_errors
 
 _FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 
@@ -31,7 +31,7 @@ _FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 @click.option("--top-medications", default=300, show_default=True, type=click.IntRange(min=0), help="Keep the N most frequent medications (0: all).")
 @click.option("--min-visits", default=1, show_default=True, type=click.IntRange(min=1),
               help="Drop patients with fewer visits (GAMENet/SafeDrug: 2; LEADER keeps single-visit patients).")
-@click.option("--sample-frac", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True),
+@click.option("--sample-frac", default=1.0, show_default=True, type=FiniteRange(0, 1, min_open=True),
               help="Random share of patients to keep (LEADER used 0.15 on MIMIC-IV).")
 @click.option("--sample-seed", default=42, show_default=True, type=int, help="Seed of --sample-frac.")
 @click.option("--century", default=2100, show_default=True, type=int,

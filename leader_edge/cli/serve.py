@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from leader_edge.cli import InputError, user_errors
+from leader_edge.cli import FiniteRange, InputError, user_errors
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
@@ -23,6 +23,8 @@ LOOPBACK = ("127.0.0.1", "::1", "localhost")
 @click.option("--trust", envvar="LEADER_EDGE_TRUST", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Ed25519 public key (PEM): serve, and swap to, only bundles signed by it.")
 @click.option("--max-body-bytes", default=1 << 20, show_default=True, type=click.IntRange(min=1024), help="Largest request body.")
+@click.option("--body-timeout", default=20.0, show_default=True, type=FiniteRange(min=0, min_open=True),
+              help="Seconds a request body may take to arrive; a slower or stalled client gets 408.")
 @click.option("--max-batch", default=256, show_default=True, type=click.IntRange(min=1), help="Most patients per request.")
 @click.option("--threads", default=1, show_default=True, type=click.IntRange(min=0),
               help="onnxruntime threads per model call (0: all cores).")
@@ -32,7 +34,7 @@ LOOPBACK = ("127.0.0.1", "::1", "localhost")
                    "idle keep-alive connections: clients retry), and /metrics counts per worker.")
 @user_errors
 def serve(bundle: Path, host: str, port: int, token_file: Path | None, trust: Path | None, max_body_bytes: int,
-          max_batch: int, threads: int, workers: int) -> None:
+          body_timeout: float, max_batch: int, threads: int, workers: int) -> None:
     """Serve recommendations over HTTP: POST /v1/recommend (JSON visits), POST /v1/recommend/fhir
     (a FHIR R4 Bundle), GET /healthz /readyz /metrics /openapi.json, POST /admin/reload.
 
@@ -63,7 +65,7 @@ def serve(bundle: Path, host: str, port: int, token_file: Path | None, trust: Pa
                    "(--token-file or LEADER_EDGE_SERVE_TOKEN)", err=True)
     model = Model.load(bundle, trust=trust, threads=threads)  # refused here, before any worker starts
     config = ServeConfig(bundle=bundle, token=token, trust=trust, max_body_bytes=max_body_bytes, max_patients=max_batch,
-                         threads=threads, workers=workers)
+                         threads=threads, workers=workers, body_timeout=body_timeout)
     click.echo(f"leader-edge serve: bundle {model.id} ({bundle}) on http://{host}:{port}"
                + (f", {workers} workers" if workers > 1 else ""), err=True)
     logging.getLogger("leader_edge.serve").setLevel(logging.INFO)

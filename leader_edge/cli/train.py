@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from leader_edge.cli import user_errors
+from leader_edge.cli import FiniteRange, user_errors
 from leader_edge.errors import ConfigError
 from leader_edge.train.teacher_config import ALL_LAYERS, CPU_BACKBONE_LAYERS  # dataclasses only: no torch at import
 
@@ -67,7 +67,7 @@ class LoraLayers(click.ParamType):
               help="GPUs the run will use (--dry-run; torchrun sets WORLD_SIZE).")
 @click.option("--ranks-per-node", type=click.IntRange(min=1), envvar="LOCAL_WORLD_SIZE",
               help="Processes (GPUs) per node for --dry-run's host-memory figure [default: the world size, one node].")
-@click.option("--assume-tflops", type=click.FloatRange(min=0.001), default=400.0, show_default=True,
+@click.option("--assume-tflops", type=FiniteRange(min=0.001), default=400.0, show_default=True,
               help="Sustained bf16 TFLOP/s per GPU that --dry-run's time estimate assumes (H100 SXM: ~400 at 40% MFU).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Student device (the teacher uses CUDA when present).")

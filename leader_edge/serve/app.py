@@ -36,7 +36,7 @@ from pathlib import Path
 from pydantic import ValidationError
 from pydantic_core import from_json, to_json
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse as StarletteJSON
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
@@ -53,6 +53,9 @@ log = logging.getLogger("leader_edge.serve")
 MAX_BODY_BYTES = 1 << 20
 MAX_PATIENTS = 256  # per request; larger batches belong to `leader-edge predict`
 MAX_BATCH_PATIENTS = 1024  # per model call, across queued requests (the bundle's own batch size)
+# Seconds a request's body may take to arrive: a client that stalls mid-body otherwise holds its
+# connection for good, and at SIGTERM (graceful shutdown: 30 s) its task was cancelled into a 500.
+BODY_TIMEOUT_S = 20.0
 
 
 @dataclass
@@ -64,6 +67,7 @@ class ServeConfig:
     max_patients: int = MAX_PATIENTS
     threads: int = 1
     workers: int = 1  # processes (see `app_from_env`); >1: swaps are rolling restarts by the parent
+    body_timeout: float = BODY_TIMEOUT_S
 
 
 class JSONResponse(StarletteJSON):
@@ -222,6 +226,9 @@ def create_app(config: ServeConfig, model: Model) -> Starlette:
                     response = await handler(request)
                 except HTTPError as e:
                     response = JSONResponse({"errors": e.errors}, e.status, headers=e.headers)
+                except ClientDisconnect:  # the client left before its body came: nobody to answer, nothing failed
+                    log.info("%s %s: the client disconnected before sending its whole body", request.method, route)
+                    response = Response(status_code=499)  # nginx's "client closed request", for /metrics only
                 except Exception:  # never down on one request: log it, answer 500
                     log.exception("%s %s failed", request.method, route)
                     response = JSONResponse({"errors": _error("body", "internal error; the service logged it")}, 500)
@@ -237,11 +244,17 @@ def create_app(config: ServeConfig, model: Model) -> Starlette:
         if length is not None and (not length.isdigit() or int(length) > config.max_body_bytes):
             raise HTTPError(413, _error("body", f"{length} bytes; the limit is {config.max_body_bytes:,} (--max-body-bytes)"))
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > config.max_body_bytes:
-                raise HTTPError(413, _error("body", f"more than {config.max_body_bytes:,} bytes (--max-body-bytes)"))
-            chunks.append(chunk)
+        try:
+            async with asyncio.timeout(config.body_timeout):
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > config.max_body_bytes:
+                        raise HTTPError(413, _error("body", f"more than {config.max_body_bytes:,} bytes (--max-body-bytes)"))
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise HTTPError(408, _error("body", f"not received within {config.body_timeout:g} s ({size:,} of "
+                                                f"{length or 'an unstated number of'} bytes came); send the whole "
+                                                "body at once (--body-timeout)"), {"Connection": "close"}) from None
         return b"".join(chunks)
 
     async def run(job: Job) -> tuple[Model, list[dict]]:
@@ -373,7 +386,8 @@ def worker_config(config: ServeConfig, token_file: Path | None) -> str:
     LEADER_EDGE_SERVE_TOKEN, inherited, never written here)."""
     return json.dumps({"bundle": str(config.bundle), "trust": str(config.trust) if config.trust else None,
                        "token_file": str(token_file) if token_file else None, "max_body_bytes": config.max_body_bytes,
-                       "max_patients": config.max_patients, "threads": config.threads, "workers": config.workers})
+                       "max_patients": config.max_patients, "threads": config.threads, "workers": config.workers,
+                       "body_timeout": config.body_timeout})
 
 
 def app_from_env() -> Starlette:
@@ -384,7 +398,7 @@ def app_from_env() -> Starlette:
              else os.environ.get("LEADER_EDGE_SERVE_TOKEN") or None)
     config = ServeConfig(bundle=Path(c["bundle"]), token=token, trust=Path(c["trust"]) if c["trust"] else None,
                          max_body_bytes=c["max_body_bytes"], max_patients=c["max_patients"], threads=c["threads"],
-                         workers=c["workers"])
+                         workers=c["workers"], body_timeout=c["body_timeout"])
     return create_app(config, Model.load(config.bundle, trust=config.trust, threads=config.threads))
 
 

@@ -35,7 +35,7 @@ from datetime import datetime
 
 from pydantic import ValidationError
 
-from leader_edge.serve.schema import RecommendRequest, schema_errors
+from leader_edge.serve.schema import EXCLUSIVE, RecommendRequest, schema_errors
 
 ICD9 = "http://hl7.org/fhir/sid/icd-9-cm"
 ICD10 = ("http://hl7.org/fhir/sid/icd-10-cm", "http://hl7.org/fhir/sid/icd-10")
@@ -96,6 +96,8 @@ def options(query) -> dict:
         raise FHIRError("top_k", "must be >= 1")
     if "threshold" in out and not 0.0 <= out["threshold"] <= 1.0:
         raise FHIRError("threshold", "must be in [0, 1]")
+    if "top_k" in out and "threshold" in out:
+        raise FHIRError("threshold", EXCLUSIVE)
     return out
 
 

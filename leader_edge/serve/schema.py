@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError, model_validator
 
 # A code is one token of a visits file's `a;b;c` list: no whitespace, ',' or ';' (a ';' inside one
 # string would silently become two codes). 64 characters: ICD-10-PCS codes are 7, ATC 7, RXCUI <= 8.
@@ -61,17 +61,23 @@ class PatientIn(_Strict):
     visits: list[VisitIn] = Field(min_length=1, max_length=MAX_VISITS)
 
 
+# top_k recommends the k most probable whatever the threshold: both at once silently ignored one
+EXCLUSIVE = ("give top_k or threshold, not both: top_k recommends the k most probable medications whatever "
+             "their probability, threshold every medication at or above it")
+
+
 class RecommendRequest(_Strict):
     """One patient (`patient`) or a batch (`patients`), and how to decide the recommended set."""
 
     patient: PatientIn | None = None
     patients: list[PatientIn] | None = Field(default=None, min_length=1)
-    top_k: int | None = Field(default=None, ge=1, le=10_000,
+    # Strict: `true` is not 1, "5" is not 5 (lax parsing turned "threshold": true into 1.0, no medication)
+    top_k: StrictInt | None = Field(default=None, ge=1, le=10_000,
                               description="recommend the k most probable medications instead of thresholding")
-    threshold: float | None = Field(default=None, ge=0.0, le=1.0,
+    threshold: StrictFloat | None = Field(default=None, ge=0.0, le=1.0,
                                     description="decision threshold; default: the bundle's, tuned on validation")
-    all_scores: bool = Field(default=False, description="every medication's probability, not only the recommended")
-    explain: bool = Field(default=False, description="per recommended medication, the input codes that drove it; "
+    all_scores: StrictBool = Field(default=False, description="every medication's probability, not only the recommended")
+    explain: StrictBool = Field(default=False, description="per recommended medication, the input codes that drove it; "
                           f"at most {MAX_EXPLAIN_PATIENTS} patients and {MAX_EXPLAINED} medications per patient "
                           "(top_k, or the threshold's set), else 422")
 
@@ -79,6 +85,8 @@ class RecommendRequest(_Strict):
     def _one_form(self) -> "RecommendRequest":
         if (self.patient is None) == (self.patients is None):
             raise ValueError("give either 'patient' (one) or 'patients' (a batch), not both or neither")
+        if self.top_k is not None and self.threshold is not None:
+            raise ValueError(EXCLUSIVE)
         return self
 
     def patient_list(self) -> list[PatientIn]:

@@ -91,6 +91,17 @@ def test_faults_predict_bad_input_named_with_fix(bundle, tmp_path, case):
     assert "latin1" not in result.output or case == "latin1_line_60"
 
 
+@pytest.mark.parametrize("options, words", [
+    (("--threshold", "nan"), "'nan' is not a finite number"),  # was: every recommendation empty, exit 0
+    (("--threshold", "inf"), "not in the range"),
+    (("--top-k", "3", "--threshold", "0.9"), "--top-k and --threshold are exclusive"),  # was: the threshold ignored
+])
+def test_faults_predict_options_that_would_silently_change_the_answer_refused(bundle, tmp_path, options, words):
+    result, out = _predict(bundle, tmp_path, GOOD, *options)
+    assert result.exit_code == 2 and words in result.output and "Traceback" not in result.output, result.output
+    assert not out.exists()
+
+
 def test_faults_predict_ordinary_ids_written_unchanged(bundle, tmp_path):
     """Ids with '-', '=', '@' or '+' inside (not first) are ordinary: written as they are."""
     result, out = _predict(bundle, tmp_path, HEADER + "p-1,v=1,2100-01-01,D1,,,\nid@2,v+2,2100-01-01,D1,,,\n")

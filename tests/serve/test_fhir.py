@@ -97,6 +97,8 @@ def test_serve_fhir_bad_bundles_name_the_field(server):
         assert r.json()["errors"][0]["field"] == field, r.json()
     r = c.post("/v1/recommend/fhir?threshold=high", json=fhir_bundle())
     assert r.status_code == 422 and r.json()["errors"][0]["field"] == "threshold"
+    r = c.post("/v1/recommend/fhir?top_k=2&threshold=0.9", json=fhir_bundle())  # was: the threshold ignored
+    assert r.status_code == 422 and "not both" in r.json()["errors"][0]["message"]
     assert c.post("/v1/recommend/fhir", content=b"<Bundle/>").status_code == 400
 
 

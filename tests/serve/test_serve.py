@@ -1,11 +1,13 @@
 """`leader-edge serve` over real HTTP: JSON in, the same answer as in-process, bad input named by
 field with the server still up, the token, metrics and the OpenAPI description."""
 
+import json
 import subprocess
 import sys
+import time
 
 import pytest
-from conftest import TOKEN
+from conftest import TOKEN, Server
 
 from leader_edge.bedside.runtime import Bundle
 
@@ -72,6 +74,14 @@ BAD = [  # (request, status, field, words in the message)
     ({"patients": [{**P1, "patient_id": "=cmd()"}]}, 422, "patients[0].patient_id", "formula"),
     ({"patients": [P2] * 9}, 422, "patients", "limit is 8"),
     ({"patient": P2, "explain": True}, 422, "explain", "no explanation graph"),  # a bundle exported without one
+    # strict option types: lax parsing took `true` for 1.0 (no medication) and "5" for 5
+    ({"patient": P2, "threshold": True}, 422, "threshold", "valid number"),
+    ({"patient": P2, "threshold": "0.5"}, 422, "threshold", "valid number"),
+    ({"patient": P2, "top_k": True}, 422, "top_k", "valid integer"),
+    ({"patient": P2, "top_k": "5"}, 422, "top_k", "valid integer"),
+    ({"patient": P2, "all_scores": "yes"}, 422, "all_scores", "valid boolean"),
+    ({"patient": P2, "explain": 1}, 422, "explain", "valid boolean"),
+    ({"patient": P2, "top_k": 3, "threshold": 0.9}, 422, "body", "top_k or threshold, not both"),  # was: threshold ignored
 ]
 
 
@@ -153,3 +163,33 @@ def test_serve_cli_refuses_a_bad_bundle_or_empty_token_file(tmp_path, bundle_dir
     (tmp_path / "token").write_text("\n")
     result = CliRunner().invoke(main, ["serve", "--bundle", str(bundle_dir), "--token-file", str(tmp_path / "token")])
     assert result.exit_code == 2 and "is empty" in result.output
+
+
+def test_serve_stalled_body_gets_408_and_a_client_that_leaves_is_no_failure(bundle_dir):
+    """A client that stops mid-body held its connection for good, and at SIGTERM its cancelled task
+    was a 500 with a traceback; one that disconnects was logged as a failed request with a traceback."""
+    import socket
+
+    server = Server(bundle_dir, args=("--body-timeout", "1"))
+    try:
+        body = json.dumps({"patient": P2}).encode()
+        head = (f"POST /v1/recommend HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body) + 100}\r\n\r\n").encode()
+        with socket.create_connection(("127.0.0.1", server.port), timeout=20) as sock:
+            start = time.monotonic()
+            sock.sendall(head + body)  # 100 bytes short, then silence
+            answer = b""
+            while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+        assert 0.5 < time.monotonic() - start < 15 and b"--body-timeout" in answer
+        with socket.create_connection(("127.0.0.1", server.port), timeout=20) as sock:
+            sock.sendall(head + body[:10])  # leaves before the rest
+        time.sleep(0.5)
+        assert server.client.post("/v1/recommend", json={"patient": P2}).status_code == 200
+    finally:
+        output = server.stop()
+    assert "Traceback" not in output and "failed" not in output, output
