@@ -240,12 +240,43 @@ def held_temp(path: str | Path, suffix: str = "") -> Iterator[HeldTemp]:
         held.close()
 
 
+def output_target(path: str | Path) -> tuple[Path, bool]:
+    """(where an output named `path` is written, whether in place): a symbolic link is followed
+    (the link stays, its target gets the new file), and a device or FIFO (/dev/null, a pipe) is
+    written in place: a rename over it replaced the device with a regular file, and /dev/full
+    reported success."""
+    path = Path(path)
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return path, False
+    return path, not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
+def copy_into(src: Path, target: Path) -> None:
+    """Copy a finished temporary into a device or FIFO `target` (see `output_target`)."""
+    with open(src, "rb") as f, open(target, "wb") as out:
+        shutil.copyfileobj(f, out)
+
+
 @contextmanager
 def atomic_file(path: str | Path) -> Iterator[Path]:
     """Yield a temp file path beside `path` (same suffix, so writers that look at it still work);
     on success it replaces `path` with `output_mode(path)`, on any error it is removed. Stale
-    temporaries of `path` from killed runs are removed first."""
-    path = Path(path)
+    temporaries of `path` from killed runs are removed first. A link is written through, a device
+    or FIFO in place once the temporary (in the temp dir) is complete (`output_target`)."""
+    path, in_place = output_target(path)
+    if in_place:
+        import tempfile
+
+        with held_temp(Path(tempfile.gettempdir()) / path.name, path.suffix) as held:
+            yield held.path
+            held.close()
+            copy_into(held.path, path)
+            held.path.unlink()
+        return
     with held_temp(path, path.suffix) as held:
         yield held.path
         held.close()  # before the rename: nothing can fail once `path` is the new file

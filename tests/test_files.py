@@ -438,3 +438,23 @@ def test_nested_signals_raise_leaves_the_outer_block_in_charge():
     assert caught[1] == "cleanup done" and caught[2] is caught[0] and caught[0].signum == signal.SIGINT
     with signals_raise():  # and a block after the first one is in charge again
         assert watchdogs() == before + 1
+
+
+def test_atomic_file_writes_through_a_link_and_into_a_fifo_in_place(tmp_path):
+    """A rename over the output path replaced a symbolic link with a regular file (its target kept
+    the old data) and a device with a regular file (/dev/full "succeeded")."""
+    target = tmp_path / "target.json"
+    target.write_text("old")
+    link = tmp_path / "link.json"
+    link.symlink_to(target.name)
+    atomic_write_text(link, "new")
+    assert link.is_symlink() and target.read_text() == "new"
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_text()))
+    reader.start()
+    atomic_write_text(fifo, "through the pipe")
+    reader.join(10)
+    assert got == ["through the pipe"] and stat.S_ISFIFO(os.stat(fifo).st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.json", "pipe", "target.json"]

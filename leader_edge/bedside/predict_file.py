@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from leader_edge.errors import DataError
-from leader_edge.files import held_temp, output_mode
+from leader_edge.files import copy_into, held_temp, output_mode, output_target
 from leader_edge.signals import signals_raise
 from leader_edge.progress import progress
 from leader_edge.bedside.recs import Scored, csv_lines, header, json_records
@@ -85,9 +85,10 @@ def predict_file(bundle: Bundle, input_path: str, output: str, *, fmt: str = "cs
             or more than `max_unknown` of the codes unknown.
         Interrupted: SIGTERM or SIGINT arrived; nothing was written.
     """
-    target = None if output == "-" else Path(output)
+    target, in_place = (None, False) if output == "-" else (Path(output), False)
     if target is not None:
         _check_output(target, input_path, bundle.path)
+        target, in_place = output_target(target)  # a link is written through, a device or FIFO in place
     if input_path == "-":
         stream, name = sys.stdin.buffer, "<stdin>"
     else:
@@ -95,7 +96,7 @@ def predict_file(bundle: Bundle, input_path: str, output: str, *, fmt: str = "cs
             stream, name = open(input_path, "rb", buffering=1 << 20), input_path
         except (FileNotFoundError, IsADirectoryError):
             raise DataError(input_path, "no such file", fix="pass a visits CSV, or - to read standard input") from None
-    directory = target.parent if target is not None else Path(tempfile.gettempdir())
+    directory = target.parent if target is not None and not in_place else Path(tempfile.gettempdir())
     stem = target.name if target is not None else "predict"
     stats = {"patients": 0, "visits": 0, "codes": 0, "unknown_codes": 0, "visits_with_unknown": 0,
              "codes_over_limit": 0, "visits_over_limit": 0}
@@ -105,7 +106,7 @@ def predict_file(bundle: Bundle, input_path: str, output: str, *, fmt: str = "cs
             held = stack.enter_context(held_temp(directory / stem))  # removed on any error or signal
         except OSError as e:
             raise _write_error(e, target, directory) from None
-        if target is not None:  # created 0600, as mkstemp would
+        if target is not None and not in_place:  # created 0600, as mkstemp would
             os.fchmod(held.fd, output_mode(target))
         out = os.fdopen(held.fd, "wb", closefd=False)  # held.close() closes it (and releases the hold)
 
@@ -143,7 +144,11 @@ def predict_file(bundle: Bundle, input_path: str, output: str, *, fmt: str = "cs
             os.unlink(held.path)
         else:
             try:
-                os.replace(held.path, target)
+                if in_place:
+                    copy_into(held.path, target)
+                    os.unlink(held.path)
+                else:
+                    os.replace(held.path, target)
             except OSError as e:
                 raise _write_error(e, target, directory) from None
     return stats

@@ -62,6 +62,11 @@ def evaluate(truth, predictions, visits, label_space, skip_missing, ddi, baselin
         inputs = [p for p in (truth, predictions, visits, ddi) if p is not None]
         if any(output.resolve() == p.resolve() for p in inputs):
             raise click.UsageError(f"--out {output} is one of the input files; choose another path")
+        for directory, what in ((run_dir, "the run directory"), (data, "the dataset directory")):
+            if directory is not None and output.resolve().is_relative_to(directory.resolve()):
+                # run.json, a model's predictions or visits.csv replaced by this JSON: the run or dataset was lost
+                raise click.UsageError(f"--out {output} lies in {what} {directory}, whose files are the inputs "
+                                       "(a run also gets its report there); choose a path outside it")
     if run_dir is not None:
         result = _evaluate_run(run_dir, data, protocol)
         from leader_edge.evaluation.report import report_files, summary_table

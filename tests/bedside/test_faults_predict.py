@@ -102,6 +102,27 @@ def test_faults_predict_options_that_would_silently_change_the_answer_refused(bu
     assert not out.exists()
 
 
+def test_faults_predict_writes_through_a_link_and_into_a_fifo(bundle, tmp_path):
+    """--out on a link replaced the link with a file (the target kept its old data); on a device it
+    replaced the device (--out /dev/full: exit 0)."""
+    expected, _ = _predict(bundle, tmp_path, GOOD, output=tmp_path / "plain.csv")
+    assert expected.exit_code == 0, expected.output
+    want = (tmp_path / "plain.csv").read_text()
+    target = tmp_path / "target.csv"
+    target.write_text("old")
+    (tmp_path / "link.csv").symlink_to(target.name)
+    result, _ = _predict(bundle, tmp_path, GOOD, output=tmp_path / "link.csv")
+    assert result.exit_code == 0 and (tmp_path / "link.csv").is_symlink() and target.read_text() == want
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    got = []
+    reader = __import__("threading").Thread(target=lambda: got.append(fifo.read_text()))
+    reader.start()
+    result, _ = _predict(bundle, tmp_path, GOOD, output=fifo)
+    reader.join(30)
+    assert result.exit_code == 0 and got == [want] and os.path.exists(fifo) and not os.path.isfile(fifo)
+
+
 def test_faults_predict_ordinary_ids_written_unchanged(bundle, tmp_path):
     """Ids with '-', '=', '@' or '+' inside (not first) are ordinary: written as they are."""
     result, out = _predict(bundle, tmp_path, HEADER + "p-1,v=1,2100-01-01,D1,,,\nid@2,v+2,2100-01-01,D1,,,\n")

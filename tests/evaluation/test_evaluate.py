@@ -249,6 +249,20 @@ def test_evaluate_refuses_output_over_an_input(tmp_path):
     assert truth.read_bytes() == before
 
 
+def test_evaluate_refuses_output_inside_the_data_or_run_directory(data_dir, tmp_path):
+    """--out data/visits.csv replaced the dataset with a JSON, exit 0; --out RUN/run.json the run."""
+    before = (data_dir / "visits.csv").read_bytes()
+    for out in (data_dir / "visits.csv", data_dir / "new.json"):
+        r = _run_eval("--baseline", "frequency", "--data", data_dir, "--output", out)
+        assert r.exit_code == 2 and "lies in the dataset directory" in r.output, r.output
+    assert (data_dir / "visits.csv").read_bytes() == before and not (data_dir / "new.json").exists()
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text("{}")
+    r = _run_eval("--run", run, "--output", run / "run.json")
+    assert r.exit_code == 2 and "lies in the run directory" in r.output and (run / "run.json").read_text() == "{}"
+
+
 def test_evaluate_file_without_scores_has_no_prauc(tmp_path):
     truth, recs, _ = _write_truth_and_recs(tmp_path, ["p1,a,A;B", "p1,b,A", "p2,c,B;C", "p3,e,C"], header="patient_id,visit_id,medications")
     r = CliRunner().invoke(main, ["evaluate", "--truth", str(truth), "--predictions", str(recs)])
