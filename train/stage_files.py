@@ -132,17 +132,23 @@ def write_student_dir(out: Path, model: Student, encoder: Encoder, threshold: fl
 
 def load_student(directory: str | Path, *, backend: str = "auto") -> tuple[Student, Encoder, float]:
     """(model in eval mode on CPU, encoder, threshold) from a RUN/student* directory."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     d = Path(directory)
     if not (d / "config.json").exists() or not (d / "model.safetensors").exists():
         raise StateError(f"{d} has no config.json/model.safetensors; train it with `leader-edge train --stage student`")
     if (d / "metrics.json").exists():
-        check_stage_file(d, "model.safetensors", "student")
-    config = json.loads((d / "config.json").read_text(encoding="utf-8"))
-    model = Student(StudentConfig.from_json(config["student"], backend=backend))
-    model.load_state_dict(load_file(str(d / "model.safetensors")))
-    return model.eval(), Encoder.from_json(config["encoder"]), float(config["threshold"])
+        for name in ("model.safetensors", "config.json"):  # both recorded by write_student_dir
+            check_stage_file(d, name, "student")
+    try:  # a student whose metrics.json predates the digests, or has none: damage named all the same
+        config = json.loads((d / "config.json").read_text(encoding="utf-8"))
+        model = Student(StudentConfig.from_json(config["student"], backend=backend))
+        model.load_state_dict(load_file(str(d / "model.safetensors")))
+        return model.eval(), Encoder.from_json(config["encoder"]), float(config["threshold"])
+    except (ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as e:  # JSONDecodeError is a ValueError
+        raise StateError(f"{d}: config.json or model.safetensors is damaged ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200] if str(e) else e!r}); re-run `leader-edge train --stage student`") from None
 
 
 def student_dir_name(distill: bool, seed: int, train_seed: int | None = None) -> str:

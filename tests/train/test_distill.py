@@ -13,6 +13,7 @@ from leader_edge.bedside.recs import read_predictions
 from leader_edge.files import sha256
 from leader_edge.data.synth import synth_dataset
 from leader_edge.train.distill import DistillConfig, batches, run_student_stage, trim
+from leader_edge.errors import StateError
 from leader_edge.train.stage_files import load_student, load_teacher_features
 from leader_edge.train.teacher_data import sample_key
 
@@ -199,6 +200,18 @@ def test_stage_outputs_are_checked_before_reuse(data, tmp_path):
     weights.write_bytes(bytes(raw))
     with pytest.raises(RuntimeError, match="--stage student"):
         load_student(tmp_path / "student-nodistill")
+    weights.write_bytes(bytes(raw[:-1] + bytes([raw[-1] ^ 0x01])))  # mended
+    config = tmp_path / "student-nodistill" / "config.json"
+    good = config.read_text()
+    config.write_text("{garbled")  # was a JSONDecodeError traceback in `export`
+    with pytest.raises(StateError, match=r"config.json does not match the sha256 .*--stage student"):
+        load_student(tmp_path / "student-nodistill")
+    metrics = tmp_path / "student-nodistill" / "metrics.json"
+    metrics.write_text(json.dumps({k: v for k, v in json.loads(metrics.read_text()).items() if k != "files"}))
+    with pytest.raises(StateError, match=r"config.json or model.safetensors is damaged \(JSONDecodeError.*--stage student"):
+        load_student(tmp_path / "student-nodistill")  # a student from before the digests
+    config.write_text(good)
+    load_student(tmp_path / "student-nodistill")
 
 
 def test_frequency_student_is_the_baseline_and_exports_as_a_bundle(data, tmp_path):
