@@ -449,7 +449,8 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, model: str = DEFAULT_
         }
         sizes = {"n_codes": student.config.n_codes, "n_meds": student.config.n_meds,
                  "n_profile_ids": student.config.n_profile_ids, "max_visits": student.config.max_visits}
-        with atomic_directory(out, marker=MANIFEST, what="leader-edge bundle") as tmp_out:
+        with atomic_directory(out, marker=MANIFEST, what="leader-edge bundle",
+                              owns=(MANIFEST, MODEL, SELFTEST, SIGNATURE, EXPLAIN, NAMES)) as tmp_out:
             names = work / NAMES
             names.write_text(json.dumps(code_names(ds.names, encoder), indent=1, sort_keys=True, ensure_ascii=False) + "\n",
                              encoding="utf-8")

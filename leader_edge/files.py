@@ -36,7 +36,7 @@ import secrets
 import shutil
 import socket
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -312,7 +312,8 @@ def _held_directory(path: Path) -> Iterator[Path]:
 
 
 @contextmanager
-def atomic_directory(directory: str | Path, *, marker: str, what: str) -> Iterator[Path]:
+def atomic_directory(directory: str | Path, *, marker: str, what: str, owns: Collection[str] | None = None,
+                     is_ours: Callable[[Path], bool] | None = None) -> Iterator[Path]:
     """Yield a temp directory beside `directory`; on success it replaces `directory` (with
     `output_mode`, and the umask's mode for everything inside), on any error it is removed, so no
     half-written output is ever left and the old directory is left as it was. Stale temporaries of
@@ -325,11 +326,22 @@ def atomic_directory(directory: str | Path, *, marker: str, what: str) -> Iterat
     outright between them leaves the old copy aside; the next writer renames it back.
 
     An existing `directory` is replaced only when it is empty or holds `marker` (a file that a
-    previous run of the same writer left there): anything else is refused, not overwritten.
+    previous run of the same writer left there; `is_ours(marker path)` may check its content):
+    anything else is refused, not overwritten. With `owns` (every name the writer may put there),
+    it must also hold nothing else: a folder of someone else's files with a file named like the
+    marker was replaced whole, the files lost.
     """
     out = Path(directory)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / marker).exists())):
-        raise DataError(out, f"exists and is not a {what} directory", fix="choose a new --out path or remove it")
+    if out.exists():
+        entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else None
+        ours = entries is not None and (not entries or (out / marker).is_file() and (is_ours is None or is_ours(out / marker)))
+        if not ours:
+            raise DataError(out, f"exists and is not a {what} directory", fix="choose a new --out path or remove it")
+        foreign = [n for n in entries if owns is not None and n not in owns]
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise DataError(out, f"holds {shown}, which a {what} directory does not: replacing it would delete "
+                                 f"{'them' if len(foreign) > 1 else 'it'}", fix="move those elsewhere, or choose a new --out path")
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out)
     with _held_directory(temp_path(out)) as tmp:

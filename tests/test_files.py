@@ -96,6 +96,30 @@ def test_atomic_directory_refuses_a_foreign_directory_and_cleans_up_on_failure(t
     assert (out / "manifest.json").read_text() == "{}" and sorted(p.name for p in tmp_path.iterdir()) == ["b", "mine"]
 
 
+def test_atomic_directory_with_owns_refuses_a_folder_holding_other_files(tmp_path):
+    """A folder of someone else's files beside a file named like the marker (or extra files in our
+    own output) was replaced whole: the files were lost without a word."""
+    out = tmp_path / "out"
+    (out / "imagesTr").mkdir(parents=True)
+    (out / "dataset.json").write_text('{"name": "Task01"}')
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match=r"holds imagesTr, notes.txt, which a dataset directory does not"):
+        with atomic_directory(out, marker="dataset.json", what="dataset", owns=("dataset.json", "visits.csv")):
+            raise AssertionError("refused before the block runs")
+    assert sorted(p.name for p in out.iterdir()) == ["dataset.json", "imagesTr", "notes.txt"]
+    (out / "imagesTr").rmdir()
+    (out / "notes.txt").unlink()
+    with pytest.raises(DataError, match="is not a dataset directory"):  # the marker's content is not ours
+        with atomic_directory(out, marker="dataset.json", what="dataset", owns=("dataset.json",),
+                              is_ours=lambda p: "format_version" in p.read_text()):
+            pass
+    (out / "dataset.json").write_text('{"format_version": 1}')
+    with atomic_directory(out, marker="dataset.json", what="dataset", owns=("dataset.json",),
+                          is_ours=lambda p: "format_version" in p.read_text()) as tmp:
+        (tmp / "dataset.json").write_text('{"format_version": 2}')
+    assert (out / "dataset.json").read_text() == '{"format_version": 2}'
+
+
 def test_sha256_of_a_file():
     assert sha256(__file__) == __import__("hashlib").sha256(open(__file__, "rb").read()).hexdigest()
 

@@ -224,10 +224,23 @@ def write_visits(visits: Iterable[Visit], path: str | Path, profile_fields: list
     return len(visits)
 
 
+DATASET_FILES = ("visits.csv", "codes.csv", "ddi.csv", "dataset.json")  # all `write_dataset` writes
+
+
+def _is_dataset_json(path: Path) -> bool:
+    """Whether `path` is the dataset.json `write_dataset` writes (another tool's file of that name is not)."""
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and "format_version" in meta and "counts" in meta
+
+
 def write_dataset(ds: Dataset, directory: str | Path, *, source: str, options: dict | None = None) -> Path:
     """Write a dataset directory atomically (see `atomic_directory`); returns its path. visits.csv
     is written by `write_visits`, in the visits reader's contract order."""
-    with atomic_directory(directory, marker="dataset.json", what="leader-edge dataset") as tmp:
+    with atomic_directory(directory, marker="dataset.json", what="leader-edge dataset", owns=DATASET_FILES,
+                          is_ours=_is_dataset_json) as tmp:
         write_visits(ds.visits, tmp / "visits.csv", ds.profile_fields)
         _write_csv(tmp / "codes.csv", CODES_COLUMNS, ([k, c, n] for k in KINDS for c, n in sorted(ds.names.get(k, {}).items())))
         _write_csv(tmp / "ddi.csv", DDI_COLUMNS, sorted(ds.ddi))

@@ -98,13 +98,19 @@ def _products(rng: np.random.Generator, cohort: Cohort) -> dict:
     }
 
 
+# Every file `_write_tables` writes (an existing --out holding anything else is refused, not replaced)
+MIMIC3_FILES = ("PATIENTS.csv", "ADMISSIONS.csv", "DIAGNOSES_ICD.csv", "PROCEDURES_ICD.csv", "D_ICD_DIAGNOSES.csv",
+                "D_ICD_PROCEDURES.csv", "PRESCRIPTIONS.csv", "ndc2rxnorm_mapping.txt", "RXCUI2atc4.csv", "drug-atc.csv",
+                "drug-DDI.csv")
+
+
 def write_mimic3(cohort: Cohort, out: str | Path, *, seed: int = 42) -> Path:
     """Write ADMISSIONS, PATIENTS, DIAGNOSES_ICD, PROCEDURES_ICD, PRESCRIPTIONS, D_ICD_* and the
     map files (ndc2rxnorm_mapping.txt, RXCUI2atc4.csv, drug-atc.csv, drug-DDI.csv) atomically.
 
     An existing `out` is replaced only if it holds an ADMISSIONS.csv written before (it is ours).
     """
-    with atomic_directory(out, marker="ADMISSIONS.csv", what="synthetic MIMIC-III") as tmp:
+    with atomic_directory(out, marker="ADMISSIONS.csv", what="synthetic MIMIC-III", owns=MIMIC3_FILES) as tmp:
         _write_tables(cohort, tmp, np.random.default_rng([seed, 3]))
     return Path(out)
 

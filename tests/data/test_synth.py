@@ -210,3 +210,15 @@ def test_synth_config_refuses_bad_values():
         SynthConfig(patients=0)
     with pytest.raises(ValueError, match="tail_mass"):
         SynthConfig(tail_mass=1.5)
+
+
+def test_synth_out_holding_other_files_is_refused_and_kept(tmp_path):
+    """synth (as prepare) replaced a dataset folder whole: a notes file beside it was deleted, exit 0."""
+    out = tmp_path / "d"
+    assert CliRunner().invoke(main, ["synth", "--out", str(out), "--patients", "20"]).exit_code == 0
+    (out / "notes.txt").write_text("mine")
+    r = CliRunner().invoke(main, ["synth", "--out", str(out), "--patients", "20", "--seed", "2"])
+    assert r.exit_code == 2 and "holds notes.txt" in r.output and "Traceback" not in r.output, r.output
+    assert (out / "notes.txt").read_text() == "mine"
+    (out / "notes.txt").unlink()
+    assert CliRunner().invoke(main, ["synth", "--out", str(out), "--patients", "20", "--seed", "2"]).exit_code == 0
