@@ -159,3 +159,68 @@ def test_faults_prepare_latin1_byte_named_by_line_and_column(tmp_path: Path) -> 
     code, output = _prepare("mimic3", root, tmp_path / "ds")
     _assert_refused(code, output, tmp_path / "ds", "ADMISSIONS.csv, line 60, column 'INSURANCE'", "0xe9",
                     "iconv -f latin1")
+
+
+@pytest.fixture
+def copy3(tmp_path: Path) -> Path:
+    """A writable copy of the MIMIC-III demo."""
+    require_shared(MIMIC3 / "ADMISSIONS.csv", NDC_MAP)
+    root = tmp_path / "m3"
+    shutil.copytree(MIMIC3, root)
+    for p in root.rglob("*"):
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    return root
+
+
+def _edit_line(path: Path, line: int, edit) -> None:
+    lines = path.read_bytes().split(b"\n")
+    lines[line - 1] = edit(lines[line - 1])
+    path.write_bytes(b"\n".join(lines))
+
+
+def test_faults_prepare_nul_in_a_code_named_not_written(copy3: Path, tmp_path: Path) -> None:
+    """A NUL byte in an ICD code went into visits.csv, which the dataset's own reader then refused."""
+    _edit_line(copy3 / "DIAGNOSES_ICD.csv", 10, lambda b: b.rstrip(b"\r").rstrip(b'"') + b'\x00"\r')
+    code, output = _prepare("mimic3", copy3, tmp_path / "ds")
+    _assert_refused(code, output, tmp_path / "ds", "DIAGNOSES_ICD.csv, line 10, column 'icd9_code'", "control character")
+
+
+def test_faults_prepare_dotted_icd_code_is_the_same_code(copy3: Path, tmp_path: Path) -> None:
+    """'996.62' beside '99662' made two vocabulary entries with one name, unreported."""
+    path = copy3 / "DIAGNOSES_ICD.csv"
+    first = path.read_bytes().split(b"\n")[1]
+    code_field = first.rstrip(b"\r").split(b",")[-1]
+    raw = code_field.strip(b'"')
+    assert len(raw) > 3
+    _edit_line(path, 2, lambda b: b.replace(code_field, code_field.replace(raw, raw[:3] + b"." + raw[3:])))
+    code, output = _prepare("mimic3", copy3, tmp_path / "ds")
+    assert code == 0, output
+    ds = load_dataset(tmp_path / "ds")
+    assert raw.decode() in ds.vocab("diagnosis") and not any("." in c for c in ds.vocab("diagnosis"))
+    assert any(s["step"] == "diagnoses_icd.dotted_code" and s["removed_rows"] == 1 for s in ds.meta["filters"])
+
+
+def test_faults_prepare_header_only_prescriptions_named(copy3: Path, tmp_path: Path) -> None:
+    """A PRESCRIPTIONS table with no rows ended in a numpy TypeError traceback; now the filter step that
+    emptied every visit is named, in words."""
+    path = copy3 / "PRESCRIPTIONS.csv"
+    path.write_bytes(path.read_bytes().split(b"\n")[0] + b"\n")
+    code, output = _prepare("mimic3", copy3, tmp_path / "ds")
+    assert code == 2 and "Traceback" not in output and "visits.no_prescriptions (129 visits" in output, output
+    assert "[{" not in output and not (tmp_path / "ds").exists()
+
+
+def test_faults_prepare_prescription_dates_in_another_form_still_anchor_the_century(copy3: Path, tmp_path: Path) -> None:
+    """M/D/YYYY start dates were silently unreadable: the two-digit admission years were left in the
+    wrong century and a patient's visits reordered."""
+    code, output = _prepare("mimic3", copy3, tmp_path / "iso")
+    assert code == 0, output
+    path = copy3 / "PRESCRIPTIONS.csv"
+    text = path.read_text(encoding="utf-8")
+    import re
+
+    path.write_text(re.sub(r",(2[12]\d\d)-(\d\d)-(\d\d) 00:00:00,", r",\2/\3/\1,", text), encoding="utf-8")
+    code, output = _prepare("mimic3", copy3, tmp_path / "us")
+    assert code == 0, output
+    iso, us = load_dataset(tmp_path / "iso"), load_dataset(tmp_path / "us")
+    assert [(v.visit_id, v.time) for v in iso.visits] == [(v.visit_id, v.time) for v in us.visits]

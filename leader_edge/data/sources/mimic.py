@@ -195,6 +195,16 @@ def _read_icd(stem: str, path: Path, adm: _Admissions, flog: FilterLog
             raise DataError(path, f"icd_version {version[row].as_py()!r} is not 9 or 10", line=row + 2, column="icd_version",
                             fix="use the table as released by PhysioNet")
         text = pc.if_else(pc.equal(text, ""), "", pc.binary_join_element_wise("ICD", version, "_", text, ""))
+    bad = pc.match_substring_regex(text, r"[\x00-\x1f\x7f;,]").to_numpy(zero_copy_only=False) & (visit >= 0)
+    if bad.any():  # visits.csv could not hold it: the dataset's own reader refused what prepare wrote
+        row = int(np.flatnonzero(bad)[0])
+        raise DataError(path, f"the code {text[row].as_py()!r} holds a control character (a NUL byte, a tab), ';' or ','",
+                        line=row + 2, column=cols[1], fix="remove it from the table (codes are letters and digits)")
+    dotted = pc.match_substring(text, ".").to_numpy(zero_copy_only=False) & (visit >= 0)
+    if dotted.any():  # "996.62" and "99662" were two codes with one name
+        text = pc.replace_substring(text, ".", "")
+        flog.record(f"{step}.dotted_code", "nothing removed: ICD codes written with a dot (996.62) read without it, "
+                    "as MIMIC stores them", rows=int(dotted.sum()))
     code, values = encode(text)
     empty_idx = values.index("") if "" in values else -1
     keep = visit >= 0
@@ -251,14 +261,14 @@ def _read_prescriptions(cfg: PrepareConfig, path: Path, adm: _Admissions, flog: 
 
     ndc_rxcui = maps.read_ndc_rxcui(cfg.ndc_rxcui)
     rxcui = [ndc_rxcui.get(n) for n in ndcs]
-    unmapped = np.array([r is None for r in rxcui])[ndc_idx] & keep
+    unmapped = np.array([r is None for r in rxcui], dtype=bool)[ndc_idx] & keep  # bool for an empty table too
     flog.record("prescriptions.ndc_unmapped", f"NDC not in {cfg.ndc_rxcui.name}", rows=int(unmapped.sum()),
                 codes=len(np.unique(ndc_idx[unmapped])))
     keep &= ~unmapped
     if cfg.med_level == "atc3":
         rxcui_atc = maps.read_rxcui_atc(cfg.rxcui_atc)
         med_of_ndc = [rxcui_atc[r][:4] if r is not None and r in rxcui_atc else None for r in rxcui]
-        unmapped = np.array([m is None for m in med_of_ndc])[ndc_idx] & keep
+        unmapped = np.array([m is None for m in med_of_ndc], dtype=bool)[ndc_idx] & keep
         flog.record("prescriptions.rxcui_unmapped", f"RXCUI not in {cfg.rxcui_atc.name}", rows=int(unmapped.sum()))
         keep &= ~unmapped
     else:
@@ -282,13 +292,25 @@ def _anchor_two_digit_years(adm: _Admissions, table: pa.Table, visit: np.ndarray
     anchors = np.full(len(adm.hadm), np.datetime64("NaT"), dtype="datetime64[s]")
     if col is not None:
         rows = np.flatnonzero((visit >= 0) & adm.two_digit[np.maximum(visit, 0)])
-        start = pd.to_datetime(column_text(table, col).take(pa.array(rows)).to_pandas(), format="ISO8601", errors="coerce")
+        text = column_text(table, col).take(pa.array(rows)).to_pandas()
+        start = pd.to_datetime(text, format="ISO8601", errors="coerce")
+        retry = start.isna() & (text != "")
+        if retry.any():  # M/D/YYYY and other written forms; ISO 8601 alone left them out unsaid (wrong centuries)
+            start[retry] = pd.to_datetime(text[retry], format="mixed", errors="coerce")
+        unreadable = int((start.isna() & (text != "")).sum())
+        if unreadable:
+            example = text[start.isna() & (text != "")].iloc[0]
+            log.warning("%s: %d prescription %s value(s) are not dates (e.g. %r): those visits keep the %d+YY reading",
+                        col, unreadable, col.upper(), example, century)
         first = pd.Series(start.to_numpy()).groupby(visit[rows]).min().dropna()
         anchors[first.index.to_numpy()] = first.to_numpy(dtype="datetime64[s]")
+    else:
+        unreadable = 0
     adm.time, moved = nearest_century(adm.time, anchors)
     flog.record("admissions.two_digit_years",
                 f"nothing removed: {int(adm.two_digit.sum()):,} ADMITTIME years had two digits, read as {century}+YY; "
-                f"{int((~np.isnat(anchors)).sum()):,} checked against the visit's first prescription date, {moved:,} moved a century")
+                f"{int((~np.isnat(anchors)).sum()):,} checked against the visit's first prescription date, {moved:,} moved a century"
+                + (f"; {unreadable:,} prescription dates unreadable" if unreadable else ""))
 
 
 def _drug_names(med: np.ndarray, drug_idx: np.ndarray, drugs: list[str], meds: list[str]) -> dict[str, str]:
@@ -375,7 +397,10 @@ def prepare_mimic(cfg: PrepareConfig) -> Dataset:
                     patients=int((counts < cfg.min_visits).sum()))
         present &= ~few
     if not present.any():
-        raise ConfigError(f"no visit of {cfg.root} survived the filters ({flog.steps}); check the map files and options")
+        removed = [f"{st['step']} ({', '.join(f'{v:,} {k[8:]}' for k, v in st.items() if k.startswith('removed_') and v)}: "
+                   f"{st['reason']})" for st in flog.steps if any(v for k, v in st.items() if k.startswith("removed_"))]
+        raise ConfigError(f"no visit of {cfg.root} survived the filters; what removed them: " + "; ".join(removed)
+                          + ". Check the tables (an empty one?), the map files and the options")
 
     order = [r for r in np.lexsort((adm.hadm, adm.time, adm.subject)) if present[r]]
     lists = {key: _lists(v, c, vals, n_adm) for key, v, c, vals in
