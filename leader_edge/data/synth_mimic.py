@@ -132,7 +132,8 @@ def _write_tables(cohort: Cohort, d: Path, rng: np.random.Generator) -> None:
     last = np.append(first[1:], n_v) - 1
     pat_dead = died[last]
     dod = np.where(pat_dead, disch[last].astype("datetime64[D]").astype("datetime64[s]"), np.datetime64("NaT"))
-    dod_text = pa.array([None if not dead else s for dead, s in zip(pat_dead, np.datetime_as_string(dod, unit="s"))])
+    dod_text = pa.array([None if not dead else s for dead, s in zip(pat_dead, np.datetime_as_string(dod, unit="s"))],
+                        type=pa.string())  # typed: with nobody dead (a few patients) it was a null array
     dod_text = pc.replace_substring(dod_text, "T", " ")
     _write(d / "PATIENTS.csv", pa.table({
         "ROW_ID": np.arange(1, n_p + 1), "SUBJECT_ID": cohort.subject_ids,

@@ -222,3 +222,16 @@ def test_synth_out_holding_other_files_is_refused_and_kept(tmp_path):
     assert (out / "notes.txt").read_text() == "mine"
     (out / "notes.txt").unlink()
     assert CliRunner().invoke(main, ["synth", "--out", str(out), "--patients", "20", "--seed", "2"]).exit_code == 0
+
+
+@pytest.mark.parametrize("patients", [1, 2, 3, 5])
+def test_synth_mimic3_tables_for_a_handful_of_patients(tmp_path, patients):
+    """With nobody dead the date-of-death column was a null array: a pyarrow traceback for 1-5 patients."""
+    r = CliRunner().invoke(main, ["synth", "--out", str(tmp_path / "m"), "--patients", str(patients), "--format", "mimic3"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "m" / "PATIENTS.csv").read_text().count("\n") == patients + 1
+
+
+def test_synth_refuses_a_cohort_too_large_before_allocating_it(tmp_path):
+    r = CliRunner().invoke(main, ["synth", "--out", str(tmp_path / "d"), "--patients", "10000000000000"])
+    assert r.exit_code == 2 and "1<=x<=1000000" in r.output and not (tmp_path / "d").exists(), r.output
