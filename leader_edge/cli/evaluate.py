@@ -182,6 +182,7 @@ def _evaluate_file(truth: Path, predictions: Path, visits_path: Path | None, lab
             rows = [r for r in rows if r.visit_id in by_id]
     has_scores = preds[0].scores is not None
     scored_preds = [by_id.get(r.visit_id) or Prediction(r.patient_id, r.visit_id, (), {} if has_scores else None) for r in rows]
+    notes += _silent_zeros(rows, [by_id[r.visit_id] for r in rows if r.visit_id in by_id], has_scores)
     truth_codes = {c for r in rows for c in r.medications}
     if label_space is not None:
         med_codes = _label_space(label_space)
@@ -234,6 +235,30 @@ def _evaluate_file(truth: Path, predictions: Path, visits_path: Path | None, lab
         "groups": groups,
         "thresholds": thresholds,
     }
+
+
+def _silent_zeros(rows: list, preds: list, has_scores: bool) -> list[str]:
+    """Notes for what the metrics score as 0 without a word otherwise: a prediction row with no
+    scores among scored ones (its PRAUC ranks every code at 0), a recommended code without a score
+    (ranked at 0; `predict` lists scores down to 0.00005, so only a threshold of ~0 or top_k writes
+    one), a true visit with no medication (Jaccard and PRAUC 0 for every model). Each is echoed too."""
+    notes = []
+    if has_scores:
+        unscored = [p for p in preds if not p.scores and p.medications]
+        if unscored:
+            notes.append(f"{len(unscored)} prediction row(s) recommend medications but carry no scores (first: line "
+                         f"{unscored[0].line}); PRAUC ranks every code of those visits at 0")
+        bare = [(p, c) for p in preds if p.scores for c in p.medications if c not in p.scores]
+        if bare:
+            p, c = bare[0]
+            notes.append(f"{len(bare)} recommended code(s) have no score (first: {c!r} on line {p.line}); PRAUC ranks "
+                         "them at 0")
+    empty = sum(1 for r in rows if not r.medications)
+    if empty:
+        notes.append(f"{empty} scored visit(s) have no true medication: every model scores 0 on them")
+    for note in notes:
+        click.echo(note, err=True)
+    return notes
 
 
 def _evaluate_baseline(data: Path, proto, seed: int, rounds: int) -> dict:
