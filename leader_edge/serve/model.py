@@ -199,19 +199,37 @@ class Model:
         except DataError as e:
             raise _request_error(e, where) from None
 
-    def _unknown(self, patient: PatientIn) -> dict[str, list[str]]:
-        vocab = self.vocab
-        kept = patient.visits[-self.bundle.encoder.max_visits:]
-        out = {}
+    def _unknown(self, patient: PatientIn) -> dict:
+        """What of the patient the model does not read: {kind: codes outside the vocabulary},
+        "over_limit" {kind: known codes beyond `max_codes` in one visit (the first ones written are
+        read)}, "profile" [fields the bundle lacks], "profile_values" {field: a value it never saw},
+        "older_visits" (how many visits lie before the `max_visits` it reads). Keys only when non-empty.
+        Before, the over-limit codes were only counted in `unknown_codes`, and unseen profile values
+        and older visits went unsaid."""
+        encoder, vocab = self.bundle.encoder, self.vocab
+        kept = patient.visits[-encoder.max_visits:]
+        out, over = {}, {}
         for kind, name in _KINDS:
             visits = kept[:-1] if kind == "medication" else kept  # the current visit's medications are never read
             codes = [c for v in visits for c in getattr(v, name) if c not in vocab[kind]]
             if codes:
                 out[name] = list(dict.fromkeys(codes))
-        fields = set(self.bundle.encoder.profile_fields)
-        extra = [f for f in patient.visits[-1].profile if f not in fields]
+            for v in visits:
+                known = list(dict.fromkeys(c for c in getattr(v, name) if c in vocab[kind]))
+                if len(known) > encoder.max_codes:
+                    over.setdefault(name, []).extend(known[encoder.max_codes:])
+        if over:
+            out["over_limit"] = over
+        values = encoder.profile_values
+        current = patient.visits[-1].profile
+        extra = [f for f in current if f not in values]
         if extra:
             out["profile"] = extra  # fields this bundle was not trained with: not read
+        unseen = {f: x for f, x in current.items() if f in values and x and x not in values[f]}
+        if unseen:
+            out["profile_values"] = unseen  # read as the field's "unknown" value
+        if len(patient.visits) > len(kept):
+            out["older_visits"] = len(patient.visits) - len(kept)
         return out
 
 

@@ -30,3 +30,22 @@ def test_serve_model_batch_equals_one_by_one_and_bad_request_fails_alone(model):
     good = [Job(patients(P1)), Job(patients(P2), all_scores=True)]  # no collision: one read for both
     assert model.score(good) == [model.score([j])[0] for j in good]
     assert len(model.score(good)[1][0]["scores"]) == 6
+
+
+def test_serve_model_names_everything_it_does_not_read(tmp_path):
+    """Known codes past the per-visit limit were only counted in unknown_codes (and which were read
+    depended on their order); an unseen profile value and visits older than the model's window
+    went unsaid."""
+    from test_runtime import write_fake_bundle
+
+    model = Model.load(write_fake_bundle(tmp_path / "b", max_codes=2))
+    window = model.bundle.encoder.max_visits
+    old = [visit(f"o{i}", f"2099-01-{i + 1:02d}", ["D1"]) for i in range(window)]
+    p = {"patient_id": "p1", "visits": [*old, visit("v1", "2100-01-01", ["D1", "D2", "X9", "D3", "D4", "D2"],
+                                                     insurance="Gold", ward="B")]}
+    (record,) = model.score([Job(patients(p))])[0]
+    assert record["unknown"] == {"diagnoses": ["X9"], "over_limit": {"diagnoses": ["D3", "D4"]}, "profile": ["ward"],
+                                 "profile_values": {"insurance": "Gold"}, "older_visits": 1}
+    assert record["unknown_codes"] == 3  # X9 + D3 + D4, as before
+    (plain,) = model.score([Job(patients({"patient_id": "q", "visits": [visit("w", "2100-01-01", ["D1", "D2"])]}))])[0]
+    assert plain["unknown"] == {}
