@@ -76,7 +76,9 @@ def predict_file(bundle: Bundle, input_path: str, output: str, *, fmt: str = "cs
 
     Returns:
         {"patients", "visits", "codes" (as written, in what the model read), "unknown_codes",
-        "visits_with_unknown", "codes_over_limit", "visits_over_limit"}: the unknown counts are
+        "visits_with_unknown", "codes_over_limit", "visits_over_limit", "profile_values_unseen" (values
+        of the scored visits' profile fields the bundle never saw, read as unknown; with
+        "profile_value_example" when any)}: the unknown counts are
         codes outside the vocabulary, the over-limit ones known codes beyond `encoder.max_codes`
         per visit and kind; the output's `unknown_codes` column holds both.
 
@@ -99,7 +101,7 @@ def predict_file(bundle: Bundle, input_path: str, output: str, *, fmt: str = "cs
     directory = target.parent if target is not None and not in_place else Path(tempfile.gettempdir())
     stem = target.name if target is not None else "predict"
     stats = {"patients": 0, "visits": 0, "codes": 0, "unknown_codes": 0, "visits_with_unknown": 0,
-             "codes_over_limit": 0, "visits_over_limit": 0}
+             "codes_over_limit": 0, "visits_over_limit": 0, "profile_values_unseen": 0}
     with stream, signals_raise(), contextlib.ExitStack() as stack:
         try:
             directory.mkdir(parents=True, exist_ok=True)
@@ -162,6 +164,7 @@ def _stream(bundle: Bundle, stream, name: str, put, stats: dict, *, fmt: str, al
     if fmt == "csv":
         put(header())
     decide = {"threshold": bundle.threshold if threshold is None else threshold, "top_k": top_k, "ddi": bundle.ddi}
+    seen_values = {f: set(v) for f, v in bundle.encoder.profile_values.items()}
 
     def emit(scored: Scored, chunk) -> None:
         n_patients = len(chunk)
@@ -183,6 +186,14 @@ def _stream(bundle: Bundle, stream, name: str, put, stats: dict, *, fmt: str, al
         stats["visits_with_unknown"] += int((unknown > 0).sum())
         stats["codes_over_limit"] += int(over.sum())
         stats["visits_over_limit"] += int((over > 0).sum())
+        # a profile value the bundle never saw reads as the field's "unknown" id: counted, one example kept
+        rows = range(len(chunk.visit_ids)) if all_visits else (chunk.starts[1:] - 1).tolist()
+        for f, known in seen_values.items():
+            column = chunk.profile.get(f)
+            unseen = [column[i] for i in rows if column[i] and column[i] not in known] if column is not None else []
+            if unseen:
+                stats["profile_values_unseen"] += len(unseen)
+                stats.setdefault("profile_value_example", f"{f}={unseen[0]!r}")
 
     # onnxruntime releases the GIL: the model scores chunk i while this thread formats chunk
     # i - 1 and reads and encodes chunk i + 1 - about equal shares on 100k synth patients with

@@ -79,6 +79,9 @@ def predict(bundle: Path, input_path: str, output: str, fmt: str, all_visits: bo
         summary += (f"; {stats['codes_over_limit']:,} code(s) beyond the model's limit of {cap} per visit and kind "
                     f"ignored in {stats['visits_over_limit']:,} visit(s) (it reads the first {cap}; counted in "
                     "unknown_codes)")
+    if stats["profile_values_unseen"]:
+        summary += (f"; {stats['profile_values_unseen']:,} profile value(s) the bundle never saw read as unknown "
+                    f"(e.g. {stats['profile_value_example']})")
     click.echo(summary + ("" if output == "-" else f"; wrote {output}"), err=True)
     if stats["unknown_codes"] > MAX_UNKNOWN_SHARE * stats["codes"]:
         click.echo(f"warning: {stats['unknown_codes'] / stats['codes']:.0%} of the codes are unknown to the bundle: "

@@ -123,6 +123,16 @@ def test_faults_predict_writes_through_a_link_and_into_a_fifo(bundle, tmp_path):
     assert result.exit_code == 0 and got == [want] and os.path.exists(fifo) and not os.path.isfile(fifo)
 
 
+def test_faults_predict_unseen_profile_values_counted(bundle, tmp_path):
+    """An insurance the bundle never saw was read as the field's unknown value without a word."""
+    data = HEADER + "p1,v1,2100-01-01,D1,,,Gold\np2,v2,2100-01-01,D1,,,Private\np3,v3,2100-01-01,D1,,,\n"
+    result, out = _predict(bundle, tmp_path, data)
+    assert result.exit_code == 0, result.output
+    assert "1 profile value(s) the bundle never saw read as unknown (e.g. insurance='Gold')" in result.output
+    result, out = _predict(bundle, tmp_path, GOOD)
+    assert result.exit_code == 0 and "never saw" not in result.output, result.output
+
+
 def test_faults_predict_ordinary_ids_written_unchanged(bundle, tmp_path):
     """Ids with '-', '=', '@' or '+' inside (not first) are ordinary: written as they are."""
     result, out = _predict(bundle, tmp_path, HEADER + "p-1,v=1,2100-01-01,D1,,,\nid@2,v+2,2100-01-01,D1,,,\n")
