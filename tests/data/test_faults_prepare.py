@@ -224,3 +224,15 @@ def test_faults_prepare_prescription_dates_in_another_form_still_anchor_the_cent
     assert code == 0, output
     iso, us = load_dataset(tmp_path / "iso"), load_dataset(tmp_path / "us")
     assert [(v.visit_id, v.time) for v in iso.visits] == [(v.visit_id, v.time) for v in us.visits]
+
+
+@pytest.mark.parametrize("damage, words", [
+    (lambda b: b.decode("utf-8").encode("utf-16"), "the file is UTF-16 little-endian, not UTF-8"),
+    (lambda b: gzip.compress(b), "gzip data under a plain .csv name"),
+    (lambda b: b.replace(b",GSN,", b",NDC,", 1), "column(s) ndc appear more than once"),  # was: read as the NDC
+])
+def test_faults_prepare_tables_that_are_not_what_they_seem_are_named(copy3: Path, tmp_path: Path, damage, words) -> None:
+    path = copy3 / "PRESCRIPTIONS.csv"
+    path.write_bytes(damage(path.read_bytes()))
+    code, output = _prepare("mimic3", copy3, tmp_path / "ds")
+    _assert_refused(code, output, tmp_path / "ds", "PRESCRIPTIONS.csv, line 1", words)

@@ -34,6 +34,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from leader_edge.errors import DataError
+from leader_edge.bedside.csv_stream import UTF16_BOMS
 
 log = logging.getLogger(__name__)
 
@@ -139,13 +140,32 @@ def read_header(path: Path) -> list[str]:
         with opener(path, "rt", encoding="utf-8-sig", newline="") as f:
             header = next(csv.reader(io.StringIO(f.readline())), None)
     except UnicodeDecodeError as e:
-        raise DataError(path, f"not valid UTF-8 ({e.reason} at byte {e.start + 1} of the header)", line=1,
-                        fix="use the table as released by PhysioNet (UTF-8 CSV, plain or gzip)") from None
+        raise _header_not_utf8(path, e) from None
     except (OSError, EOFError, zlib.error) as e:
         raise _damaged(path, e) from None
     if not header:
         raise DataError(path, "file is empty", line=1, fix="re-extract the table from the MIMIC release")
+    lower = [h.strip().lower() for h in header]
+    twice = sorted({h for h in lower if lower.count(h) > 1})
+    if twice:  # the first of two NDC columns (one really GSN) was read, the rows counted as unmapped
+        raise DataError(path, f"column(s) {', '.join(twice)} appear more than once in the header", line=1,
+                        fix="rename or remove the duplicate column (names match case-insensitively)")
     return header
+
+
+def _header_not_utf8(path: Path, e: UnicodeDecodeError) -> DataError:
+    """A header that is not UTF-8, named for what it is: UTF-16 text, or gzip data under a plain name."""
+    with open(path, "rb") as f:
+        first = f.read(512)
+    if first.startswith(b"\x1f\x8b"):
+        return DataError(path, "the file holds gzip data under a plain .csv name", line=1,
+                         fix=f"rename it to {path.name}.gz (prepare reads gzip tables), or gunzip it")
+    kind = UTF16_BOMS.get(first[:2]) or ("UTF-16 without a byte-order mark" if first.count(b"\0") * 3 >= len(first) > 3 else None)
+    if kind is not None:
+        return DataError(path, f"the file is {kind}, not UTF-8", line=1,
+                         fix=f"convert it: `iconv -f UTF-16 -t UTF-8 {path.name} > {path.stem}-utf8.csv`")
+    return DataError(path, f"not valid UTF-8 ({e.reason} at byte {e.start + 1} of the header)", line=1,
+                     fix="use the table as released by PhysioNet (UTF-8 CSV, plain or gzip)")
 
 
 def read_table(path: Path, required: list[str], optional: tuple[str, ...] = ()) -> pa.Table:
