@@ -28,6 +28,7 @@ import hmac
 import json
 import logging
 import os
+import re
 import signal
 import time
 from dataclasses import dataclass
@@ -282,7 +283,13 @@ def create_app(config: ServeConfig, model: Model) -> Starlette:
             raise HTTPError(status, schema_errors(e)) from None
         job = Job(req.patient_list(), threshold=req.threshold, top_k=req.top_k, all_scores=req.all_scores,
                   explain=req.explain)
-        model, records = await run(job)
+        try:
+            model, records = await run(job)
+        except HTTPError as e:
+            if req.patient is not None:  # name the field as the request wrote it: `patient`, not `patients[0]`
+                e.errors = [{k: re.sub(r"\bpatients\[0\]", "patient", v) if k in ("field", "message") else v
+                             for k, v in err.items()} for err in e.errors]
+            raise
         return answer(model, job, records)
 
     @endpoint("/v1/recommend/fhir")

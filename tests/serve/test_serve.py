@@ -82,6 +82,9 @@ BAD = [  # (request, status, field, words in the message)
     ({"patient": P2, "all_scores": "yes"}, 422, "all_scores", "valid boolean"),
     ({"patient": P2, "explain": 1}, 422, "explain", "valid boolean"),
     ({"patient": P2, "top_k": 3, "threshold": 0.9}, 422, "body", "top_k or threshold, not both"),  # was: threshold ignored
+    # the reader's errors named `patients[0]` for a request that wrote `patient`
+    ({"patient": {**P1, "visits": [visit("v1", "2100-02-01"), visit("v2", "2100-01-01")]}}, 422,
+     "patient.visits[1].visit_time", "earlier"),
 ]
 
 
