@@ -236,3 +236,15 @@ def test_faults_prepare_tables_that_are_not_what_they_seem_are_named(copy3: Path
     path.write_bytes(damage(path.read_bytes()))
     code, output = _prepare("mimic3", copy3, tmp_path / "ds")
     _assert_refused(code, output, tmp_path / "ds", "PRESCRIPTIONS.csv, line 1", words)
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda b: b.rstrip(b"\r") + b",oops\r", "20 fields where the header has 19"),
+    (lambda b: b.replace(b",", b"", 1), "18 fields where the header has 19"),
+    (lambda b: b.replace(b",", b',"', 1), "an unclosed"),
+])
+def test_faults_prepare_malformed_row_named_by_line(copy3: Path, tmp_path: Path, edit, words) -> None:
+    """pyarrow's "Expected 19 columns, got 20: <the row>" named no line; an unclosed quote neither."""
+    _edit_line(copy3 / "PRESCRIPTIONS.csv", 500, edit)
+    code, output = _prepare("mimic3", copy3, tmp_path / "ds")
+    _assert_refused(code, output, tmp_path / "ds", "PRESCRIPTIONS.csv, line 500: malformed CSV", words)

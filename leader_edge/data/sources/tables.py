@@ -200,8 +200,16 @@ def read_table(path: Path, required: list[str], optional: tuple[str, ...] = ()) 
         if "invalid UTF8" in str(e) and column:
             raise _not_utf8(path, header, int(column.group(1))) from None
         line = re.search(r"[Rr]ow #?(\d+)", str(e))
+        found = None if line else _first_malformed_row(path, len(header))
+        if found is not None:  # pyarrow names no line: a second pass (error path only) finds it
+            number, what = found
+            raise DataError(path, f"malformed CSV: {what}", line=number,
+                            fix="check quoting (an unclosed '\"'?) and the number of fields on this line") from None
+        what = str(e).splitlines()[0]
+        if "straddl" in what:  # pyarrow's words for a field longer than its block
+            what = "a field longer than 16 MiB (an unclosed quote?)"
         raise DataError(
-            path, f"malformed CSV: {str(e).splitlines()[0]}", line=int(line.group(1)) if line else None,
+            path, f"malformed CSV: {what}", line=int(line.group(1)) if line else None,
             fix="check quoting and the number of fields on this line",
         ) from None
     except (OSError, EOFError, zlib.error) as e:
@@ -230,6 +238,29 @@ def _not_utf8(path: Path, header: list[str], column: int) -> DataError:
                                      column=name, fix="re-save the table as UTF-8 (e.g. `iconv -f latin1 -t utf-8`), "
                                                       "or use it as released by PhysioNet")
     return DataError(path, "not valid UTF-8", column=name, fix="re-save the table as UTF-8, or use it as released by PhysioNet")
+
+
+def _first_malformed_row(path: Path, n_fields: int) -> tuple[int, str] | None:
+    """(line, what) of the first row whose field count differs from the header's, or where a
+    quote is not closed; None when Python's csv finds none (pyarrow's complaint is then shown)."""
+    opener = gzip.open if _gz(path) else open
+    csv.field_size_limit(1 << 30)
+    with opener(path, "rt", encoding="utf-8", errors="replace", newline="") as f:
+        reader = csv.reader(f)
+        next(reader, None)
+        while True:
+            start = reader.line_num + 1  # the row's first line: where an unclosed quote opened
+            try:
+                row = next(reader)
+            except StopIteration:
+                return None
+            except csv.Error as e:
+                return start, f"{e}: a quote opened on this line is not closed"
+            if row and len(row) != n_fields:
+                what = f"{len(row)} fields where the header has {n_fields}"
+                if reader.line_num > start:  # the row ran over several lines: a quote held the line ends
+                    what += f" (the row runs to line {reader.line_num}: an unclosed '\"'?)"
+                return start, what
 
 
 def column_text(table: pa.Table, name: str) -> pa.Array:
