@@ -157,6 +157,14 @@ def to_patients(document, vocab: dict[str, list[str]], profile_fields: list[str]
                 raise FHIRError(f"entry[{i}].{field}", f"{key!r} also names entry[{index[key]}]: a reference to it "
                                                        "would be ambiguous; give each resource its own id and fullUrl")
 
+    for i, res in resources.items():  # contained resources are not read: said, not dropped silently
+        contained = res.get("contained")
+        if isinstance(contained, list) and contained:
+            kinds = sorted({c.get("resourceType", "?") for c in contained if isinstance(c, dict)})
+            report["unused"].append({"entry": f"entry[{i}].contained", "resource": labels[i],
+                                     "reason": f"{len(contained)} contained resource(s) ({', '.join(kinds) or '?'}) are not "
+                                               "read: send them as entries of the Bundle"})
+
     def ident(i: int) -> str:
         """The id a patient or visit gets in the request: the resource's id, else its fullUrl, else its entry."""
         rid, full = resources[i].get("id"), entries[i].get("fullUrl")

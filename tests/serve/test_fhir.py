@@ -66,11 +66,15 @@ def test_serve_fhir_reports_what_it_cannot_use(server):
                "encounter": {"reference": "Encounter/v2"}, "code": coded(ICD9, "D4"),
                "verificationStatus": coded("http://terminology.hl7.org/CodeSystem/condition-ver-status", "entered-in-error")}),
         entry({"resourceType": "Patient", "id": "p9"}),  # no encounter
+        entry({"resourceType": "Observation", "id": "o2", "subject": {"reference": "Patient/p1"},
+               "contained": [{"resourceType": "Condition", "id": "k1", "code": coded(ICD9, "D3")}]}),  # was: dropped unsaid
     ]
     r = server.client.post("/v1/recommend/fhir?top_k=2", json=fhir_bundle(extra))
     assert r.status_code == 200, r.text
-    unused = {u["resource"]: u["reason"] for u in r.json()["fhir"]["unused"]}
-    assert set(unused) == {"Observation/o1", "Condition/c9", "Condition/c10", "Condition/c11", "Patient/p9"}
+    unused = {u["resource"]: u["reason"] for u in r.json()["fhir"]["unused"] if not u["entry"].endswith(".contained")}
+    assert set(unused) == {"Observation/o1", "Condition/c9", "Condition/c10", "Condition/c11", "Patient/p9", "Observation/o2"}
+    (inner,) = [u for u in r.json()["fhir"]["unused"] if u["entry"].endswith(".contained")]
+    assert inner["resource"] == "Observation/o2" and "1 contained resource(s) (Condition) are not read" in inner["reason"]
     assert "not read" in unused["Observation/o1"] and "no usable coding" in unused["Condition/c9"]
     assert "no encounter" in unused["Condition/c10"] and "entered-in-error" in unused["Condition/c11"]
     codings = r.json()["fhir"]["codings"]
