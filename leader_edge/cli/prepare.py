@@ -17,7 +17,7 @@ _FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 @click.option("--root", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Folder with the MIMIC tables (MIMIC-IV: the folder holding hosp/, or hosp/ itself).")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Dataset directory to write (replaced only if it already holds a leader-edge dataset).")
+              help="Dataset directory to write (replaced only if it holds a leader-edge dataset and nothing else).")
 @click.option("--ndc-rxcui", type=_FILE, help="NDC -> RXCUI dict literal (GAMENet/SafeDrug ndc2rxnorm_mapping.txt). Required.")
 @click.option("--rxcui-atc", type=_FILE, help="RXCUI -> ATC4 table with RXCUI and ATC4 columns (RXCUI2atc4.csv).")
 @click.option("--med-level", default="atc3", show_default=True, type=click.Choice(["atc3", "rxcui"]),

@@ -12,7 +12,7 @@ from leader_edge.cli import user_errors
 
 @click.command()
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Directory to write (replaced only if an earlier synth run wrote it).")
+              help="Directory to write (replaced only if it holds what a run of the same --format wrote, and nothing else).")
 @click.option("--patients", default=2000, show_default=True, type=click.IntRange(min=1, max=1_000_000),
               help="Number of patients (MIMIC-III has ~46,000; 100,000 took 30 s and 0.3 GB on a 2-core VM, "
                    "memory grows with the count: 1e13 asked for 73 TiB before this limit).")
