@@ -246,13 +246,13 @@ def output_target(path: str | Path) -> tuple[Path, bool]:
     written in place: a rename over it replaced the device with a regular file, and /dev/full
     reported success."""
     path = Path(path)
-    if path.is_symlink():
-        path = Path(os.path.realpath(path))
     try:
-        mode = os.stat(path).st_mode
+        mode = os.stat(path).st_mode  # through any links: /dev/stdout -> /proc/self/fd/1 -> a pipe
     except FileNotFoundError:
-        return path, False
-    return path, not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+        mode = None
+    if mode is not None and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        return path, True  # opened by the name given: the resolved name of a pipe ("pipe:[123]") is no path
+    return (Path(os.path.realpath(path)) if path.is_symlink() else path), False
 
 
 def copy_into(src: Path, target: Path) -> None:

@@ -476,7 +476,7 @@ def test_atomic_file_writes_through_a_link_and_into_a_fifo_in_place(tmp_path):
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
     got = []
-    reader = threading.Thread(target=lambda: got.append(fifo.read_text()))
+    reader = threading.Thread(target=lambda: got.append(fifo.read_text()), daemon=True)  # never hangs the suite
     reader.start()
     atomic_write_text(fifo, "through the pipe")
     reader.join(10)

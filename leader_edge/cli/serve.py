@@ -24,7 +24,7 @@ LOOPBACK = ("127.0.0.1", "::1", "localhost")
               help="Ed25519 public key (PEM): serve, and swap to, only bundles signed by it.")
 @click.option("--max-body-bytes", default=1 << 20, show_default=True, type=click.IntRange(min=1024), help="Largest request body.")
 @click.option("--body-timeout", default=20.0, show_default=True, type=FiniteRange(min=0, min_open=True),
-              help="Seconds a request body may take to arrive; a slower or stalled client gets 408.")
+              help="Seconds a request body may stall (no byte arriving); a stalled client gets 408.")
 @click.option("--max-batch", default=256, show_default=True, type=click.IntRange(min=1), help="Most patients per request.")
 @click.option("--threads", default=1, show_default=True, type=click.IntRange(min=0),
               help="onnxruntime threads per model call (0: all cores).")

@@ -54,8 +54,9 @@ log = logging.getLogger("leader_edge.serve")
 MAX_BODY_BYTES = 1 << 20
 MAX_PATIENTS = 256  # per request; larger batches belong to `leader-edge predict`
 MAX_BATCH_PATIENTS = 1024  # per model call, across queued requests (the bundle's own batch size)
-# Seconds a request's body may take to arrive: a client that stalls mid-body otherwise holds its
-# connection for good, and at SIGTERM (graceful shutdown: 30 s) its task was cancelled into a 500.
+# Seconds a request's body may stall (no byte arriving; a slow steady upload is not cut): a client that
+# stalls mid-body held its connection for good, and at SIGTERM (graceful shutdown: 30 s) its task
+# was cancelled into a 500.
 BODY_TIMEOUT_S = 20.0
 
 
@@ -245,17 +246,19 @@ def create_app(config: ServeConfig, model: Model) -> Starlette:
         if length is not None and (not length.isdigit() or int(length) > config.max_body_bytes):
             raise HTTPError(413, _error("body", f"{length} bytes; the limit is {config.max_body_bytes:,} (--max-body-bytes)"))
         chunks, size = [], 0
+        loop = asyncio.get_running_loop()
         try:
-            async with asyncio.timeout(config.body_timeout):
+            async with asyncio.timeout(config.body_timeout) as deadline:
                 async for chunk in request.stream():
+                    deadline.reschedule(loop.time() + config.body_timeout)  # a stall, not a slow steady upload
                     size += len(chunk)
                     if size > config.max_body_bytes:
                         raise HTTPError(413, _error("body", f"more than {config.max_body_bytes:,} bytes (--max-body-bytes)"))
                     chunks.append(chunk)
         except TimeoutError:
-            raise HTTPError(408, _error("body", f"not received within {config.body_timeout:g} s ({size:,} of "
-                                                f"{length or 'an unstated number of'} bytes came); send the whole "
-                                                "body at once (--body-timeout)"), {"Connection": "close"}) from None
+            raise HTTPError(408, _error("body", f"no byte of it came for {config.body_timeout:g} s ({size:,} of "
+                                                f"{length or 'an unstated number of'} bytes came): the client "
+                                                "stalled (--body-timeout)"), {"Connection": "close"}) from None
         return b"".join(chunks)
 
     async def run(job: Job) -> tuple[Model, list[dict]]:

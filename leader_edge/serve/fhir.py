@@ -160,7 +160,8 @@ def to_patients(document, vocab: dict[str, list[str]], profile_fields: list[str]
     for i, res in resources.items():  # contained resources are not read: said, not dropped silently
         contained = res.get("contained")
         if isinstance(contained, list) and contained:
-            kinds = sorted({c.get("resourceType", "?") for c in contained if isinstance(c, dict)})
+            kinds = sorted({c["resourceType"] if isinstance(c, dict) and isinstance(c.get("resourceType"), str) else "?"
+                            for c in contained})
             report["unused"].append({"entry": f"entry[{i}].contained", "resource": labels[i],
                                      "reason": f"{len(contained)} contained resource(s) ({', '.join(kinds) or '?'}) are not "
                                                "read: send them as entries of the Bundle"})

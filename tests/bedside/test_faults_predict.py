@@ -116,11 +116,21 @@ def test_faults_predict_writes_through_a_link_and_into_a_fifo(bundle, tmp_path):
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
     got = []
-    reader = __import__("threading").Thread(target=lambda: got.append(fifo.read_text()))
+    reader = __import__("threading").Thread(target=lambda: got.append(fifo.read_text()), daemon=True)
     reader.start()
     result, _ = _predict(bundle, tmp_path, GOOD, output=fifo)
     reader.join(30)
     assert result.exit_code == 0 and got == [want] and os.path.exists(fifo) and not os.path.isfile(fifo)
+
+
+def test_faults_predict_out_dev_stdout_into_a_pipe(bundle, tmp_path):
+    """/dev/stdout is a link to /proc/self/fd/1, which resolves to "pipe:[N]", no path: written in place."""
+    src = tmp_path / "visits.csv"
+    src.write_text(GOOD)
+    p = subprocess.run([sys.executable, "-m", "leader_edge", "predict", "--bundle", str(bundle), "--input", str(src),
+                        "--out", "/dev/stdout"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stdout.startswith("patient_id,visit_id,medications"), p.stderr
+    assert os.path.islink("/dev/stdout") or not os.path.isfile("/dev/stdout")  # never replaced by a file
 
 
 def test_faults_predict_unseen_profile_values_counted(bundle, tmp_path):

@@ -68,13 +68,17 @@ def test_serve_fhir_reports_what_it_cannot_use(server):
         entry({"resourceType": "Patient", "id": "p9"}),  # no encounter
         entry({"resourceType": "Observation", "id": "o2", "subject": {"reference": "Patient/p1"},
                "contained": [{"resourceType": "Condition", "id": "k1", "code": coded(ICD9, "D3")}]}),  # was: dropped unsaid
+        entry({"resourceType": "Observation", "id": "o3", "subject": {"reference": "Patient/p1"},
+               "contained": [{"resourceType": 5}, {"resourceType": ["a"]}, None]}),  # odd ones: named, never a 500
     ]
     r = server.client.post("/v1/recommend/fhir?top_k=2", json=fhir_bundle(extra))
     assert r.status_code == 200, r.text
     unused = {u["resource"]: u["reason"] for u in r.json()["fhir"]["unused"] if not u["entry"].endswith(".contained")}
-    assert set(unused) == {"Observation/o1", "Condition/c9", "Condition/c10", "Condition/c11", "Patient/p9", "Observation/o2"}
-    (inner,) = [u for u in r.json()["fhir"]["unused"] if u["entry"].endswith(".contained")]
-    assert inner["resource"] == "Observation/o2" and "1 contained resource(s) (Condition) are not read" in inner["reason"]
+    assert set(unused) == {"Observation/o1", "Condition/c9", "Condition/c10", "Condition/c11", "Patient/p9",
+                           "Observation/o2", "Observation/o3"}
+    inner = {u["resource"]: u["reason"] for u in r.json()["fhir"]["unused"] if u["entry"].endswith(".contained")}
+    assert "1 contained resource(s) (Condition) are not read" in inner["Observation/o2"]
+    assert "3 contained resource(s) (?) are not read" in inner["Observation/o3"]
     assert "not read" in unused["Observation/o1"] and "no usable coding" in unused["Condition/c9"]
     assert "no encounter" in unused["Condition/c10"] and "entered-in-error" in unused["Condition/c11"]
     codings = r.json()["fhir"]["codings"]

@@ -189,6 +189,14 @@ def test_serve_stalled_body_gets_408_and_a_client_that_leaves_is_no_failure(bund
                 answer += chunk
         assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
         assert 0.5 < time.monotonic() - start < 15 and b"--body-timeout" in answer
+        steady = head.replace(f"Content-Length: {len(body) + 100}".encode(), f"Content-Length: {len(body)}".encode())
+        with socket.create_connection(("127.0.0.1", server.port), timeout=20) as sock:
+            sock.sendall(steady)
+            step = len(body) // 4 + 1
+            for k in range(0, len(body), step):  # 2.4 s in all, never 1 s without a byte: not a stall
+                time.sleep(0.6)
+                sock.sendall(body[k:k + step])
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200"), "a slow steady upload was cut"
         with socket.create_connection(("127.0.0.1", server.port), timeout=20) as sock:
             sock.sendall(head + body[:10])  # leaves before the rest
         time.sleep(0.5)

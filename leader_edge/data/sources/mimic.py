@@ -203,8 +203,8 @@ def _read_icd(stem: str, path: Path, adm: _Admissions, flog: FilterLog
     dotted = pc.match_substring(text, ".").to_numpy(zero_copy_only=False) & (visit >= 0)
     if dotted.any():  # "996.62" and "99662" were two codes with one name
         text = pc.replace_substring(text, ".", "")
-        flog.record(f"{step}.dotted_code", "nothing removed: ICD codes written with a dot (996.62) read without it, "
-                    "as MIMIC stores them", rows=int(dotted.sum()))
+        flog.record(f"{step}.dotted_code", f"nothing removed: {int(dotted.sum()):,} ICD codes written with a dot "
+                    "(996.62) read without it, as MIMIC stores them")
     code, values = encode(text)
     empty_idx = values.index("") if "" in values else -1
     keep = visit >= 0
@@ -287,16 +287,13 @@ def _read_prescriptions(cfg: PrepareConfig, path: Path, adm: _Admissions, flog: 
 
 
 def _anchor_two_digit_years(adm: _Admissions, table: pa.Table, visit: np.ndarray, flog: FilterLog, century: int) -> None:
-    """Put each two-digit-year admission in the century of its first prescription (ISO dates)."""
+    """Put each two-digit-year admission in the century of its first prescription (its start date, `_dates`)."""
     col = "startdate" if "startdate" in table.column_names else "starttime" if "starttime" in table.column_names else None
     anchors = np.full(len(adm.hadm), np.datetime64("NaT"), dtype="datetime64[s]")
     if col is not None:
         rows = np.flatnonzero((visit >= 0) & adm.two_digit[np.maximum(visit, 0)])
         text = column_text(table, col).take(pa.array(rows)).to_pandas()
-        start = pd.to_datetime(text, format="ISO8601", errors="coerce")
-        retry = start.isna() & (text != "")
-        if retry.any():  # M/D/YYYY and other written forms; ISO 8601 alone left them out unsaid (wrong centuries)
-            start[retry] = pd.to_datetime(text[retry], format="mixed", errors="coerce")
+        start = _dates(text)
         unreadable = int((start.isna() & (text != "")).sum())
         if unreadable:
             example = text[start.isna() & (text != "")].iloc[0]
@@ -311,6 +308,24 @@ def _anchor_two_digit_years(adm: _Admissions, table: pa.Table, visit: np.ndarray
                 f"nothing removed: {int(adm.two_digit.sum()):,} ADMITTIME years had two digits, read as {century}+YY; "
                 f"{int((~np.isnat(anchors)).sum()):,} checked against the visit's first prescription date, {moved:,} moved a century"
                 + (f"; {unreadable:,} prescription dates unreadable" if unreadable else ""))
+
+
+def _dates(text: pd.Series) -> pd.Series:
+    """Date strings -> naive datetimes: ISO 8601, then other written forms (M/D/YYYY; ISO alone left
+    those out without a word), time zones read as UTC; NaT where nothing reads."""
+    try:
+        out = pd.to_datetime(text, format="ISO8601", errors="coerce")
+    except ValueError:  # time zones mixed with naive times
+        out = pd.to_datetime(text, format="ISO8601", errors="coerce", utc=True)
+    if getattr(out.dt, "tz", None) is not None:
+        out = out.dt.tz_convert(None)
+    retry = out.isna() & (text != "")
+    if retry.any():
+        try:
+            out[retry] = pd.to_datetime(text[retry], format="mixed", errors="coerce", utc=True).dt.tz_convert(None)
+        except (TypeError, ValueError):  # forms pandas cannot read at all: left NaT, counted by the caller
+            pass
+    return out
 
 
 def _drug_names(med: np.ndarray, drug_idx: np.ndarray, drugs: list[str], meds: list[str]) -> dict[str, str]:
