@@ -249,3 +249,12 @@ def test_faults_prepare_malformed_row_named_by_line(copy3: Path, tmp_path: Path,
     _edit_line(copy3 / "PRESCRIPTIONS.csv", 500, edit)
     code, output = _prepare("mimic3", copy3, tmp_path / "ds")
     _assert_refused(code, output, tmp_path / "ds", "PRESCRIPTIONS.csv, line 500: malformed CSV", words)
+
+
+@pytest.mark.parametrize("source, release", [("mimic4", "MIMIC-III"), ("mimic3", "MIMIC-IV")])
+def test_faults_prepare_subcommand_must_match_the_tables(tmp_path: Path, source: str, release: str) -> None:
+    """`prepare mimic4` on MIMIC-III tables (or the reverse) ran and recorded the wrong source."""
+    root = MIMIC3 if release == "MIMIC-III" else MIMIC4
+    require_shared(root, NDC_MAP)
+    code, output = _prepare(source, root, tmp_path / "ds")
+    _assert_refused(code, output, tmp_path / "ds", f"is a {release} table", f"prepare {'mimic3' if release == 'MIMIC-III' else 'mimic4'}")

@@ -358,6 +358,16 @@ def _find_tables(cfg: PrepareConfig, flog: FilterLog) -> dict[str, Path | None]:
     """
     tables = {stem: find_table(cfg.root, stem, source=cfg.source) for stem in TABLES}
     tables |= {stem: find_optional(cfg.root, stem, source=cfg.source) for stem in NAME_TABLES}
+    # The release, from DIAGNOSES_ICD's header: MIMIC-III has ICD9_CODE, MIMIC-IV icd_code + icd_version.
+    # Both read alike, but the dataset recorded the subcommand's source (mimic4 for MIMIC-III tables).
+    header = {h.strip().lower() for h in read_header(tables["DIAGNOSES_ICD"])}
+    release = "mimic3" if "icd9_code" in header else "mimic4" if {"icd_code", "icd_version"} <= header else None
+    if release is not None and release != cfg.source:
+        name = {"mimic3": "MIMIC-III", "mimic4": "MIMIC-IV"}
+        raise DataError(tables["DIAGNOSES_ICD"], f"is a {name[release]} table "
+                                                 f"({'ICD9_CODE' if release == 'mimic3' else 'icd_code, icd_version'}), "
+                                                 f"not {name.get(cfg.source, cfg.source)}", line=1,
+                        fix=f"run `leader-edge prepare {release}` on these tables")
     checked: dict[Path, list[str]] = {}
     for path in tables.values():
         sums = verify_checksum(path) if path is not None else None
