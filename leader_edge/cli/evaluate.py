@@ -144,6 +144,10 @@ def _evaluate_file(truth: Path, predictions: Path, visits_path: Path | None, lab
     from leader_edge.bedside.recs import Prediction, prediction_matrices, predicted_codes, read_predictions
 
     rows, truth_visits = _read_targets(truth)
+    # what the title says is scored: a targets file's rows as they are, a visits file's by the protocol
+    scoring = proto.describe(split=False) if rows is None else (
+        f"protocol {proto.name}: every row of {truth.name} scored as given"
+        + ("; averaged per patient" if proto.per_patient else ""))
     # --visits gives the patients' histories (groups, known ids); the scored rows always come from --truth.
     visits = read_visits(visits_path) if visits_path is not None else truth_visits
     if rows is None:
@@ -224,7 +228,7 @@ def _evaluate_file(truth: Path, predictions: Path, visits_path: Path | None, lab
                                       units=units)["overall"]}
         notes.append("single/multi-visit groups need the patients' visits: pass --visits visits.csv")
     return {
-        "title": f"{predictions.name} vs {truth.name}: {len(rows)} visits; {proto.describe()}" + "".join(f"; {n}" for n in notes),
+        "title": f"{predictions.name} vs {truth.name}: {len(rows)} visits; {scoring}" + "".join(f"; {n}" for n in notes),
         "protocol": proto.name,
         "source": {"truth": str(truth), "predictions": str(predictions), "ddi": str(ddi_path) if ddi_path else None,
                    "visits": str(visits_path) if visits_path else None, "label_space": str(label_space) if label_space else None},

@@ -61,11 +61,15 @@ class Protocol:
     frac: float = 0.8
     rounds: int = 10
 
-    def describe(self) -> str:
+    def describe(self, *, split: bool = True) -> str:
+        """The protocol in words; `split=False` for files scored as they are (`evaluate --truth`),
+        where no split is made and every patient in the file is a test patient."""
         order = "seeded shuffle" if self.shuffle else "file order"
-        scored = "every visit of a test patient, averaged per patient" if self.per_patient else "each test patient's last visit"
+        who = "a test patient" if split else "a patient"
+        scored = f"every visit of {who}, averaged per patient" if self.per_patient else f"each {who.split(' ', 1)[1]}'s last visit"
         shares = ":".join(f"{r:.3g}" for r in self.ratios)
-        return (f"protocol {self.name}: patients split {shares} ({order}); scored: {scored}; mean ± std over "
+        head = f"patients split {shares} ({order}); " if split else "every patient in the file; "
+        return (f"protocol {self.name}: {head}scored: {scored}; mean ± std over "
                 f"{self.rounds} draws of {self.frac:.0%} of the patients with replacement")
 
 

@@ -315,3 +315,15 @@ def test_evaluate_names_what_scores_zero_without_a_word(tmp_path):
         if (tmp_path / "clean").mkdir() is None else None
     r = _run_eval("--truth", clean, "--predictions", recs2)
     assert r.exit_code == 0 and "no score" not in r.output and "carry no scores" not in r.output, r.output
+
+
+def test_evaluate_file_title_says_what_is_scored_not_a_split(tmp_path):
+    """The --truth title said "patients split 0.8:0.1:0.1 (seeded shuffle)": no split is made there."""
+    truth, recs, _ = _two_predictions(tmp_path)
+    r = _run_eval("--truth", truth, "--predictions", recs)
+    assert r.exit_code == 0 and "every patient in the file; scored: each patient's last visit" in r.output, r.output
+    targets = tmp_path / "targets.csv"
+    targets.write_text("patient_id,visit_id,medications\np1,b,A\np2,c,B;C\n")
+    r = _run_eval("--truth", targets, "--predictions", recs)
+    assert r.exit_code == 0 and "every row of targets.csv scored as given" in r.output, r.output
+    assert "patients split" not in r.output
