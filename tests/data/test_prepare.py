@@ -246,6 +246,13 @@ def test_maps_ndc_rxcui_refuses_code_and_reports_syntax(tmp_path: Path) -> None:
         maps.read_ndc_rxcui(p)
     p.write_text("{'0001': u'12', '0002': u''}", encoding="utf-8")
     assert maps.read_ndc_rxcui(p) == {"0001": "12"}  # '' means unmapped
+    p.write_text(" \n", encoding="utf-8")  # was "line 0, column 0"
+    with pytest.raises(DataError, match=r"map.txt: is empty\. Fix: pass the ndc2rxnorm_mapping.txt"):
+        maps.read_ndc_rxcui(p)
+    atc = tmp_path / "RXCUI2atc4.csv"
+    atc.write_text("RXCUI,ATC\n1,C07AB\n", encoding="utf-8")  # was "use the table as released by PhysioNet"
+    with pytest.raises(DataError, match="missing column.*ATC4.*GAMENet/SafeDrug"):
+        maps.read_rxcui_atc(atc)
 
 
 def test_maps_twosides_least_keeps_the_rarest_side_effects(tmp_path: Path) -> None:

@@ -39,6 +39,8 @@ def read_ndc_rxcui(path: Path) -> dict[str, str]:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(path, f"cannot read ({e})", fix="pass the ndc2rxnorm_mapping.txt of GAMENet/SafeDrug") from None
+    if not text.strip():  # literal_eval's error put it at "line 0, column 0"
+        raise DataError(path, "is empty", fix="pass the ndc2rxnorm_mapping.txt of GAMENet/SafeDrug")
     try:
         data = ast.literal_eval(text)
     except (SyntaxError, ValueError) as e:
@@ -60,7 +62,7 @@ def read_ndc_rxcui(path: Path) -> dict[str, str]:
 
 def read_rxcui_atc(path: Path) -> dict[str, str]:
     """RXCUI -> ATC4 from an RXCUI2atc4.csv-style table (first ATC4 per RXCUI)."""
-    table = read_table(path, ["rxcui", "atc4"])
+    table = read_table(path, ["rxcui", "atc4"], fix="pass an RXCUI2atc4.csv-style table (columns RXCUI and ATC4), as GAMENet/SafeDrug ship it")
     rxcui = column_text(table, "rxcui").to_pylist()
     atc4 = column_text(table, "atc4").to_pylist()
     out: dict[str, str] = {}

@@ -168,8 +168,10 @@ def _header_not_utf8(path: Path, e: UnicodeDecodeError) -> DataError:
                      fix="use the table as released by PhysioNet (UTF-8 CSV, plain or gzip)")
 
 
-def read_table(path: Path, required: list[str], optional: tuple[str, ...] = ()) -> pa.Table:
-    """Read the `required` and present `optional` columns of one table as text.
+def read_table(path: Path, required: list[str], optional: tuple[str, ...] = (),
+               fix: str = "use the table as released by PhysioNet (column names in upper or lower case)") -> pa.Table:
+    """Read the `required` and present `optional` columns of one table as text (`fix`: the advice
+    when a required column is missing; map files are not PhysioNet's).
 
     Column names match case-insensitively; the returned table's columns are the lower-case names.
 
@@ -182,8 +184,7 @@ def read_table(path: Path, required: list[str], optional: tuple[str, ...] = ()) 
     missing = [c for c in required if c not in by_lower]
     if missing:
         raise DataError(
-            path, f"missing column(s) {', '.join(missing)}; the header has {', '.join(header)}", line=1,
-            fix="use the table as released by PhysioNet (column names in upper or lower case)",
+            path, f"missing column(s) {', '.join(missing)}; the header has {', '.join(header)}", line=1, fix=fix,
         )
     wanted = [c for c in (*required, *optional) if c in by_lower]
     actual = [by_lower[c] for c in wanted]
