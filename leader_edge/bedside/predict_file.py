@@ -133,7 +133,7 @@ def predict_file(bundle: Bundle, input_path: str, output: str, *, fmt: str = "cs
                     out.close()
         share = stats["unknown_codes"] / max(stats["codes"], 1)
         if max_unknown is not None and share > max_unknown:
-            raise DataError(name, f"{stats['unknown_codes']:,} of the {stats['codes']:,} codes the model read "
+            raise DataError(name, f"{stats['unknown_codes']:,} of the {stats['codes']:,} codes written in the visits the model reads "
                                   f"({share:.0%}) are not in the vocabulary of the bundle ({bundle.path}): the visits "
                                   "use other codes than it was trained on (e.g. MIMIC-IV codes, ICD9_/ICD10_ "
                                   "prefixed, for a MIMIC-III bundle); nothing was written",

@@ -172,7 +172,7 @@ def test_faults_predict_mostly_unknown_codes_refused_unless_allowed(bundle, tmp_
     """MIMIC-IV codes (ICD9_/ICD10_ prefixed) scored by a bundle of another vocabulary: 100% unknown."""
     data = HEADER + "10000032,22595853,2180-05-06,ICD9_5723;ICD9_78959;ICD10_K7031,ICD9_5491,,\n"
     result, out = _predict(bundle, tmp_path, data)
-    _assert_refused(result, out, "visits.csv:", "4 of the 4 codes the model read (100%) are not in the vocabulary",
+    _assert_refused(result, out, "visits.csv:", "4 of the 4 codes written in the visits the model reads (100%) are not in the vocabulary",
                     "--allow-unknown")
     result, out = _predict(bundle, tmp_path, data, "--allow-unknown")
     assert result.exit_code == 0 and out.read_text().splitlines()[1].endswith(",4"), result.output
