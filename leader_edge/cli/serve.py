@@ -19,7 +19,8 @@ LOOPBACK = ("127.0.0.1", "::1", "localhost")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--token-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="File holding the bearer token every route but /healthz and /readyz requires (or set "
-                   "LEADER_EDGE_SERVE_TOKEN; never on the command line, where `ps` shows it).")
+                   "LEADER_EDGE_SERVE_TOKEN; never on the command line, where `ps` shows it). Read at start: "
+                   "a new token takes a restart (SIGHUP swaps the bundle only).")
 @click.option("--trust", envvar="LEADER_EDGE_TRUST", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Ed25519 public key (PEM): serve, and swap to, only bundles signed by it.")
 @click.option("--max-body-bytes", default=1 << 20, show_default=True, type=click.IntRange(min=1024), help="Largest request body.")
@@ -78,4 +79,23 @@ def serve(bundle: Path, host: str, port: int, token_file: Path | None, trust: Pa
         return
     del model  # each worker loads its own
     os.environ[CONFIG_ENV] = worker_config(config, token_file)
-    uvicorn.run("leader_edge.serve.app:app_from_env", factory=True, workers=workers, **options)
+    # uvicorn.run(..., workers=N) as it does it, but the parent closes the listening socket at
+    # SIGTERM/SIGINT: it held it while the workers drained, so a connection opened then was queued
+    # for nobody and hung until the process ended; now it is refused at once (a balancer retries).
+    from uvicorn.supervisors.multiprocess import Multiprocess
+
+    class Supervisor(Multiprocess):
+        def _stop_listening(self) -> None:
+            for sock in self.sockets:
+                sock.close()
+
+        def handle_term(self) -> None:
+            self._stop_listening()
+            super().handle_term()
+
+        def handle_int(self) -> None:
+            self._stop_listening()
+            super().handle_int()
+
+    uv_config = uvicorn.Config("leader_edge.serve.app:app_from_env", factory=True, workers=workers, **options)
+    Supervisor(uv_config, sockets=[uv_config.bind_socket()]).run()

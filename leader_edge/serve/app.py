@@ -186,11 +186,12 @@ class Service:
         return True
 
     async def swap(self, path: Path | None = None) -> tuple[Model, Model]:
-        """Load, prove and switch to the bundle at `path` (default: the one serving, reloaded).
+        """Load, prove and switch to the bundle at `path` (default: the one at --bundle now, as
+        SIGHUP promises; it was the one serving, so after a reload to a path SIGHUP kept that one).
         Returns (old, new). Raises DataError (the old model keeps serving)."""
         async with self.swap_lock:
             old = self.model
-            path = Path(path) if path is not None else old.path
+            path = Path(path) if path is not None else Path(self.config.bundle)
             try:
                 new = await asyncio.to_thread(Model.load, path, trust=self.config.trust, threads=self.config.threads)
             except (DataError, OSError, RuntimeError) as e:

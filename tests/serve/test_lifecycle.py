@@ -85,6 +85,13 @@ def test_serve_swap_under_traffic_drops_and_mixes_nothing(swap_server, bundle_di
     metrics = server.client.get("/metrics").text
     assert 'leader_edge_model_swaps_total{result="done"} 2' in metrics
     assert 'leader_edge_model_swaps_total{result="refused"} 1' in metrics
+    # SIGHUP goes back to the bundle at --bundle (the link, pointing at b), not to the last path the
+    # admin route loaded (a): it reloaded that one, so a repointed link and a HUP changed nothing
+    server.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 20
+    while server.client.get("/readyz").json()["bundle"]["id"] != id_b:
+        assert time.monotonic() < deadline, "SIGHUP reloaded the last path, not --bundle"
+        time.sleep(0.05)
 
 
 def test_serve_admin_reload_needs_a_token(bundle_dir):
@@ -120,6 +127,33 @@ def test_serve_graceful_shutdown_finishes_the_request_in_flight(swap_server):
     # uvicorn re-raises the signal once everything is finished: the exit status says what stopped it
     assert server.proc.wait(30) == -signal.SIGTERM
     assert "Traceback" not in server.proc.stdout.read()
+
+
+def test_serve_workers_refuse_new_connections_while_draining(bundle_dir):
+    """--workers 2, SIGTERM: the request in flight is answered, and a connection opened meanwhile is
+    refused at once (the parent held the listening socket, so it was queued for nobody and hung)."""
+    server = Server(bundle_dir, args=("--workers", "2"))
+    body = json.dumps({"patient": P2}).encode()
+    head = (f"POST /v1/recommend HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+            sock.sendall(head + body[:10])
+            time.sleep(0.5)
+            server.proc.send_signal(signal.SIGTERM)
+            time.sleep(1.0)
+            start = time.monotonic()
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection(("127.0.0.1", server.port), timeout=10).close()
+            assert time.monotonic() - start < 2
+            sock.sendall(body[10:])
+            reply = b""
+            while chunk := sock.recv(65536):
+                reply += chunk
+        assert reply.startswith(b"HTTP/1.1 200 OK"), reply[:200]
+    finally:
+        output = server.stop()
+    assert "Traceback" not in output, output
 
 
 def test_serve_workers_rolling_swap_under_traffic(bundle_dir, other_bundle_dir, tmp_path):
