@@ -152,7 +152,6 @@ class Service:
                 batch = [(job, future) for job, future in batch if self._mapped(job, future, model)]
                 if not batch:
                     continue
-                size = sum(len(job.patients) for job, _ in batch)
                 try:
                     results = await asyncio.to_thread(model.score, [job for job, _ in batch])
                 except Exception as e:  # a bug, not bad input: those requests get a 500, the service goes on
@@ -161,8 +160,11 @@ class Service:
                         if not future.done():
                             future.set_exception(e)
                     continue
-                self.metrics.batch.observe(size)
-                self.metrics.patients += size
+                scored = sum(len(job.patients) for (job, _), result in zip(batch, results)
+                             if not isinstance(result, RequestError))  # a refused request scored no one
+                if scored:
+                    self.metrics.batch.observe(scored)
+                self.metrics.patients += scored
                 for (_, future), result in zip(batch, results):
                     if not future.done():  # the client may have gone
                         if isinstance(result, RequestError):

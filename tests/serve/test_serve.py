@@ -204,3 +204,17 @@ def test_serve_stalled_body_gets_408_and_a_client_that_leaves_is_no_failure(bund
     finally:
         output = server.stop()
     assert "Traceback" not in output and "failed" not in output, output
+
+
+def test_serve_metrics_count_only_patients_scored(server):
+    """A request the visits reader refuses (422) was counted among the patients scored."""
+    def patients() -> int:
+        line = next(x for x in server.client.get("/metrics").text.splitlines() if x.startswith("leader_edge_patients_total "))
+        return int(float(line.split()[1]))
+
+    before = patients()
+    bad = {"patients": [P1, {**P2, "visits": [visit("v1", "2100-01-01")]}]}  # visit v1 twice
+    assert server.client.post("/v1/recommend", json=bad).status_code == 422
+    assert patients() == before
+    assert server.client.post("/v1/recommend", json={"patients": [P1, P2]}).status_code == 200
+    assert patients() == before + 2
