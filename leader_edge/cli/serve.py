@@ -65,6 +65,7 @@ def serve(bundle: Path, host: str, port: int, token_file: Path | None, trust: Pa
         click.echo(f"warning: listening on {host} without a token: anyone who reaches it can call it "
                    "(--token-file or LEADER_EDGE_SERVE_TOKEN)", err=True)
     model = Model.load(bundle, trust=trust, threads=threads)  # refused here, before any worker starts
+    _check_port(host, port)
     config = ServeConfig(bundle=bundle, token=token, trust=trust, max_body_bytes=max_body_bytes, max_patients=max_batch,
                          threads=threads, workers=workers, body_timeout=body_timeout)
     click.echo(f"leader-edge serve: bundle {model.id} ({bundle}) on http://{host}:{port}"
@@ -99,3 +100,20 @@ def serve(bundle: Path, host: str, port: int, token_file: Path | None, trust: Pa
 
     uv_config = uvicorn.Config("leader_edge.serve.app:app_from_env", factory=True, workers=workers, **options)
     Supervisor(uv_config, sockets=[uv_config.bind_socket()]).run()
+
+
+def _check_port(host: str, port: int) -> None:
+    """Refuse a port that cannot be listened on before the banner is printed (it printed
+    "on http://HOST:PORT", then uvicorn's raw "[Errno 98]", exit 3)."""
+    import socket
+
+    if port == 0:
+        return
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a TIME_WAIT port is free
+            probe.bind((host, port))
+    except OSError as e:
+        raise InputError(f"cannot listen on {host}:{port}: {e.strerror or e}; choose another --port, or stop what "
+                         "holds this one") from None

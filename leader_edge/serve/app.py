@@ -204,6 +204,10 @@ class Service:
             self.metrics.model = self._info(new)
             self.metrics.swaps["done"] += 1
             log.warning("bundle swapped: %s -> %s (%s)", old.id, new.id, path)
+            if new.bundle.med_codes != old.bundle.med_codes or new.vocab != old.vocab:
+                log.warning("the new bundle reads and recommends other codes than the old one (%d -> %d medications): "
+                            "clients that send the old vocabulary get unknown codes", len(old.bundle.med_codes),
+                            len(new.bundle.med_codes))
             return old, new
 
     async def _sighup(self) -> None:
@@ -412,7 +416,14 @@ def app_from_env() -> Starlette:
     config = ServeConfig(bundle=Path(c["bundle"]), token=token, trust=Path(c["trust"]) if c["trust"] else None,
                          max_body_bytes=c["max_body_bytes"], max_patients=c["max_patients"], threads=c["threads"],
                          workers=c["workers"], body_timeout=c["body_timeout"])
-    return create_app(config, Model.load(config.bundle, trust=config.trust, threads=config.threads))
+    try:
+        model = Model.load(config.bundle, trust=config.trust, threads=config.threads)
+    except (DataError, OSError, RuntimeError) as e:
+        # One line instead of uvicorn's traceback of the factory; the parent then says "not ready in
+        # time" and keeps the old workers serving (a rolling restart stops at the first refusal).
+        log.error("this worker refuses the bundle at %s, the old workers serve on: %s", config.bundle, e)
+        raise SystemExit(3) from None
+    return create_app(config, model)
 
 
 def openapi_document(model: Model) -> dict:

@@ -74,7 +74,7 @@ class RecommendRequest(_Strict):
     # Strict: `true` is not 1, "5" is not 5 (lax parsing turned "threshold": true into 1.0, no medication)
     top_k: StrictInt | None = Field(default=None, ge=1, le=10_000,
                               description="recommend the k most probable medications instead of thresholding")
-    threshold: StrictFloat | None = Field(default=None, ge=0.0, le=1.0,
+    threshold: StrictFloat | None = Field(default=None, ge=0.0, le=1.0, allow_inf_nan=False,
                                     description="decision threshold; default: the bundle's, tuned on validation")
     all_scores: StrictBool = Field(default=False, description="every medication's probability, not only the recommended")
     explain: StrictBool = Field(default=False, description="per recommended medication, the input codes that drove it; "

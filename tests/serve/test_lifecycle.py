@@ -230,6 +230,8 @@ def test_serve_workers_rolling_swap_under_traffic(bundle_dir, other_bundle_dir, 
             t.join()
         output = server.stop()
     assert failure is None, f"{failure}\n--- serve output ---\n{output}"
+    # the refused bundle: one line from the worker, no traceback of uvicorn's factory call
+    assert "this worker refuses the bundle at" in output and "Traceback" not in output, output
     assert len(answers) > 10 and {status for status, _ in answers} == {200}, output
     assert len(resets) <= 3 * 4, resets  # at most one per client connection per worker retired (4 retirements)
     assert {body["bundle"]["id"] for _, body in answers} == {id_a, id_b}

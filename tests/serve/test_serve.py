@@ -166,6 +166,15 @@ def test_serve_cli_refuses_a_bad_bundle_or_empty_token_file(tmp_path, bundle_dir
     (tmp_path / "token").write_text("\n")
     result = CliRunner().invoke(main, ["serve", "--bundle", str(bundle_dir), "--token-file", str(tmp_path / "token")])
     assert result.exit_code == 2 and "is empty" in result.output
+    import socket
+
+    with socket.socket() as taken:  # a port in use: named before the banner (was the banner, then uvicorn's Errno 98)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(main, ["serve", "--bundle", str(bundle_dir), "--port", str(port)])
+    assert result.exit_code == 2 and f"cannot listen on 127.0.0.1:{port}" in result.output, result.output
+    assert "on http://" not in result.output
 
 
 def test_serve_stalled_body_gets_408_and_a_client_that_leaves_is_no_failure(bundle_dir):
