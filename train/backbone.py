@@ -213,7 +213,12 @@ def load_tokenizer(spec: str):
         return tiny_tokenizer()
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(smollm2_dir() if spec == "smollm2" else spec, local_files_only=True)
+    try:
+        tok = AutoTokenizer.from_pretrained(smollm2_dir() if spec == "smollm2" else spec, local_files_only=True)
+    except (OSError, ValueError) as e:  # a config.json alone (enough for --dry-run), or not a model at all
+        raise ConfigError(f"--teacher {spec}: no tokenizer could be loaded ({str(e).splitlines()[0][:160]}); a "
+                          "teacher needs its tokenizer files beside config.json and the weights (a config.json "
+                          "alone serves `train --dry-run` only)") from None
     if tok.pad_token_id is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token  # right padding + lengths: a pad token is never attended to
     return tok

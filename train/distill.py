@@ -32,6 +32,7 @@ from leader_edge.progress import progress
 from leader_edge.bedside.recs import write_predictions
 from leader_edge.data.splits import Sample, dataset_splits
 from leader_edge.train.student import Student, StudentConfig
+from leader_edge.train.teacher_config import check_types
 from leader_edge.train.stage_files import load_teacher_features, student_dir_name, teacher_probabilities, write_student_dir
 from leader_edge.train.code_embeddings import pca_init
 from leader_edge.train.student_init import (
@@ -107,6 +108,7 @@ class DistillConfig:
     backend: str = _model_default("backend")
 
     def __post_init__(self) -> None:
+        check_types(self, "DistillConfig")  # a TOML `dim = "big"` was a TypeError in a comparison
         # The model's shape is checked where it is defined, now rather than after the teacher stage.
         StudentConfig(1, 1, 1, 0, dim=self.dim, heads=self.heads, hidden=self.hidden, dropout=self.dropout,
                       ffn_mult=self.ffn_mult, temperature=self.temperature)

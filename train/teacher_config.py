@@ -70,6 +70,7 @@ class TeacherConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        check_types(self, "TeacherConfig")
         self.lora_targets = tuple(self.lora_targets)
         if isinstance(self.lora_layers, (str, bool)):  # TOML `true` is no layer count either
             if self.lora_layers != ALL_LAYERS:
@@ -128,6 +129,20 @@ class TeacherConfig:
         if unknown:
             raise ConfigError(f"unknown teacher config field(s) {unknown}; known: {sorted(known)}")
         return cls(**d)
+
+
+_SIMPLE = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+
+
+def check_types(config, name: str) -> None:
+    """Refuse a field of `config` (a dataclass) whose value is not of its declared simple type
+    (int, float, bool, str; other annotations are checked where they are used): a TOML
+    `lora_r = "eight"` was a TypeError in a comparison, `lora_r = 8.5` one deep in peft."""
+    for f in fields(config):
+        value, allowed = getattr(config, f.name), _SIMPLE.get(str(f.type))
+        if allowed is not None and (not isinstance(value, allowed) or (bool not in allowed and isinstance(value, bool))):
+            raise ConfigError(f"{name}.{f.name}={value!r} is not {'an' if f.type == 'int' else 'a'} {f.type} "
+                              f"(the default is {f.default!r})")
 
 
 def load_run_config(path) -> tuple[dict, dict]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from leader_edge.cli import FiniteRange, user_errors
-from leader_edge.errors import ConfigError
+from leader_edge.errors import ConfigError, StateError
 from leader_edge.train.teacher_config import ALL_LAYERS, CPU_BACKBONE_LAYERS  # dataclasses only: no torch at import
 
 STAGES = ("teacher", "student", "all")
@@ -46,7 +46,7 @@ class LoraLayers(click.ParamType):
 @click.option("--show-prompt", type=int, metavar="N", help="Print training sample N's prompt and token count, then exit.")
 @click.option("--resume", is_flag=True, help="Continue the teacher from RUN/teacher/checkpoint.")
 @click.option("--seed", type=int, default=42, show_default=True, help="Split seed; also the teacher's and the first student's training seed.")
-@click.option("--seeds", type=click.IntRange(min=1), default=1, show_default=True,
+@click.option("--seeds", type=click.IntRange(min=1, max=100), default=1, show_default=True,
               help="Train the students with K training seeds (SEED, SEED+1, ...) on the same split; "
                    "seeds after the first go to RUN/student.seed-N and RUN/student-nodistill.seed-N.")
 @click.option("--protocol", type=click.Choice(["leader", "safedrug"]), default="leader", show_default=True,
@@ -95,6 +95,11 @@ def train(data_dir, run_dir, teacher, stage, no_distill, show_prompt, resume, se
     for name, value in (("epochs", epochs), ("backbone_layers", backbone_layers), ("lora_layers", lora_layers)):
         if value is not None:
             conf[name] = value
+    if config_file:  # a bad [teacher] field named with its file, before anything runs
+        try:
+            TeacherConfig.from_dict(conf)
+        except ConfigError as e:
+            raise ConfigError(f"{config_file}: [teacher] {e}") from None
     if show_prompt is not None:
         _show_prompt(data_dir, TeacherConfig.from_dict(conf), show_prompt)
         return
@@ -175,15 +180,28 @@ def _student_config(fields_: dict, path: Path | None):
     unknown = sorted(set(fields_) - known)
     if unknown:
         raise ConfigError(f"{path}: unknown [student] field(s) {unknown}; known: {sorted(known)}")
-    return DistillConfig(**fields_)
+    try:
+        return DistillConfig(**fields_)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: [student] {e}" if path else str(e)) from None
 
 
 def _write_run_json(run_dir: Path, data_dir: Path, seed: int, config, *, seeds: list[int]) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "run.json"
-    meta = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    meta.update({"data": str(data_dir.resolve()), "seed": seed, "seeds": seeds, "protocol": config.protocol, "teacher": config.teacher,
-                 "command": " ".join(["leader-edge", *sys.argv[1:]])})
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (ValueError, UnicodeDecodeError):
+        meta = None
+    if not isinstance(meta, dict):  # was a JSONDecodeError / AttributeError traceback
+        raise StateError(f"{path} is damaged (not the JSON object `train` writes); remove it to train into "
+                         f"{run_dir} again, or choose another --out")
+    new = {"data": str(data_dir.resolve()), "seed": seed, "protocol": config.protocol}
+    clash = {k: (meta[k], v) for k, v in new.items() if k in meta and meta[k] != v}
+    if clash:  # its stages would mix two splits; a refused command replaced the run's record
+        raise StateError(f"{run_dir} holds a run of another " + ", ".join(f"{k} ({a} there, {b} here)" for k, (a, b) in clash.items())
+                         + "; choose another --out (or remove that run)")
+    meta.update({**new, "seeds": seeds, "teacher": config.teacher, "command": " ".join(["leader-edge", *sys.argv[1:]])})
     tmp = run_dir / ".run.json.tmp"
     tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     tmp.replace(path)

@@ -190,6 +190,10 @@ def load_dataset(directory: str | Path) -> Dataset:
     visits = read_visits(d / "visits.csv")
     names = read_codes(d / "codes.csv") if (d / "codes.csv").exists() else {k: {} for k in KINDS}
     ddi = read_ddi(d / "ddi.csv") if (d / "ddi.csv").exists() else []
+    for name, means in (("codes.csv", "the teacher's prompts name no code (bare codes) and bundles carry no names"),
+                        ("ddi.csv", "no interaction is known, so every DDI rate reads 0 and no warning is given")):
+        if not (d / name).exists():  # said, not assumed (a header-only file says "none" on purpose)
+            log.warning("%s has no %s: %s; write one (a header-only file if there is nothing to list)", d, name, means)
     return Dataset(visits=visits, names=names, ddi=ddi, meta=meta)
 
 

@@ -163,3 +163,6 @@ def check_splits(splits: dict[str, list[Sample]], *, source: str | Path, protoco
             f"(train/val/test, {proto.name} protocol); training needs at least 2 training patients and one each for "
             "validation and test - use a dataset with at least 10 patients"
         )
+    if not any(s.target.medications for s in splits["train"]):  # it trained, and scored 0 everywhere
+        raise ConfigError(f"{source}: no training visit has a medication: there is nothing to learn or score; check "
+                          "the medications column of visits.csv (or the map files of `prepare`)")

@@ -408,6 +408,11 @@ def write_report(run_dir: Path, data_dir: Path | None = None, *, protocol: str |
     if not run_dir.is_dir():
         raise StateError(f"{run_dir} is not a run directory; train one with `leader-edge train --data DIR --out {run_dir}`")
     run = _read_json(run_dir / "run.json")
+    shape = {"data": str, "seed": int, "seeds": list, "protocol": str}
+    wrong = [k for k, t in shape.items() if k in run and not isinstance(run[k], t)] if isinstance(run, dict) else ["(the file)"]
+    if wrong:  # {"data": 5} was a TypeError traceback
+        raise StateError(f"{run_dir}/run.json is damaged ({', '.join(wrong)} not as `train` writes it); re-run "
+                         f"`leader-edge train` into a new --out, or pass --data DIR")
     if data_dir is None:
         if "data" not in run:
             raise StateError(f"{run_dir}/run.json names no data directory; pass --data DIR")
