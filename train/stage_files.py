@@ -126,7 +126,8 @@ def write_student_dir(out: Path, model: Student, encoder: Encoder, threshold: fl
         save_student(tmp, model, encoder, threshold, extra)
         if more is not None:
             more(tmp)
-        result["files"] = {n: sha256(tmp / n) for n in ("model.safetensors", "config.json")}
+        result["files"] = {n: sha256(tmp / n) for n in ("model.safetensors", "config.json", "predictions-test.csv")
+                           if (tmp / n).exists()}  # the predictions: what `evaluate --run` scores
         (tmp / "metrics.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
 
 

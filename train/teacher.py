@@ -418,7 +418,7 @@ def _finish(model, ds, enc, offsets, tune_states, val_states, mine, val_mine, ou
                   str(tmp), metadata={"keys": json.dumps(keys), "hidden_size": str(model.hidden_size)})
 
     # Checked before reuse (`stage_files.load_teacher_features`): a damaged or swapped file is refused.
-    result["files"] = {name: sha256(out / name) for name in (FEATURES, ADAPTER)}
+    result["files"] = {name: sha256(out / name) for name in (FEATURES, ADAPTER, PREDICTIONS)}  # predictions: `evaluate --run`
     atomic_write_text(out / METRICS, json.dumps(result, indent=2) + "\n")  # written last: its presence marks a finished stage
     log.warning("teacher: validation %s, test %s, %.0f s", _short(result["val"]), _short(result["test"]), result["wall_s"])
     return result

@@ -41,7 +41,7 @@ from leader_edge.evaluation.baselines import fit_frequency_baseline
 from leader_edge.data.dataset import Dataset, load_dataset
 from leader_edge.data.splits import Sample, dataset_splits, get_protocol
 from leader_edge.errors import StateError
-from leader_edge.files import atomic_write_text
+from leader_edge.files import atomic_write_text, sha256
 from leader_edge.bedside.recs import prediction_matrices, read_predictions
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,19 @@ COMPARED = ("jaccard", "prauc", "f1")
 COMPARISONS = (("student", "student-nodistill"), ("student", "frequency"), ("student", "teacher"),
                ("student-nodistill", "frequency"), ("student-nodistill", "teacher"), ("teacher", "frequency"))
 THRESHOLD_LABELS = {"tuned": "tuned on validation", "as_written": "as written"}  # the rows before the fixed ones
+
+
+def _check_digests(directory: Path, metrics_json: dict, stage: str) -> None:
+    """Refuse a stage directory whose predictions, weights or config differ from the sha256 its
+    stage recorded (a damaged or edited file was reported as if it were the model's). Files without a
+    recorded digest (runs from before it was recorded) pass; the large teacher features are checked
+    where they are read (`stage_files.load_teacher_features`)."""
+    files = metrics_json.get("files") if isinstance(metrics_json, dict) else None
+    for name, want in (files or {}).items():
+        path = directory / name
+        if name in ("predictions-test.csv", "model.safetensors", "config.json") and (not path.is_file() or sha256(path) != want):
+            raise StateError(f"{path} is missing or does not match the sha256 its stage recorded in metrics.json "
+                             f"(damaged or edited); re-run `leader-edge train --stage {stage}`")
 
 
 def _read_json(path: Path) -> dict:
@@ -143,8 +156,12 @@ def score_models(run_dir: Path, ds: Dataset, splits: dict[str, list[Sample]], *,
                 if not (d / "predictions-test.csv").exists():
                     log.info("%s: no predictions-test.csv; left out of the report", d)
                     continue
-                y_pred, y_prob = _model_matrices(d / "predictions-test.csv", test, med_codes)
+                if not (d / "metrics.json").exists():  # written last: without it the stage did not finish
+                    log.warning("%s: no metrics.json, its stage did not finish; left out of the report", d)
+                    continue
                 m = _read_json(d / "metrics.json")
+                _check_digests(d, m, "teacher" if name == "teacher" else "student")
+                y_pred, y_prob = _model_matrices(d / "predictions-test.csv", test, med_codes)
                 info = {k: m.get(k) for k in ("n_params", "inference_ms_per_patient", "threshold", "best_epoch", "train_seconds")}
                 if isinstance(info["n_params"], dict):  # the teacher reports {"total", "trainable"}
                     info["n_params"] = info["n_params"].get("total")

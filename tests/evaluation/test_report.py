@@ -256,3 +256,28 @@ def test_comparison_from_before_the_seed_interval_still_renders():
     old = {"a": "student", "b": "frequency", "group": "overall", "metric": "prauc", "diff": 0.01, "low": 0.002,
            "high": 0.02, "verdict": "student better", "seeds": [3, 1]}  # a metrics.json written before ca96728
     assert report._difference(old) == "+0.0100 [+0.0020, +0.0200]"
+
+
+def test_write_report_refuses_edited_predictions_and_leaves_out_unfinished_stages(data, tmp_path):
+    """An edited predictions file was reported as the model's (Jaccard 0, exit 0); a stage without
+    metrics.json (not finished) was reported too."""
+    from leader_edge.errors import StateError
+    from leader_edge.files import sha256
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"data": str(data), "seed": 42, "seeds": [42]}))
+    fabricate(run, data, "student", noise=0.8, seed=1)
+    fabricate(run, data, "teacher", noise=0.6)
+    metrics_file = run / "student" / "metrics.json"
+    m = json.loads(metrics_file.read_text())
+    metrics_file.write_text(json.dumps({**m, "files": {"predictions-test.csv": sha256(run / "student" / "predictions-test.csv")}}))
+    (run / "teacher" / "metrics.json").unlink()
+    result = write_report(run)
+    assert "teacher" not in result["models"] and "student" in result["models"]
+    preds = run / "student" / "predictions-test.csv"
+    lines = preds.read_text().splitlines()
+    lines[1] = ",".join(lines[1].split(",")[:2] + ["A11A"] + lines[1].split(",")[3:])
+    preds.write_text("\n".join(lines) + "\n")
+    with pytest.raises(StateError, match=r"predictions-test.csv is missing or does not match the sha256 .*--stage student"):
+        write_report(run)
