@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from leader_edge.errors import StateError
 from leader_edge.evaluation import metrics
 from leader_edge.data.dataset import load_dataset
 from leader_edge.data.splits import dataset_splits
@@ -237,7 +238,9 @@ def _teacher_stage(data_dir: Path, run_dir: Path, config: TeacherConfig, *, resu
         batches_per_epoch = int(n)
     steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum)
     total_steps = steps_per_epoch * config.epochs
-    state = {"epoch": 0, "step": 0, "best_prauc": -1.0, "best_epoch": 0, "bad": 0, "history": []}
+    fingerprint = run_fingerprint(config, model.med_codes, enc)
+    state = {"epoch": 0, "step": 0, "best_prauc": -1.0, "best_epoch": 0, "bad": 0, "history": [],
+             "fingerprint": fingerprint}
     best = model.trainable_state()
     ckpt = out / "checkpoint"
     found = _checkpoint_seen(ckpt) if resume else None
@@ -246,7 +249,13 @@ def _teacher_stage(data_dir: Path, run_dir: Path, config: TeacherConfig, *, resu
         torch.distributed.all_gather_object(seen, found)
         same_checkpoint_everywhere(seen, ckpt)
     if found:
+        written = json.loads((ckpt / "state.json").read_text(encoding="utf-8")).get("fingerprint")
+        if written not in (None, fingerprint):  # None: a checkpoint from before fingerprints
+            raise StateError(f"--resume: the checkpoint in {ckpt} was written for another dataset, split or teacher "
+                             "configuration (it would continue their training as this one's); start without --resume, "
+                             "or resume with the options and data it was written with")
         state, best = load_checkpoint(ckpt, model, opt)
+        state["fingerprint"] = fingerprint
         log.info("resumed after epoch %d (best validation PRAUC %.4f)", state["epoch"], state["best_prauc"])
     y_val = enc["val"].labels.astype(bool)
     while state["epoch"] < config.epochs and state["bad"] < config.patience:
@@ -422,6 +431,18 @@ def _finish(model, ds, enc, offsets, tune_states, val_states, mine, val_mine, ou
     atomic_write_text(out / METRICS, json.dumps(result, indent=2) + "\n")  # written last: its presence marks a finished stage
     log.warning("teacher: validation %s, test %s, %.0f s", _short(result["val"]), _short(result["test"]), result["wall_s"])
     return result
+
+
+def run_fingerprint(config: TeacherConfig, med_codes: list[str], enc: dict) -> str:
+    """What a checkpoint must have been written for to be resumed: the teacher configuration (but
+    the epoch budget and patience, which a resume may raise), the label space and every split's
+    samples. A checkpoint of another dataset was resumed without a word, its epochs counted as this run's."""
+    import hashlib
+
+    settings = {k: v for k, v in config.to_dict().items() if k not in ("epochs", "patience")}
+    blob = json.dumps({"config": settings, "meds": list(med_codes), "samples": {k: list(e.keys) for k, e in enc.items()}},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def _short(m: dict) -> str:

@@ -192,6 +192,20 @@ def test_teacher_resume_after_interruption_matches_uninterrupted(tiny_run, data_
     assert [h["epoch"] for h in history] == [1, 2]
 
 
+def test_teacher_resume_refuses_a_checkpoint_of_another_dataset_or_configuration(data_dir, tmp_path):
+    """A checkpoint copied from a run on other data was resumed without a word (its epochs counted as
+    this run's); one of another lora_r ended in a state_dict RuntimeError."""
+    from leader_edge.errors import StateError
+
+    assert run_teacher_stage(data_dir, tmp_path, TeacherConfig(**TINY), stop_after_epoch=1) == {}
+    other = write_dataset(synth_dataset(patients=40, seed=4), tmp_path / "other", source="synth")
+    for data, config in ((other, TeacherConfig(**TINY)), (data_dir, TeacherConfig(**{**TINY, "lora_r": 4}))):
+        with pytest.raises(StateError, match="--resume: the checkpoint in .* was written for another dataset"):
+            run_teacher_stage(data, tmp_path, config, resume=True)
+    result = run_teacher_stage(data_dir, tmp_path, TeacherConfig(**{**TINY, "epochs": 3}), resume=True)  # a larger budget resumes
+    assert [h["epoch"] for h in result["history"]][0] == 1 and len(result["history"]) >= 2
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="lists open files through Linux's /proc")
 def test_failed_teacher_stage_leaves_no_open_or_stored_shard(data_dir, tmp_path, monkeypatch):
     """A stage that fails while tuning on disk-cached states: its traceback keeps the stores alive,
