@@ -126,32 +126,52 @@ def train(data_dir, run_dir, teacher, stage, no_distill, show_prompt, resume, se
     # Before any stage: a split with no patient would train a teacher with NaN metrics that later runs reuse.
     check_splits(dataset_splits(load_dataset(data_dir), seed=seed, protocol=protocol), source=data_dir, protocol=protocol)
     rank = int(os.environ.get("RANK", "0"))
-    if rank == 0:
-        _write_run_json(run_dir, data_dir, seed, config, seeds=[seed + i for i in range(seeds)])
-    from leader_edge.train.teacher import run_teacher_stage, teacher_done
+    lock = _hold_run(run_dir) if rank == 0 else None  # one train per run directory at a time
+    try:
+        if rank == 0:
+            _write_run_json(run_dir, data_dir, seed, config, seeds=[seed + i for i in range(seeds)])
+        from leader_edge.train.teacher import run_teacher_stage, teacher_done
 
-    if stage == "teacher" or (stage == "all" and not (teacher_done(run_dir) and not resume)):
-        run_teacher_stage(data_dir, run_dir, config, resume=resume)
-    elif stage == "all":
-        click.echo(f"reusing the finished teacher stage in {run_dir / 'teacher'}", err=True)
-    if stage == "teacher" or rank != 0:
+        if stage == "teacher" or (stage == "all" and not (teacher_done(run_dir) and not resume)):
+            run_teacher_stage(data_dir, run_dir, config, resume=resume)
+        elif stage == "all":
+            click.echo(f"reusing the finished teacher stage in {run_dir / 'teacher'}", err=True)
+        if stage == "teacher" or rank != 0:
+            _leave_distributed_run()
+            return
+        if not teacher_done(run_dir):
+            raise click.ClickException(f"{run_dir}/teacher has no finished teacher stage; run with --stage teacher (or all) first")
+        from leader_edge.train.distill import run_student_stage
+        for train_seed in range(seed, seed + seeds):
+            for distill in ([False] if no_distill else [True, False]):
+                if seeds > 1:
+                    click.echo(f"student{'' if distill else '-nodistill'}, training seed {train_seed} "
+                               f"({train_seed - seed + 1} of {seeds})", err=True)
+                run_student_stage(data_dir, run_dir, distill=distill, seed=seed, epochs=student_epochs, device=device,
+                                  train_seed=train_seed, protocol=protocol, config=student_config)
+        from leader_edge.train.baseline_student import write_frequency_student
+
+        # The frequency baseline as RUN/frequency: `export --model frequency` serves counting like a model.
+        write_frequency_student(data_dir, run_dir, seed=seed, protocol=protocol, config=student_config)
         _leave_distributed_run()
-        return
-    if not teacher_done(run_dir):
-        raise click.ClickException(f"{run_dir}/teacher has no finished teacher stage; run with --stage teacher (or all) first")
-    from leader_edge.train.distill import run_student_stage
-    for train_seed in range(seed, seed + seeds):
-        for distill in ([False] if no_distill else [True, False]):
-            if seeds > 1:
-                click.echo(f"student{'' if distill else '-nodistill'}, training seed {train_seed} "
-                           f"({train_seed - seed + 1} of {seeds})", err=True)
-            run_student_stage(data_dir, run_dir, distill=distill, seed=seed, epochs=student_epochs, device=device,
-                              train_seed=train_seed, protocol=protocol, config=student_config)
-    from leader_edge.train.baseline_student import write_frequency_student
+    finally:
+        if lock is not None:
+            lock.release()
 
-    # The frequency baseline as RUN/frequency: `export --model frequency` serves counting like a model.
-    write_frequency_student(data_dir, run_dir, seed=seed, protocol=protocol, config=student_config)
-    _leave_distributed_run()
+
+def _hold_run(run_dir: Path):
+    """An exclusive lock on RUN (its `.train.lock`), or ConfigError at once: two trains into one
+    --out mixed their stages and failed with a misleading "frozen-state cache is damaged"."""
+    from filelock import FileLock, Timeout
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(run_dir / ".train.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise ConfigError(f"{run_dir} is being written by another `leader-edge train` (it holds {run_dir / '.train.lock'}); "
+                          "wait for it to finish, or choose another --out") from None
+    return lock
 
 
 def _leave_distributed_run() -> None:

@@ -91,3 +91,14 @@ def test_dataset_without_ddi_or_codes_is_said(data, tmp_path, caplog):
         load_dataset(copy)
     assert "has no ddi.csv: no interaction is known, so every DDI rate reads 0" in caplog.text
     assert "has no codes.csv" in caplog.text
+
+
+def test_train_refuses_a_run_directory_another_train_holds(data, tmp_path):
+    """Two trains into one --out mixed their stages ("frozen-state cache is damaged")."""
+    from filelock import FileLock
+
+    run = tmp_path / "r"
+    run.mkdir()
+    with FileLock(str(run / ".train.lock")):  # as the other train holds it
+        _refused(_train("--data", data, "--out", run), "is being written by another `leader-edge train`")
+    assert not (run / "run.json").exists()
