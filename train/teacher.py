@@ -244,6 +244,8 @@ def _teacher_stage(data_dir: Path, run_dir: Path, config: TeacherConfig, *, resu
     best = model.trainable_state()
     ckpt = out / "checkpoint"
     found = _checkpoint_seen(ckpt) if resume else None
+    if resume and not found:  # said: --resume alone does not show whether it resumed
+        log.warning("--resume: no checkpoint in %s; training from epoch 1", ckpt)
     if world > 1 and resume:  # every rank reads the checkpoint itself: all must see the same one
         seen: list = [None] * world
         torch.distributed.all_gather_object(seen, found)

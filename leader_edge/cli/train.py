@@ -164,6 +164,9 @@ def _hold_run(run_dir: Path):
     --out mixed their stages and failed with a misleading "frozen-state cache is damaged"."""
     from filelock import FileLock, Timeout
 
+    for marker, what in (("dataset.json", "a dataset"), ("manifest.json", "a bundle")):
+        if (run_dir / marker).exists():  # its files and the run's were mixed in one folder
+            raise ConfigError(f"--out {run_dir} is {what} directory (it holds {marker}); choose a new --out for the run")
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(run_dir / ".train.lock"))
     try:

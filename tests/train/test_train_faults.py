@@ -102,3 +102,8 @@ def test_train_refuses_a_run_directory_another_train_holds(data, tmp_path):
     with FileLock(str(run / ".train.lock")):  # as the other train holds it
         _refused(_train("--data", data, "--out", run), "is being written by another `leader-edge train`")
     assert not (run / "run.json").exists()
+
+
+def test_train_out_that_is_a_dataset_is_refused(data):
+    _refused(_train("--data", data, "--out", data), "is a dataset directory (it holds dataset.json)")
+    assert not (data / "run.json").exists() and not (data / ".train.lock").exists()
