@@ -125,6 +125,10 @@ def train(data_dir, run_dir, teacher, stage, no_distill, show_prompt, resume, se
 
     # Before any stage: a split with no patient would train a teacher with NaN metrics that later runs reuse.
     check_splits(dataset_splits(load_dataset(data_dir), seed=seed, protocol=protocol), source=data_dir, protocol=protocol)
+    if stage != "student":  # a --teacher that cannot load is named before run.json and teacher/ are written
+        from leader_edge.train.backbone import load_tokenizer
+
+        load_tokenizer(config.teacher)
     rank = int(os.environ.get("RANK", "0"))
     lock = _hold_run(run_dir) if rank == 0 else None  # one train per run directory at a time
     try:

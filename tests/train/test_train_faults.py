@@ -50,6 +50,7 @@ def test_train_refuses_too_many_seeds_and_a_teacher_without_a_tokenizer(data, tm
                              num_attention_heads=4, num_key_value_heads=2).save_pretrained(tmp_path / "cfg")
     result = CliRunner().invoke(main, ["train", "--data", str(data), "--out", str(tmp_path / "r2"), "--teacher", str(tmp_path / "cfg")])
     _refused(result, "no tokenizer could be loaded", "serves `train --dry-run` only")
+    assert not (tmp_path / "r2").exists()  # named before run.json and teacher/ were written
 
 
 def test_train_never_replaces_the_record_of_another_run(data, tmp_path):
