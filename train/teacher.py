@@ -441,7 +441,12 @@ def run_fingerprint(config: TeacherConfig, med_codes: list[str], enc: dict) -> s
     samples. A checkpoint of another dataset was resumed without a word, its epochs counted as this run's."""
     import hashlib
 
-    settings = {k: v for k, v in config.to_dict().items() if k not in ("epochs", "patience")}
+    # Left out: what a resume may raise (epochs, patience) and what changes speed or memory, never the
+    # weights (a resume after running out of memory turns on recomputation or the disk cache).
+    free = ("epochs", "patience", "timing_patients", "state_cache", "cache_batch_tokens", "gradient_checkpointing")
+    settings = {k: v for k, v in config.to_dict().items() if k not in free}
+    if Path(str(settings.get("teacher", ""))).exists():  # a model directory named relatively or absolutely
+        settings["teacher"] = str(Path(settings["teacher"]).resolve())
     blob = json.dumps({"config": settings, "meds": list(med_codes), "samples": {k: list(e.keys) for k, e in enc.items()}},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -18,6 +18,7 @@ not ~3000: at lr 1e-3 / head 3e-3 validation PRAUC was still rising after 4 epoc
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import asdict, dataclass, field, fields
 
 from leader_edge.errors import ConfigError
@@ -71,6 +72,16 @@ class TeacherConfig:
 
     def __post_init__(self) -> None:
         check_types(self, "TeacherConfig")
+        # the union-typed fields check_types leaves alone (1.5 layers was a TypeError in peft)
+        if not (isinstance(self.lora_layers, numbers.Integral) and not isinstance(self.lora_layers, bool)
+                or self.lora_layers == ALL_LAYERS):
+            raise ConfigError(f"TeacherConfig.lora_layers={self.lora_layers!r}; use a layer count >= 1 or {ALL_LAYERS!r}")
+        if self.backbone_layers is not None and (isinstance(self.backbone_layers, bool)
+                                                 or not isinstance(self.backbone_layers, numbers.Integral)):
+            raise ConfigError(f"TeacherConfig.backbone_layers={self.backbone_layers!r}; use a layer count >= 1 (or none for all)")
+        if isinstance(self.lora_targets, str) or not all(isinstance(t, str) for t in self.lora_targets):
+            raise ConfigError(f"TeacherConfig.lora_targets={self.lora_targets!r}; use a list of module names, e.g. "
+                              '["q_proj", "v_proj"]')
         self.lora_targets = tuple(self.lora_targets)
         if isinstance(self.lora_layers, (str, bool)):  # TOML `true` is no layer count either
             if self.lora_layers != ALL_LAYERS:
@@ -131,7 +142,7 @@ class TeacherConfig:
         return cls(**d)
 
 
-_SIMPLE = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+_SIMPLE = {"int": (numbers.Integral,), "float": (numbers.Real,), "bool": (bool,), "str": (str,)}  # numpy ints pass
 
 
 def check_types(config, name: str) -> None:
@@ -140,7 +151,7 @@ def check_types(config, name: str) -> None:
     `lora_r = "eight"` was a TypeError in a comparison, `lora_r = 8.5` one deep in peft."""
     for f in fields(config):
         value, allowed = getattr(config, f.name), _SIMPLE.get(str(f.type))
-        if allowed is not None and (not isinstance(value, allowed) or (bool not in allowed and isinstance(value, bool))):
+        if allowed is not None and (not isinstance(value, allowed) or (f.type != "bool" and isinstance(value, bool))):
             raise ConfigError(f"{name}.{f.name}={value!r} is not {'an' if f.type == 'int' else 'a'} {f.type} "
                               f"(the default is {f.default!r})")
 

@@ -125,7 +125,11 @@ def train(data_dir, run_dir, teacher, stage, no_distill, show_prompt, resume, se
 
     # Before any stage: a split with no patient would train a teacher with NaN metrics that later runs reuse.
     check_splits(dataset_splits(load_dataset(data_dir), seed=seed, protocol=protocol), source=data_dir, protocol=protocol)
-    if stage != "student":  # a --teacher that cannot load is named before run.json and teacher/ are written
+    from leader_edge.train.teacher import teacher_done
+
+    if stage == "teacher" or (stage == "all" and (resume or not teacher_done(run_dir))):
+        # a --teacher that cannot load is named before run.json and teacher/ are written (a finished
+        # teacher that is only reused needs no model)
         from leader_edge.train.backbone import load_tokenizer
 
         load_tokenizer(config.teacher)
@@ -134,7 +138,7 @@ def train(data_dir, run_dir, teacher, stage, no_distill, show_prompt, resume, se
     try:
         if rank == 0:
             _write_run_json(run_dir, data_dir, seed, config, seeds=[seed + i for i in range(seeds)])
-        from leader_edge.train.teacher import run_teacher_stage, teacher_done
+        from leader_edge.train.teacher import run_teacher_stage
 
         if stage == "teacher" or (stage == "all" and not (teacher_done(run_dir) and not resume)):
             run_teacher_stage(data_dir, run_dir, config, resume=resume)

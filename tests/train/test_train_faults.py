@@ -33,6 +33,9 @@ def _refused(result, *words):
     ("teacher", 'lora_r = "eight"', "[teacher] TeacherConfig.lora_r='eight' is not an int"),
     ("teacher", "lora_r = 8.5", "TeacherConfig.lora_r=8.5 is not an int"),
     ("student", 'dim = "big"', "[student] DistillConfig.dim='big' is not an int"),
+    ("teacher", "lora_layers = 1.5", "TeacherConfig.lora_layers=1.5; use a layer count"),
+    ("teacher", 'backbone_layers = "big"', "TeacherConfig.backbone_layers='big'; use a layer count"),
+    ("teacher", 'lora_targets = "q_proj"', "use a list of module names"),
 ])
 def test_train_config_of_the_wrong_type_named_with_its_file(data, tmp_path, table, line, words):
     config = tmp_path / "run.toml"
@@ -108,3 +111,17 @@ def test_train_refuses_a_run_directory_another_train_holds(data, tmp_path):
 def test_train_out_that_is_a_dataset_is_refused(data):
     _refused(_train("--data", data, "--out", data), "is a dataset directory (it holds dataset.json)")
     assert not (data / "run.json").exists() and not (data / ".train.lock").exists()
+
+
+def test_train_reuses_a_finished_teacher_without_loading_it(data, tmp_path):
+    """--stage all over a finished teacher trains the students only: the early check of --teacher
+    must not refuse a teacher it will not load (a config.json alone, here)."""
+    import transformers
+
+    run = tmp_path / "r"
+    assert _train("--data", data, "--out", run).exit_code == 0
+    transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2).save_pretrained(tmp_path / "cfg")
+    result = CliRunner().invoke(main, ["train", "--data", str(data), "--out", str(run), "--teacher", str(tmp_path / "cfg"),
+                                       "--student-epochs", "1"])
+    assert result.exit_code == 0 and "reusing the finished teacher stage" in result.output, result.output
