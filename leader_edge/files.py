@@ -406,12 +406,13 @@ def temp_directory(path: str | Path) -> Iterator[Path]:
 
 
 @contextmanager
-def file_lock(path: str | Path) -> Iterator[None]:
+def file_lock(path: str | Path, *, timeout: float = -1) -> Iterator[None]:
     """Hold an exclusive lock on `path` (created if needed) across processes, e.g. so that two runs
-    convert a model into the cache once. filelock: maintained, and portable beyond POSIX flock."""
+    convert a model into the cache once. filelock: maintained, and portable beyond POSIX flock.
+    `timeout`: seconds to wait (-1: for ever; 0: not at all); past it filelock.Timeout is raised."""
     from filelock import FileLock
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path)):
+    with FileLock(str(path), timeout=timeout):
         yield

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -134,8 +135,9 @@ def train(data_dir, run_dir, teacher, stage, no_distill, show_prompt, resume, se
 
         load_tokenizer(config.teacher)
     rank = int(os.environ.get("RANK", "0"))
-    lock = _hold_run(run_dir) if rank == 0 else None  # one train per run directory at a time
-    try:
+    with contextlib.ExitStack() as held:
+        if rank == 0:  # one train per run directory at a time
+            held.enter_context(_hold_run(run_dir))
         if rank == 0:
             _write_run_json(run_dir, data_dir, seed, config, seeds=[seed + i for i in range(seeds)])
         from leader_edge.train.teacher import run_teacher_stage
@@ -162,27 +164,25 @@ def train(data_dir, run_dir, teacher, stage, no_distill, show_prompt, resume, se
         # The frequency baseline as RUN/frequency: `export --model frequency` serves counting like a model.
         write_frequency_student(data_dir, run_dir, seed=seed, protocol=protocol, config=student_config)
         _leave_distributed_run()
-    finally:
-        if lock is not None:
-            lock.release()
 
 
+@contextlib.contextmanager
 def _hold_run(run_dir: Path):
     """An exclusive lock on RUN (its `.train.lock`), or ConfigError at once: two trains into one
     --out mixed their stages and failed with a misleading "frozen-state cache is damaged"."""
-    from filelock import FileLock, Timeout
+    from filelock import Timeout
+
+    from leader_edge.files import file_lock
 
     for marker, what in (("dataset.json", "a dataset"), ("manifest.json", "a bundle")):
         if (run_dir / marker).exists():  # its files and the run's were mixed in one folder
             raise ConfigError(f"--out {run_dir} is {what} directory (it holds {marker}); choose a new --out for the run")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(run_dir / ".train.lock"))
     try:
-        lock.acquire(timeout=0)
+        with file_lock(run_dir / ".train.lock", timeout=0):  # the one blocking-free lock train takes
+            yield
     except Timeout:
         raise ConfigError(f"{run_dir} is being written by another `leader-edge train` (it holds {run_dir / '.train.lock'}); "
                           "wait for it to finish, or choose another --out") from None
-    return lock
 
 
 def _leave_distributed_run() -> None:
