@@ -87,7 +87,7 @@ def predict_file(bundle: Bundle, input_path: str, output: str, *, fmt: str = "cs
             or more than `max_unknown` of the codes unknown.
         Interrupted: SIGTERM or SIGINT arrived; nothing was written.
     """
-    target, in_place = (None, False) if output == "-" else (Path(output), False)
+    target, in_place = None if output == "-" else Path(output), False
     if target is not None:
         _check_output(target, input_path, bundle.path)
         target, in_place = output_target(target)  # a link is written through, a device or FIFO in place
