@@ -83,10 +83,7 @@ class TeacherConfig:
             raise ConfigError(f"TeacherConfig.lora_targets={self.lora_targets!r}; use a list of module names, e.g. "
                               '["q_proj", "v_proj"]')
         self.lora_targets = tuple(self.lora_targets)
-        if isinstance(self.lora_layers, (str, bool)):  # TOML `true` is no layer count either
-            if self.lora_layers != ALL_LAYERS:
-                raise ConfigError(f"TeacherConfig.lora_layers={self.lora_layers!r}; use a layer count >= 1 or {ALL_LAYERS!r}")
-        elif self.lora_layers < 1:
+        if self.lora_layers != ALL_LAYERS and self.lora_layers < 1:  # its type is checked above
             raise ConfigError(f"TeacherConfig.lora_layers={self.lora_layers} must be >= 1 (or {ALL_LAYERS!r} for every layer)")
         for name in ("lora_r", "lora_alpha", "epochs", "patience", "batch_size", "grad_accum", "max_tokens"):
             if getattr(self, name) < 1:

@@ -233,9 +233,9 @@ def _write_run_json(run_dir: Path, data_dir: Path, seed: int, config, *, seeds: 
         raise StateError(f"{run_dir} holds a run of another " + ", ".join(f"{k} ({a} there, {b} here)" for k, (a, b) in clash.items())
                          + "; choose another --out (or remove that run)")
     meta.update({**new, "seeds": seeds, "teacher": config.teacher, "command": " ".join(["leader-edge", *sys.argv[1:]])})
-    tmp = run_dir / ".run.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    from leader_edge.files import atomic_write_text
+
+    atomic_write_text(path, json.dumps(meta, indent=2) + "\n")
 
 
 def _show_prompt(data_dir: Path, config, n: int) -> None:

@@ -311,8 +311,8 @@ def test_evaluate_names_what_scores_zero_without_a_word(tmp_path):
     assert "1 prediction row(s) recommend medications but carry no scores (first: line 2)" in r.output
     assert "1 recommended code(s) have no score (first: 'Z' on line 3)" in r.output
     assert "1 scored visit(s) have no true medication" in r.output
-    clean, recs2, _ = _write_truth_and_recs(tmp_path / "clean", ["p1,b,A,A:0.9", "p2,c,B,B:0.7", "p3,e,C,C:0.9"]) \
-        if (tmp_path / "clean").mkdir() is None else None
+    (tmp_path / "clean").mkdir()
+    clean, recs2, _ = _write_truth_and_recs(tmp_path / "clean", ["p1,b,A,A:0.9", "p2,c,B,B:0.7", "p3,e,C,C:0.9"])
     r = _run_eval("--truth", clean, "--predictions", recs2)
     assert r.exit_code == 0 and "no score" not in r.output and "carry no scores" not in r.output, r.output
 
